@@ -136,6 +136,7 @@ class _SourceSetting:
 class _TipMotion:
     target_nm: float
     speed_nm_s: float
+    stop_at_contact: bool = False
 
 
 @dataclass
@@ -187,13 +188,19 @@ class NanobatteryModel:
         if dose_rate_e_per_a2_s is not None:
             self.dose_rate_e_per_a2_s = float(dose_rate_e_per_a2_s)
 
-    def move_tip_to(self, target_nm: float, speed_nm_s: float) -> None:
-        """Start moving the tip apex toward target_nm at speed_nm_s (holder motion)."""
+    def move_tip_to(
+        self, target_nm: float, speed_nm_s: float, stop_at_contact: bool = False
+    ) -> None:
+        """Start moving the tip apex toward target_nm at speed_nm_s (holder motion).
+
+        stop_at_contact: the controller's contact sensing halts a forward move the moment the
+        tip touches the particle (an approach), instead of driving on to target_nm.
+        """
         if speed_nm_s <= 0:
             raise ValueError("speed must be positive")
         if target_nm < self.tip_position_nm:
             self.overtravel = False  # backing off clears the over-travel condition
-        self._motion = _TipMotion(float(target_nm), float(speed_nm_s))
+        self._motion = _TipMotion(float(target_nm), float(speed_nm_s), stop_at_contact)
 
     def stop_tip(self) -> None:
         self._motion = None
@@ -306,6 +313,11 @@ class NanobatteryModel:
         distance = motion.target_nm - self.tip_position_nm
         travel = math.copysign(min(abs(distance), motion.speed_nm_s * dt), distance)
         new_position = self.tip_position_nm + travel
+        if motion.stop_at_contact and travel > 0 and new_position >= 0.0:
+            # Contact sensing trips within the step: the tip rests where it first touches.
+            self.tip_position_nm = max(self.tip_position_nm, 0.0)
+            self._motion = None
+            return
         if new_position > self.params.overtravel_limit_nm:
             # The controller stops the piezo instead of crushing the particle.
             self.tip_position_nm = self.params.overtravel_limit_nm
