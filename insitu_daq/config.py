@@ -1,0 +1,153 @@
+"""Station configuration: a TOML file validated with pydantic before anything is touched.
+
+Only this file changes between the simulated station and a real one. A wrong value is refused
+at start with one line naming the field (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+Positive = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A station config or protocol that cannot be used; the message is one line."""
+
+
+def _is_loopback(endpoint: str) -> bool:
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0]
+    return endpoint.startswith(("ipc://", "inproc://")) or host in (
+        "127.0.0.1",
+        "localhost",
+        "[::1]",
+        "::1",
+    )
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceMeterConfig(_Section):
+    resource: str = "TCPIP::127.0.0.1::5025::SOCKET"
+    visa_library: str = "@py"
+    timeout_s: Positive = 2.0
+    nplc: Annotated[float, Field(ge=0.01, le=10)] = 0.1
+    line_frequency_hz: Literal[50, 60] = 50
+
+
+class HolderConfig(_Section):
+    port: str = "socket://127.0.0.1:5026"
+    baudrate: int = 115200
+    timeout_s: Positive = 2.0
+
+
+class DetectorConfig(_Section):
+    endpoint: str = "tcp://127.0.0.1:31001"
+    # Store payloads as received (bslz4/lz4 kept) or decompressed and written raw.
+    archive_compression: Literal["as_received", "none"] = "as_received"
+    receive_hwm: Annotated[int, Field(ge=1)] = 1000
+
+
+class MicroscopeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 5027
+    timeout_s: Positive = 2.0
+
+
+class SafetyLimits(_Section):
+    max_bias_volts: Annotated[float, Field(gt=0, le=210)] = 5.0
+    compliance_amperes: Annotated[float, Field(ge=1e-9, le=1.05)] = 100e-9
+    max_ramp_rate_volts_per_s: Annotated[float, Field(gt=0, le=100)] = 1.0
+    # Largest single level change while ramping: the ramp is a staircase of these.
+    ramp_step_volts: Annotated[float, Field(gt=0, le=1)] = 0.01
+
+
+class SamplingConfig(_Section):
+    bias_rate_hz: Annotated[float, Field(ge=1, le=1000)] = 50.0
+    flush_interval_s: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+
+class RetryConfig(_Section):
+    attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    first_delay_s: Positive = 0.1
+    max_delay_s: Positive = 2.0
+
+
+class ApiConfig(_Section):
+    control: str = "tcp://127.0.0.1:5555"
+    events: str = "tcp://127.0.0.1:5556"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9105
+    curve_secret_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _curve_off_loopback(self) -> ApiConfig:
+        for name in ("control", "events"):
+            endpoint = getattr(self, name)
+            if not _is_loopback(endpoint) and self.curve_secret_key_file is None:
+                raise ValueError(f"{name}={endpoint!r} is not loopback: set curve_secret_key_file")
+        return self
+
+
+class SampleConfig(_Section):
+    name: str = "LiNiO2 particle"
+    chemical_formula: str = "LiNiO2"
+
+
+class StationConfig(_Section):
+    name: str = "station"
+    data_dir: Path = Path("runs")
+    source_meter: SourceMeterConfig = SourceMeterConfig()
+    holder: HolderConfig = HolderConfig()
+    detector: DetectorConfig = DetectorConfig()
+    microscope: MicroscopeConfig = MicroscopeConfig()
+    limits: SafetyLimits = SafetyLimits()
+    sampling: SamplingConfig = SamplingConfig()
+    retry: RetryConfig = RetryConfig()
+    api: ApiConfig = ApiConfig()
+    sample: SampleConfig = SampleConfig()
+
+
+def one_line(error: ValidationError, prefix: str = "") -> str:
+    """The first validation error as `field.path: message` on one line."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    where = ".".join(part for part in (prefix, location) if part)
+    message = first["msg"].replace("Value error, ", "")
+    more = len(error.errors()) - 1
+    suffix = f" (+{more} more)" if more else ""
+    return f"{where}: {message}{suffix}"
+
+
+def parse_config(data: dict) -> StationConfig:
+    try:
+        return StationConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(one_line(exc)) from None
+
+
+def load_config(path: str | Path) -> StationConfig:
+    """Read and validate a station TOML file; raises ConfigError with a one-line reason."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    config = parse_config(data)
+    if not config.data_dir.is_absolute():
+        config = config.model_copy(update={"data_dir": (path.parent / config.data_dir)})
+    return config

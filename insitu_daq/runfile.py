@@ -1,0 +1,349 @@
+"""The run file: one NeXus HDF5 file per run, written in SWMR mode by one owner.
+
+Layout (DESIGN.md, fixed): /entry with instrument/detector frames, sample bias and current
+NXlogs, events, the protocol text and an NXdata link. Every group has @NX_class and every
+dataset with a unit has @units. All times are seconds since /entry/start_time.
+
+Why it is shaped so:
+- SWMR forbids creating objects once readers may attach, so every group and dataset is made
+  in `__init__` (the detector's from a `FrameGeometry` known before the run starts) and only
+  grown afterwards.
+- Frames go in as received: a bslz4 or lz4 payload is already an HDF5 chunk of the matching
+  filter, so `write_direct_chunk` stores it with no decompress/recompress.
+- The per-frame bias is interpolated from the bias log at frame_time. Bias samples arrive from
+  another process and may lag the frames, so a frame's bias is written as NaN first and filled
+  in once a sample later than its frame_time is known (or, at close, from the last sample).
+- Strings in growing datasets are fixed-length UTF-8: SWMR readers do not reliably see
+  variable-length data appended by a writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+KIND_LENGTH = 32
+MESSAGE_LENGTH = 256
+
+
+def iso8601(time_ns: int) -> str:
+    return datetime.fromtimestamp(time_ns / 1e9, tz=timezone.utc).isoformat()
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """What the detector datasets must hold: channel names, (rows, cols), dtype, compression."""
+
+    channels: tuple[str, ...]
+    shape: tuple[int, int]
+    dtype: str  # numpy dtype string, e.g. "<u2"
+    compression: str | None  # "bslz4" | "lz4" | None: the chunk format stored
+
+    def filter_options(self) -> dict[str, Any]:
+        if self.compression == "bslz4":
+            return dict(hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
+        if self.compression == "lz4":
+            return dict(hdf5plugin.LZ4())
+        return {}
+
+
+@dataclass(frozen=True)
+class RunMetadata:
+    """Static facts written once: who, what, with which instruments."""
+
+    run_id: str
+    title: str
+    start_time_ns: int
+    sample_name: str = "LiNiO2 particle"
+    chemical_formula: str = "LiNiO2"
+    protocol_text: str = ""
+    protocol_name: str = ""
+    detector_description: str = ""
+    pixel_size_m: tuple[float, float] | None = None  # (x, y)
+    count_time_s: float | None = None
+    source_meter: dict[str, Any] = field(default_factory=dict)  # model, serial, compliance...
+    holder: dict[str, Any] = field(default_factory=dict)
+    microscope: dict[str, Any] = field(default_factory=dict)
+    program_version: str = ""
+
+
+def _group(parent: h5py.Group, name: str, nx_class: str, **attrs: Any) -> h5py.Group:
+    group = parent.create_group(name)
+    group.attrs["NX_class"] = nx_class
+    for key, value in attrs.items():
+        group.attrs[key] = value
+    return group
+
+
+def _growing(
+    group: h5py.Group, name: str, dtype: Any, units: str | None = None, chunk: int = 1024
+) -> h5py.Dataset:
+    dataset = group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,))
+    if units:
+        dataset.attrs["units"] = units
+    return dataset
+
+
+def _scalar(group: h5py.Group, name: str, value: Any, units: str | None = None) -> None:
+    dataset = group.create_dataset(name, data=value)
+    if units:
+        dataset.attrs["units"] = units
+
+
+def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
+    n = dataset.shape[0]
+    dataset.resize((n + len(values),))
+    dataset[n:] = values
+
+
+def _fixed(text: str, length: int) -> bytes:
+    return text.encode("utf-8")[:length]
+
+
+class RunWriter:
+    """Owner of one run file. Not thread-safe: one thread (the ingest loop) calls it."""
+
+    def __init__(self, path: Path, meta: RunMetadata, geometry: FrameGeometry) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.geometry = geometry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self.path, "w", libver="latest")
+        self._closed = False
+        try:
+            self._build()
+            self._file.swmr_mode = True
+        except BaseException:
+            self._file.close()
+            raise
+        self.frames_written = 0
+        # In-memory copies for interpolation (cheap: 16 bytes a frame or a sample).
+        self._sample_time: list[float] = []
+        self._sample_volts: list[float] = []
+        self._sample_amps: list[float] = []
+        self._frame_time: list[float] = []
+        self._first_pending_frame = 0  # frames before this one have their bias filled in
+
+    # ----- layout ----------------------------------------------------------------------------
+    def _build(self) -> None:
+        meta, geometry, f = self.meta, self.geometry, self._file
+        start = iso8601(meta.start_time_ns)
+        f.attrs["default"] = "entry"
+        f.attrs["file_name"] = self.path.name
+        f.attrs["file_time"] = start
+        f.attrs["creator"] = "insitu-daq"
+        entry = _group(f, "entry", "NXentry", default="data")
+        _scalar(entry, "start_time", start)
+        self._end_time = entry.create_dataset("end_time", data="", dtype=h5py.string_dtype())
+        _scalar(entry, "run_id", meta.run_id)
+        _scalar(entry, "title", meta.title)
+        _scalar(entry, "program_name", "insitu-daq")
+        entry["program_name"].attrs["version"] = meta.program_version
+
+        instrument = _group(entry, "instrument", "NXinstrument")
+        detector = _group(instrument, "detector", "NXdetector")
+        self._data = {}
+        rows, cols = geometry.shape
+        for i, channel in enumerate(geometry.channels):
+            name = "data" if i == 0 else f"data_{channel}"
+            dataset = detector.create_dataset(
+                name,
+                shape=(0, rows, cols),
+                maxshape=(None, rows, cols),
+                chunks=(1, rows, cols),
+                dtype=np.dtype(geometry.dtype),
+                **geometry.filter_options(),
+            )
+            dataset.attrs["units"] = "counts"
+            dataset.attrs["channel"] = channel
+            self._data[channel] = dataset
+        self._image_id = _growing(detector, "image_id", "<i8")
+        self._series_id = _growing(detector, "series_id", "<i8")
+        self._frame_time_ds = _growing(detector, "frame_time", "<f8", "s")
+        self._frame_time_ds.attrs["start"] = start
+        self._det_start = _growing(detector, "detector_start_time", "<f8", "s")
+        self._det_stop = _growing(detector, "detector_stop_time", "<f8", "s")
+        self._received = _growing(detector, "received_time", "<f8", "s")
+        self._frame_bias = _growing(detector, "bias_voltage", "<f8", "V")
+        self._frame_current = _growing(detector, "current", "<f8", "A")
+        self._clock_offset = _growing(detector, "detector_clock_offset", "<f8", "s")
+        self._clock_offset.attrs["description"] = (
+            "run clock minus detector clock per frame's series (lower envelope of arrival delay)"
+        )
+        self._clock_offset_err = _growing(detector, "detector_clock_offset_errors", "<f8", "s")
+        if meta.pixel_size_m:
+            _scalar(detector, "x_pixel_size", meta.pixel_size_m[0], "m")
+            _scalar(detector, "y_pixel_size", meta.pixel_size_m[1], "m")
+        if meta.count_time_s is not None:
+            _scalar(detector, "count_time", meta.count_time_s, "s")
+        _scalar(detector, "detector_description", meta.detector_description or "unknown")
+        _scalar(detector, "compression", geometry.compression or "none")
+
+        source_meter = _group(instrument, "source_meter", "NXsensor")
+        _scalar(source_meter, "measurement", "current")
+        for key, value in meta.source_meter.items():
+            units = "A" if key.endswith("_amperes") else "V" if key.endswith("_volts") else None
+            _scalar(source_meter, key, value, units)
+        holder = _group(instrument, "holder", "NXpositioner")
+        for key, value in meta.holder.items():
+            _scalar(holder, key, value)
+        position = _group(holder, "position", "NXlog")
+        self._holder_time = _growing(position, "time", "<f8", "s")
+        self._holder_time.attrs["start"] = start
+        self._holder_value = _growing(position, "value", "<f8", "nm")
+        microscope = _group(instrument, "microscope", "NXcollection")
+        for key, value in meta.microscope.items():
+            _scalar(microscope, key, value)
+
+        sample = _group(entry, "sample", "NXsample")
+        _scalar(sample, "name", meta.sample_name)
+        _scalar(sample, "chemical_formula", meta.chemical_formula)
+        bias = _group(sample, "bias_voltage", "NXlog")
+        self._bias_time = _growing(bias, "time", "<f8", "s")
+        self._bias_time.attrs["start"] = start
+        self._bias_time_err = _growing(bias, "time_errors", "<f8", "s")
+        self._bias_value = _growing(bias, "value", "<f8", "V")
+        self._bias_setpoint = _growing(bias, "setpoint", "<f8", "V")
+        current = _group(sample, "current", "NXlog")
+        current["time"] = h5py.SoftLink("/entry/sample/bias_voltage/time")
+        current["time_errors"] = h5py.SoftLink("/entry/sample/bias_voltage/time_errors")
+        self._current_value = _growing(current, "value", "<f8", "A")
+        self._status = _growing(current, "status", "<u4")
+        self._status.attrs["description"] = "source-meter status word of each reading"
+
+        events = _group(entry, "events", "NXlog")
+        self._event_time = _growing(events, "time", "<f8", "s", chunk=64)
+        self._event_time.attrs["start"] = start
+        self._event_kind = _growing(events, "kind", f"S{KIND_LENGTH}", chunk=64)
+        self._event_message = _growing(events, "message", f"S{MESSAGE_LENGTH}", chunk=64)
+
+        protocol = _group(entry, "protocol", "NXnote")
+        _scalar(protocol, "type", "text/plain")
+        _scalar(protocol, "file_name", meta.protocol_name)
+        _scalar(protocol, "data", meta.protocol_text)
+
+        data = _group(entry, "data", "NXdata", signal="data")
+        data.attrs["axes"] = ["frame_time", ".", "."]
+        data.attrs["frame_time_indices"] = 0
+        data["data"] = h5py.SoftLink("/entry/instrument/detector/data")
+        data["frame_time"] = h5py.SoftLink("/entry/instrument/detector/frame_time")
+
+    # ----- records ---------------------------------------------------------------------------
+    def write_frame(
+        self,
+        image_id: int,
+        series_id: int,
+        chunks: dict[str, bytes | np.ndarray],
+        frame_time: float,
+        detector_start: float,
+        detector_stop: float,
+        received_time: float,
+        clock_offset: float,
+        clock_offset_error: float,
+    ) -> None:
+        """Append one frame. `chunks` maps channel -> stored chunk bytes or an array (raw)."""
+        index = self.frames_written
+        for channel, dataset in self._data.items():
+            payload = chunks[channel]
+            dataset.resize((index + 1, *dataset.shape[1:]))
+            if isinstance(payload, np.ndarray):
+                dataset[index] = payload
+            else:
+                dataset.id.write_direct_chunk((index, 0, 0), payload)
+        _append(self._image_id, np.array([image_id]))
+        _append(self._series_id, np.array([series_id]))
+        _append(self._frame_time_ds, np.array([frame_time]))
+        _append(self._det_start, np.array([detector_start]))
+        _append(self._det_stop, np.array([detector_stop]))
+        _append(self._received, np.array([received_time]))
+        _append(self._clock_offset, np.array([clock_offset]))
+        _append(self._clock_offset_err, np.array([clock_offset_error]))
+        _append(self._frame_bias, np.array([np.nan]))
+        _append(self._frame_current, np.array([np.nan]))
+        self._frame_time.append(frame_time)
+        self.frames_written += 1
+
+    def retime_frames(
+        self, first: int, frame_times: np.ndarray, offset: float, error: float
+    ) -> None:
+        """Rewrite frame_time of frames [first, first+len) after a better clock mapping."""
+        last = first + len(frame_times)
+        self._frame_time_ds[first:last] = frame_times
+        self._clock_offset[first:last] = offset
+        self._clock_offset_err[first:last] = error
+        self._frame_time[first:last] = list(frame_times)
+        self._first_pending_frame = min(self._first_pending_frame, first)
+
+    def write_bias_samples(
+        self,
+        times: np.ndarray,
+        half_widths: np.ndarray,
+        volts: np.ndarray,
+        setpoints: np.ndarray,
+        amps: np.ndarray,
+        status: np.ndarray,
+    ) -> None:
+        _append(self._bias_time, times)
+        _append(self._bias_time_err, half_widths)
+        _append(self._bias_value, volts)
+        _append(self._bias_setpoint, setpoints)
+        _append(self._current_value, amps)
+        _append(self._status, status.astype("<u4"))
+        self._sample_time.extend(times.tolist())
+        self._sample_volts.extend(volts.tolist())
+        self._sample_amps.extend(amps.tolist())
+
+    def write_holder_position(self, time: float, position_nm: float) -> None:
+        _append(self._holder_time, np.array([time]))
+        _append(self._holder_value, np.array([position_nm]))
+
+    def write_event(self, time: float, kind: str, message: str) -> None:
+        _append(self._event_time, np.array([time]))
+        _append(self._event_kind, np.array([_fixed(kind, KIND_LENGTH)]))
+        _append(self._event_message, np.array([_fixed(message, MESSAGE_LENGTH)]))
+
+    # ----- per-frame bias --------------------------------------------------------------------
+    def _fill_frame_bias(self, final: bool) -> None:
+        """Interpolate the bias log at the frame times that samples now bracket."""
+        first = self._first_pending_frame
+        if first >= self.frames_written or not self._sample_time:
+            return
+        frame_times = np.asarray(self._frame_time[first:])
+        sample_times = np.asarray(self._sample_time)
+        last_sample = sample_times[-1]
+        ready = len(frame_times) if final else int(np.searchsorted(frame_times, last_sample))
+        if ready == 0:
+            return
+        times = frame_times[:ready]
+        volts = np.interp(times, sample_times, np.asarray(self._sample_volts))
+        amps = np.interp(times, sample_times, np.asarray(self._sample_amps))
+        self._frame_bias[first : first + ready] = volts
+        self._frame_current[first : first + ready] = amps
+        self._first_pending_frame = first + ready
+
+    def flush(self) -> None:
+        self._fill_frame_bias(final=False)
+        self._file.flush()
+
+    def close(self, end_time_ns: int) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._fill_frame_bias(final=True)
+            self._end_time[()] = iso8601(end_time_ns)
+        finally:
+            self._file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
