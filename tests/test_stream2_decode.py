@@ -7,7 +7,6 @@ hdf5plugin files, as the daemon's writer does.
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Mapping
 from fractions import Fraction
@@ -19,6 +18,7 @@ import hdf5plugin
 import numpy as np
 import pytest
 import zmq
+from testdata_paths import STREAM2_DIR, needs_stream2
 
 from insitu_daq.drivers.stream2 import (
     EndMessage,
@@ -30,24 +30,8 @@ from insitu_daq.drivers.stream2 import (
 )
 from insitu_daq.sim import stream2_encode as s2
 
-
-def _testdata_dir() -> Path | None:
-    candidates = [Path(__file__).parents[2] / "shared" / "testdata"]
-    if os.environ.get("INSITU_DAQ_TESTDATA"):
-        candidates.insert(0, Path(os.environ["INSITU_DAQ_TESTDATA"]))
-    for base in candidates:
-        for folder in (base / "dectris-stream2", base):
-            if (folder / "r500k_bm_bslz4_16bit").is_dir():
-                return folder
-    return None
-
-
-DATA = _testdata_dir()
-needs_data = pytest.mark.skipif(
-    DATA is None,
-    reason="recorded DECTRIS Stream V2 messages not found (shared/testdata/dectris-stream2 "
-    "beside the repo, or set INSITU_DAQ_TESTDATA)",
-)
+DATA = STREAM2_DIR
+needs_data = needs_stream2
 
 # folder -> (dtype, compression, real_time ticks over the 50 MHz time base): the README table
 SERIES = {
