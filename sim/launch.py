@@ -1,0 +1,101 @@
+"""Start the whole simulated station (source-meter, holder, microscope, camera) on one model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from .camera import SimulatedCamera
+from .holder import SimulatedHolder
+from .microscope import SimulatedMicroscope
+from .sourcemeter import SimulatedSourceMeter
+from .station import SimStation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StationPorts:
+    """TCP ports of the simulated instruments; 0 picks a free one."""
+
+    source_meter: int = 5025
+    holder: int = 5026
+    microscope: int = 5027
+    camera: int = 31001
+
+
+@dataclass
+class SimulatedInstruments:
+    """The four simulated instruments of one station, started and stopped together."""
+
+    station: SimStation
+    source_meter: SimulatedSourceMeter
+    holder: SimulatedHolder
+    microscope: SimulatedMicroscope
+    camera: SimulatedCamera
+    _started: list = field(default_factory=list)
+
+    @classmethod
+    def create(
+        cls,
+        host: str = "127.0.0.1",
+        ports: StationPorts | None = None,
+        time_scale: float = 1.0,
+        seed: int = 0,
+        frame_shape: tuple[int, int] = (1024, 1024),
+        frame_rate_hz: float = 40.0,
+        compression: str | None = "bslz4",
+    ) -> SimulatedInstruments:
+        ports = ports or StationPorts()
+        station = SimStation(seed=seed, time_scale=time_scale)
+        return cls(
+            station=station,
+            source_meter=SimulatedSourceMeter(station, host=host, port=ports.source_meter),
+            holder=SimulatedHolder(station, host=host, port=ports.holder),
+            microscope=SimulatedMicroscope(station, host=host, port=ports.microscope),
+            camera=SimulatedCamera(
+                station,
+                host=host,
+                port=ports.camera,
+                shape=frame_shape,
+                frame_rate_hz=frame_rate_hz,
+                compression=compression,
+                seed=seed,
+            ),
+        )
+
+    @property
+    def instruments(self) -> dict[str, object]:
+        return {
+            "source_meter": self.source_meter,
+            "holder": self.holder,
+            "microscope": self.microscope,
+            "camera": self.camera,
+        }
+
+    def start(self) -> None:
+        try:
+            for instrument in self.instruments.values():
+                instrument.start()
+                self._started.append(instrument)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        while self._started:
+            instrument = self._started.pop()
+            try:
+                instrument.stop()
+            except Exception:  # stopping the others matters more than this one's error
+                log.exception("stopping %s failed", type(instrument).__name__)
+
+    def endpoints(self) -> dict[str, dict[str, str]]:
+        return {name: inst.endpoints for name, inst in self.instruments.items()}
+
+    def __enter__(self) -> SimulatedInstruments:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
