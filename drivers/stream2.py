@@ -186,6 +186,17 @@ def lz4_decompress(payload: bytes, nbytes: int) -> bytes:
     return bytes(out)
 
 
+def hdf5_filter_options(compression: str | None) -> dict[str, Any]:
+    """h5py create_dataset keywords of the HDF5 filter whose chunks a payload already is."""
+    import hdf5plugin  # registers the filters with HDF5; only the writer needs it
+
+    if compression == "bslz4":
+        return dict(hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
+    if compression == "lz4":
+        return dict(hdf5plugin.LZ4())
+    return {}
+
+
 # ----- decoded messages -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class ChannelData:
@@ -230,13 +241,7 @@ class ChannelData:
 
     def hdf5_filter(self) -> Mapping[str, Any]:
         """h5py create_dataset keywords of the filter that reads `direct_chunk()` back."""
-        import hdf5plugin
-
-        if self.compression == "bslz4":
-            return dict(hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
-        if self.compression == "lz4":
-            return dict(hdf5plugin.LZ4())
-        return {}
+        return hdf5_filter_options(self.compression)
 
 
 @dataclass(frozen=True)

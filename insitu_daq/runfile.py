@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import hdf5plugin
 import numpy as np
+
+from .drivers.stream2 import hdf5_filter_options
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,7 @@ class FrameGeometry:
     compression: str | None  # "bslz4" | "lz4" | None: the chunk format stored
 
     def filter_options(self) -> dict[str, Any]:
-        if self.compression == "bslz4":
-            return dict(hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
-        if self.compression == "lz4":
-            return dict(hdf5plugin.LZ4())
-        return {}
+        return hdf5_filter_options(self.compression)
 
 
 @dataclass(frozen=True)

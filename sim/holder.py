@@ -19,9 +19,8 @@ import math
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
-from types import TracebackType
 
-from .lineserver import PtyLineServer, TcpLineServer
+from .lineserver import PtyLineServer, ServedInstrument, TcpLineServer
 from .model import BiasRouting, NanobatteryModel
 from .station import SimStation
 
@@ -315,7 +314,7 @@ class HolderController:
         )
 
 
-class SimulatedHolder:
+class SimulatedHolder(ServedInstrument):
     """The holder controller served on a pseudo-terminal and on TCP."""
 
     def __init__(
@@ -326,8 +325,10 @@ class SimulatedHolder:
         pty: bool = True,
     ) -> None:
         self.controller = HolderController(station)
-        self._tcp = TcpLineServer("holder", host, port, self.controller.handle_line, MAX_LINE)
-        self._pty = PtyLineServer("holder", self.controller.handle_line, MAX_LINE) if pty else None
+        super().__init__(
+            TcpLineServer("holder", host, port, self.controller.handle_line, MAX_LINE),
+            PtyLineServer("holder", self.controller.handle_line, MAX_LINE) if pty else None,
+        )
 
     @property
     def errors_total(self) -> int:
@@ -342,39 +343,10 @@ class SimulatedHolder:
         """Replies the pty could not deliver because its client stopped reading."""
         return self._pty.replies_dropped_total if self._pty is not None else 0
 
-    def start(self) -> None:
-        try:
-            self._tcp.start()
-            if self._pty is not None:
-                self._pty.start()
-        except BaseException:
-            self.stop()
-            raise
-        log.info("holder controller on %s", self.endpoints)
-
-    def stop(self) -> None:
-        self._tcp.stop()
-        if self._pty is not None:
-            self._pty.stop()
-
     @property
     def endpoints(self) -> dict[str, str]:
-        host, port = self._tcp.address
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1"
+        host, port = self.tcp_address()
         endpoints = {"url": f"socket://{host}:{port}"}
         if self._pty is not None and self._pty.device:
             endpoints["serial"] = self._pty.device
         return endpoints
-
-    def __enter__(self) -> SimulatedHolder:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

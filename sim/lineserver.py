@@ -18,6 +18,7 @@ import socket
 import threading
 import tty
 from collections.abc import Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 LineHandler = Callable[[bytes, bool], "bytes | None"]
 
 _TERMINATOR = re.compile(rb"[\r\n]")
+_Instrument = TypeVar("_Instrument", bound="ServedInstrument")
 _READ_SIZE = 4096
 
 
@@ -256,3 +258,45 @@ class PtyLineServer:
         except OSError as exc:  # BlockingIOError: the client is not reading its replies
             self.replies_dropped_total += 1
             log.warning("%s: reply dropped (%s): %r", self.name, exc, reply[:80])
+
+
+class ServedInstrument:
+    """Base of a simulated instrument served on line servers: start/stop them together.
+
+    Subclasses pass their servers (TCP first) and say how their endpoints read.
+    """
+
+    def __init__(self, tcp: TcpLineServer, pty: PtyLineServer | None = None) -> None:
+        self._tcp = tcp
+        self._pty = pty
+
+    def start(self) -> None:
+        try:
+            self._tcp.start()
+            if self._pty is not None:
+                self._pty.start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("%s on %s", self._tcp.name, self.endpoints)
+
+    def stop(self) -> None:
+        self._tcp.stop()
+        if self._pty is not None:
+            self._pty.stop()
+
+    def tcp_address(self) -> tuple[str, int]:
+        """(host, port) a client on this machine connects to."""
+        host, port = self._tcp.address
+        return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), port
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def __enter__(self: _Instrument) -> _Instrument:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

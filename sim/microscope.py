@@ -15,10 +15,9 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
-from .lineserver import TcpLineServer
+from .lineserver import ServedInstrument, TcpLineServer
 from .optics import ImagingMode
 from .station import SimStation
 
@@ -205,12 +204,14 @@ class MicroscopeController:
         return {}
 
 
-class SimulatedMicroscope:
+class SimulatedMicroscope(ServedInstrument):
     """The microscope's remote interface served as JSON lines on TCP."""
 
     def __init__(self, station: SimStation, host: str = "127.0.0.1", port: int = DEFAULT_PORT):
         self.controller = MicroscopeController(station)
-        self._tcp = TcpLineServer("microscope", host, port, self.controller.handle_line, MAX_LINE)
+        super().__init__(
+            TcpLineServer("microscope", host, port, self.controller.handle_line, MAX_LINE)
+        )
 
     @property
     def errors_total(self) -> int:
@@ -220,28 +221,7 @@ class SimulatedMicroscope:
     def malformed_total(self) -> int:
         return self.controller.malformed_total
 
-    def start(self) -> None:
-        self._tcp.start()
-        log.info("microscope remote interface on %s", self.endpoints)
-
-    def stop(self) -> None:
-        self._tcp.stop()
-
     @property
     def endpoints(self) -> dict[str, str]:
-        host, port = self._tcp.address
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1"
+        host, port = self.tcp_address()
         return {"tcp": f"{host}:{port}"}
-
-    def __enter__(self) -> SimulatedMicroscope:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

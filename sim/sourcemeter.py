@@ -34,9 +34,8 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from types import TracebackType
 
-from .lineserver import TcpLineServer
+from .lineserver import ServedInstrument, TcpLineServer
 from .model import NanobatteryModel
 from .scpi import (
     CommandTree,
@@ -800,7 +799,7 @@ def _select_range(text: str, present: float, default: float, ranges: tuple[float
     return nominal
 
 
-class SimulatedSourceMeter:
+class SimulatedSourceMeter(ServedInstrument):
     """The simulated 2400 served on a raw TCP socket (VISA `TCPIP::host::port::SOCKET`)."""
 
     def __init__(
@@ -812,8 +811,8 @@ class SimulatedSourceMeter:
     ) -> None:
         self._station = station
         self.instrument = Keithley2400Simulator(station, serial_number)
-        self._server = TcpLineServer(
-            "sourcemeter", host, port, self.instrument.handle_line, MAX_LINE
+        super().__init__(
+            TcpLineServer("sourcemeter", host, port, self.instrument.handle_line, MAX_LINE)
         )
 
     @property
@@ -830,28 +829,7 @@ class SimulatedSourceMeter:
         with self._station.model() as m:
             m.set_short_circuit(shorted)
 
-    def start(self) -> None:
-        self._server.start()
-        log.info("sourcemeter on %s", self.endpoints)
-
-    def stop(self) -> None:
-        self._server.stop()
-
     @property
     def endpoints(self) -> dict[str, str]:
-        host, port = self._server.address
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1"
+        host, port = self.tcp_address()
         return {"visa": f"TCPIP::{host}::{port}::SOCKET"}
-
-    def __enter__(self) -> SimulatedSourceMeter:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
