@@ -57,3 +57,12 @@ def test_unreadable_and_malformed_files_are_refused(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(_write(tmp_path, "[limits\n"))
+
+
+def test_shipped_station_configs_are_valid() -> None:
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    sim = load_config(deploy / "station.sim.toml")
+    assert sim.source_meter.resource == "TCPIP::127.0.0.1::5025::SOCKET"
+    example = load_config(deploy / "station.example.toml")
+    assert example.limits.max_bias_volts == 5.0
+    assert example.holder.port == "/dev/ttyUSB0"
