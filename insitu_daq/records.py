@@ -1,0 +1,59 @@
+"""Records that flow from the parts of the daemon to the run writer, the event stream and metrics.
+
+Bias samples travel in batches as a numpy structured array (bytes on the wire, not objects);
+events are small and travel as dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+# One bias/current reading. `time` is the run-clock midpoint of the SCPI query and
+# `time_error` its half-width (DESIGN.md, Time).
+BIAS_SAMPLE_DTYPE = np.dtype(
+    [
+        ("time", "<f8"),
+        ("time_error", "<f8"),
+        ("voltage", "<f8"),
+        ("setpoint", "<f8"),
+        ("current", "<f8"),
+        ("status", "<u4"),
+    ]
+)
+
+
+def bias_samples(n: int = 0) -> np.ndarray:
+    """An empty batch of `n` bias samples."""
+    return np.zeros(n, dtype=BIAS_SAMPLE_DTYPE)
+
+
+class EventKind:
+    """Kinds of run events (the `kind` column of /entry/events)."""
+
+    RUN = "run"  # run opened / closed
+    STEP = "step"  # protocol step started / finished
+    MARK = "mark"  # user annotation
+    STATE = "state"  # paused / resumed / aborted
+    BIAS = "bias"  # ramp started / reached, output on / off
+    TRIP = "compliance_trip"
+    INSTRUMENT = "instrument"  # lost / retried / back
+    GAP = "frame_gap"  # image_id gap
+    DUPLICATE = "frame_duplicate"
+    OUT_OF_ORDER = "frame_out_of_order"
+    STALE = "stale_series"
+    MALFORMED = "malformed_message"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float  # run-clock seconds
+    kind: str
+    message: str
+    data: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
