@@ -15,7 +15,15 @@ from .clock import RunClock
 
 
 class Stopped(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """A verb returned early because its `stop` event was set (pause or abort)."""
+    """A verb returned early because its `stop` event was set (pause or abort).
+
+    A tip move says how far it got (`moved_nm`) when it knows, so the runner can re-issue an
+    approach with only the remaining travel after a pause.
+    """
+
+    def __init__(self, message: str = "stopped", *, moved_nm: float | None = None) -> None:
+        super().__init__(message)
+        self.moved_nm = moved_nm
 
 
 class LimitError(ValueError):
@@ -74,6 +82,12 @@ class Station(Protocol):
         dose_rate_e_per_a2_s: float | None = None,
         pixel_size_nm: float | None = None,
     ) -> None: ...
+
+    # ----- live values -----------------------------------------------------------------------
+    def live_value(self, name: str) -> float | None:
+        """The latest value of a live quantity (insitu_daq.condition.LIVE_QUANTITIES), or None
+        when it is not measurable now. A `hold ... until` condition polls this."""
+        ...
 
     # ----- records ---------------------------------------------------------------------------
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:

@@ -1,0 +1,589 @@
+"""The protocol runner: executes a Protocol's steps against a Station, one worker thread per run.
+
+What to do lives in the protocol (insitu_daq/protocol.py); doing it lives here, and the runner
+touches the instruments only through the `Station` verbs (insitu_daq/station.py), so the same
+runner drives the daemon's real controllers and the tests' in-memory double.
+
+Control, callable from any thread at any time:
+- `pause(reason)`: the `stop` event of the verb in progress is set, so a move returns with
+  `Stopped`; the step's clock freezes (a hold's remaining time stops counting). On `resume()` an
+  interrupted bias ramp is re-issued, an approach is re-issued with the remaining travel, and a
+  hold continues where it stopped. If the bias is no longer at the last bias step's setpoint
+  when the run resumes (the daemon made it safe after a compliance trip, then paused us), the
+  runner first ramps back to that setpoint, and only then lets the step's clock run again.
+- `abort(reason)`: the verb in progress is stopped, then the bias is made safe FIRST, then
+  recording stops, then the state is `aborted`.
+Any exception in a step makes the bias safe, records an `error` event, and the run `failed`.
+Whatever the outcome (finished, aborted, failed) the run ends with `station.make_safe()` (it is
+idempotent) and, if recording is still on, `station.stop_recording()` - in that order, so the
+ramp-down is in the run file.
+
+Durations (hold, wait, elapsed times) are run-clock seconds (`station.clock.now()`), so a
+time-scaled simulated station runs a 120 s hold in 120 / time_scale wall seconds.
+
+A verb that returns normally has done its job (ramp_bias is at the level, approach is in
+contact); one interrupted by its `stop` event raises `Stopped`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+from .condition import Condition
+from .protocol import (
+    Acquire,
+    Approach,
+    Bias,
+    Hold,
+    Mark,
+    Microscope,
+    Protocol,
+    ProtocolError,
+    Retract,
+    Step,
+    Wait,
+)
+from .records import Event, EventKind
+from .station import LimitError, Station, StationError, Stopped
+
+log = logging.getLogger(__name__)
+
+# How often a conditional hold asks the station for live values (wall seconds).
+CONDITION_POLL_S = 0.1
+# How long a verb's Stopped may precede the pause or abort that explains it (wall seconds).
+STOPPED_GRACE_S = 1.0
+# The bias is "at the setpoint" within this (V); further off after a pause means re-ramp.
+SETPOINT_TOLERANCE_V = 1e-6
+
+
+class RunState(str, Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    PAUSED = "paused"
+    ABORTING = "aborting"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+ACTIVE_STATES = (RunState.RUNNING, RunState.PAUSED, RunState.ABORTING)
+
+
+class RunnerBusy(RuntimeError):  # noqa: N818 - reads as the condition it reports
+    """A protocol is already running."""
+
+
+class _Aborted(Exception):  # noqa: N818 - control flow inside the worker
+    pass
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot of the run for status displays. Times in run-clock seconds."""
+
+    state: RunState
+    protocol: str | None = None
+    step_index: int | None = None  # 0-based; see step_number
+    step_count: int = 0
+    step_kind: str | None = None
+    step_description: str | None = None
+    step_elapsed_s: float = 0.0  # time the step has run, pauses excluded
+    run_elapsed_s: float = 0.0  # since the run started, pauses included
+    hold_remaining_s: float | None = None  # hold and wait steps only
+    reason: str | None = None  # why paused, aborted or failed
+
+    @property
+    def step_number(self) -> int | None:
+        """1-based, as operators count and as protocol errors and events name steps."""
+        return None if self.step_index is None else self.step_index + 1
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["step_number"] = self.step_number
+        return data
+
+
+@dataclass(frozen=True)
+class _BiasTarget:
+    volts: float
+    rate_volts_per_s: float | None
+
+
+class ProtocolRunner:
+    """Runs one protocol at a time against `station`.
+
+    `on_event`, if given, is told of every event the runner records (after it went to
+    `station.event`, which is the record: do not record it again), e.g. to refresh a status
+    display at once. `on_done(state)` of `start` is called last, from the worker thread.
+    """
+
+    def __init__(self, station: Station, on_event: Callable[[Event], None] | None = None) -> None:
+        self.station = station
+        self._on_event = on_event
+        self._cond = threading.Condition()
+        self._state = RunState.IDLE
+        self._reason: str | None = None
+        self._protocol: Protocol | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        # Pause accounting: the step's clock is `_step_active_s` plus the running segment.
+        self._pauses = 0  # pause() calls so far; the worker compares it with `_pauses_seen`
+        self._pauses_seen = 0
+        self._step_index: int | None = None
+        self._step_active_s = 0.0
+        self._segment_start: float | None = None
+        self._timed_duration_s: float | None = None
+        self._run_start = 0.0
+        self._run_end: float | None = None
+        # Worker-only state.
+        self._bias_target: _BiasTarget | None = None
+        self._in_bias_step = False
+        self._recording = False
+        self.event_errors_total = 0  # on_event listener failures (logged, never stop a run)
+
+    # ----- control ---------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._state in ACTIVE_STATES
+
+    def start(self, protocol: Protocol, on_done: Callable[[str], None] | None = None) -> None:
+        """Check the protocol against the station, then run it in a worker thread.
+
+        Raises RunnerBusy if a run is active, LimitError if a bias step breaks the station's
+        limits (before any instrument is touched: only `check_bias` has been called).
+        """
+        with self._cond:
+            if self._state in ACTIVE_STATES:
+                raise RunnerBusy(f"protocol {self._protocol_name()} is {self._state.value}")
+            self._preflight(protocol)
+            self._protocol = protocol
+            self._state = RunState.RUNNING
+            self._reason = None
+            self._stop = threading.Event()
+            self._pauses = self._pauses_seen = 0
+            self._step_index = None
+            self._step_active_s = 0.0
+            self._segment_start = None
+            self._timed_duration_s = None
+            self._run_start = self.station.clock.now()
+            self._run_end = None
+            self._bias_target = None
+            self._in_bias_step = False
+            self._recording = False
+            self._thread = threading.Thread(
+                target=self._run, args=(protocol, on_done), name="protocol-runner", daemon=True
+            )
+            self._thread.start()
+
+    def _preflight(self, protocol: Protocol) -> None:
+        reports_live = callable(getattr(self.station, "live_value", None))
+        for number, step in enumerate(protocol.steps, 1):
+            if isinstance(step, Bias):
+                try:
+                    self.station.check_bias(step.volts, step.rate_volts_per_s)
+                except LimitError as exc:
+                    raise LimitError(f"step {number} (bias): {exc}") from None
+            if isinstance(step, Hold) and step.until is not None and not reports_live:
+                raise ProtocolError(
+                    f"step {number} (hold): until: this station reports no live values",
+                    number,
+                    "hold",
+                    "until",
+                )
+
+    def pause(self, reason: str = "paused") -> bool:
+        """Pause the run (from any thread); False if nothing is running."""
+        with self._cond:
+            if self._state is not RunState.RUNNING:
+                return False
+            self._freeze_step_clock()
+            self._state = RunState.PAUSED
+            self._reason = reason
+            self._pauses += 1
+            self._stop.set()
+            self._cond.notify_all()
+        self._emit_quietly(
+            EventKind.STATE, f"paused: {reason}", {"state": "paused", "reason": reason}
+        )
+        return True
+
+    def resume(self) -> bool:
+        """Resume a paused run; False if it is not paused."""
+        with self._cond:
+            if self._state is not RunState.PAUSED:
+                return False
+            self._state = RunState.RUNNING
+            self._reason = None
+            self._stop = threading.Event()  # the old one stays set for the interrupted verb
+            self._cond.notify_all()
+        self._emit_quietly(EventKind.STATE, "resumed", {"state": "running"})
+        return True
+
+    def abort(self, reason: str = "aborted") -> bool:
+        """Abort the run (from any thread); returns at once, `wait()` for the end."""
+        with self._cond:
+            if self._state not in (RunState.RUNNING, RunState.PAUSED):
+                return False
+            self._freeze_step_clock()
+            self._state = RunState.ABORTING
+            self._reason = reason
+            self._stop.set()
+            self._cond.notify_all()
+        self._emit_quietly(
+            EventKind.STATE, f"aborting: {reason}", {"state": "aborting", "reason": reason}
+        )
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the run to end; True if it has (or none was started)."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    @property
+    def progress(self) -> Progress:
+        with self._cond:
+            protocol, index = self._protocol, self._step_index
+            now = self.station.clock.now()
+            step = protocol.steps[index] if protocol is not None and index is not None else None
+            step_elapsed = self._step_elapsed(now) if step is not None else 0.0
+            remaining = None
+            if step is not None and self._timed_duration_s is not None:
+                remaining = max(0.0, self._timed_duration_s - step_elapsed)
+            end = self._run_end if self._run_end is not None else now
+            return Progress(
+                state=self._state,
+                protocol=protocol.name if protocol is not None else None,
+                step_index=index,
+                step_count=len(protocol.steps) if protocol is not None else 0,
+                step_kind=step.kind if step is not None else None,
+                step_description=step.describe() if step is not None else None,
+                step_elapsed_s=step_elapsed,
+                run_elapsed_s=end - self._run_start if protocol is not None else 0.0,
+                hold_remaining_s=remaining,
+                reason=self._reason,
+            )
+
+    # ----- step clock (callers hold self._cond) ------------------------------------------------
+    def _step_elapsed(self, now: float) -> float:
+        running = now - self._segment_start if self._segment_start is not None else 0.0
+        return self._step_active_s + running
+
+    def _freeze_step_clock(self) -> None:
+        if self._segment_start is not None:
+            self._step_active_s += self.station.clock.now() - self._segment_start
+            self._segment_start = None
+
+    def _protocol_name(self) -> str:
+        return self._protocol.name if self._protocol is not None else "?"
+
+    # ----- the worker --------------------------------------------------------------------------
+    def _run(self, protocol: Protocol, on_done: Callable[[str], None] | None) -> None:
+        final = RunState.FAILED
+        safe = False
+        count = len(protocol.steps)
+        try:
+            self._emit(
+                EventKind.STATE,
+                f"protocol {protocol.name} started ({count} steps)",
+                {"state": "running", "protocol": protocol.name, "steps": count},
+            )
+            for index, step in enumerate(protocol.steps):
+                self._run_step(index, count, step)
+            final = RunState.FINISHED
+        except _Aborted:
+            final = RunState.ABORTED
+        except Exception as exc:
+            self._make_safe()  # before anything else, even the record of the error
+            safe = True
+            log.exception("protocol %s failed", protocol.name)
+            with self._cond:
+                aborting = self._state is RunState.ABORTING
+                index = self._step_index
+            where = (
+                f"step {index + 1} ({protocol.steps[index].kind}): " if index is not None else ""
+            )
+            self._emit_quietly(
+                EventKind.ERROR,
+                f"{where}{type(exc).__name__}: {exc}",
+                {"step": None if index is None else index + 1, "error": type(exc).__name__},
+            )
+            final = RunState.ABORTED if aborting else RunState.FAILED
+            if not aborting:
+                with self._cond:
+                    self._reason = f"{where}{exc}"
+        finally:
+            self._finish(protocol, final, safe, on_done)
+
+    def _finish(
+        self,
+        protocol: Protocol,
+        final: RunState,
+        safe: bool,
+        on_done: Callable[[str], None] | None,
+    ) -> None:
+        with self._cond:
+            if final is RunState.FINISHED and self._state is RunState.ABORTING:
+                final = RunState.ABORTED  # aborted after the last step: still an abort
+            self._freeze_step_clock()
+        if not safe:
+            self._make_safe()
+        if self._recording:
+            try:
+                self.station.stop_recording()
+            except Exception:
+                log.exception("stop_recording at the end of protocol %s", protocol.name)
+            self._recording = False
+        with self._cond:
+            reason = self._reason
+            self._run_end = self.station.clock.now()
+        suffix = f": {reason}" if reason and final is not RunState.FINISHED else ""
+        self._emit_quietly(
+            EventKind.STATE,
+            f"protocol {protocol.name} {final.value}{suffix}",
+            {"state": final.value, "protocol": protocol.name},
+        )
+        if on_done is not None:
+            try:
+                on_done(final.value)
+            except Exception:
+                log.exception("on_done callback")
+        # Last: only now is the runner free for the next protocol.
+        with self._cond:
+            self._state = final
+            self._cond.notify_all()
+
+    def _make_safe(self) -> None:
+        try:
+            self.station.make_safe()
+        except Exception:  # make_safe never raises by contract; log it if it does
+            log.exception("make_safe raised")
+
+    def _run_step(self, index: int, count: int, step: Step) -> None:
+        with self._cond:
+            self._step_index = index
+            self._step_active_s = 0.0
+            self._segment_start = None
+            self._timed_duration_s = step.duration_s if isinstance(step, (Hold, Wait)) else None
+        number = index + 1
+        self._emit(
+            EventKind.STEP,
+            f"step {number}/{count} {step.kind}: {step.describe()}",
+            {"step": number, "kind": step.kind, "phase": "start", "settings": step.settings()},
+        )
+        result = self._execute(step)
+        with self._cond:
+            elapsed = self._step_elapsed(self.station.clock.now())
+        detail = result.pop("summary", "")
+        self._emit(
+            EventKind.STEP,
+            f"step {number}/{count} {step.kind} done{': ' + detail if detail else ''}",
+            {"step": number, "kind": step.kind, "phase": "end", "elapsed_s": elapsed, **result},
+        )
+
+    def _execute(self, step: Step) -> dict[str, Any]:
+        station = self.station
+        if isinstance(step, Approach):
+            return self._approach(step)
+        if isinstance(step, Retract):
+            return self._retract(step)
+        if isinstance(step, Bias):
+            # The new setpoint from now on; an interrupted ramp is simply re-issued.
+            self._bias_target = _BiasTarget(step.volts, step.rate_volts_per_s)
+            self._in_bias_step = True
+            try:
+                self._move(lambda stop: station.ramp_bias(step.volts, step.rate_volts_per_s, stop))
+            finally:
+                self._in_bias_step = False
+            return {}
+        if isinstance(step, (Hold, Wait)):
+            condition = step.condition if isinstance(step, Hold) else None
+            return self._timed(step.duration_s, condition)
+        self._checkpoint()  # the instant steps: wait out a pause, honour an abort
+        if isinstance(step, Acquire):
+            if step.action == "start":
+                station.start_recording()
+                self._recording = True
+            else:
+                station.stop_recording()
+                self._recording = False
+        elif isinstance(step, Microscope):
+            station.set_microscope(
+                mode=step.mode,
+                beam=step.beam,
+                dose_rate_e_per_a2_s=step.dose_rate_e_per_a2_s,
+                pixel_size_nm=step.pixel_size_nm,
+            )
+        elif isinstance(step, Mark):
+            self._emit(EventKind.MARK, step.text)
+        else:  # pragma: no cover - a new step kind without an executor
+            raise NotImplementedError(f"no executor for step kind {step.kind!r}")
+        return {}
+
+    # ----- interruptible execution ---------------------------------------------------------
+    def _checkpoint(self) -> threading.Event:
+        """Wait out a pause, raise _Aborted on abort, restore the bias after a pause.
+
+        Returns the stop event for the next station call; from here the step's clock runs.
+        """
+        while True:
+            with self._cond:
+                while self._state is RunState.PAUSED:
+                    self._cond.wait()
+                if self._state is RunState.ABORTING:
+                    raise _Aborted
+                stop = self._stop
+                was_paused = self._pauses != self._pauses_seen
+                self._pauses_seen = self._pauses
+            if was_paused and not self._restore_bias(stop):
+                continue  # paused (or aborted) again while re-ramping
+            with self._cond:
+                if stop.is_set():
+                    continue
+                if self._segment_start is None:
+                    self._segment_start = self.station.clock.now()
+            return stop
+
+    def _restore_bias(self, stop: threading.Event) -> bool:
+        """After a pause: ramp back to the last bias step's setpoint if the bias left it."""
+        target = self._bias_target
+        if target is None or self._in_bias_step:
+            return True
+        setpoint = self.station.bias_setpoint()
+        if abs(setpoint - target.volts) <= SETPOINT_TOLERANCE_V:
+            return True
+        self._emit(
+            EventKind.STATE,
+            f"re-ramping bias from {setpoint:+.3f} V to {target.volts:+.3f} V after the pause",
+            {"from_volts": setpoint, "to_volts": target.volts},
+        )
+        try:
+            self.station.ramp_bias(target.volts, target.rate_volts_per_s, stop)
+        except Stopped as exc:
+            self._check_stopped(exc, stop)
+            return False
+        return True
+
+    def _move(self, verb: Callable[[threading.Event], Any]) -> Any:
+        """Call a verb that moves something; after a pause call it again, after abort stop."""
+        while True:
+            stop = self._checkpoint()
+            try:
+                return verb(stop)
+            except Stopped as exc:
+                self._check_stopped(exc, stop)
+
+    @staticmethod
+    def _check_stopped(exc: Stopped, stop: threading.Event) -> None:
+        # The pause that explains a Stopped may arrive just after it (the daemon's trip
+        # handler stops the ramp, then pauses us); a Stopped nobody asked for is an error,
+        # else the runner would re-issue the verb forever.
+        if not stop.wait(STOPPED_GRACE_S):
+            raise StationError(f"{exc} without a pause or abort") from exc
+
+    def _approach(self, step: Approach) -> dict[str, Any]:
+        remaining = step.max_travel_nm
+        travelled = 0.0
+        while True:
+            stop = self._checkpoint()
+            try:
+                travelled += self.station.approach(step.speed_nm_s, remaining, stop)
+            except Stopped as exc:
+                self._check_stopped(exc, stop)
+                if exc.moved_nm is None:
+                    log.warning("approach stopped without saying how far it went")
+                else:
+                    travelled += exc.moved_nm
+                    remaining -= exc.moved_nm
+                if remaining <= 0:
+                    raise StationError(
+                        f"no contact within the maximum travel of {step.max_travel_nm:g} nm"
+                    ) from None
+                continue
+            return {"travel_nm": travelled, "summary": f"contact after {travelled:.0f} nm"}
+
+    def _retract(self, step: Retract) -> dict[str, Any]:
+        remaining = step.distance_nm
+        while True:
+            stop = self._checkpoint()
+            try:
+                self.station.retract(remaining, step.speed_nm_s, stop)
+            except Stopped as exc:
+                self._check_stopped(exc, stop)
+                if exc.moved_nm is not None:
+                    remaining -= exc.moved_nm
+                if remaining <= 0:
+                    return {}
+                continue
+            return {}
+
+    def _timed(self, duration_s: float, condition: Condition | None) -> dict[str, Any]:
+        """Hold or wait `duration_s` of step time (frozen while paused), or until `condition`."""
+        clock = self.station.clock
+        while True:
+            stop = self._checkpoint()
+            while not stop.is_set():
+                with self._cond:
+                    elapsed = self._step_elapsed(clock.now())
+                if elapsed >= duration_s:
+                    if condition is None:
+                        return {}
+                    return {
+                        "ended_by": "timeout",
+                        "summary": f"{condition} not met within {duration_s:g} s",
+                    }
+                timeout = clock.wall_seconds(duration_s - elapsed)
+                if condition is not None:
+                    values = self._live_values(condition)
+                    if condition.evaluate(values):
+                        return {
+                            "ended_by": "condition",
+                            "values": values,
+                            "summary": f"{condition} met after {elapsed:.1f} s",
+                        }
+                    timeout = min(timeout, CONDITION_POLL_S)
+                stop.wait(timeout)
+
+    def _live_values(self, condition: Condition) -> dict[str, float | None]:
+        values: dict[str, float | None] = {}
+        for name in sorted(condition.quantities):
+            try:
+                value = self.station.live_value(name)
+            except Exception:
+                log.exception("live_value(%r)", name)
+                value = None
+            values[name] = None if value is None or math.isnan(value) else float(value)
+        return values
+
+    # ----- events ----------------------------------------------------------------------------
+    def _emit(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """Record an event through the station (errors propagate: a run must not go unrecorded)."""
+        self.station.event(kind, message, data)
+        if self._on_event is not None:
+            try:
+                self._on_event(Event(self.station.clock.now(), kind, message, data))
+            except Exception:
+                self.event_errors_total += 1
+                log.exception("on_event listener")
+
+    def _emit_quietly(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """Record an event where failing to record must not stop what we are doing."""
+        try:
+            self._emit(kind, message, data)
+        except Exception:
+            self.event_errors_total += 1
+            log.exception("recording event %r", message)

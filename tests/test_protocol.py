@@ -1,0 +1,280 @@
+"""Protocols are validated before anything moves, and every error names the step and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from insitu_daq.config import ConfigError, SafetyLimits
+from insitu_daq.protocol import (
+    Acquire,
+    Approach,
+    Bias,
+    Hold,
+    Mark,
+    Microscope,
+    Protocol,
+    ProtocolError,
+    Retract,
+    Wait,
+)
+
+PROTOCOLS = Path(__file__).resolve().parents[1] / "deploy" / "protocols"
+
+SMALL_YAML = """\
+# comments are kept in the text written into the run file
+name: small
+description: a short run
+steps:
+  - approach: {speed_nm_s: 200, max_travel_nm: 5000}
+  - microscope: {mode: hrtem, beam: on, dose_rate_e_per_a2_s: 35}
+  - acquire: start
+  - bias: {volts: 4.3, rate_volts_per_s: 0.5}
+  - hold: {duration_s: 120, until: "rock_salt_fraction >= 0.9"}
+  - bias: 0
+  - wait: 2
+  - mark: done
+  - acquire: stop
+  - retract: {distance_nm: 1000}
+"""
+
+SMALL_TOML = """\
+name = "small"
+description = "a short run"
+
+[[steps]]
+approach = { speed_nm_s = 200, max_travel_nm = 5000 }
+[[steps]]
+microscope = { mode = "hrtem", beam = true, dose_rate_e_per_a2_s = 35 }
+[[steps]]
+acquire = "start"
+[[steps]]
+bias = { volts = 4.3, rate_volts_per_s = 0.5 }
+[[steps]]
+hold = { duration_s = 120, until = "rock_salt_fraction >= 0.9" }
+[[steps]]
+bias = 0
+[[steps]]
+wait = 2
+[[steps]]
+mark = "done"
+[[steps]]
+acquire = "stop"
+[[steps]]
+retract = { distance_nm = 1000 }
+"""
+
+SMALL_PYTHON = Protocol(
+    name="small",
+    description="a short run",
+    steps=[
+        Approach(speed_nm_s=200, max_travel_nm=5000),
+        Microscope(mode="hrtem", beam=True, dose_rate_e_per_a2_s=35),
+        Acquire(action="start"),
+        Bias(volts=4.3, rate_volts_per_s=0.5),
+        Hold(duration_s=120, until="rock_salt_fraction >= 0.9"),
+        Bias(volts=0),
+        Wait(duration_s=2),
+        Mark(text="done"),
+        Acquire(action="stop"),
+        Retract(distance_nm=1000),
+    ],
+)
+
+
+def test_shipped_reference_protocol_is_the_science_md_experiment() -> None:
+    protocol = Protocol.load(PROTOCOLS / "lno_4v3.yaml").validate_against(SafetyLimits())
+    assert protocol.name == "lno_4v3"
+    kinds = [step.kind for step in protocol.steps]
+    # approach -> contact -> record -> ramp to +4.3 V -> hold 120 s -> ramp down -> stop -> retract
+    order = ["approach", "acquire", "bias", "hold", "bias", "acquire", "retract"]
+    positions = [kinds.index("approach")]
+    for kind in order[1:]:
+        positions.append(kinds.index(kind, positions[-1] + 1))
+    assert positions == sorted(positions)
+    biases = [step for step in protocol.steps if isinstance(step, Bias)]
+    assert [b.volts for b in biases] == [4.3, 0.0]
+    (hold,) = [step for step in protocol.steps if isinstance(step, Hold)]
+    assert hold.duration_s == 120 and hold.until is None
+    recording = kinds.index("acquire"), len(kinds) - 1 - kinds[::-1].index("acquire")
+    assert [protocol.steps[i].action for i in recording] == ["start", "stop"]
+    beam_on = [s for s in protocol.steps[: recording[0]] if isinstance(s, Microscope) and s.beam]
+    assert beam_on, "the beam is on before recording starts"
+
+
+def test_shipped_control_protocol_holds_in_contact_without_bias() -> None:
+    protocol = Protocol.load(PROTOCOLS / "lno_control_0v.yaml").validate_against(SafetyLimits())
+    assert protocol.name == "lno_control_0v"
+    assert not any(isinstance(step, Bias) for step in protocol.steps)
+    kinds = [step.kind for step in protocol.steps]
+    assert kinds.index("approach") < kinds.index("acquire") < kinds.index("hold")
+    (hold,) = [step for step in protocol.steps if isinstance(step, Hold)]
+    assert hold.duration_s == 60
+
+
+def test_loaded_text_is_kept_as_written() -> None:
+    protocol = Protocol.load(PROTOCOLS / "lno_4v3.yaml")
+    assert protocol.text == (PROTOCOLS / "lno_4v3.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("steps_yaml", "expected"),
+    [
+        # wrong type
+        ("- bias: {volts: high}", "step 2 (bias): volts: Input should be a valid number"),
+        # unknown step, with the nearest name
+        ("- biass: {volts: 1}", "step 2: unknown step 'biass'; did you mean bias?"),
+        # unknown field, with the fields there are
+        (
+            "- bias: {voltz: 1}",
+            "step 2 (bias): voltz: unknown field; expected volts, rate_volts_per_s",
+        ),
+        # negative duration
+        ("- hold: {duration_s: -5}", "step 2 (hold): duration_s: Input should be greater than 0"),
+        ("- wait: -1", "step 2 (wait): duration_s: Input should be greater than 0"),
+        # missing setting
+        ("- approach: {speed_nm_s: 100}", "step 2 (approach): max_travel_nm: required but missing"),
+        # a value outside a fixed set
+        ("- acquire: begin", "step 2 (acquire): action: Input should be 'start' or 'stop'"),
+        ("- microscope: {mode: stem}", "step 2 (microscope): mode: Input should be 'lm' or"),
+        ("- microscope: {}", "step 2 (microscope): set at least one of mode, beam"),
+        ("- bias: {volts: .inf}", "step 2 (bias): volts: Input should be a finite number"),
+        # shape of a step
+        ("- {hold: 1, wait: 1}", "step 2: a step is one kind with its settings"),
+        ("- 42", "step 2: a step is one kind with its settings"),
+        # condition language errors are step errors too
+        (
+            "- hold: {duration_s: 60, until: rocksalt_fraction >= 0.9}",
+            "step 2 (hold): until: unknown quantity 'rocksalt_fraction' at column 1; "
+            "did you mean rock_salt_fraction?",
+        ),
+    ],
+)
+def test_every_error_is_one_line_naming_step_and_field(steps_yaml: str, expected: str) -> None:
+    text = f"name: t\nsteps:\n  - mark: first\n  {steps_yaml}\n"
+    with pytest.raises(ProtocolError) as excinfo:
+        Protocol.parse(text, "yaml")
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert message.startswith(expected), message
+    assert excinfo.value.step == 2
+
+
+def test_error_names_the_file_and_reports_how_many_more(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: t\nsteps:\n  - hold: -1\n  - bias: {volts: x}\n")
+    with pytest.raises(ProtocolError) as excinfo:
+        Protocol.load(path)
+    assert str(excinfo.value) == (
+        "bad.yaml: step 1 (hold): duration_s: Input should be greater than 0 (+1 more)"
+    )
+    assert (excinfo.value.step, excinfo.value.kind, excinfo.value.field) == (
+        1,
+        "hold",
+        "duration_s",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: t\nsteps: []\n", "steps: a protocol needs at least one step"),
+        ("name: t\n", "steps: required but missing"),
+        ("name: t\nstep: []\nsteps: [mark: x]\n", "step: unknown field; expected name"),
+        ("- mark: x\n", "a protocol is a mapping with name, description and steps"),
+        ("name: [t\n", "not valid YAML: line 2"),
+    ],
+)
+def test_top_level_errors_are_one_line(text: str, expected: str) -> None:
+    with pytest.raises(ProtocolError) as excinfo:
+        Protocol.parse(text)
+    assert "\n" not in str(excinfo.value)
+    assert str(excinfo.value).startswith(expected), str(excinfo.value)
+
+
+def test_protocol_errors_are_config_errors_for_the_cli() -> None:
+    with pytest.raises(ConfigError):
+        Protocol.parse("name: t\nsteps: []\n")
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        (
+            SafetyLimits(max_bias_volts=4.0),
+            "step 8 (bias): volts: +4.3 V is beyond the station's maximum bias of 4 V",
+        ),
+        (
+            SafetyLimits(max_ramp_rate_volts_per_s=0.2),
+            "step 8 (bias): rate_volts_per_s: 0.5 V/s is beyond the station's maximum ramp rate",
+        ),
+    ],
+)
+def test_over_limit_bias_is_refused_at_load_naming_the_step(
+    limits: SafetyLimits, expected: str
+) -> None:
+    protocol = Protocol.load(PROTOCOLS / "lno_4v3.yaml")
+    with pytest.raises(ProtocolError) as excinfo:
+        protocol.validate_against(limits)
+    assert str(excinfo.value).startswith(expected), str(excinfo.value)
+    assert excinfo.value.kind == "bias"
+
+
+def test_negative_bias_beyond_the_limit_is_refused_too() -> None:
+    protocol = Protocol(name="t", steps=[Bias(volts=-5.5)])
+    with pytest.raises(ProtocolError, match=r"step 1 \(bias\): volts: -5.5 V"):
+        protocol.validate_against(SafetyLimits())
+
+
+def test_yaml_toml_and_python_give_the_same_protocol(tmp_path: Path) -> None:
+    from_yaml = Protocol.parse(SMALL_YAML, "yaml")
+    from_toml = Protocol.parse(SMALL_TOML, "toml")
+    assert from_yaml == from_toml == SMALL_PYTHON
+    # the format is told by extension, or by content when there is none
+    (tmp_path / "small.toml").write_text(SMALL_TOML)
+    (tmp_path / "small.yml").write_text(SMALL_YAML)
+    (tmp_path / "small_toml_without_extension").write_text(SMALL_TOML)
+    for name in ("small.toml", "small.yml", "small_toml_without_extension"):
+        assert Protocol.load(tmp_path / name) == SMALL_PYTHON
+    assert Protocol.parse(SMALL_TOML) == SMALL_PYTHON
+
+
+def test_python_built_protocol_text_is_yaml_that_loads_back() -> None:
+    text = SMALL_PYTHON.text
+    assert "- bias: {volts: 4.3, rate_volts_per_s: 0.5}" in text
+    assert Protocol.parse(text, "yaml") == SMALL_PYTHON
+
+
+def test_python_built_protocol_validates_like_a_file() -> None:
+    with pytest.raises(ValidationError):
+        Protocol(name="t", steps=[Bias(volts=1.0), {"hold": {"duration_s": -1}}])
+    with pytest.raises(ValidationError):
+        Hold(duration_s=10, until="expansion >=")
+    # dict steps in the file shape are accepted from Python as well
+    mixed = Protocol(name="small", steps=[{"mark": "done"}, Wait(duration_s=2)])
+    assert mixed.steps == (Mark(text="done"), Wait(duration_s=2))
+
+
+def test_file_without_a_name_is_named_after_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "quick_check.yaml"
+    path.write_text("steps:\n  - mark: hello\n")
+    assert Protocol.load(path).name == "quick_check"
+
+
+def test_unreadable_file_and_unknown_format_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ProtocolError, match="No such file"):
+        Protocol.load(tmp_path / "missing.yaml")
+    with pytest.raises(ProtocolError, match="unknown protocol format 'json'"):
+        Protocol.parse("{}", "json")
+    with pytest.raises(ProtocolError, match="not valid TOML"):
+        Protocol.parse("name = \n", "toml")
+
+
+def test_hold_condition_is_stored_normalised_and_parsed() -> None:
+    hold = Hold(duration_s=60, until="expansion>=25% or rock_salt_fraction>0.9")
+    assert hold.until == "expansion >= 0.25 or rock_salt_fraction > 0.9"
+    assert hold.condition is not None
+    assert hold.condition.quantities == {"expansion", "rock_salt_fraction"}
+    assert "at most 60 s" in hold.describe()
