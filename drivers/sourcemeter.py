@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKEND = "@py"
 DEFAULT_TIMEOUT_S = 3.0
 MAX_ERRORS_DRAINED = 32  # more than the 2400's queue of 10: the loop always ends
+STALE_READ_TIMEOUT_MS = 50  # a late reply still in flight arrives within this on a LAN
 
 # Status word bits of a reading (2400 manual, FORMat:ELEMents STATus).
 STATUS_OVERFLOW = 1 << 0
@@ -127,6 +129,7 @@ class Reading:
     instrument_time_s: float  # the 2400's own timestamp (since power-on or :SYST:TIME:RES)
     time_ns: int  # host wall time of the query's midpoint
     half_width_ns: int  # half the query's duration: the uncertainty of time_ns
+    monotonic_ns: int = 0  # the same midpoint on time.monotonic_ns(), for run clocks
 
     @property
     def in_compliance(self) -> bool:
@@ -171,6 +174,8 @@ class Keithley2400:
                 self._manager.close()
             raise SourceMeterError(f"cannot open {resource_name}: {exc}") from exc
         self._lock = threading.RLock()  # one transaction at a time; errors() nests in others
+        if isinstance(self._resource, pyvisa.resources.TCPIPSocket):
+            self._send_without_delay()
         try:
             # Errors left by an earlier session would be blamed on our first setting.
             self._drain_errors()
@@ -181,6 +186,28 @@ class Keithley2400:
             raise
 
     # ----- transport ---------------------------------------------------------------------------
+    def _send_without_delay(self) -> None:
+        """TCP_NODELAY on a raw socket, as NI-VISA sets it by default.
+
+        Every setting is a write followed by a `:SYST:ERR?` write; with Nagle's algorithm the
+        second waits for the ACK of the first, which the instrument delays (~40 ms) because it
+        has nothing to send back. pyvisa-py 0.8 does not accept VI_ATTR_TCPIP_NODELAY for
+        SOCKET resources, so its socket is set directly when the attribute is refused.
+        """
+        try:
+            self._resource.set_visa_attribute(
+                pyvisa.constants.ResourceAttribute.tcpip_nodelay, pyvisa.constants.VI_TRUE
+            )
+            return
+        except Exception:  # backends refuse it with their own types (pyvisa-py: UnknownAttribute)
+            pass
+        sessions = getattr(self._resource.visalib, "sessions", {})
+        sock = getattr(sessions.get(self._resource.session), "interface", None)
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            log.warning("sourcemeter: cannot set TCP_NODELAY; settings may take ~40 ms each")
+
     def _write(self, command: str) -> None:
         with self._lock:
             try:
@@ -205,9 +232,30 @@ class Keithley2400:
 
     def _clear(self) -> None:
         try:
-            self._resource.clear()
+            if isinstance(self._resource, pyvisa.resources.TCPIPSocket):
+                self._drop_stale_input()
+            else:
+                self._resource.clear()
         except VisaIOError as exc:
             log.warning("sourcemeter: device clear failed: %s", exc)
+
+    def _drop_stale_input(self) -> None:
+        """Device clear of a raw socket: read and drop what is pending, with bounded reads.
+
+        pyvisa-py's clear() on a socket loops for ever once the peer has closed it (recv
+        returns nothing, select keeps reporting it readable), which would hang the caller on
+        exactly the lost connection the clear is meant to recover from.
+        """
+        timeout = self._resource.timeout
+        self._resource.timeout = STALE_READ_TIMEOUT_MS
+        try:
+            for _ in range(MAX_ERRORS_DRAINED):
+                try:
+                    self._resource.read_raw()
+                except VisaIOError:
+                    return  # nothing more within the timeout (or the peer is gone)
+        finally:
+            self._resource.timeout = timeout
 
     def _write_checked(self, *commands: str) -> None:
         """Send settings, then raise if the instrument queued any error for them."""
@@ -368,9 +416,9 @@ class Keithley2400:
         """Trigger one reading and return it, stamped with the query's midpoint."""
         with self._lock:
             wall_start = time.time_ns()
-            began = time.perf_counter_ns()
+            began = time.monotonic_ns()
             reply = self._query(_Scpi.READ)
-            duration = time.perf_counter_ns() - began
+            duration = time.monotonic_ns() - began
         fields = reply.split(",")
         if len(fields) != len(_READING_ELEMENTS):
             raise SourceMeterError(f"unexpected :READ? reply {reply!r}")
@@ -385,6 +433,7 @@ class Keithley2400:
             instrument_time_s=values["time_s"],
             time_ns=wall_start + duration // 2,
             half_width_ns=duration // 2,
+            monotonic_ns=began + duration // 2,
         )
 
     def in_compliance(self) -> bool:
