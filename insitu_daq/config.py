@@ -57,6 +57,17 @@ class DetectorConfig(_Section):
     # Store payloads as received (bslz4/lz4 kept) or decompressed and written raw.
     archive_compression: Literal["as_received", "none"] = "as_received"
     receive_hwm: Annotated[int, Field(ge=1)] = 1000
+    # Reorder window of the ingest: images held while an earlier image_id is missing, until
+    # this many are held or the oldest waited this long (then the gap is recorded).
+    reorder_window_frames: Annotated[int, Field(ge=1, le=4096)] = 16
+    reorder_window_s: Annotated[float, Field(gt=0, le=10)] = 0.5
+    # Frame geometry of a run opened before the detector sent a start or an image: wait this
+    # long for one, then use these defaults (frames that do not match are dropped, counted).
+    geometry_timeout_s: Annotated[float, Field(ge=0, le=60)] = 2.0
+    default_channels: Annotated[tuple[str, ...], Field(min_length=1)] = ("threshold_1",)
+    default_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1024, 1024)
+    default_dtype: Literal["uint8", "uint16", "uint32"] = "uint16"  # little-endian
+    default_compression: Literal["bslz4", "lz4", "none"] = "bslz4"
 
 
 class MicroscopeConfig(_Section):
@@ -90,6 +101,8 @@ class ApiConfig(_Section):
     metrics_host: str = "127.0.0.1"
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9105
     curve_secret_key_file: Path | None = None
+    # Folder of the client public keys (zmq.auth certificates) let in; unset: any CURVE client.
+    curve_clients_dir: Path | None = None
 
     @model_validator(mode="after")
     def _curve_off_loopback(self) -> ApiConfig:
