@@ -606,6 +606,11 @@ class Stream2Receiver:
         self._socket.connect(endpoint)
         self._closed = False
 
+    @property
+    def socket(self) -> zmq.Socket:
+        """The PULL socket, to wait on it in a zmq.Poller together with other sockets."""
+        return self._socket
+
     def receive_raw(self, timeout_ms: int | None = None) -> tuple[bytes, int] | None:
         """Next raw message and its arrival time (ns), or None on timeout."""
         wait = self.timeout_ms if timeout_ms is None else timeout_ms

@@ -13,6 +13,8 @@ Why it is shaped so:
 - The per-frame bias is interpolated from the bias log at frame_time. Bias samples arrive from
   another process and may lag the frames, so a frame's bias is written as NaN first and filled
   in once a sample later than its frame_time is known (or, at close, from the last sample).
+- Per-frame columns are written in batches (see `write_frame`): readers count frames by
+  `frame_time`; `data` may hold more rows until the next flush.
 - Strings in growing datasets are fixed-length UTF-8: SWMR readers do not reliably see
   variable-length data appended by a writer.
 """
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 KIND_LENGTH = 32
 MESSAGE_LENGTH = 256
+DATE_LENGTH = 40
+COLUMN_BATCH = 64  # frames whose per-frame columns are written together
 
 
 def iso8601(time_ns: int) -> str:
@@ -96,10 +100,15 @@ def _scalar(group: h5py.Group, name: str, value: Any, units: str | None = None) 
         dataset.attrs["units"] = units
 
 
-def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
-    n = dataset.shape[0]
-    dataset.resize((n + len(values),))
-    dataset[n:] = values
+def _put(dataset: h5py.Dataset, index: int, values: np.ndarray) -> None:
+    """Write rows [index, index+len) (growing the dataset to exactly that length).
+
+    Writing at the row a record owns, rather than appending at the dataset's current end,
+    keeps the columns of a record aligned even when an earlier write failed halfway: the
+    record is simply written again at the same rows.
+    """
+    dataset.resize((index + len(values),))
+    dataset[index:] = values
 
 
 def _fixed(text: str, length: int) -> bytes:
@@ -123,6 +132,21 @@ class RunWriter:
             self._file.close()
             raise
         self.frames_written = 0
+        self._pending_rows: list[tuple[Any, ...]] = []  # columns of frames not yet written
+        self._row_datasets = (  # in the order of a pending row
+            self._image_id,
+            self._series_id,
+            self._frame_time_ds,
+            self._det_start,
+            self._det_stop,
+            self._series_date,
+            self._received,
+            self._clock_offset,
+            self._clock_offset_err,
+        )
+        self.samples_written = 0
+        self.events_written = 0
+        self.holder_positions_written = 0
         # In-memory copies for interpolation (cheap: 16 bytes a frame or a sample).
         self._sample_time: list[float] = []
         self._sample_volts: list[float] = []
@@ -169,6 +193,10 @@ class RunWriter:
         self._frame_time_ds.attrs["start"] = start
         self._det_start = _growing(detector, "detector_start_time", "<f8", "s")
         self._det_stop = _growing(detector, "detector_stop_time", "<f8", "s")
+        self._series_date = _growing(detector, "detector_series_date", f"S{DATE_LENGTH}")
+        self._series_date.attrs["description"] = (
+            "the detector's series_date (ISO 8601, its own clock): origin of its start/stop times"
+        )
         self._received = _growing(detector, "received_time", "<f8", "s")
         self._frame_bias = _growing(detector, "bias_voltage", "<f8", "V")
         self._frame_current = _growing(detector, "current", "<f8", "A")
@@ -246,8 +274,18 @@ class RunWriter:
         received_time: float,
         clock_offset: float,
         clock_offset_error: float,
+        series_date: str = "",
     ) -> None:
-        """Append one frame. `chunks` maps channel -> stored chunk bytes or an array (raw)."""
+        """Append one frame. `chunks` maps channel -> stored chunk bytes or an array (raw).
+
+        The pixels go into the file now; the per-frame columns (image_id, frame_time, ...)
+        are kept and written in batches (at `flush()` or every COLUMN_BATCH frames): ten
+        one-element appends per frame would cost more than a compressed frame's chunk.
+        A reader therefore counts frames by `frame_time`, not by `data`, whose rows may run
+        ahead until the next flush.
+        """
+        if len(self._pending_rows) >= COLUMN_BATCH:
+            self._write_pending_rows()  # before this frame: a failure leaves it unwritten
         index = self.frames_written
         for channel, dataset in self._data.items():
             payload = chunks[channel]
@@ -256,23 +294,41 @@ class RunWriter:
                 dataset[index] = payload
             else:
                 dataset.id.write_direct_chunk((index, 0, 0), payload)
-        _append(self._image_id, np.array([image_id]))
-        _append(self._series_id, np.array([series_id]))
-        _append(self._frame_time_ds, np.array([frame_time]))
-        _append(self._det_start, np.array([detector_start]))
-        _append(self._det_stop, np.array([detector_stop]))
-        _append(self._received, np.array([received_time]))
-        _append(self._clock_offset, np.array([clock_offset]))
-        _append(self._clock_offset_err, np.array([clock_offset_error]))
-        _append(self._frame_bias, np.array([np.nan]))
-        _append(self._frame_current, np.array([np.nan]))
+        self._pending_rows.append(
+            (
+                image_id,
+                series_id,
+                frame_time,
+                detector_start,
+                detector_stop,
+                _fixed(series_date, DATE_LENGTH),
+                received_time,
+                clock_offset,
+                clock_offset_error,
+            )
+        )
         self._frame_time.append(frame_time)
         self.frames_written += 1
+
+    def _write_pending_rows(self) -> None:
+        """Write the per-frame columns of the frames whose pixels are already in."""
+        rows = self._pending_rows
+        if not rows:
+            return
+        first = self.frames_written - len(rows)
+        columns = list(zip(*rows, strict=True))
+        for dataset, values in zip(self._row_datasets, columns, strict=True):
+            _put(dataset, first, np.array(values))
+        nan = np.full(len(rows), np.nan)
+        _put(self._frame_bias, first, nan)
+        _put(self._frame_current, first, nan)
+        self._pending_rows = []
 
     def retime_frames(
         self, first: int, frame_times: np.ndarray, offset: float, error: float
     ) -> None:
         """Rewrite frame_time of frames [first, first+len) after a better clock mapping."""
+        self._write_pending_rows()
         last = first + len(frame_times)
         self._frame_time_ds[first:last] = frame_times
         self._clock_offset[first:last] = offset
@@ -289,24 +345,30 @@ class RunWriter:
         amps: np.ndarray,
         status: np.ndarray,
     ) -> None:
-        _append(self._bias_time, times)
-        _append(self._bias_time_err, half_widths)
-        _append(self._bias_value, volts)
-        _append(self._bias_setpoint, setpoints)
-        _append(self._current_value, amps)
-        _append(self._status, status.astype("<u4"))
+        index = self.samples_written
+        _put(self._bias_time, index, times)
+        _put(self._bias_time_err, index, half_widths)
+        _put(self._bias_value, index, volts)
+        _put(self._bias_setpoint, index, setpoints)
+        _put(self._current_value, index, amps)
+        _put(self._status, index, status.astype("<u4"))
         self._sample_time.extend(times.tolist())
         self._sample_volts.extend(volts.tolist())
         self._sample_amps.extend(amps.tolist())
+        self.samples_written += len(times)
 
     def write_holder_position(self, time: float, position_nm: float) -> None:
-        _append(self._holder_time, np.array([time]))
-        _append(self._holder_value, np.array([position_nm]))
+        index = self.holder_positions_written
+        _put(self._holder_time, index, np.array([time]))
+        _put(self._holder_value, index, np.array([position_nm]))
+        self.holder_positions_written += 1
 
     def write_event(self, time: float, kind: str, message: str) -> None:
-        _append(self._event_time, np.array([time]))
-        _append(self._event_kind, np.array([_fixed(kind, KIND_LENGTH)]))
-        _append(self._event_message, np.array([_fixed(message, MESSAGE_LENGTH)]))
+        index = self.events_written
+        _put(self._event_time, index, np.array([time]))
+        _put(self._event_kind, index, np.array([_fixed(kind, KIND_LENGTH)]))
+        _put(self._event_message, index, np.array([_fixed(message, MESSAGE_LENGTH)]))
+        self.events_written += 1
 
     # ----- per-frame bias --------------------------------------------------------------------
     def _fill_frame_bias(self, final: bool) -> None:
@@ -328,6 +390,7 @@ class RunWriter:
         self._first_pending_frame = first + ready
 
     def flush(self) -> None:
+        self._write_pending_rows()
         self._fill_frame_bias(final=False)
         self._file.flush()
 
@@ -336,6 +399,7 @@ class RunWriter:
             return
         self._closed = True
         try:
+            self._write_pending_rows()
             self._fill_frame_bias(final=True)
             self._end_time[()] = iso8601(end_time_ns)
         finally:
