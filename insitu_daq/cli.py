@@ -64,6 +64,145 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_endpoints(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="station TOML (for the daemon's control/event endpoints)")
+    p.add_argument("--control", help="control endpoint (default from config: tcp://127.0.0.1:5555)")
+    p.add_argument("--events", help="event endpoint (default from config: tcp://127.0.0.1:5556)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon")
+
+
+def _endpoints(args: argparse.Namespace) -> tuple[str, str]:
+    from .config import StationConfig, load_config
+
+    api = (load_config(args.config) if args.config else StationConfig()).api
+    return args.control or api.control, args.events or api.events
+
+
+def _request(args: argparse.Namespace, cmd: str, **fields: object) -> dict:
+    from .api import ControlClient
+
+    control, _ = _endpoints(args)
+    with ControlClient(control, timeout_s=args.timeout) as client:
+        return client.request(cmd, **fields)
+
+
+def _add_daemon(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("daemon", help="run the acquisition service")
+    p.add_argument("--config", required=True, help="station TOML (deploy/station.*.toml)")
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="simulated stations only: station seconds per wall second (match `sim`)",
+    )
+    p.set_defaults(func=_cmd_daemon)
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .daemon import Daemon
+
+    daemon = Daemon(load_config(args.config), time_scale=args.time_scale)
+    daemon.start()
+    print(f"insitu-daq {__version__}: daemon running", flush=True)
+    for name, address in daemon.endpoints.items():
+        print(f"  {name:<8} {address}", flush=True)
+    daemon.serve_until_signal()
+    print("daemon stopped; bias output off", flush=True)
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a protocol on the daemon and show its progress")
+    p.add_argument("protocol", help="protocol file (YAML or TOML)")
+    p.add_argument("--detach", action="store_true", help="start it and return at once")
+    _add_endpoints(p)
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .progress import follow_run
+
+    path = Path(args.protocol)
+    fmt = "toml" if path.suffix.lower() == ".toml" else "yaml"
+    reply = _request(args, "run", protocol_text=path.read_text(), format=fmt, name=path.stem)
+    print(f"run {reply['run_id']} -> {reply['run_file']}", flush=True)
+    if args.detach:
+        return 0
+    control, events = _endpoints(args)
+    return follow_run(control, events, reply["run_id"], timeout_s=args.timeout)
+
+
+def _add_simple(sub: argparse._SubParsersAction, name: str, help_text: str, **arguments) -> None:
+    p = sub.add_parser(name, help=help_text)
+    for arg, kwargs in arguments.items():
+        p.add_argument(arg, **kwargs)
+    _add_endpoints(p)
+    p.set_defaults(func=_cmd_simple, command_name=name)
+
+
+def _cmd_simple(args: argparse.Namespace) -> int:
+    import json
+
+    fields = {}
+    if args.command_name == "mark":
+        fields["text"] = " ".join(args.text)
+    if args.command_name in ("pause", "abort") and args.reason:
+        fields["reason"] = args.reason
+    reply = _request(args, args.command_name, **fields)
+    reply.pop("ok", None)
+    if args.command_name == "status":
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    else:
+        print(f"{args.command_name}: ok")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="summarise a run file")
+    p.add_argument("run_file", help="RUN.h5")
+    p.add_argument("--events", type=int, default=20, help="how many events to list")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import format_summary, summarize
+
+    print(format_summary(summarize(args.run_file), events=args.events))
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .demo import DEFAULT_TIME_SCALE
+
+    p = sub.add_parser("demo", help="the +4.3 V reference experiment on the simulated station")
+    p.add_argument(
+        "--time-scale", type=float, default=DEFAULT_TIME_SCALE,
+        help=f"physics speed-up (default {DEFAULT_TIME_SCALE:g}); 1 runs in real time",
+    )  # fmt: skip
+    p.add_argument("--data-dir", default="runs", help="where the run file goes (default ./runs)")
+    p.add_argument("--frame-size", type=int, default=1024)
+    p.add_argument("--frame-rate", type=float, default=40.0)
+    p.add_argument("--protocol", default="lno_4v3.yaml", help="a shipped protocol's file name")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import run_demo
+
+    return run_demo(
+        time_scale=args.time_scale,
+        data_dir=Path(args.data_dir),
+        frame_size=args.frame_size,
+        frame_rate=args.frame_rate,
+        protocol=args.protocol,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="insitu-daq",
@@ -73,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sim(sub)
+    _add_daemon(sub)
+    _add_run(sub)
+    _add_simple(sub, "status", "show the daemon's state")
+    _add_simple(sub, "pause", "pause the running protocol", **{"--reason": {}})
+    _add_simple(sub, "resume", "resume a paused protocol")
+    _add_simple(sub, "abort", "abort the protocol (bias made safe first)", **{"--reason": {}})
+    _add_simple(sub, "mark", "annotate the run", text={"nargs": "+"})
+    _add_report(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -401,9 +401,19 @@ class RunWriter:
         try:
             self._write_pending_rows()
             self._fill_frame_bias(final=True)
+            self._sort_events()
             self._end_time[()] = iso8601(end_time_ns)
         finally:
             self._file.close()
+
+    def _sort_events(self) -> None:
+        """Events come from several threads with their own stamps; the file keeps time order."""
+        times = self._event_time[:]
+        order = np.argsort(times, kind="stable")
+        if np.all(order == np.arange(len(order))):
+            return
+        for dataset in (self._event_time, self._event_kind, self._event_message):
+            dataset[:] = dataset[:][order]
 
     @property
     def closed(self) -> bool:

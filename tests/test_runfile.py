@@ -146,3 +146,19 @@ def test_reader_sees_frames_while_the_run_is_written(
         assert data.shape[0] == 2
         assert np.array_equal(data[1], images[1].channel().to_array())
     writer.close(time.time_ns())
+
+
+def test_events_are_in_time_order_once_closed(tmp_path: Path, stream2_testdata: Path) -> None:
+    images = _images(stream2_testdata / "r500k_bm_bslz4_16bit")
+    writer = _writer(tmp_path / "run.h5", images[0], "bslz4")
+    for time_s, message in [(2.0, "second"), (1.0, "first"), (3.0, "third"), (1.0, "also first")]:
+        writer.write_event(time_s, "mark", message)
+    writer.close(time.time_ns())
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert list(f["/entry/events/time"][:]) == [1.0, 1.0, 2.0, 3.0]
+        assert [m.decode() for m in f["/entry/events/message"][:]] == [
+            "first",
+            "also first",
+            "second",
+            "third",
+        ]

@@ -1,0 +1,395 @@
+"""The acquisition daemon: assembles the controllers, the ingest process, the runner and the
+outward interfaces, and guarantees the bias is made safe however it stops.
+
+Threads in this process: the bias I/O thread (BiasController), the protocol runner, the
+control API server, the metrics HTTP server and a status publisher. Frames never enter this
+process: the ingest process receives and writes them (DESIGN.md, data flow).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .api import ControlServer, EventPublisher
+from .bias import BiasController
+from .clock import RunClock
+from .config import StationConfig
+from .ingest import IngestClient
+from .metrics import DaemonMetrics
+from .positioner import HolderControl, MicroscopeControl
+from .protocol import Protocol, ProtocolError
+from .records import Event, EventKind
+from .runfile import RunMetadata
+from .runner import ProtocolRunner
+from .station import LimitError, StationError
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL_S = 0.5
+FINAL_STATES = ("finished", "aborted", "failed")
+
+
+@dataclass
+class ActiveRun:
+    run_id: str
+    path: Path
+    clock: RunClock  # the run's clock: the daemon clock shifted to the run's start
+    offset_s: float  # daemon-clock seconds at the run's start
+    protocol: Protocol
+
+
+def make_run_id(protocol_name: str, when: datetime | None = None) -> str:
+    stamp = (when or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", protocol_name).strip("-") or "run"
+    return f"{stamp}_{safe}"
+
+
+class Daemon:
+    """The insitu-daq service. `start()`, then `wait()` (or serve until a signal), `stop()`."""
+
+    def __init__(self, config: StationConfig, time_scale: float = 1.0) -> None:
+        self.config = config
+        self.clock = RunClock(time_scale)
+        self.metrics = DaemonMetrics(config.api.metrics_host, config.api.metrics_port)
+        self.publisher = EventPublisher.from_config(config.api)
+        self.bias = BiasController(
+            config,
+            self.clock,
+            on_samples=self._on_samples,
+            on_event=self._on_controller_event,
+            on_trip=self._on_trip,
+            on_lost=self._on_lost,
+        )
+        self.holder = HolderControl(config.holder, config.retry, on_retry=self._on_retry)
+        self.microscope = MicroscopeControl(
+            config.microscope, config.retry, on_retry=self._on_retry
+        )
+        self.ingest = IngestClient(config, on_event=self._on_ingest_event, clock=self.clock)
+        self.runner = ProtocolRunner(DaemonStation(self))
+        self.control = ControlServer.from_config(config.api, self)
+        self.metrics.watch_control(self.control.stats)
+        self._run: ActiveRun | None = None
+        self._run_lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._stopped = False
+        self._status_thread: threading.Thread | None = None
+        self._identities: dict[str, str] = {}
+        self._last_run_id: str | None = None
+
+    # ----- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self.ingest.start()
+            # After the ingest's own atexit hook, so at an abnormal exit this runs first
+            # (atexit is last-in first-out): the ramp-down is recorded before ingest stops.
+            atexit.register(self.stop)
+            self.bias.start()
+            identity = self.bias.identity
+            if identity is not None:
+                self._identities["source_meter"] = (
+                    f"{identity.manufacturer} {identity.model} serial {identity.serial}"
+                )
+            self._identities["holder"] = self.holder.connect()
+            self._identities["microscope"] = self.microscope.connect()
+            for name in ("source_meter", "holder", "microscope"):
+                self.metrics.set_instrument_up(name, True)
+            self.metrics.start()
+            self.publisher.start()
+            self.control.start()
+        except BaseException:
+            self.stop()
+            raise
+        self._status_thread = threading.Thread(
+            target=self._publish_status, name="status", daemon=True
+        )
+        self._status_thread.start()
+        log.info("insitu-daq %s daemon up: %s", __version__, self.endpoints)
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "control": self.control.endpoint,
+            "events": self.publisher.endpoint,
+            "metrics": self.metrics.url,
+        }
+
+    def stop(self) -> None:
+        """Make the bias safe, close the run, stop everything. Idempotent, never raises."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        # The bias first: whatever else fails below, the output is off.
+        for step in (
+            lambda: self.runner.abort("daemon stopping"),
+            self.bias.stop,
+            self.holder.halt,
+            lambda: self.runner.wait(10.0),
+            self._close_run,
+            self.ingest.shutdown,
+            self.control.stop,
+            self.publisher.stop,
+            self.metrics.stop,
+            self.holder.close,
+            self.microscope.close,
+        ):
+            try:
+                step()
+            except Exception:
+                log.exception("while stopping")
+        log.info("daemon stopped")
+
+    def serve_until_signal(self) -> None:
+        """Block until SIGINT/SIGTERM (main thread only), then stop safely."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: self._stopping.set())
+        try:
+            while not self._stopping.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    # ----- runs ------------------------------------------------------------------------------
+    def start_protocol(self, protocol: Protocol) -> ActiveRun:
+        protocol.validate_against(self.config.limits)
+        with self._run_lock:
+            if self.runner.busy:
+                raise RuntimeError("a protocol is already running")
+            run_id = make_run_id(protocol.name)
+            path = self.config.data_dir / f"{run_id}.h5"
+            run_clock = RunClock(
+                self.clock.time_scale,
+                start_ns=time.time_ns(),
+                start_monotonic_ns=time.monotonic_ns(),
+            )
+            offset = self.clock.from_monotonic_ns(run_clock.start_monotonic_ns)
+            run = ActiveRun(run_id, path, run_clock, offset, protocol)
+            self.ingest.open_run(self._metadata(run), path, run_clock)
+            self._run = run
+            self._last_run_id = run_id
+        try:
+            self.runner.start(protocol, on_done=self._on_protocol_done)
+        except BaseException:
+            self._close_run()
+            raise
+        return run
+
+    def _metadata(self, run: ActiveRun) -> RunMetadata:
+        limits = self.config.limits
+        return RunMetadata(
+            run_id=run.run_id,
+            title=run.protocol.description or run.protocol.name,
+            start_time_ns=run.clock.start_ns,
+            sample_name=self.config.sample.name,
+            chemical_formula=self.config.sample.chemical_formula,
+            protocol_text=run.protocol.text,
+            protocol_name=run.protocol.name,
+            source_meter={
+                "identity": self._identities.get("source_meter", ""),
+                "resource": self.config.source_meter.resource,
+                "compliance_amperes": limits.compliance_amperes,
+                "max_bias_volts": limits.max_bias_volts,
+                "max_ramp_rate_volts_per_s": limits.max_ramp_rate_volts_per_s,
+                "nplc": self.config.source_meter.nplc,
+            },
+            holder={
+                "identity": self._identities.get("holder", ""),
+                "port": self.config.holder.port,
+            },
+            microscope={"identity": self._identities.get("microscope", "")},
+            program_version=__version__,
+        )
+
+    def _on_protocol_done(self, state: str) -> None:
+        self._close_run()
+
+    def _close_run(self) -> dict[str, Any] | None:
+        with self._run_lock:
+            run, self._run = self._run, None
+        if run is None:
+            return None
+        summary = self.ingest.close_run()
+        self.publisher.publish("event", {"kind": "run_closed", "run_id": run.run_id, **summary})
+        return summary
+
+    # ----- records in ------------------------------------------------------------------------
+    def _run_time(self, daemon_time: float) -> float:
+        run = self._run
+        return daemon_time - run.offset_s if run is not None else daemon_time
+
+    def _on_samples(self, batch: np.ndarray) -> None:
+        self.metrics.observe_samples(batch)
+        run = self._run
+        if run is not None:
+            shifted = batch.copy()
+            shifted["time"] -= run.offset_s
+            self.ingest.write_samples(shifted)
+        last = batch[-1]
+        self.publisher.publish(
+            "bias",
+            {
+                "time": float(last["time"]),
+                "voltage": float(last["voltage"]),
+                "setpoint": float(last["setpoint"]),
+                "current": float(last["current"]),
+                "samples": len(batch),
+            },
+        )
+
+    def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self._record(Event(self.clock.now(), kind, message, data))
+
+    def _record(self, event: Event) -> None:
+        """An event on the daemon clock: to the run file (run time), event stream and log."""
+        log.info("event %s: %s", event.kind, event.message)
+        run = self._run
+        if run is not None:
+            self.ingest.write_event(
+                Event(event.time - run.offset_s, event.kind, event.message, event.data)
+            )
+        self.publisher.publish("event", event.to_dict())
+
+    def _on_controller_event(self, event: Event) -> None:
+        self._record(event)
+
+    def _on_ingest_event(self, event: dict[str, Any]) -> None:
+        self.publisher.publish("event", event)
+
+    def _on_retry(self, message: str) -> None:
+        self.event(EventKind.INSTRUMENT, message)
+
+    def _on_trip(self, reason: str) -> None:
+        self.metrics.count_trip()
+        self.runner.pause(f"compliance trip: {reason}")
+
+    def _on_lost(self, reason: str) -> None:
+        self.metrics.set_instrument_up("source_meter", False)
+        self.runner.abort(f"source-meter lost: {reason}")
+
+    def live_value(self, name: str) -> float | None:
+        """Latest live-analysis value (issue 4); None until analysis measures it."""
+        del name
+        return None
+
+    # ----- status ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        bias = self.bias.state
+        run = self._run
+        return {
+            "protocol": self.runner.progress.to_dict(),
+            "run_id": run.run_id if run else None,
+            "last_run_id": self._last_run_id,
+            "run_file": str(run.path) if run else None,
+            "bias": {
+                "setpoint": bias.setpoint,
+                "voltage": bias.voltage,
+                "current": bias.current,
+                "output_on": bias.output_on,
+                "tripped": bias.tripped,
+                "connected": bias.connected,
+            },
+            "ingest": self.ingest.stats(),
+            "time_scale": self.clock.time_scale,
+        }
+
+    def _publish_status(self) -> None:
+        while not self._stopping.wait(STATUS_INTERVAL_S):
+            try:
+                status = self.status()
+                self.metrics.observe_ingest_stats(status["ingest"])
+                self.metrics.observe_progress(status["protocol"])
+                self.publisher.publish("status", status)
+            except Exception:
+                log.exception("status publisher")
+
+    # ----- control API handler ---------------------------------------------------------------
+    def handle_ping(self) -> dict[str, Any]:
+        return {"version": __version__}
+
+    def handle_status(self) -> dict[str, Any]:
+        return self.status()
+
+    def handle_run(self, protocol_text: str, fmt: str, name: str | None) -> dict[str, Any]:
+        try:
+            protocol = Protocol.parse(protocol_text, fmt, name=name)
+            run = self.start_protocol(protocol)
+        except (ProtocolError, LimitError, StationError) as exc:
+            raise ValueError(str(exc)) from None
+        return {"run_id": run.run_id, "run_file": str(run.path)}
+
+    def handle_pause(self, reason: str | None) -> dict[str, Any]:
+        self.runner.pause(reason or "paused by operator")
+        return {}
+
+    def handle_resume(self) -> dict[str, Any]:
+        self.runner.resume()
+        return {}
+
+    def handle_abort(self, reason: str | None) -> dict[str, Any]:
+        self.runner.abort(reason or "aborted by operator")
+        return {}
+
+    def handle_mark(self, text: str) -> dict[str, Any]:
+        self.event(EventKind.MARK, text)
+        return {}
+
+
+class DaemonStation:
+    """The Station the protocol runner drives, over the daemon's controllers."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self.clock = daemon.clock
+
+    def approach(self, speed_nm_s: float, max_travel_nm: float, stop: threading.Event) -> float:
+        return self._daemon.holder.approach(speed_nm_s, max_travel_nm, stop)
+
+    def retract(self, distance_nm: float, speed_nm_s: float, stop: threading.Event) -> None:
+        self._daemon.holder.retract(distance_nm, speed_nm_s, stop)
+
+    def check_bias(self, volts: float, rate_volts_per_s: float | None) -> None:
+        self._daemon.bias.check(volts, rate_volts_per_s)
+
+    def ramp_bias(
+        self, volts: float, rate_volts_per_s: float | None, stop: threading.Event
+    ) -> None:
+        self._daemon.bias.ramp_to(volts, rate_volts_per_s, stop)
+
+    def bias_setpoint(self) -> float:
+        return self._daemon.bias.state.setpoint
+
+    def make_safe(self) -> None:
+        self._daemon.bias.make_safe()
+
+    def start_recording(self) -> None:
+        self._daemon.ingest.start_recording()
+
+    def stop_recording(self) -> None:
+        self._daemon.ingest.stop_recording()
+
+    def set_microscope(
+        self,
+        mode: str | None = None,
+        beam: bool | None = None,
+        dose_rate_e_per_a2_s: float | None = None,
+        pixel_size_nm: float | None = None,
+    ) -> None:
+        self._daemon.microscope.apply(mode, beam, dose_rate_e_per_a2_s, pixel_size_nm)
+
+    def live_value(self, name: str) -> float | None:
+        return self._daemon.live_value(name)
+
+    def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self._daemon.event(kind, message, data)
