@@ -115,6 +115,10 @@ class _Goal:
     started: float  # monotonic s: the ramp's first step comes one interval after this
 
 
+def _is_safe_goal(goal: _Goal) -> bool:
+    return goal.level == 0.0 and goal.output_on is False
+
+
 @dataclass
 class _Outage:
     """An instrument that stopped answering, from the first failure until it answers again."""
@@ -157,6 +161,7 @@ class BiasController:
         self._stop_lock = threading.Lock()  # one stop() at a time
         self._wake = threading.Event()  # a new goal or shutdown: the I/O thread looks at once
         self._shutdown = False
+        self._shutdown_deadline = 0.0  # monotonic s: give up making it safe after this
         self._stopped = False
         self._io_thread: threading.Thread | None = None
         self._deliveries: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -295,7 +300,14 @@ class BiasController:
         soon as it answers again.
         """
         try:
-            request = self._set_goal(0.0, None, output_on=False, what="make safe")
+            with self._lock:
+                pending = self._goal
+            if _is_safe_goal(pending) and not pending.request.done.is_set():
+                # Already on its way to safe (e.g. the runner's make_safe during an abort):
+                # wait for that one; superseding it would report a failure that is not one.
+                request = pending.request
+            else:
+                request = self._set_goal(0.0, None, output_on=False, what="make safe")
             io_thread = self._io_thread
             if io_thread is None or not io_thread.is_alive():
                 self._make_safe_without_thread()
@@ -316,6 +328,8 @@ class BiasController:
             self.make_safe()
             with self._lock:
                 self._shutdown = True
+                # The I/O thread keeps pursuing a safe output until this, even when stopping.
+                self._shutdown_deadline = time.monotonic() + self._safe_timeout_s()
             self._wake.set()
             _join(self._io_thread)  # it delivers its last samples and closes the instrument
             self._close_driver()  # in case the I/O thread never ran
@@ -398,7 +412,8 @@ class BiasController:
         while True:
             self._wake.clear()
             with self._lock:
-                if self._shutdown:
+                safe = not self._output_on and _is_safe_goal(self._goal)
+                if self._shutdown and (safe or time.monotonic() > self._shutdown_deadline):
                     break
             try:
                 wake_at = self._try_reconnect() if self._driver is None else self._work()

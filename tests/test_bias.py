@@ -546,3 +546,20 @@ def test_stop_during_a_ramp_from_two_threads_leaves_the_output_off(
     assert not controller.state.connected
     with pytest.raises(StationError):
         controller.ramp_to(0.1)
+
+
+def test_stop_racing_another_make_safe_still_ends_with_the_output_off(
+    controller: BiasController, sim: SimulatedSourceMeter, station: SimStation
+) -> None:
+    # The daemon's stop: stop() starts the ramp-down, then the runner (told to abort) calls
+    # make_safe from its own thread. Neither may abandon the ramp-down: SIGTERM once left
+    # 2 V on this way.
+    controller.ramp_to(2.0, rate_volts_per_s=1.0)
+    stopping = threading.Thread(target=controller.stop)
+    stopping.start()
+    wait(lambda: controller.state.setpoint < 1.9, what="ramp-down under way")
+    controller.make_safe()
+    stopping.join(timeout=15.0)
+    assert not stopping.is_alive()
+    assert not sim.instrument.settings.output
+    assert applied_bias(station) == 0.0

@@ -1,0 +1,318 @@
+"""End to end: the simulated station (in this process) and `insitu-daq daemon` (a real process)
+over their real sockets, read back from the real run file.
+
+The simulators run in the test process so the tests can read the model's ground truth and
+inject faults; the daemon runs exactly as in production, from a station TOML.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from insitu_daq.api import ControlClient, ControlError
+from insitu_daq.demo import free_ports, reference_protocol, station_toml
+from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
+
+TIME_SCALE = 20.0
+FINAL = ("finished", "aborted", "failed")
+
+LONG_HOLD = """
+name: long_hold
+description: contact, record, hold +2 V for long enough to interrupt
+steps:
+  - approach: {speed_nm_s: 500, max_travel_nm: 5000}
+  - acquire: start
+  - bias: {volts: 2.0, rate_volts_per_s: 1.0}
+  - hold: {duration_s: 3000}
+  - bias: 0
+  - acquire: stop
+"""
+
+
+class LiveStation:
+    """Simulated instruments here, the daemon as a subprocess, a control client."""
+
+    def __init__(self, tmp_path: Path, time_scale: float = TIME_SCALE) -> None:
+        self.time_scale = time_scale
+        self.sims = SimulatedInstruments.create(
+            ports=StationPorts(0, 0, 0, 0),
+            time_scale=time_scale,
+            frame_shape=(128, 128),
+            frame_rate_hz=40.0,
+        )
+        self.sims.start()
+        self.sims.camera.arm()
+        control, events, metrics = free_ports(3)
+        ports = {
+            "source_meter": int(self.sims.source_meter.endpoints["visa"].split("::")[2]),
+            "holder": int(self.sims.holder.endpoints["url"].rsplit(":", 1)[1]),
+            "microscope": int(self.sims.microscope.endpoints["tcp"].rsplit(":", 1)[1]),
+            "camera": int(self.sims.camera.endpoints["stream2"].rsplit(":", 1)[1]),
+            "control": control,
+            "events": events,
+            "metrics": metrics,
+        }
+        self.data_dir = tmp_path / "runs"
+        config = tmp_path / "station.toml"
+        config.write_text(station_toml(ports, self.data_dir, time_scale))
+        self.control = f"tcp://127.0.0.1:{control}"
+        self.log = (tmp_path / "daemon.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "insitu_daq", "daemon", "--config", str(config),
+             "--time-scale", str(time_scale)],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        self._wait_until_up()
+
+    def _wait_until_up(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.daemon_log()
+            try:
+                self.request("ping", timeout_s=1.0)
+                return
+            except (ControlError, TimeoutError):
+                time.sleep(0.2)
+        raise AssertionError(f"daemon did not come up:\n{self.daemon_log()}")
+
+    def daemon_log(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def request(self, cmd: str, timeout_s: float = 10.0, **fields: object) -> dict:
+        with ControlClient(self.control, timeout_s=timeout_s) as client:
+            return client.request(cmd, **fields)
+
+    def run(self, protocol_text: str, name: str) -> dict:
+        return self.request("run", protocol_text=protocol_text, format="yaml", name=name)
+
+    def wait_for(self, predicate, timeout_s: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.request("status")
+            if predicate(status):
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"timed out; last status {status}\n{self.daemon_log()}")
+
+    def wait_closed(self, run_id: str, timeout_s: float = 90.0) -> dict:
+        return self.wait_for(
+            lambda s: (
+                s["last_run_id"] == run_id
+                and s["run_id"] is None
+                and s["protocol"]["state"] in FINAL
+            ),
+            timeout_s,
+        )
+
+    def wait_in_hold(self) -> dict:
+        return self.wait_for(lambda s: s["protocol"]["step_kind"] == "hold")
+
+    def model_state(self):
+        with self.sims.station.model() as model:
+            return model.snapshot(), list(model.bias_history), model.terminal()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.sims.stop()
+        self.log.close()
+
+
+@pytest.fixture
+def live(tmp_path: Path):
+    station = LiveStation(tmp_path)
+    yield station
+    station.close()
+
+
+def _frame_truth_bias(live: LiveStation, f: h5py.File, bias_history) -> np.ndarray:
+    """The simulator's applied bias at each frame's exposure midpoint.
+
+    Run-clock seconds -> wall time (the run's start_time) -> monotonic time (one offset for
+    the whole machine) -> model time (the station clock) -> the model's bias history.
+    """
+    start = datetime.fromisoformat(f["/entry/start_time"][()].decode())
+    start_wall_s = start.timestamp()
+    wall_minus_monotonic = time.time() - time.monotonic()
+    clock = live.sims.station.clock
+    frame_time = f["/entry/instrument/detector/frame_time"][:]
+    monotonic = start_wall_s + frame_time / live.time_scale - wall_minus_monotonic
+    model_time = (monotonic - clock._t0) * clock.time_scale
+    times = np.array([t for t, _ in bias_history])
+    volts = np.array([v for _, v in bias_history])
+    index = np.searchsorted(times, model_time, side="right") - 1
+    return volts[np.clip(index, 0, None)]
+
+
+def test_reference_protocol_yields_a_complete_run_file(live: LiveStation) -> None:
+    reply = live.run(reference_protocol("lno_4v3.yaml"), "lno_4v3")
+    status = live.wait_closed(reply["run_id"])
+    assert status["protocol"]["state"] == "finished", live.daemon_log()
+    model, history, (volts, _, _) = live.model_state()
+    assert volts == 0.0  # output off at the end
+    assert model.x == pytest.approx(1.0)  # 120 s at +4.3 V converts the particle
+    assert status["ingest"]["frames_dropped_total"] == 0
+
+    with h5py.File(reply["run_file"], "r") as f:
+        detector = f["/entry/instrument/detector"]
+        ids = detector["image_id"][:]
+        frame_time = detector["frame_time"][:]
+        assert len(ids) > 100
+        assert np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids)))  # every frame
+        assert np.all(np.diff(frame_time) > 0)
+        assert detector["data"].shape[0] == len(ids)
+
+        bias = f["/entry/sample/bias_voltage"]
+        setpoint, value = bias["setpoint"][:], bias["value"][:]
+        holding = setpoint == 4.3
+        assert holding.sum() > 50
+        assert np.max(np.abs(value[holding] - 4.3)) < 1e-3  # within 1 mV during the hold
+
+        truth = _frame_truth_bias(live, f, history)
+        measured = detector["bias_voltage"][:]
+        assert not np.isnan(measured).any()
+        error = np.abs(measured - truth)
+        # Frames of the hold, not next to its ends: there a frame's neighbouring bias samples
+        # straddle the first ramp step, and interpolation between them is not the staircase.
+        at_level = np.abs(truth - 4.3) < 1e-9
+        at_hold = at_level & np.roll(at_level, 1) & np.roll(at_level, -1)
+        assert at_hold.sum() > 50
+        assert np.max(error[at_hold]) < 1e-3
+        assert np.median(error) < 0.01  # ramps included: staircase steps of 10 mV
+
+        event_time = f["/entry/events/time"][:]
+        messages = [m.decode() for m in f["/entry/events/message"][:]]
+        assert np.all(np.diff(event_time) >= 0)
+        started = [re.match(r"step (\d+)/15 \w+:", m) for m in messages]
+        assert [int(m[1]) for m in started if m] == list(range(1, 16))
+        assert f["/entry/end_time"][()].decode()
+
+
+def test_control_protocol_changes_nothing(live: LiveStation) -> None:
+    reply = live.run(reference_protocol("lno_control_0v.yaml"), "lno_control_0v")
+    status = live.wait_closed(reply["run_id"])
+    assert status["protocol"]["state"] == "finished", live.daemon_log()
+    model, history, _ = live.model_state()
+    assert model.x == 0.0
+    assert model.expansion == 0.0
+    assert all(v == 0.0 for _, v in history)
+    with h5py.File(reply["run_file"], "r") as f:
+        assert f["/entry/instrument/detector/frame_time"].shape[0] > 20
+        assert np.all(f["/entry/sample/bias_voltage/setpoint"][:] == 0.0)
+
+
+def _assert_safe_and_closed(live: LiveStation, run_file: str) -> None:
+    _, _, (volts, amps, _) = live.model_state()
+    assert volts == 0.0 and amps == 0.0  # output off
+    with h5py.File(run_file, "r") as f:
+        assert f["/entry/end_time"][()].decode()  # closed properly
+        assert f["/entry/instrument/detector/frame_time"].shape[0] > 0
+
+
+def test_abort_mid_hold_makes_the_bias_safe_and_closes_the_run(live: LiveStation) -> None:
+    reply = live.run(LONG_HOLD, "long_hold")
+    live.wait_in_hold()
+    live.request("abort", reason="test abort")
+    status = live.wait_closed(reply["run_id"])
+    assert status["protocol"]["state"] == "aborted"
+    _assert_safe_and_closed(live, reply["run_file"])
+    _, history, _ = live.model_state()
+    steps = np.abs(np.diff([v for _, v in history]))
+    assert steps.max() <= 0.01 + 1e-9  # ramped down, never stepped
+
+
+def test_sigterm_mid_hold_makes_the_bias_safe_and_closes_the_run(live: LiveStation) -> None:
+    reply = live.run(LONG_HOLD, "long_hold")
+    live.wait_in_hold()
+    live.process.send_signal(signal.SIGTERM)
+    assert live.process.wait(timeout=60) == 0, live.daemon_log()
+    _assert_safe_and_closed(live, reply["run_file"])
+
+
+def test_sigkill_mid_hold_leaves_a_readable_file_up_to_the_last_flush(
+    live: LiveStation,
+) -> None:
+    reply = live.run(LONG_HOLD, "long_hold")
+    status = live.wait_in_hold()
+    frames_before = status["ingest"]["frames_written_total"]
+    time.sleep(1.5)  # > one flush interval
+    live.process.send_signal(signal.SIGKILL)
+    live.process.wait(timeout=10)
+    time.sleep(1.0)  # the ingest process notices and closes what it can
+    with h5py.File(reply["run_file"], "r", libver="latest", swmr=True) as f:
+        assert f["/entry/instrument/detector/frame_time"].shape[0] >= frames_before
+        assert f["/entry/sample/bias_voltage/value"].shape[0] > 0
+        assert (f["/entry/sample/bias_voltage/setpoint"][:] == 2.0).any()
+
+
+def test_short_trips_ramps_down_records_and_pauses(live: LiveStation) -> None:
+    reply = live.run(LONG_HOLD, "long_hold")
+    live.wait_in_hold()
+    live.sims.source_meter.inject_short(True)
+    status = live.wait_for(lambda s: s["protocol"]["state"] == "paused", timeout_s=20)
+    assert "compliance" in (status["protocol"]["reason"] or "")
+    deadline = time.monotonic() + 10
+    while live.model_state()[2][0] != 0.0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the ramp-down runs after the trip is reported
+    _, history, (volts, _, _) = live.model_state()
+    assert volts == 0.0  # output off
+    assert status["bias"]["tripped"]
+    live.sims.source_meter.inject_short(False)
+    live.request("abort")
+    live.wait_closed(reply["run_id"])
+    with h5py.File(reply["run_file"], "r") as f:
+        kinds = [k.decode() for k in f["/entry/events/kind"][:]]
+    assert "compliance_trip" in kinds
+
+
+def test_over_limit_and_invalid_protocols_are_refused_untouched(live: LiveStation) -> None:
+    _, history_before, _ = live.model_state()
+    over = LONG_HOLD.replace("volts: 2.0", "volts: 6.0")
+    with pytest.raises(ControlError, match=r"step 3 \(bias\)"):
+        live.run(over, "over_limit")
+    with pytest.raises(ControlError, match="step 2"):
+        live.run(LONG_HOLD.replace("acquire: start", "acquire: sideways"), "invalid")
+    _, history_after, _ = live.model_state()
+    assert history_after == history_before
+    assert not list(live.data_dir.glob("*.h5"))
+
+
+def test_malformed_duplicate_and_out_of_order_frames_are_counted(live: LiveStation) -> None:
+    reply = live.run(LONG_HOLD, "long_hold")
+    live.wait_in_hold()
+    camera = live.sims.camera
+    for fault in ("duplicate", "swap", "gap", "malformed"):
+        camera.inject_fault(fault)
+        time.sleep(0.2)
+    camera.send_raw(b"not a stream v2 message")
+    time.sleep(1.0)
+    status = live.request("status")
+    live.request("abort")
+    live.wait_closed(reply["run_id"])
+    ingest = status["ingest"]
+    assert ingest["frames_dropped_by_reason"]["duplicate"] >= 1
+    assert ingest["out_of_order_total"] >= 1
+    assert ingest["malformed_total"] >= 2
+    assert ingest["frames_missing_total"] >= 1
+    with h5py.File(reply["run_file"], "r") as f:
+        frame_time = f["/entry/instrument/detector/frame_time"][:]
+        kinds = {k.decode() for k in f["/entry/events/kind"][:]}
+    assert np.all(np.diff(frame_time) > 0)
+    assert {"frame_gap", "frame_duplicate"} <= kinds
