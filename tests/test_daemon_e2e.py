@@ -271,7 +271,7 @@ def test_short_trips_ramps_down_records_and_pauses(live: LiveStation) -> None:
     deadline = time.monotonic() + 10
     while live.model_state()[2][0] != 0.0 and time.monotonic() < deadline:
         time.sleep(0.05)  # the ramp-down runs after the trip is reported
-    _, history, (volts, _, _) = live.model_state()
+    _, _, (volts, _, _) = live.model_state()
     assert volts == 0.0  # output off
     assert status["bias"]["tripped"]
     live.sims.source_meter.inject_short(False)
@@ -316,3 +316,58 @@ def test_malformed_duplicate_and_out_of_order_frames_are_counted(live: LiveStati
         kinds = {k.decode() for k in f["/entry/events/kind"][:]}
     assert np.all(np.diff(frame_time) > 0)
     assert {"frame_gap", "frame_duplicate"} <= kinds
+
+
+SHORT = """
+name: short_hold
+steps:
+  - approach: {speed_nm_s: 500, max_travel_nm: 5000}
+  - acquire: start
+  - bias: {volts: 1.0, rate_volts_per_s: 1.0}
+  - hold: {duration_s: 20}
+  - bias: 0
+  - acquire: stop
+"""
+
+
+def test_cli_runs_a_protocol_with_live_progress_then_reports(
+    live: LiveStation, tmp_path: Path
+) -> None:
+    protocol = tmp_path / "short_hold.yaml"
+    protocol.write_text(SHORT)
+    config = tmp_path / "station.toml"  # the daemon's: the CLI finds its endpoints there
+    run = subprocess.run(
+        [sys.executable, "-m", "insitu_daq", "run", str(protocol), "--config", str(config)],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    run_file = lines[0].split(" -> ")[1]
+    assert any(" hold " in line and "+1.0000 V" in line for line in lines), run.stdout
+    assert lines[-1].endswith(": finished")
+
+    status = subprocess.run(
+        [sys.executable, "-m", "insitu_daq", "status", "--config", str(config)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert status.returncode == 0 and '"state": "finished"' in status.stdout
+
+    report = subprocess.run(
+        [sys.executable, "-m", "insitu_daq", "report", run_file],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "hold         +1.000 V" in report.stdout
+    assert "missing image ids 0" in report.stdout
+
+
+def test_cli_refuses_an_invalid_protocol_with_one_line(live: LiveStation, tmp_path: Path) -> None:
+    protocol = tmp_path / "bad.yaml"
+    protocol.write_text(SHORT.replace("volts: 1.0", "volts: 9.0"))
+    result = subprocess.run(
+        [sys.executable, "-m", "insitu_daq", "run", str(protocol),
+         "--config", str(tmp_path / "station.toml")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "step 3 (bias)" in result.stderr
