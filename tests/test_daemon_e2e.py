@@ -371,3 +371,31 @@ def test_cli_refuses_an_invalid_protocol_with_one_line(live: LiveStation, tmp_pa
     )  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "step 3 (bias)" in result.stderr
+
+
+def test_python_scripted_protocol_runs_on_the_daemon(live: LiveStation) -> None:
+    from insitu_daq.client import DaemonClient
+    from insitu_daq.protocol import Acquire, Approach, Bias, Hold, Mark, Protocol
+
+    staircase = Protocol(
+        name="staircase",
+        steps=[
+            Approach(speed_nm_s=500, max_travel_nm=5000),
+            Acquire(action="start"),
+            *[s for volts in (0.5, 1.0) for s in (Bias(volts=volts), Hold(duration_s=10))],
+            Mark(text="top of the staircase"),
+            Bias(volts=0),
+            Acquire(action="stop"),
+        ],
+    )
+    with DaemonClient(live.control) as daemon:
+        final = daemon.run(staircase, timeout_s=90)
+        run_file = daemon.last_run_file
+    assert final["protocol"]["state"] == "finished"
+    with h5py.File(run_file, "r") as f:
+        setpoints = set(np.round(f["/entry/sample/bias_voltage/setpoint"][:], 3))
+        messages = [m.decode() for m in f["/entry/events/message"][:]]
+        protocol_text = f["/entry/protocol/data"][()].decode()
+    assert {0.5, 1.0} <= setpoints
+    assert "top of the staircase" in messages
+    assert Protocol.parse(protocol_text, "yaml") == staircase
