@@ -399,3 +399,33 @@ def test_python_scripted_protocol_runs_on_the_daemon(live: LiveStation) -> None:
     assert {0.5, 1.0} <= setpoints
     assert "top of the staircase" in messages
     assert Protocol.parse(protocol_text, "yaml") == staircase
+
+
+def test_lost_source_meter_aborts_and_is_made_safe_once_back(live: LiveStation) -> None:
+    from insitu_daq.sim.lineserver import TcpLineServer
+    from insitu_daq.sim.sourcemeter import MAX_LINE
+
+    reply = live.run(LONG_HOLD, "long_hold")
+    live.wait_in_hold()
+    sim = live.sims.source_meter
+    port = sim.tcp_address()[1]
+    sim.stop()  # the instrument stops answering (its output stays on at 2 V)
+    status = live.wait_for(lambda s: s["protocol"]["state"] in FINAL, timeout_s=60)
+    assert status["protocol"]["state"] == "aborted"
+    assert live.model_state()[2][0] == 2.0  # nobody could switch it off yet
+    # The same instrument answers again on its address: the daemon ramps it down.
+    back = TcpLineServer("sourcemeter", "127.0.0.1", port, sim.instrument.handle_line, MAX_LINE)
+    back.start()
+    try:
+        deadline = time.monotonic() + 60
+        while live.model_state()[2][0] != 0.0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _, history, (volts, _, _) = live.model_state()
+        assert volts == 0.0
+        assert np.abs(np.diff([v for _, v in history])).max() <= 0.01 + 1e-9  # ramped
+        live.wait_closed(reply["run_id"])
+    finally:
+        back.stop()
+    with h5py.File(reply["run_file"], "r") as f:
+        kinds = [k.decode() for k in f["/entry/events/kind"][:]]
+    assert "instrument" in kinds
