@@ -142,10 +142,10 @@ def format_summary(summary: RunSummary, events: int = 12) -> str:
     if rate and summary.first_frame_time_s is not None and summary.last_frame_time_s is not None:
         span = summary.last_frame_time_s - summary.first_frame_time_s
         frames += f", {rate:.1f} frames/s over {span:.1f} s"
-    lines.append(f"frames       {frames}")
+    lines.append(f"frames       {frames} written")
     lines.append(
-        f"             missing image ids {summary.missing_image_ids}, frame_time monotonic: "
-        f"{'yes' if summary.frame_time_monotonic else 'NO'}"
+        f"             lost (missing image ids) {summary.missing_image_ids}, frame_time "
+        f"monotonic: {'yes' if summary.frame_time_monotonic else 'NO'}"
     )
     lines.append(
         f"bias log     {summary.bias_samples} samples over {summary.bias_span_s:.1f} s, "

@@ -358,7 +358,7 @@ def test_cli_runs_a_protocol_with_live_progress_then_reports(
     )  # fmt: skip
     assert report.returncode == 0, report.stderr
     assert "hold         +1.000 V" in report.stdout
-    assert "missing image ids 0" in report.stdout
+    assert "lost (missing image ids) 0" in report.stdout
 
 
 def test_cli_refuses_an_invalid_protocol_with_one_line(live: LiveStation, tmp_path: Path) -> None:

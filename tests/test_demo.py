@@ -18,7 +18,7 @@ def test_demo_runs_the_reference_experiment_and_prints_what_it_measured(tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert ": finished" in out
-    assert "missing image ids 0, frame_time monotonic: yes" in out
+    assert "lost (missing image ids) 0, frame_time monotonic: yes" in out
     hold = next(line for line in out.splitlines() if line.startswith("hold "))
     assert "+4.300 V" in hold and "mean current" in hold and "charge" in hold
     (run_file,) = tmp_path.glob("*.h5")
