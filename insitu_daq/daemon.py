@@ -26,6 +26,7 @@ from .api import ControlServer, EventPublisher
 from .bias import BiasController
 from .clock import RunClock
 from .config import StationConfig
+from .guardian import Guardian, bias_confirmed_safe
 from .ingest import IngestClient
 from .metrics import DaemonMetrics
 from .positioner import HolderControl, MicroscopeControl
@@ -62,6 +63,7 @@ class Daemon:
     def __init__(self, config: StationConfig, time_scale: float = 1.0) -> None:
         self.config = config
         self.clock = RunClock(time_scale)
+        self.guardian = Guardian(config, time_scale)
         self.metrics = DaemonMetrics(config.api.metrics_host, config.api.metrics_port)
         self.publisher = EventPublisher.from_config(config.api)
         self.bias = BiasController(
@@ -91,10 +93,13 @@ class Daemon:
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         try:
+            # First: it makes the bias safe should this process die in a way stop() cannot see.
+            self.guardian.start()
             self.ingest.start()
             # After the ingest's own atexit hook, so at an abnormal exit this runs first
             # (atexit is last-in first-out): the ramp-down is recorded before ingest stops.
             atexit.register(self.stop)
+            self.guardian.wait_ready()  # it started while the ingest process did
             self.bias.start()
             identity = self.bias.identity
             if identity is not None:
@@ -134,7 +139,7 @@ class Daemon:
         # The bias first: whatever else fails below, the output is off.
         for step in (
             lambda: self.runner.abort("daemon stopping"),
-            self.bias.stop,
+            self._stop_bias,
             self.holder.halt,
             lambda: self.runner.wait(10.0),
             self._close_run,
@@ -150,6 +155,16 @@ class Daemon:
             except Exception:
                 log.exception("while stopping")
         log.info("daemon stopped")
+
+    def _stop_bias(self) -> None:
+        """Bias safe; the guardian then stands down, or takes over if that is not confirmed."""
+        try:
+            self.bias.stop()
+        finally:
+            if bias_confirmed_safe(self.bias):
+                self.guardian.stand_down()
+            else:
+                self.guardian.take_over()
 
     def serve_until_signal(self) -> None:
         """Block until SIGINT/SIGTERM (main thread only), then stop safely."""

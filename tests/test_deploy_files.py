@@ -249,7 +249,7 @@ def test_unit_stops_gently_enough_to_ramp_the_bias_down() -> None:
     assert only("KillSignal") == "SIGTERM"
     # SIGTERM to the daemon alone: it shuts its ingest process down itself, after the run
     # file is closed; SIGKILL for everyone comes only after TimeoutStopSec.
-    assert only("KillMode") == "mixed"
+    assert only("KillMode") == "process"  # the guardian must outlive a crashed daemon
     assert only("Restart") == "on-failure"
     limits = load_config(DEPLOY / "station.example.toml").limits
     ramp_down_s = limits.max_bias_volts / limits.max_ramp_rate_volts_per_s
