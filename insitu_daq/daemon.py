@@ -223,9 +223,26 @@ class Daemon:
                 "identity": self._identities.get("holder", ""),
                 "port": self.config.holder.port,
             },
-            microscope={"identity": self._identities.get("microscope", "")},
+            microscope=self._microscope_metadata(),
             program_version=__version__,
         )
+
+    def _microscope_metadata(self) -> dict[str, Any]:
+        """The microscope's state at the run's start (later changes are events)."""
+        metadata: dict[str, Any] = {"identity": self._identities.get("microscope", "")}
+        try:
+            state = self.microscope.state()
+        except StationError as exc:
+            log.warning("microscope state unavailable for the run file: %s", exc)
+            return metadata
+        metadata.update(
+            mode=str(getattr(state.mode, "value", state.mode)),
+            pixel_size_nm=state.pixel_size_nm,
+            beam_on=state.beam_on,
+            dose_rate_e_per_a2_s=state.dose_rate_e_per_a2_s,
+            cumulative_dose_e_per_a2=state.cumulative_dose_e_per_a2,
+        )
+        return metadata
 
     def _on_protocol_done(self, state: str) -> None:
         self._close_run()

@@ -77,6 +77,24 @@ class RunMetadata:
     program_version: str = ""
 
 
+# Metadata keys say their unit in their name (compliance_amperes, pixel_size_nm, ...).
+_UNIT_SUFFIXES = (
+    ("_volts_per_s", "V/s"),
+    ("_e_per_a2_s", "e/angstrom^2/s"),
+    ("_e_per_a2", "e/angstrom^2"),
+    ("_amperes", "A"),
+    ("_volts", "V"),
+    ("_nm", "nm"),
+    ("_hz", "Hz"),
+    ("_s", "s"),
+)
+
+
+def units_of(key: str) -> str | None:
+    """The unit a metadata key names by its suffix, or None."""
+    return next((unit for suffix, unit in _UNIT_SUFFIXES if key.endswith(suffix)), None)
+
+
 def _group(parent: h5py.Group, name: str, nx_class: str, **attrs: Any) -> h5py.Group:
     group = parent.create_group(name)
     group.attrs["NX_class"] = nx_class
@@ -216,18 +234,17 @@ class RunWriter:
         source_meter = _group(instrument, "source_meter", "NXsensor")
         _scalar(source_meter, "measurement", "current")
         for key, value in meta.source_meter.items():
-            units = "A" if key.endswith("_amperes") else "V" if key.endswith("_volts") else None
-            _scalar(source_meter, key, value, units)
+            _scalar(source_meter, key, value, units_of(key))
         holder = _group(instrument, "holder", "NXpositioner")
         for key, value in meta.holder.items():
-            _scalar(holder, key, value)
+            _scalar(holder, key, value, units_of(key))
         position = _group(holder, "position", "NXlog")
         self._holder_time = _growing(position, "time", "<f8", "s")
         self._holder_time.attrs["start"] = start
         self._holder_value = _growing(position, "value", "<f8", "nm")
         microscope = _group(instrument, "microscope", "NXcollection")
         for key, value in meta.microscope.items():
-            _scalar(microscope, key, value)
+            _scalar(microscope, key, value, units_of(key))
 
         sample = _group(entry, "sample", "NXsample")
         _scalar(sample, "name", meta.sample_name)

@@ -162,3 +162,13 @@ def test_events_are_in_time_order_once_closed(tmp_path: Path, stream2_testdata: 
             "second",
             "third",
         ]
+
+
+def test_metadata_units_follow_the_key_names(tmp_path: Path, stream2_testdata: Path) -> None:
+    images = _images(stream2_testdata / "r500k_bm_bslz4_16bit")
+    writer = _writer(tmp_path / "run.h5", images[0], "bslz4")
+    writer.close(time.time_ns())
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        compliance = f["/entry/instrument/source_meter/compliance_amperes"]
+        assert compliance.attrs["units"] == "A"
+        assert "units" not in f["/entry/instrument/source_meter/model"].attrs
