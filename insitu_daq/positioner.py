@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .config import HolderConfig, MicroscopeConfig, RetryConfig
 from .drivers.holder import HolderError, HolderStatus, OpenCellHolder
@@ -25,6 +25,81 @@ COARSE_STEP_NM = 100.0  # nominal stick-slip step (HOLDER_PROTOCOL.md)
 POLL_S = 0.02
 
 
+D = TypeVar("D", OpenCellHolder, RemoteMicroscope)
+T = TypeVar("T")
+
+
+class _LinkLostError(Exception):
+    """The instrument did not answer (timeout, dead line): worth a reconnect and a retry."""
+
+
+class RetryingLink(Generic[D]):
+    """One instrument's driver, opened on first use, reopened and retried when the link fails.
+
+    `lost(exc)` tells a transport failure (retried after a reconnect, with back-off) from an
+    instrument's refusal (an answer: not retried). Either ends as StationError.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        open_driver: Callable[[], D],
+        lost: Callable[[BaseException], bool],
+        retry: RetryConfig,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._open_driver = open_driver
+        self._lost = lost
+        self._retry = retry
+        self._on_retry = on_retry
+        self._driver: D | None = None
+        self.lock = threading.RLock()  # one caller at a time: drivers are not thread-safe
+
+    def reconnect(self) -> None:
+        with self.lock:
+            self.close()
+            self._driver = self._open_driver()
+
+    def call(self, action: Callable[[D], T], stop: threading.Event | None = None) -> T:
+        def attempt() -> T:
+            if self._driver is None:
+                self._driver = self._open_driver()
+            try:
+                return action(self._driver)
+            except Exception as exc:
+                if self._lost(exc):
+                    raise _LinkLostError(str(exc)) from exc
+                raise
+
+        def report(n: int, exc: BaseException) -> None:
+            if self._on_retry is not None:
+                self._on_retry(f"{self.name}: attempt {n} failed: {exc}")
+
+        with self.lock:
+            try:
+                return call_with_retries(
+                    attempt, self._retry, (_LinkLostError, OSError), self.reconnect, report, stop
+                )
+            except (_LinkLostError, OSError) as exc:
+                raise StationError(f"{self.name} not answering: {exc}") from exc
+            except (HolderError, MicroscopeError) as exc:
+                raise StationError(f"{self.name}: {exc}") from exc
+
+    @property
+    def connected(self) -> bool:
+        return self._driver is not None
+
+    def close(self) -> None:
+        with self.lock:
+            driver, self._driver = self._driver, None
+            if driver is not None:
+                try:
+                    driver.close()
+                except Exception:  # a dead line may fail to close; the next one matters
+                    log.debug("closing the %s link failed", self.name, exc_info=True)
+
+
 class HolderControl:
     """Approach and retract with the open-cell holder; one caller at a time."""
 
@@ -34,52 +109,22 @@ class HolderControl:
         retry: RetryConfig,
         on_retry: Callable[[str], None] | None = None,
     ) -> None:
-        self._config = config
-        self._retry = retry
-        self._on_retry = on_retry
-        self._driver: OpenCellHolder | None = None
-        self._lock = threading.RLock()
+        # A refusal (ERR reply, with a code) is an answer; silence or a dead line (no code)
+        # is worth a reconnect and a retry.
+        self._link: RetryingLink[OpenCellHolder] = RetryingLink(
+            "holder",
+            lambda: OpenCellHolder(config.port, timeout=config.timeout_s),
+            lambda exc: isinstance(exc, HolderError) and exc.code is None,
+            retry,
+            on_retry,
+        )
+        self._call = self._link.call
+        self._lock = self._link.lock
 
     def connect(self) -> str:
         """Open the line and identify the controller; returns its identity."""
-        with self._lock:
-            self._reconnect()
-            return self._call(lambda d: d.identify())
-
-    def _reconnect(self) -> None:
-        if self._driver is not None:
-            try:
-                self._driver.close()
-            except Exception:  # a dead line may fail to close; the new one matters
-                log.debug("closing the holder line failed", exc_info=True)
-        self._driver = OpenCellHolder(self._config.port, timeout=self._config.timeout_s)
-
-    def _call(self, action: Callable[[OpenCellHolder], Any], stop: threading.Event | None = None):
-        def attempt() -> Any:
-            if self._driver is None:
-                self._reconnect()
-            assert self._driver is not None
-            try:
-                return action(self._driver)
-            except HolderError as exc:
-                # A refusal (ERR reply, with a code) is an answer; silence or a dead line
-                # (no code) is worth a reconnect and a retry.
-                if exc.code is None:
-                    raise _LineLostError(str(exc)) from exc
-                raise
-
-        def report(n: int, exc: BaseException) -> None:
-            if self._on_retry is not None:
-                self._on_retry(f"holder: attempt {n} failed: {exc}")
-
-        try:
-            return call_with_retries(
-                attempt, self._retry, (_LineLostError, OSError), self._reconnect, report, stop
-            )
-        except (_LineLostError, OSError) as exc:
-            raise StationError(f"holder not answering: {exc}") from exc
-        except HolderError as exc:
-            raise StationError(f"holder: {exc}") from exc
+        self._link.reconnect()
+        return self._call(lambda d: d.identify())
 
     def status(self) -> HolderStatus:
         with self._lock:
@@ -96,7 +141,13 @@ class HolderControl:
             if start.contact:
                 return 0.0
             self._call(lambda d: d.approach(speed_nm_s, max_travel_nm))
-            end = self._wait_idle(stop)
+            try:
+                end = self._wait_idle(stop)
+            except Stopped:
+                # Say how far it got, so a resumed approach drives only the travel left.
+                now = self._call(lambda d: d.status())
+                moved = now.position_nm - start.position_nm
+                raise Stopped("approach interrupted", moved_nm=moved) from None
             travel = end.position_nm - start.position_nm
             if not end.contact:
                 raise StationError(
@@ -130,21 +181,13 @@ class HolderControl:
     def halt(self) -> None:
         """Stop any motion; never raises (used when making the station safe)."""
         try:
-            with self._lock:
-                if self._driver is not None:
-                    self._driver.stop()
+            if self._link.connected:
+                self._call(lambda d: d.stop())
         except Exception:
             log.exception("holder: stop failed")
 
     def close(self) -> None:
-        with self._lock:
-            if self._driver is not None:
-                self._driver.close()
-                self._driver = None
-
-
-class _LineLostError(Exception):
-    """The holder did not answer (timeout or a dead line): worth a reconnect and a retry."""
+        self._link.close()
 
 
 class MicroscopeControl:
@@ -156,37 +199,14 @@ class MicroscopeControl:
         retry: RetryConfig,
         on_retry: Callable[[str], None] | None = None,
     ) -> None:
-        self._config = config
-        self._retry = retry
-        self._on_retry = on_retry
-        self._driver: RemoteMicroscope | None = None
-        self._lock = threading.RLock()
-
-    def _reconnect(self) -> None:
-        if self._driver is not None:
-            self._driver.close()
-        self._driver = RemoteMicroscope(
-            self._config.host, self._config.port, timeout=self._config.timeout_s
+        self._link: RetryingLink[RemoteMicroscope] = RetryingLink(
+            "microscope",
+            lambda: RemoteMicroscope(config.host, config.port, timeout=config.timeout_s),
+            lambda exc: isinstance(exc, MicroscopeError),
+            retry,
+            on_retry,
         )
-
-    def _call(self, action: Callable[[RemoteMicroscope], Any]) -> Any:
-        def attempt() -> Any:
-            if self._driver is None:
-                self._reconnect()
-            assert self._driver is not None
-            return action(self._driver)
-
-        def report(n: int, exc: BaseException) -> None:
-            if self._on_retry is not None:
-                self._on_retry(f"microscope: attempt {n} failed: {exc}")
-
-        with self._lock:
-            try:
-                return call_with_retries(
-                    attempt, self._retry, (MicroscopeError, OSError), self._reconnect, report
-                )
-            except (MicroscopeError, OSError) as exc:
-                raise StationError(f"microscope: {exc}") from exc
+        self._call = self._link.call
 
     def connect(self) -> str:
         return self._call(lambda d: d.identify())
@@ -213,7 +233,4 @@ class MicroscopeControl:
             self._call(lambda d: d.blank_beam())
 
     def close(self) -> None:
-        with self._lock:
-            if self._driver is not None:
-                self._driver.close()
-                self._driver = None
+        self._link.close()

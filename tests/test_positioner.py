@@ -53,19 +53,26 @@ def test_stop_event_interrupts_an_approach(holder, station: SimStation) -> None:
     control, _ = holder
     stop = threading.Event()
     threading.Timer(0.05, stop.set).start()
-    with pytest.raises(Stopped):
+    with pytest.raises(Stopped) as stopped:
         control.approach(1.0, 5000.0, stop)  # 1 nm/s: would take ~30 s of wall time
     assert not control.status().moving
+    with station.model() as m:
+        travelled = m.tip_position_nm + m.params.initial_gap_nm
+    assert stopped.value.moved_nm == pytest.approx(travelled, abs=0.2)
 
 
 def test_lost_holder_is_retried_then_fails_with_station_error(holder) -> None:
-    control, sim = holder
+    _, sim = holder
     retries: list[str] = []
-    control._on_retry = retries.append
+    control = HolderControl(
+        HolderConfig(port=sim.endpoints["url"]), FAST_RETRY, on_retry=retries.append
+    )
+    control.connect()
     sim.stop()
     with pytest.raises(StationError, match="not answering"):
         control.status()
     assert len(retries) == FAST_RETRY.attempts - 1
+    control.close()
 
 
 def test_microscope_control_applies_mode_beam_and_dose(station: SimStation) -> None:
