@@ -25,7 +25,7 @@ DEFAULT_MODES: dict[ImagingMode, ModeSettings] = {
     # 1024 px x 1.0 nm: the 500 nm particle, its 30 % growth and the needle all fit.
     ImagingMode.LOW_MAG: ModeSettings(pixel_size_nm=1.0, field_center_nm=(260.0, 0.0)),
     # 0.06 nm/px: 1.48 A fringes span 2.5 px (above Nyquist); the 61 nm field sits at the
-    # particle's middle, where the front passes around 27 s under +4.3 V.
+    # particle's middle, where rock salt enters the field at ~41 s under +4.3 V.
     ImagingMode.HRTEM: ModeSettings(pixel_size_nm=0.06, field_center_nm=(250.0, 0.0)),
 }
 

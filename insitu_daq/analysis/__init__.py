@@ -1,0 +1,1 @@
+"""Live analysis of detector frames: pure functions, arrays in, numbers out."""
