@@ -17,6 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
+from sim_frames import cell, hrtem_optics
 
 from insitu_daq.analysis.phasemap import (
     PhaseMapSettings,
@@ -51,19 +52,10 @@ def _renderer(shape: tuple[int, int] = SHAPE, seed: int = 2) -> FrameRenderer:
 
 
 def _optics(center: tuple[float, float] | None = None) -> Optics:
-    optics = Optics()
-    optics.set_mode("hrtem")
-    if center is not None:
-        optics.set_field_center(*center)
-    return optics
+    return hrtem_optics(center=center)
 
 
-def _model(x: float = 0.0, tip_nm: float = 0.0, beam_on: bool = True) -> NanobatteryModel:
-    model = NanobatteryModel()
-    model.x = x
-    model.tip_position_nm = tip_nm
-    model.set_beam(beam_on)
-    return model
+_model = cell
 
 
 def _frame(

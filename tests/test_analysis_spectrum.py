@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
+from sim_frames import cell, hrtem_optics
 
 from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS, Reflection, ReflectionTable
 from insitu_daq.analysis.spectrum import (
@@ -41,20 +42,10 @@ def _renderer(pixel_nm: float, seed: int = 1, counts_scale: float = 1.0) -> Fram
 
 
 def _optics(pixel_nm: float = 0.06, center: tuple[float, float] | None = None) -> Optics:
-    optics = Optics()
-    optics.set_mode("hrtem")
-    optics.set_pixel_size(pixel_nm)
-    if center is not None:
-        optics.set_field_center(*center)
-    return optics
+    return hrtem_optics(pixel_nm, center)
 
 
-def _model(x: float = 0.0, tip_nm: float = 0.0, beam_on: bool = True) -> NanobatteryModel:
-    model = NanobatteryModel()
-    model.x = x
-    model.tip_position_nm = tip_nm
-    model.set_beam(beam_on)
-    return model
+_model = cell
 
 
 def _frame(
