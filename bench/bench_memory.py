@@ -18,20 +18,16 @@ Run (the full figure is 10 minutes; run it in the background):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from insitu_daq.api import ControlClient, ControlError
-from insitu_daq.demo import free_ports, station_toml
+from insitu_daq.api import ControlClient
+from insitu_daq.demo import child_process, free_ports, station_toml, wait_for_daemon
 from insitu_daq.progress import FINAL_STATES
 from insitu_daq.report import RunSummary, summarize
 
@@ -58,40 +54,6 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-@contextlib.contextmanager
-def process(command: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
-    with log_path.open("w") as log:
-        child = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        try:
-            yield child
-        finally:
-            if child.poll() is None:
-                child.terminate()
-                try:
-                    child.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
-
-
-def wait_for_daemon(control: str, daemon: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            raise RuntimeError(f"the daemon exited with code {daemon.returncode}")
-        with (
-            contextlib.suppress(ControlError, TimeoutError),
-            ControlClient(control, timeout_s=1.0) as client,
-        ):
-            client.request("ping")
-            return
-        time.sleep(0.2)
-    raise RuntimeError("the daemon did not answer")
 
 
 def slope_mb_per_min(minutes: np.ndarray, mb: np.ndarray) -> float:
@@ -130,8 +92,10 @@ def main() -> int:
     after_close: tuple[float | None, float | None] = (None, None)
     try:
         with (
-            process(sim_command, workdir / "sim.log") as sim,
-            process([*exe, "daemon", "--config", str(config)], workdir / "daemon.log") as daemon,
+            child_process(sim_command, workdir / "sim.log") as sim,
+            child_process(
+                [*exe, "daemon", "--config", str(config)], workdir / "daemon.log"
+            ) as daemon,
         ):
             wait_for_daemon(control, daemon)
             with ControlClient(control, timeout_s=10.0) as client:

@@ -61,7 +61,8 @@ metrics_port = {ports["metrics"]}
 
 
 @contextlib.contextmanager
-def _process(command: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
+def child_process(command: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """Run `command` with its output in `log_path`; SIGTERM it (then SIGKILL) on the way out."""
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command,
@@ -81,7 +82,8 @@ def _process(command: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
                     process.wait()
 
 
-def _wait_for_daemon(control: str, process: subprocess.Popen, timeout_s: float) -> None:
+def wait_for_daemon(control: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Until the daemon answers a ping; RuntimeError if it exits or stays silent."""
     from .api import ControlClient, ControlError
 
     deadline = time.monotonic() + timeout_s
@@ -128,12 +130,12 @@ def run_demo(
         daemon_command = [*exe, "daemon", "--config", str(config), "--time-scale", str(time_scale)]
         print(f"insitu-daq demo: simulated station + daemon, time scale {time_scale:g}")
         with (
-            _process(sim_command, workdir / "sim.log"),
-            _process(daemon_command, workdir / "daemon.log") as daemon,
+            child_process(sim_command, workdir / "sim.log"),
+            child_process(daemon_command, workdir / "daemon.log") as daemon,
         ):
             control = f"tcp://127.0.0.1:{ports['control']}"
             events = f"tcp://127.0.0.1:{ports['events']}"
-            _wait_for_daemon(control, daemon, timeout_s=30.0)
+            wait_for_daemon(control, daemon, timeout_s=30.0)
             with ControlClient(control, timeout_s=10.0) as client:
                 reply = client.request(
                     "run", protocol_text=reference_protocol(protocol), format="yaml",
