@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from insitu_daq.api import ControlClient, ControlError
-from insitu_daq.demo import free_ports, reference_protocol, station_toml
+from insitu_daq.demo import free_ports, reference_protocol, station_toml, wait_for_daemon
 from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
 
 TIME_SCALE = 20.0
@@ -76,15 +76,10 @@ class LiveStation:
         self._wait_until_up()
 
     def _wait_until_up(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.daemon_log()
-            try:
-                self.request("ping", timeout_s=1.0)
-                return
-            except (ControlError, TimeoutError):
-                time.sleep(0.2)
-        raise AssertionError(f"daemon did not come up:\n{self.daemon_log()}")
+        try:
+            wait_for_daemon(self.control, self.process, timeout_s)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}\n{self.daemon_log()}") from None
 
     def daemon_log(self) -> str:
         self.log.flush()
