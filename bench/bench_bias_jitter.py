@@ -36,7 +36,7 @@ from insitu_daq.bias import BiasController
 from insitu_daq.clock import RunClock
 from insitu_daq.config import DetectorConfig, SamplingConfig, SourceMeterConfig, StationConfig
 from insitu_daq.ingest import IngestClient
-from insitu_daq.records import Event
+from insitu_daq.records import Event, level_change_mask
 from insitu_daq.runfile import RunMetadata
 
 HOLD_VOLTS = 1.0
@@ -55,7 +55,7 @@ class SampleLog:
 
     def on_samples(self, batch: np.ndarray) -> None:
         with self._lock:
-            self._batches.append(batch.copy())
+            self._batches.append(batch[~level_change_mask(batch)])  # readings only
         ingest = self.ingest
         if ingest is not None:
             ingest.write_samples(batch)  # the daemon's path into the run file

@@ -52,7 +52,7 @@ from .drivers.sourcemeter import (
     SourceMeterError,
     SourceMeterTimeout,
 )
-from .records import BIAS_SAMPLE_DTYPE, Event, EventKind
+from .records import BIAS_SAMPLE_DTYPE, STATUS_LEVEL_CHANGE, Event, EventKind
 from .retry import backoff_delays, call_with_retries
 from .station import LimitError, StationError, Stopped
 
@@ -453,8 +453,9 @@ class BiasController:
         if output_on and not self._output_on:
             if self._level != 0.0:
                 self._set_level(0.0, now)  # output off: the terminals do not see it
+            began = time.monotonic_ns()
             driver.output_on()
-            self._set_output(True)
+            self._set_output(True, began)
             self._last_change = now
             self._event(EventKind.BIAS, "output on at 0 V")
             return now
@@ -468,8 +469,9 @@ class BiasController:
             self._set_level(level if abs(step) == abs(span) else self._level + step, now)
             return now
         if not output_on and self._output_on:  # here the level is 0
+            began = time.monotonic_ns()
             driver.output_off()
-            self._set_output(False)
+            self._set_output(False, began)
             self._event(EventKind.BIAS, "output off")
             return now
         if not self._output_on and self._level != 0.0:
@@ -487,15 +489,32 @@ class BiasController:
 
     def _set_level(self, volts: float, now: float) -> None:
         assert self._driver is not None
+        began = time.monotonic_ns()
         self._driver.set_voltage(volts)
+        ended = time.monotonic_ns()
         with self._lock:
             self._level = volts
+        if self._output_on:
+            self._record_level_change(began, ended, volts)
         # From when the level is surely set: a slow write delays the next step, never hurries it.
         self._last_change = max(now, time.monotonic())
 
-    def _set_output(self, on: bool) -> None:
+    def _set_output(self, on: bool, began_ns: int | None = None) -> None:
+        """The output was switched (by a write that began at `began_ns`)."""
         with self._lock:
             self._output_on = on
+        if began_ns is not None:
+            self._record_level_change(began_ns, time.monotonic_ns(), self._level if on else 0.0)
+
+    def _record_level_change(self, began_ns: int, ended_ns: int, terminal_volts: float) -> None:
+        """Log a change of the commanded terminal level, stamped by the write that made it."""
+        half_ns = (ended_ns - began_ns) // 2
+        when = self._clock.from_monotonic_ns(began_ns + half_ns)
+        error = half_ns * 1e-9 * self._clock.time_scale
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        nan = math.nan
+        self._pending.append((when, error, nan, terminal_volts, nan, int(STATUS_LEVEL_CHANGE)))
 
     def _take_sample(self) -> None:
         """One reading into the log; with the output off, an output query keeps the heartbeat."""
@@ -524,6 +543,8 @@ class BiasController:
             level = driver.voltage_setpoint()
             with self._lock:
                 self._level, self._output_on = level, True
+            # When it went on is unknown; the log says when we found out.
+            self._record_level_change(began, time.monotonic_ns(), level)
             self._event(EventKind.ERROR, f"source-meter output found ON at {level:g} V")
 
     def _record(
@@ -569,10 +590,12 @@ class BiasController:
     def _output_went_off(self, why: str) -> None:
         """The output is off but should be on: never switch it back on by ourselves."""
         assert self._driver is not None
+        began = time.monotonic_ns()
         on = self._driver.output_enabled()
         level = self._driver.voltage_setpoint()
         with self._lock:
             self._output_on, self._level = on, level
+        self._record_level_change(began, time.monotonic_ns(), level if on else 0.0)
         reason = f"source-meter output went off by itself ({why})"
         old = self._replace_goal_quietly(0.0, output_on=False, what="output lost")
         self._event(EventKind.INSTRUMENT, reason, level=logging.ERROR)
@@ -702,6 +725,7 @@ class BiasController:
                 compliance_amperes=self._limits.compliance_amperes,
                 nplc=self._config.source_meter.nplc,
             )
+            began = time.monotonic_ns()
             on = driver.output_enabled()
             level = driver.voltage_setpoint()
         except BaseException:
@@ -711,6 +735,8 @@ class BiasController:
         with self._lock:
             self._identity = identity
             self._output_on, self._level = on, level
+        # The terminal level as found: the origin of the commanded-level log.
+        self._record_level_change(began, time.monotonic_ns(), level if on else 0.0)
         if on:
             log.warning("bias: source-meter output is on at %g V", level)
 

@@ -31,7 +31,7 @@ from .ingest import IngestClient
 from .metrics import DaemonMetrics
 from .positioner import HolderControl, MicroscopeControl
 from .protocol import Protocol, ProtocolError
-from .records import Event, EventKind
+from .records import Event, EventKind, level_change_mask
 from .runfile import RunMetadata
 from .runner import ProtocolRunner
 from .station import LimitError, StationError
@@ -262,13 +262,16 @@ class Daemon:
         return daemon_time - run.offset_s if run is not None else daemon_time
 
     def _on_samples(self, batch: np.ndarray) -> None:
-        self.metrics.observe_samples(batch)
         run = self._run
-        if run is not None:
+        if run is not None:  # readings and commanded level changes: the run file keeps both
             shifted = batch.copy()
             shifted["time"] -= run.offset_s
             self.ingest.write_samples(shifted)
-        last = batch[-1]
+        readings = batch[~level_change_mask(batch)]
+        if not len(readings):
+            return
+        self.metrics.observe_samples(readings)
+        last = readings[-1]
         self.publisher.publish(
             "bias",
             {
@@ -276,7 +279,7 @@ class Daemon:
                 "voltage": float(last["voltage"]),
                 "setpoint": float(last["setpoint"]),
                 "current": float(last["current"]),
-                "samples": len(batch),
+                "samples": len(readings),
             },
         )
 

@@ -25,6 +25,22 @@ BIAS_SAMPLE_DTYPE = np.dtype(
 )
 
 
+# A row whose status has this bit is not a reading but a change of the commanded terminal
+# level: the source was told to output `setpoint` volts (0 when the output went off) during
+# the SCPI write stamped by `time` +- `time_error`; `voltage` and `current` are NaN. They
+# travel in the sample batches so they stay in time order with the readings, and the run
+# writer keeps them apart (the setpoint log) and uses them for the per-frame bias: the
+# source steps between readings, so a frame's bias is the commanded level at its time plus
+# the measured offset, not an interpolation across a step. Bit 31: the Keithley 2400 status
+# word uses bits 0-21.
+STATUS_LEVEL_CHANGE = np.uint32(1 << 31)
+
+
+def level_change_mask(batch: np.ndarray) -> np.ndarray:
+    """True for the rows of a BIAS_SAMPLE_DTYPE batch that are level changes, not readings."""
+    return (batch["status"] & STATUS_LEVEL_CHANGE) != 0
+
+
 def bias_samples(n: int = 0) -> np.ndarray:
     """An empty batch of `n` bias samples."""
     return np.zeros(n, dtype=BIAS_SAMPLE_DTYPE)

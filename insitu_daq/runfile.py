@@ -31,6 +31,8 @@ import h5py
 import numpy as np
 
 from .drivers.stream2 import hdf5_filter_options
+from .framebias import FrameBiasEstimator
+from .records import STATUS_LEVEL_CHANGE
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +165,15 @@ class RunWriter:
             self._clock_offset_err,
         )
         self.samples_written = 0
+        self.level_changes_written = 0
         self.events_written = 0
         self.holder_positions_written = 0
-        # In-memory copies for interpolation (cheap: 16 bytes a frame or a sample).
-        self._sample_time: list[float] = []
-        self._sample_volts: list[float] = []
-        self._sample_amps: list[float] = []
-        self._frame_time: list[float] = []
-        self._first_pending_frame = 0  # frames before this one have their bias filled in
+        # Per-frame bias: a window of the bias log, and the times of the frames whose bias is
+        # not filled in yet (frames from _first_pending_frame on).
+        self._frame_bias_estimator = FrameBiasEstimator()
+        self._pending_frame_times: list[float] = []
+        self._first_pending_frame = 0
+        self.frames_without_bias = 0  # given up on: no reading came within the window
 
     # ----- layout ----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -261,6 +264,16 @@ class RunWriter:
         self._current_value = _growing(current, "value", "<f8", "A")
         self._status = _growing(current, "status", "<u4")
         self._status.attrs["description"] = "source-meter status word of each reading"
+        level = _group(source_meter, "output_level", "NXlog")
+        level.attrs["description"] = (
+            "commanded terminal level (0 V with the output off), stamped by the SCPI write that"
+            " set it (midpoint, half-width in time_errors); frames' bias_voltage is this level"
+            " at frame_time plus the measured offset interpolated between readings"
+        )
+        self._level_time = _growing(level, "time", "<f8", "s")
+        self._level_time.attrs["start"] = start
+        self._level_time_err = _growing(level, "time_errors", "<f8", "s")
+        self._level_value = _growing(level, "value", "<f8", "V")
 
         events = _group(entry, "events", "NXlog")
         self._event_time = _growing(events, "time", "<f8", "s", chunk=64)
@@ -324,7 +337,7 @@ class RunWriter:
                 clock_offset_error,
             )
         )
-        self._frame_time.append(frame_time)
+        self._pending_frame_times.append(frame_time)
         self.frames_written += 1
 
     def _write_pending_rows(self) -> None:
@@ -350,8 +363,14 @@ class RunWriter:
         self._frame_time_ds[first:last] = frame_times
         self._clock_offset[first:last] = offset
         self._clock_offset_err[first:last] = error
-        self._frame_time[first:last] = list(frame_times)
-        self._first_pending_frame = min(self._first_pending_frame, first)
+        pending = self._first_pending_frame
+        if last > pending:  # not filled in yet: they will be, at their new times
+            start = max(first, pending)
+            self._pending_frame_times[start - pending : last - pending] = list(
+                frame_times[start - first :]
+            )
+        if first < pending:  # filled in already: again at the new times, if the log has them
+            self._refill_frame_bias(first, np.asarray(frame_times[: pending - first]))
 
     def write_bias_samples(
         self,
@@ -362,16 +381,27 @@ class RunWriter:
         amps: np.ndarray,
         status: np.ndarray,
     ) -> None:
+        """Readings go to the bias/current logs, level changes to the output-level log."""
+        status = status.astype("<u4")
+        change = (status & STATUS_LEVEL_CHANGE) != 0
+        if np.any(change):
+            index = self.level_changes_written
+            _put(self._level_time, index, times[change])
+            _put(self._level_time_err, index, half_widths[change])
+            _put(self._level_value, index, setpoints[change])
+            self._frame_bias_estimator.add_level_changes(times[change], setpoints[change])
+            self.level_changes_written += int(np.count_nonzero(change))
+            reading = ~change
+            times, half_widths, volts = times[reading], half_widths[reading], volts[reading]
+            setpoints, amps, status = setpoints[reading], amps[reading], status[reading]
         index = self.samples_written
         _put(self._bias_time, index, times)
         _put(self._bias_time_err, index, half_widths)
         _put(self._bias_value, index, volts)
         _put(self._bias_setpoint, index, setpoints)
         _put(self._current_value, index, amps)
-        _put(self._status, index, status.astype("<u4"))
-        self._sample_time.extend(times.tolist())
-        self._sample_volts.extend(volts.tolist())
-        self._sample_amps.extend(amps.tolist())
+        _put(self._status, index, status)
+        self._frame_bias_estimator.add_readings(times, volts, amps)
         self.samples_written += len(times)
 
     def write_holder_position(self, time: float, position_nm: float) -> None:
@@ -389,22 +419,49 @@ class RunWriter:
 
     # ----- per-frame bias --------------------------------------------------------------------
     def _fill_frame_bias(self, final: bool) -> None:
-        """Interpolate the bias log at the frame times that samples now bracket."""
+        """Estimate the bias at the frame times that readings now bracket (framebias.py)."""
         first = self._first_pending_frame
-        if first >= self.frames_written or not self._sample_time:
+        if first >= self.frames_written:
             return
-        frame_times = np.asarray(self._frame_time[first:])
-        sample_times = np.asarray(self._sample_time)
-        last_sample = sample_times[-1]
-        ready = len(frame_times) if final else int(np.searchsorted(frame_times, last_sample))
+        frame_times = np.asarray(self._pending_frame_times)
+        last_reading = self._frame_bias_estimator.last_reading_time
+        if final:
+            ready = len(frame_times)
+        elif last_reading is None:
+            ready = 0
+        else:
+            ready = int(np.searchsorted(frame_times, last_reading))
+        # Frames no reading will ever bracket (no source-meter, or it stopped answering) are
+        # given up on, left NaN, once they fall out of the window: pending stays bounded.
+        stale = int(
+            np.searchsorted(frame_times, frame_times[-1] - self._frame_bias_estimator.keep_s)
+        )
+        if stale > ready:
+            self.frames_without_bias += stale - ready
+            self._pending_frame_times = self._pending_frame_times[stale:]
+            self._first_pending_frame = first + stale
+            self._fill_frame_bias(final)
+            return
         if ready == 0:
             return
-        times = frame_times[:ready]
-        volts = np.interp(times, sample_times, np.asarray(self._sample_volts))
-        amps = np.interp(times, sample_times, np.asarray(self._sample_amps))
+        volts, amps = self._frame_bias_estimator.estimate(frame_times[:ready])
         self._frame_bias[first : first + ready] = volts
         self._frame_current[first : first + ready] = amps
+        self._pending_frame_times = self._pending_frame_times[ready:]
         self._first_pending_frame = first + ready
+
+    def _refill_frame_bias(self, first: int, frame_times: np.ndarray) -> None:
+        """Frames [first, first+len) were filled in, then retimed: estimate them again."""
+        oldest = self._frame_bias_estimator.oldest_time
+        if oldest is None or not len(frame_times):
+            return
+        skip = int(np.searchsorted(frame_times, oldest))  # older than the window: keep
+        if skip >= len(frame_times):
+            return
+        volts, amps = self._frame_bias_estimator.estimate(frame_times[skip:])
+        start = first + skip
+        self._frame_bias[start : start + len(volts)] = volts
+        self._frame_current[start : start + len(volts)] = amps
 
     def flush(self) -> None:
         self._write_pending_rows()

@@ -23,7 +23,7 @@ from insitu_daq.bias import BiasController
 from insitu_daq.clock import RunClock
 from insitu_daq.config import StationConfig, parse_config
 from insitu_daq.drivers.sourcemeter import Keithley2400
-from insitu_daq.records import Event, EventKind
+from insitu_daq.records import Event, EventKind, bias_samples, level_change_mask
 from insitu_daq.sim.lineserver import TcpLineServer
 from insitu_daq.sim.sourcemeter import MAX_LINE, SimulatedSourceMeter
 from insitu_daq.sim.station import SimStation
@@ -45,8 +45,17 @@ class Recorder:
         self.on_trip: Callable[[str], None] | None = None  # extra action, like the runner's
         self.on_lost: Callable[[str], None] | None = None
 
+    def rows(self) -> np.ndarray:
+        return np.concatenate(self.batches) if self.batches else bias_samples()
+
     def samples(self) -> np.ndarray:
-        return np.concatenate(self.batches) if self.batches else np.zeros(0)
+        """The readings (the batches also carry the commanded level changes)."""
+        rows = self.rows()
+        return rows[~level_change_mask(rows)]
+
+    def level_changes(self) -> np.ndarray:
+        rows = self.rows()
+        return rows[level_change_mask(rows)]
 
     def trip(self, reason: str) -> None:
         self.calls.append(("trip", reason))
@@ -291,6 +300,42 @@ def test_ramp_is_a_staircase_within_the_rate_limit_in_run_clock_seconds(
     during_ramp = samples[(samples["setpoint"] > 0.05) & (samples["setpoint"] < 0.75)]
     assert len(during_ramp) >= 3  # the log shows the ramp, not just its ends
     assert during_ramp["voltage"] == pytest.approx(during_ramp["setpoint"], abs=1e-3)
+
+
+def test_level_changes_are_stamped_when_the_source_changed(
+    sim: SimulatedSourceMeter, station: SimStation, recorder: Recorder
+) -> None:
+    # The per-frame bias relies on these stamps (framebias.py): each change of the commanded
+    # level is logged, in order, with the run-clock time of the write that made it.
+    clock = RunClock()
+    bias = make_controller(make_config(sim), recorder, clock)
+    bias.start()
+    try:
+        since = history_length(station) - 1
+        bias.ramp_to(0.3, rate_volts_per_s=1.0)
+        model = history(station, since)
+        bias.ramp_to(0.0, rate_volts_per_s=1.0)
+        bias.output_off()
+        time.sleep(0.1)  # delivery
+    finally:
+        bias.stop()
+    changes = recorder.level_changes()
+    assert np.all(np.isnan(changes["voltage"])) and np.all(np.isnan(changes["current"]))
+    assert np.all(np.diff(changes["time"]) > 0)
+    assert np.all(changes["time_error"] > 0)
+    # The ramp up, as the model saw it: same levels, same spacing in time (model and run
+    # clock both count wall seconds here; their origins differ, so compare intervals).
+    model_times = np.array([t for t, _ in model[1:]])
+    model_levels = np.array([v for _, v in model[1:]])
+    up = changes[(changes["setpoint"] > 0) & (changes["time"] <= changes["time"][
+        np.argmax(changes["setpoint"])])]  # fmt: skip
+    assert up["setpoint"][-len(model_levels) :] == pytest.approx(model_levels)
+    stamps = up["time"][-len(model_levels) :]
+    jitter = np.abs(np.diff(stamps) - np.diff(model_times))
+    assert np.median(jitter) < 0.5e-3
+    assert changes["setpoint"][-1] == 0.0  # output off: the terminals see 0 V
+    # and the readings log is only readings
+    assert not np.any(level_change_mask(recorder.samples()))
 
 
 def test_stop_event_holds_the_level_where_the_ramp_was(controller: BiasController) -> None:

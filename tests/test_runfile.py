@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
+from insitu_daq.records import STATUS_LEVEL_CHANGE
 from insitu_daq.runfile import FrameGeometry, RunMetadata, RunWriter
 
 
@@ -127,6 +128,44 @@ def test_frame_bias_is_interpolated_once_samples_bracket_it(
         current = f["/entry/instrument/detector/current"][:]
         assert current == pytest.approx([1e-9, 2e-9, 2.25e-9])
         assert f["/entry/sample/current/time"][:] == pytest.approx([0.0, 0.25, 0.35])
+
+
+def _level_changes(times: list[float], levels: list[float]) -> tuple[np.ndarray, ...]:
+    t = np.array(times)
+    nan = np.full_like(t, np.nan)
+    flags = np.full(len(t), STATUS_LEVEL_CHANGE, dtype=np.uint32)
+    return t, np.full_like(t, 5e-5), nan, np.array(levels), nan, flags
+
+
+def test_frame_bias_follows_the_stamped_staircase_between_readings(
+    tmp_path: Path, stream2_testdata: Path
+) -> None:
+    # Readings at 0 and 0.25 s; the source stepped 1 V -> 2 V at 0.15 s and read 0.01 V
+    # above its setpoint. Frames at 0.1 and 0.2 s straddle the step: interpolating the
+    # readings would give ~1.4 and ~1.8 V; the frames saw 1.01 and 2.01 V.
+    images = _images(stream2_testdata / "r500k_bm_bslz4_16bit")[:2]
+    path = tmp_path / "run.h5"
+    writer = _writer(path, images[0], "bslz4")
+    _write_frames(writer, images, raw=False)
+    batch = [np.concatenate(columns) for columns in zip(
+        _level_changes([-0.01], [1.0]),
+        _samples([0.0], [1.01]),
+        _level_changes([0.15], [2.0]),
+        _samples([0.25], [2.01]),
+        strict=True,
+    )]  # fmt: skip
+    writer.write_bias_samples(*batch)
+    writer.close(time.time_ns())
+    with h5py.File(path, "r") as f:
+        assert f["/entry/instrument/detector/bias_voltage"][:] == pytest.approx([1.01, 2.01])
+        level = f["/entry/instrument/source_meter/output_level"]
+        assert level.attrs["NX_class"] == "NXlog"
+        assert level["time"][:] == pytest.approx([-0.01, 0.15])
+        assert level["value"][:] == pytest.approx([1.0, 2.0])
+        assert level["value"].attrs["units"] == "V"
+        # the bias log holds the readings only
+        assert f["/entry/sample/bias_voltage/value"][:] == pytest.approx([1.01, 2.01])
+        assert f["/entry/sample/bias_voltage/time"][:] == pytest.approx([0.0, 0.25])
 
 
 def test_reader_sees_frames_while_the_run_is_written(
