@@ -55,7 +55,7 @@ import numpy as np
 import zmq
 from simproc import REPLAY_FRAMES, SHAPE, render_frames
 
-from insitu_daq import ingest as ingest_module
+from insitu_daq import ingest_process
 from insitu_daq.config import DetectorConfig, StationConfig
 from insitu_daq.drivers.stream2 import check_bslz4_framing, decode_message
 from insitu_daq.ingest import IngestClient, chunks_for_file
@@ -97,6 +97,11 @@ def drop_file(path: Path) -> None:
     """Remove a file and let the disk settle, so one measurement does not pay for another."""
     path.unlink(missing_ok=True)
     os.sync()
+
+
+def minor_faults(pid: int) -> int:
+    """Page faults served without I/O (fresh anonymous memory, mostly) of a process so far."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -211,13 +216,15 @@ class IngestRun:
     summary: dict
     checked: str
     profile: str = ""
+    faults: int = 0  # minor page faults of the ingest process during the run
+    hdf5_s: float = 0.0  # seconds inside HDF5 write and flush calls (the process's own stats)
 
 
 def _profiled_child_main(*args: object) -> None:  # runs in the spawned ingest process
     profile = cProfile.Profile()
     profile.enable()
     try:
-        ingest_module._child_main(*args)  # the original: the patch lives in the parent only
+        ingest_process.child_main(*args)  # the original: the patch lives in the parent only
     finally:
         profile.disable()
         profile.dump_stats(os.environ["BENCH_INGEST_PROFILE"])
@@ -239,8 +246,8 @@ def ingest_run(
         profile_path = folder / "ingest.prof"
         if profile:
             os.environ["BENCH_INGEST_PROFILE"] = str(profile_path)
-            original_child_main = ingest_module._child_main
-            ingest_module._child_main = _profiled_child_main  # pickled by reference: this module
+            original_child_main = ingest_process.child_main
+            ingest_process.child_main = _profiled_child_main  # pickled by reference: this module
         client = IngestClient(config)
         try:
             client.start()
@@ -251,6 +258,8 @@ def ingest_run(
             pid = client.pid
             assert pid is not None
             cpu_camera, cpu_ingest = cpu_seconds(), cpu_seconds(pid)
+            faults = minor_faults(pid)
+            hdf5_before = hdf5_seconds(client.sync())
             started = time.monotonic()
             camera.replay(encoded, n_frames)
             deadline = started + 600.0
@@ -266,6 +275,8 @@ def ingest_run(
             summary = client.close_run()
             cached = time.monotonic()
             cpu = {"camera": cpu_seconds() - cpu_camera, "ingest": cpu_seconds(pid) - cpu_ingest}
+            faults = minor_faults(pid) - faults
+            hdf5_s = hdf5_seconds(client.sync()) - hdf5_before
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -275,7 +286,7 @@ def ingest_run(
         finally:
             client.shutdown()
             if profile:
-                ingest_module._child_main = original_child_main
+                ingest_process.child_main = original_child_main
     checked = check_file(path, payloads, n_frames, summary)
     report = ""
     if profile and profile_path.exists():
@@ -285,7 +296,11 @@ def ingest_run(
         profile_path.unlink()
     drop_file(path)
     timing = Timing(n_frames, cached - started, durable - started, cpu)
-    return IngestRun(timing, summary, checked, report)
+    return IngestRun(timing, summary, checked, report, faults, hdf5_s)
+
+
+def hdf5_seconds(stats: dict[str, Any]) -> float:
+    return stats["hdf5_write_seconds"]["sum"] + stats["hdf5_flush_seconds"]["sum"]
 
 
 def check_file(path: Path, payloads: list[bytes], n_frames: int, summary: dict) -> str:
@@ -338,8 +353,7 @@ def stage_breakdown(
             function(index)  # the result is dropped, as the ingest loop drops each frame's
         costs[name] = (time.process_time() - started) / n * 1e3
 
-    timed("copy out of the ZeroMQ frame (recv copy=True)", lambda i: bytes(memoryview(messages[i])))
-    timed("decode_message (CBOR, checks)", lambda i: decode_message(messages[i], 0))
+    timed("decode_message (CBOR, checks; payload a view)", lambda i: decode_message(messages[i], 0))
     decoded = [decode_message(message, 0) for message in camera_like]
     if compression == "bslz4":
         count = SHAPE[0] * SHAPE[1]
@@ -353,7 +367,7 @@ def stage_breakdown(
     writer = RunWriter(path, RunMetadata("stages", "stages", time.time_ns()), geometry)
     chunks = [chunks_for_file(image, geometry)[0] for image in decoded]  # type: ignore[arg-type]
     timed(
-        "RunWriter.write_frame (HDF5 direct chunk)",
+        "RunWriter.write_frame (HDF5 direct chunk of the view)",
         lambda i: writer.write_frame(i, 1, chunks[i % len(chunks)], i * 0.025, 0, 0, 0, 0, 0),
     )
     writer.close(time.time_ns())
@@ -411,6 +425,9 @@ def measure_mode(
             f" {minimal.cpu_ms_per_frame('camera'):.2f}; ingest process"
             f" {t.cpu_ms_per_frame('ingest'):.2f} + camera {t.cpu_ms_per_frame('camera'):.2f}"
         )
+        print(f"      ingest process: {run.faults / n_frames:.0f} page faults/frame;"
+              f" {run.hdf5_s / t.cached_s:.0%} of the run's time (cached) inside HDF5 write and"
+              f" flush calls ({run.hdf5_s / n_frames * 1e3:.2f} ms/frame)")  # fmt: skip
         print(f"      ingest {t.cached_fps * mb:.0f} MB/s cached, {t.durable_fps * mb:.0f} MB/s"
               f" durable; file: {run.checked}; dropped {run.summary['frames_dropped']},"
               f" missing {run.summary['frames_missing']}")  # fmt: skip

@@ -11,7 +11,14 @@ in HDF5 filter framing, or raw bytes), so the writer can hand it to h5py's
 only analysis calls `to_array()`, which decompresses with the maintained `bitshuffle` and
 `lz4` packages.
 
-Payloads are the `bytes` cbor2 hands out: one copy out of the ZeroMQ frame, none after.
+Payloads are never copied: each image payload (any byte string of 1 KiB or more) is a
+read-only memoryview into the message buffer, e.g. the received ZeroMQ frame
+(`receive_raw(copy=False)`). cbor2 has no zero-copy mode, so `decode_message` walks the CBOR
+item heads first (`_large_byte_strings`), hands cbor2 the message with each large byte string
+replaced by a small private tag holding its index, and the tag hook puts the slice back. The
+rest is decoded, and checked, by cbor2 exactly as before; a message the walk does not follow
+plainly (indefinite lengths, string references, the private tag, trailing bytes, truncation)
+goes the old way, copied whole, so its errors stay cbor2's.
 The compressed framing (block table) IS checked at decode: bitshuffle's decoder, and the HDF5
 filter reading the file later, trust the block lengths and crash the process on a corrupt
 one, so a payload whose blocks do not add up must never reach a file.
@@ -31,7 +38,7 @@ import io
 import logging
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from fractions import Fraction
@@ -208,7 +215,7 @@ class ChannelData:
     typed_array_tag: int
     compression: str | None  # "bslz4" | "lz4" | None
     element_size: int
-    payload: bytes  # compressed bytes (HDF5 filter framing) or raw pixel bytes
+    payload: bytes | memoryview  # compressed (HDF5 filter framing) or raw pixel bytes
 
     @property
     def nbytes(self) -> int:
@@ -226,7 +233,7 @@ class ChannelData:
             flat = np.frombuffer(self.payload, dtype=self.dtype)
         return flat.reshape(self.shape)
 
-    def direct_chunk(self) -> bytes:
+    def direct_chunk(self) -> bytes | memoryview:
         """The bytes of one HDF5 chunk (1, rows, cols) for `write_direct_chunk`, as received.
 
         The dataset must be created with `hdf5_filter()` and this channel's dtype; a bslz4
@@ -458,7 +465,7 @@ def _channel(name: Any, value: Any) -> ChannelData:
     shape = (dims[0], dims[1])
     nbytes = shape[0] * shape[1] * dtype.itemsize
     body = typed.body
-    if isinstance(body, bytes):
+    if isinstance(body, (bytes, memoryview)):
         if len(body) != nbytes:
             raise MalformedMessage(
                 f"channel {name!r} has {len(body)} bytes, {shape} {dtype.str} needs {nbytes}"
@@ -469,7 +476,7 @@ def _channel(name: Any, value: Any) -> ChannelData:
     algorithm, element_size, payload = body.algorithm, body.element_size, body.payload
     if algorithm not in ("bslz4", "lz4"):
         raise MalformedMessage(f"channel {name!r} compression {algorithm!r} is not supported")
-    if not isinstance(element_size, int) or not isinstance(payload, bytes):
+    if not isinstance(element_size, int) or not isinstance(payload, (bytes, memoryview)):
         raise MalformedMessage(f"channel {name!r} tag 56500 is not [text, uint, bytes]")
     if algorithm == "bslz4" and element_size != dtype.itemsize:
         raise MalformedMessage(
@@ -535,17 +542,96 @@ def _thaw(value: Any, name: str = "") -> Any:
         return [_thaw(v) for v in value]
     if isinstance(value, _MultiDimArray):
         return _channel(name, value)
+    if isinstance(value, memoryview):  # a large byte string outside an image: plain bytes
+        return bytes(value)
     return value
 
 
-def decode_message(buf: bytes | memoryview, received_ns: int | None = None) -> Message:
-    """Decode one Stream V2 message (one ZeroMQ message) without decompressing pixels."""
-    data = bytes(buf) if not isinstance(buf, bytes) else buf
-    if not data.startswith(SELF_DESCRIBED_CBOR):
-        raise MalformedMessage("not a Stream V2 message: no self-described CBOR tag 55799")
+# ----- zero-copy payloads ---------------------------------------------------------------------
+LARGE_BYTE_STRING = 1024  # byte strings from this size on are handed out as views, not copied
+_SLICE_TAG = 0x5EDC0DE5  # private tag: "the large byte string number N of this message"
+_REFUSED_TAGS = frozenset({25, 256, 28, 29, _SLICE_TAG})  # string/shared references, ours
+_BREAK = 0xFF
+
+
+def _large_byte_strings(view: memoryview) -> list[tuple[int, int, int]] | None:
+    """(head, start, end) of each definite byte string >= LARGE_BYTE_STRING in the one CBOR
+    item that `view` holds, found from the item heads alone (no content is read).
+
+    None when the walk cannot vouch for the substitution: truncated or reserved heads,
+    indefinite-length strings, reference tags (their numbering counts strings), our own tag,
+    or bytes after the item. The caller then decodes the whole message the ordinary way.
+    """
+    end_of_view = len(view)
+    pos = 0
+    spans: list[tuple[int, int, int]] = []
+    left = [1]  # items still to read at each open level; -1: until a break
+    while left:
+        if left[-1] == 0:
+            left.pop()
+            continue
+        if pos >= end_of_view:
+            return None
+        initial = view[pos]
+        if initial == _BREAK:
+            if left[-1] != -1:
+                return None
+            left.pop()
+            pos += 1
+            continue
+        if left[-1] > 0:
+            left[-1] -= 1
+        head = pos
+        major, info = initial >> 5, initial & 0x1F
+        pos += 1
+        if info < 24:
+            argument = info
+        elif info <= 27:
+            size = 1 << (info - 24)
+            if pos + size > end_of_view:
+                return None
+            argument = int.from_bytes(view[pos : pos + size], "big")
+            pos += size
+        elif info == 31 and major in (4, 5):
+            left.append(-1)
+            continue
+        else:  # reserved, or an indefinite-length string
+            return None
+        if major in (2, 3):
+            if pos + argument > end_of_view:
+                return None
+            if major == 2 and argument >= LARGE_BYTE_STRING:
+                spans.append((head, pos, pos + argument))
+            pos += argument
+        elif major == 4:
+            left.append(argument)
+        elif major == 5:
+            left.append(2 * argument)
+        elif major == 6:
+            if argument in _REFUSED_TAGS:
+                return None
+            left.append(1)
+    return spans if pos == end_of_view else None
+
+
+class _SliceHook:
+    """Tag hook of one message: our private tag -> the slice it stands for; others as usual."""
+
+    def __init__(self, slices: list[memoryview]) -> None:
+        self.slices = slices
+
+    def __call__(self, *args: Any) -> Any:
+        tag = next(a for a in args if isinstance(a, cbor2.CBORTag))
+        if tag.tag == _SLICE_TAG:
+            return self.slices[tag.value]
+        return _tag_hook(*args)
+
+
+def _decode_cbor(data: bytes, tag_hook: Callable[..., Any]) -> Any:
+    """One CBOR item filling `data`, with our reasons kept and every failure MalformedMessage."""
     stream = io.BytesIO(data)
     try:
-        msg = cbor2.CBORDecoder(stream, tag_hook=_tag_hook).decode()
+        msg = cbor2.CBORDecoder(stream, tag_hook=tag_hook).decode()
     except MalformedMessage:
         raise
     except cbor2.CBORDecodeError as exc:
@@ -559,6 +645,36 @@ def decode_message(buf: bytes | memoryview, received_ns: int | None = None) -> M
         raise MalformedMessage(f"not valid CBOR: {exc}") from exc
     if stream.tell() != len(data):
         raise MalformedMessage(f"{len(data) - stream.tell()} bytes after the CBOR message")
+    return msg
+
+
+def _decode_views(view: memoryview) -> Any:
+    """The CBOR item in `view`, its large byte strings as views into it (None: not walkable)."""
+    spans = _large_byte_strings(view)
+    if not spans:
+        return None
+    parts: list[bytes | memoryview] = []
+    done = 0
+    for index, (head, _, end) in enumerate(spans):
+        parts.append(view[done:head])
+        parts.append(cbor2.dumps(cbor2.CBORTag(_SLICE_TAG, index)))
+        done = end
+    parts.append(view[done:])
+    slices = [view[start:end] for _, start, end in spans]
+    return _decode_cbor(b"".join(parts), _SliceHook(slices))
+
+
+def decode_message(buf: bytes | bytearray | memoryview, received_ns: int | None = None) -> Message:
+    """Decode one Stream V2 message (one ZeroMQ message) without decompressing pixels.
+
+    Image payloads are read-only views into `buf` (which they keep alive), not copies.
+    """
+    view = memoryview(buf).cast("B").toreadonly()
+    if view[: len(SELF_DESCRIBED_CBOR)] != SELF_DESCRIBED_CBOR:
+        raise MalformedMessage("not a Stream V2 message: no self-described CBOR tag 55799")
+    msg = _decode_views(view)
+    if msg is None:
+        msg = _decode_cbor(bytes(view), _tag_hook)
     if not isinstance(msg, Mapping):
         raise MalformedMessage(f"top level is {type(msg).__name__}, not a map")
     kind = msg.get("type")
@@ -611,12 +727,18 @@ class Stream2Receiver:
         """The PULL socket, to wait on it in a zmq.Poller together with other sockets."""
         return self._socket
 
-    def receive_raw(self, timeout_ms: int | None = None) -> tuple[bytes, int] | None:
-        """Next raw message and its arrival time (ns), or None on timeout."""
+    def receive_raw(
+        self, timeout_ms: int | None = None, copy: bool = True
+    ) -> tuple[bytes | memoryview, int] | None:
+        """Next raw message and its arrival time (ns), or None on timeout.
+
+        copy=False: a read-only view of the ZeroMQ frame itself (no copy of a 2 MB image;
+        decode_message's payloads then point into it and keep it alive).
+        """
         wait = self.timeout_ms if timeout_ms is None else timeout_ms
         if not self._socket.poll(wait, zmq.POLLIN):
             return None
-        buf = self._socket.recv()
+        buf = self._socket.recv() if copy else self._socket.recv(copy=False).buffer
         self.received_total += 1
         return buf, time.time_ns()
 

@@ -161,21 +161,37 @@ def _cmd_simple(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="summarise a run file")
+    p = sub.add_parser("report", help="summarise a run file and draw its figure (PNG)")
     p.add_argument("run_file", help="RUN.h5")
     p.add_argument("--events", type=int, default=20, help="how many events to list")
+    figure = p.add_mutually_exclusive_group()
+    figure.add_argument(
+        "--figure", metavar="PATH", help="where to write the figure (default: RUN.png next to it)"
+    )
+    figure.add_argument("--no-figure", action="store_true", help="the text summary only")
     p.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import format_summary, summarize
+    from pathlib import Path
 
-    print(format_summary(summarize(args.run_file), events=args.events))
+    import h5py
+
+    from .report import format_analysis, format_summary, read_analysis, summarize
+
+    print(format_summary(summarize(args.run_file), events=args.events), flush=True)
+    with h5py.File(args.run_file, "r", libver="latest", swmr=True) as f:
+        print(format_analysis(read_analysis(f["entry"])), flush=True)
+    if not args.no_figure:
+        from .figure import draw_report_figure
+
+        out = Path(args.figure) if args.figure else Path(args.run_file).with_suffix(".png")
+        print(f"figure       {draw_report_figure(args.run_file, out).path}")
     return 0
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from .demo import DEFAULT_TIME_SCALE
+    from .demo import DEFAULT_PROTOCOL, DEFAULT_TIME_SCALE, REFERENCE_PROTOCOL
 
     p = sub.add_parser("demo", help="the +4.3 V reference experiment on the simulated station")
     p.add_argument(
@@ -185,7 +201,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default="runs", help="where the run file goes (default ./runs)")
     p.add_argument("--frame-size", type=int, default=1024)
     p.add_argument("--frame-rate", type=float, default=40.0)
-    p.add_argument("--protocol", default="lno_4v3.yaml", help="a shipped protocol's file name")
+    p.add_argument(
+        "--protocol",
+        default=DEFAULT_PROTOCOL,
+        help=f"a shipped protocol's file name (default {DEFAULT_PROTOCOL}: hold until rock salt;"
+        f" {REFERENCE_PROTOCOL}: the fixed 120 s reference hold)",
+    )
+    p.add_argument("--no-figure", action="store_true", help="do not draw the report figure")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -200,6 +222,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         frame_size=args.frame_size,
         frame_rate=args.frame_rate,
         protocol=args.protocol,
+        figure=not args.no_figure,
     )
 
 

@@ -28,16 +28,18 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-# What the station can report while a protocol runs (Station.live_value). The analysis
-# quantities come from live analysis (issue 4); add a name here when something measures it.
+# What the station can report while a protocol runs (Station.live_value): exactly what is
+# measured. The analysis quantities are the live analysis's (analysis/pipeline.py; HRTEM phase
+# map: the fractions; LM frames: the rest), current and charge the source-meter's readings.
 LIVE_QUANTITIES: dict[str, str] = {
-    "rock_salt_fraction": "fraction of the particle classified rock salt (0-1)",
-    "layered_fraction": "fraction of the particle classified layered (0-1)",
-    "disordered_fraction": "fraction of the particle classified Ni/Li disordered (0-1)",
+    "rock_salt_fraction": "fraction of the particle in the HRTEM field classified rock salt (0-1)",
+    "layered_fraction": "fraction of the particle in the HRTEM field classified layered (0-1)",
+    "disordered_fraction": "fraction of the particle in the HRTEM field, Ni/Li disordered (0-1)",
     "expansion": "projected size growth relative to the pre-bias reference (0.25 = +25 %)",
+    "projected_area_m2": "projected area of the particle (m^2, low magnification)",
     "front_position_nm": "reaction front distance from the contact surface (nm)",
     "front_velocity_nm_s": "reaction front speed (nm/s)",
-    "current_amperes": "sample current (A)",
+    "current_amperes": "sample current, newest reading (A)",
     "charge_coulombs": "charge passed since the run started (C)",
 }
 

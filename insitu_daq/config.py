@@ -10,7 +10,16 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .analysis.reflections import DEFAULT_REFLECTIONS, ReflectionTable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -118,6 +127,60 @@ class SampleConfig(_Section):
     chemical_formula: str = "LiNiO2"
 
 
+class ReflectionConfig(_Section):
+    """One tracked reflection (analysis/reflections.py); label defaults to the name."""
+
+    name: str
+    d_angstrom: float
+    phase: str
+    marks: bool = False
+    label: str | None = None
+
+
+class AnalysisConfig(_Section):
+    """Live analysis (issue 4): what it tracks and how often it runs the costlier parts."""
+
+    enabled: bool = True
+    # Default: SCIENCE.md's table of spacings (analysis/reflections.py DEFAULT_REFLECTIONS).
+    reflections: tuple[ReflectionConfig, ...] = tuple(
+        ReflectionConfig(**record) for record in DEFAULT_REFLECTIONS.to_records()
+    )
+    # Frames are summed to a dose before they are analysed (one low-dose HRTEM frame is not
+    # enough for the rock-salt rings; analysis/pipeline.py): mean counts per pixel wanted, and
+    # the oldest frame (run-clock s) a sum may hold.
+    hrtem_counts_per_px: Annotated[float, Field(ge=0, le=1e6)] = 5.0
+    hrtem_integration_s: Annotated[float, Field(ge=0, le=60)] = 4.0
+    lm_counts_per_px: Annotated[float, Field(ge=0, le=1e6)] = 40.0
+    lm_integration_s: Annotated[float, Field(ge=0, le=60)] = 0.5
+    phase_map_every: Annotated[int, Field(ge=1, le=1000)] = 10  # every Nth HRTEM result
+    # At most this many analysed frames a second (the newest is taken when one is due): the
+    # CPU the analysis may take from the ingest on a 2-core PC. The sums above then hold
+    # fewer, so reaching their dose takes longer (bench/README.md, live analysis).
+    max_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 20.0
+    reference_frames: Annotated[int, Field(ge=1, le=1000)] = 10  # LM frames before the bias
+    front_window_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    # A live value older than this (wall seconds) is no longer "live": hold-until sees None.
+    live_value_max_age_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+
+    @field_validator("reflections")
+    @classmethod
+    def _table_is_valid(
+        cls, reflections: tuple[ReflectionConfig, ...]
+    ) -> tuple[ReflectionConfig, ...]:
+        _table_of(reflections)
+        return reflections
+
+    def table(self) -> ReflectionTable:
+        """The reflections as an analysis ReflectionTable (ValueError naming the problem)."""
+        return _table_of(self.reflections)
+
+
+def _table_of(reflections: tuple[ReflectionConfig, ...]) -> ReflectionTable:
+    if not reflections:
+        raise ValueError("at least one reflection is needed")
+    return ReflectionTable.from_records(r.model_dump(exclude_none=True) for r in reflections)
+
+
 class StationConfig(_Section):
     name: str = "station"
     data_dir: Path = Path("runs")
@@ -130,6 +193,7 @@ class StationConfig(_Section):
     retry: RetryConfig = RetryConfig()
     api: ApiConfig = ApiConfig()
     sample: SampleConfig = SampleConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
 
 
 def one_line(error: ValidationError, prefix: str = "") -> str:

@@ -2,14 +2,24 @@
 outward interfaces, and guarantees the bias is made safe however it stops.
 
 Threads in this process: the bias I/O thread (BiasController), the protocol runner, the
-control API server, the metrics HTTP server and a status publisher. Frames never enter this
-process: the ingest process receives and writes them (DESIGN.md, data flow).
+control API server, the metrics HTTP server, a status publisher and the analysis results
+listener. Frames never enter this process: the ingest process receives and writes them and
+offers each to the live-analysis process over its frame tap (DESIGN.md, data flow).
+
+Live analysis (issue 4, liveanalysis.py): the daemon picks the tap's endpoint (a private ipc
+path) and hands it to both processes; it tells the analysis what the frames show, because it
+drives the microscope (the imaging state at run start, then every mode or pixel-size change
+with the run-clock interval it took) and when the bias first leaves 0 V (the end of the
+expansion reference). Each result is published on the `analysis` topic, turned into metrics,
+sent to the run file (/entry/analysis, through the ingest) and kept as the latest value per
+quantity for `hold ... until` conditions (`live_value`).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import math
 import re
 import signal
 import threading
@@ -22,12 +32,14 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .analysis.pipeline import PipelineSettings
 from .api import ControlServer, EventPublisher
 from .bias import BiasController
 from .clock import RunClock
-from .config import StationConfig
+from .config import AnalysisConfig, StationConfig
 from .guardian import Guardian, bias_confirmed_safe
 from .ingest import IngestClient
+from .liveanalysis import AnalysisError, LiveAnalysis
 from .metrics import DaemonMetrics
 from .positioner import HolderControl, MicroscopeControl
 from .protocol import Protocol, ProtocolError
@@ -39,6 +51,10 @@ from .station import LimitError, StationError
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 0.5
+BIAS_OFF_VOLTS = 1e-6  # a setpoint above this is "the bias left 0 V"
+# Keys of an analysis result forwarded to the run file and the event stream.
+RESULT_KEYS = ("time", "image_id", "mode", "latency_s", "skipped", "settling",
+               "integrated_frames", "values", "received_ns")  # fmt: skip
 FINAL_STATES = ("finished", "aborted", "failed")
 
 
@@ -49,6 +65,23 @@ class ActiveRun:
     clock: RunClock  # the run's clock: the daemon clock shifted to the run's start
     offset_s: float  # daemon-clock seconds at the run's start
     protocol: Protocol
+    bias_started: bool = False  # the setpoint has left 0 V in this run
+    charge_coulombs: float = 0.0  # integral of the measured current since the run started
+    last_reading: tuple[float, float] | None = None  # (daemon time, current) for the integral
+
+
+def pipeline_settings(config: AnalysisConfig) -> PipelineSettings:
+    """The live analysis's settings from the station config's [analysis] section."""
+    return PipelineSettings(
+        table=config.table(),
+        hrtem_counts_per_px=config.hrtem_counts_per_px,
+        hrtem_integration_s=config.hrtem_integration_s,
+        lm_counts_per_px=config.lm_counts_per_px,
+        lm_integration_s=config.lm_integration_s,
+        phase_map_every=config.phase_map_every,
+        reference_frames=config.reference_frames,
+        front_window_s=config.front_window_s,
+    )
 
 
 def make_run_id(protocol_name: str, when: datetime | None = None) -> str:
@@ -78,7 +111,24 @@ class Daemon:
         self.microscope = MicroscopeControl(
             config.microscope, config.retry, on_retry=self._on_retry
         )
-        self.ingest = IngestClient(config, on_event=self._on_ingest_event, clock=self.clock)
+        self.analysis: LiveAnalysis | None = None
+        self._analysis_settings: PipelineSettings | None = None
+        if config.analysis.enabled:
+            self._analysis_settings = pipeline_settings(config.analysis)
+            self.analysis = LiveAnalysis(
+                self._analysis_settings,
+                on_result=self._on_analysis,
+                max_rate_hz=config.analysis.max_rate_hz,
+            )
+        self._live: dict[str, tuple[float, float | None]] = {}  # name -> (monotonic s, value)
+        self.analysis_results_after_run_total = 0
+        self._live_lock = threading.Lock()
+        self.ingest = IngestClient(
+            config,
+            on_event=self._on_ingest_event,
+            clock=self.clock,
+            analysis_endpoint=None if self.analysis is None else self.analysis.frame_endpoint,
+        )
         self.runner = ProtocolRunner(DaemonStation(self))
         self.control = ControlServer.from_config(config.api, self)
         self.metrics.watch_control(self.control.stats)
@@ -95,11 +145,14 @@ class Daemon:
         try:
             # First: it makes the bias safe should this process die in a way stop() cannot see.
             self.guardian.start()
+            if self.analysis is not None:
+                self.analysis.start()  # spawns and returns: it starts while the ingest does
             self.ingest.start()
             # After the ingest's own atexit hook, so at an abnormal exit this runs first
             # (atexit is last-in first-out): the ramp-down is recorded before ingest stops.
             atexit.register(self.stop)
             self.guardian.wait_ready()  # it started while the ingest process did
+            self._wait_analysis()
             self.bias.start()
             identity = self.bias.identity
             if identity is not None:
@@ -121,6 +174,18 @@ class Daemon:
         )
         self._status_thread.start()
         log.info("insitu-daq %s daemon up: %s", __version__, self.endpoints)
+
+    def _wait_analysis(self) -> None:
+        """The archive matters more than the live view: an analysis process that does not
+        come up is an error event and a 0 on insitu_daq_analysis_up, not a daemon that
+        refuses to record."""
+        if self.analysis is None:
+            return
+        try:
+            self.analysis.wait_ready()
+        except AnalysisError as exc:
+            log.error("live analysis unavailable: %s", exc)
+            self.metrics.analysis_up.set(0)
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -144,6 +209,7 @@ class Daemon:
             lambda: self.runner.wait(10.0),
             self._close_run,
             self.ingest.shutdown,
+            self._stop_analysis,
             self.control.stop,
             self.publisher.stop,
             self.metrics.stop,
@@ -155,6 +221,10 @@ class Daemon:
             except Exception:
                 log.exception("while stopping")
         log.info("daemon stopped")
+
+    def _stop_analysis(self) -> None:
+        if self.analysis is not None:
+            self.analysis.stop()
 
     def _stop_bias(self) -> None:
         """Bias safe; the guardian then stands down, or takes over if that is not confirmed."""
@@ -191,7 +261,9 @@ class Daemon:
             )
             offset = self.clock.from_monotonic_ns(run_clock.start_monotonic_ns)
             run = ActiveRun(run_id, path, run_clock, offset, protocol)
-            self.ingest.open_run(self._metadata(run), path, run_clock)
+            metadata = self._metadata(run)
+            self._start_analysis_run(metadata)
+            self.ingest.open_run(metadata, path, run_clock)
             self._run = run
             self._last_run_id = run_id
         try:
@@ -225,7 +297,65 @@ class Daemon:
             },
             microscope=self._microscope_metadata(),
             program_version=__version__,
+            **self._analysis_metadata(),
         )
+
+    def _analysis_metadata(self) -> dict[str, Any]:
+        settings = self._analysis_settings
+        if settings is None:
+            return {"reflections": (), "analysis_parameters": {"enabled": False}}
+        return {"reflections": settings.table.names, "analysis_parameters": settings.to_record()}
+
+    # ----- live analysis ---------------------------------------------------------------------
+    def _start_analysis_run(self, metadata: RunMetadata) -> None:
+        """A new run: the analysis forgets the last one and learns the imaging state (from the
+        run's metadata, read from the microscope just now)."""
+        with self._live_lock:
+            self._live.clear()
+        if self.analysis is None:
+            return
+        self.analysis.new_run()
+        microscope = metadata.microscope
+        if "mode" in microscope and "pixel_size_nm" in microscope:
+            pixel_m = float(microscope["pixel_size_nm"]) * 1e-9
+            self.analysis.set_imaging(-math.inf, -math.inf, str(microscope["mode"]), pixel_m)
+        else:
+            log.warning("imaging state unknown at run start: analysis waits for a mode change")
+
+    def imaging_changed(self, started_s: float, ended_s: float) -> None:
+        """The microscope's mode or pixel size was changed between daemon-clock times
+        `started_s` and `ended_s`: tell the analysis what the frames show from then on."""
+        if self.analysis is None or self._run is None:
+            return
+        try:
+            state = self.microscope.state()
+        except StationError as exc:
+            log.warning("imaging state after a change unknown: %s", exc)
+            return
+        mode = str(getattr(state.mode, "value", state.mode))
+        self.analysis.set_imaging(
+            self._run_time(started_s), self._run_time(ended_s), mode, state.pixel_size_nm * 1e-9
+        )
+
+    def _on_analysis(self, result: dict[str, Any]) -> None:
+        """A live result (analysis results thread): keep, measure, publish, record."""
+        values = result.get("values")
+        if not isinstance(values, dict):
+            return
+        now = time.monotonic()
+        with self._live_lock:
+            for key, value in values.items():
+                self._live[key] = (now, value)
+        self.metrics.observe_analysis(values, result.get("latency_s"))
+        totals = result.get("totals")
+        if isinstance(totals, dict):
+            self.metrics.observe_analysis_stats(totals)
+        record = {key: result[key] for key in RESULT_KEYS if key in result}
+        self.publisher.publish("analysis", record)
+        if self._run is not None:
+            self.ingest.write_analysis(record)
+        else:  # a frame of a run that has closed since: published, not in any file
+            self.analysis_results_after_run_total += 1
 
     def _microscope_metadata(self) -> dict[str, Any]:
         """The microscope's state at the run's start (later changes are events)."""
@@ -248,6 +378,9 @@ class Daemon:
         self._close_run()
 
     def _close_run(self) -> dict[str, Any] | None:
+        if self._run is not None and self.analysis is not None:
+            # The results of the run's last frames are still on their way: let them land.
+            self.analysis.wait_caught_up(time.time_ns())
         with self._run_lock:
             run, self._run = self._run, None
         if run is None:
@@ -267,9 +400,13 @@ class Daemon:
             shifted = batch.copy()
             shifted["time"] -= run.offset_s
             self.ingest.write_samples(shifted)
+            if not run.bias_started:
+                self._check_bias_start(run, batch)
         readings = batch[~level_change_mask(batch)]
         if not len(readings):
             return
+        if run is not None:
+            self._integrate_charge(run, readings)
         self.metrics.observe_samples(readings)
         last = readings[-1]
         self.publisher.publish(
@@ -282,6 +419,30 @@ class Daemon:
                 "samples": len(readings),
             },
         )
+
+    def _check_bias_start(self, run: ActiveRun, batch: np.ndarray) -> None:
+        """The first sample (commanded level or reading) whose setpoint leaves 0 V ends the
+        analysis's expansion reference."""
+        away = np.flatnonzero(np.abs(batch["setpoint"]) > BIAS_OFF_VOLTS)
+        if not len(away):
+            return
+        run.bias_started = True
+        if self.analysis is not None:
+            self.analysis.bias_started(float(batch["time"][away[0]]) - run.offset_s)
+
+    @staticmethod
+    def _integrate_charge(run: ActiveRun, readings: np.ndarray) -> None:
+        """Charge since the run started: trapezoid over the readings' currents."""
+        times = readings["time"].astype(float)
+        currents = readings["current"].astype(float)
+        if run.last_reading is not None:
+            times = np.concatenate(([run.last_reading[0]], times))
+            currents = np.concatenate(([run.last_reading[1]], currents))
+        if len(times) > 1:
+            dt = np.diff(times)
+            ok = dt > 0
+            run.charge_coulombs += float(np.sum(0.5 * (currents[1:] + currents[:-1])[ok] * dt[ok]))
+        run.last_reading = (float(times[-1]), float(currents[-1]))
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         self._record(Event(self.clock.now(), kind, message, data))
@@ -314,9 +475,25 @@ class Daemon:
         self.runner.abort(f"source-meter lost: {reason}")
 
     def live_value(self, name: str) -> float | None:
-        """Latest live-analysis value (issue 4); None until analysis measures it."""
-        del name
-        return None
+        """The latest value of a live quantity (condition.LIVE_QUANTITIES): None if it was
+        never measured, is not measurable now, or is older than analysis.live_value_max_age_s
+        (a stalled analysis must not keep a hold's condition true)."""
+        if name == "current_amperes":
+            state = self.bias.state
+            return state.current if state.connected else None
+        if name == "charge_coulombs":
+            run = self._run
+            return None if run is None or run.last_reading is None else run.charge_coulombs
+        with self._live_lock:
+            entry = self._live.get(name)
+        if entry is None:
+            return None
+        stamp, value = entry
+        if time.monotonic() - stamp > self.config.analysis.live_value_max_age_s:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value)
 
     # ----- status ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -336,6 +513,12 @@ class Daemon:
                 "connected": bias.connected,
             },
             "ingest": self.ingest.stats(),
+            "analysis": None
+            if self.analysis is None
+            else {
+                **self.analysis.stats(),
+                "results_after_run_total": self.analysis_results_after_run_total,
+            },
             "time_scale": self.clock.time_scale,
         }
 
@@ -345,6 +528,8 @@ class Daemon:
                 status = self.status()
                 self.metrics.observe_ingest_stats(status["ingest"])
                 self.metrics.observe_progress(status["protocol"])
+                if status["analysis"] is not None:
+                    self.metrics.observe_analysis_stats(status["analysis"])
                 self.publisher.publish("status", status)
             except Exception:
                 log.exception("status publisher")
@@ -421,7 +606,10 @@ class DaemonStation:
         dose_rate_e_per_a2_s: float | None = None,
         pixel_size_nm: float | None = None,
     ) -> None:
+        started = self.clock.now()
         self._daemon.microscope.apply(mode, beam, dose_rate_e_per_a2_s, pixel_size_nm)
+        if mode is not None or pixel_size_nm is not None:
+            self._daemon.imaging_changed(started, self.clock.now())
 
     def live_value(self, name: str) -> float | None:
         return self._daemon.live_value(name)

@@ -2,27 +2,46 @@
 
 Starts the simulated station and the daemon as two real processes talking over their real
 sockets (exactly as on a microscope PC, with the simulator in place of the instruments), runs
-the +4.3 V reference protocol time-scaled so it completes in under a minute, follows it live,
-then prints where the run file is and what was measured.
+the +4.3 V experiment time-scaled so it completes in under a minute, follows it live, then
+prints where the run file is, what was recorded, and what live analysis measured next to the
+simulator's truth; it also draws the report figure next to the run file.
+
+By default the closed-loop protocol (lno_4v3_until_rocksalt.yaml: the hold ends when live
+analysis sees the HRTEM field 90 % rock salt, at most 120 s); `--protocol lno_4v3.yaml` runs the
+fixed 120 s reference hold. The truth comes from the simulated microscope's simulator-only
+`truth` request (drivers/MICROSCOPE_PROTOCOL.md), polled during the run by `TruthPoller` and
+stamped with the run clock, so measured and true values are compared at the same run time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
-from .report import format_summary, summarize
+import h5py
 
-DEFAULT_TIME_SCALE = 5.0  # the ~165 s reference protocol in ~33 s
+from .report import format_summary, hold_span, read_analysis, read_events, summarize
+from .truthcompare import TruthSample, format_comparison
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIME_SCALE = 5.0  # the ~170 s protocol in ~35 s
+DEFAULT_PROTOCOL = "lno_4v3_until_rocksalt.yaml"  # closed loop: the hold ends on rock salt
+REFERENCE_PROTOCOL = "lno_4v3.yaml"  # the fixed 120 s hold
+TRUTH_POLL_S = 0.25  # wall seconds between truth requests (1.25 run s at the default scale)
 
 
 def free_ports(n: int) -> list[int]:
@@ -37,7 +56,83 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def reference_protocol(name: str = "lno_4v3.yaml") -> str:
+class TruthPoller:
+    """Asks the simulated microscope for its `truth` every TRUTH_POLL_S in a thread.
+
+    Each answer is stamped with the wall clock (ns) at the request's midpoint; `samples()`
+    turns the stamps into run-clock seconds once the run's start is known (its file says).
+    Failures are counted and logged, never fatal: the demo runs without truth if it must.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self._address = (host, port)
+        self._stop = threading.Event()
+        self._answers: list[tuple[int, dict]] = []
+        self._thread = threading.Thread(target=self._poll, name="truth-poller", daemon=True)
+        self.errors_total = 0
+
+    def __enter__(self) -> TruthPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    def _poll(self) -> None:
+        connection: socket.socket | None = None
+        reader = None
+        while not self._stop.is_set():
+            try:
+                if connection is None:
+                    connection = socket.create_connection(self._address, timeout=2.0)
+                    reader = connection.makefile("rb")
+                before = time.time_ns()
+                connection.sendall(b'{"cmd": "truth"}\n')
+                reply = json.loads(reader.readline())
+                stamp = (before + time.time_ns()) // 2
+                if reply.get("ok") and isinstance(reply.get("truth"), dict):
+                    self._answers.append((stamp, reply["truth"]))
+                else:
+                    self.errors_total += 1
+                    log.warning("truth request refused: %s", reply.get("error"))
+            except (OSError, ValueError) as exc:
+                self.errors_total += 1
+                log.warning("truth request failed: %s", exc)
+                if connection is not None:
+                    connection.close()
+                connection = None
+            self._stop.wait(TRUTH_POLL_S)
+        if connection is not None:
+            connection.close()
+
+    def samples(self, run_start_ns: int, time_scale: float) -> list[TruthSample]:
+        """The answers on the run clock (run seconds = wall seconds since start x time scale)."""
+        return [
+            TruthSample((stamp - run_start_ns) / 1e9 * time_scale, truth)
+            for stamp, truth in list(self._answers)
+            if stamp >= run_start_ns
+        ]
+
+
+def run_start_ns(run_file: Path) -> int:
+    """The run clock's origin: /entry/start_time (ISO 8601, microseconds) in ns."""
+    with h5py.File(run_file, "r", libver="latest", swmr=True) as f:
+        raw = f["entry/start_time"][()]
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    moment = datetime.fromisoformat(text)
+    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+
+
+def print_analysis(run_file: Path, truth: list[TruthSample]) -> None:
+    with h5py.File(run_file, "r", libver="latest", swmr=True) as f:
+        entry = f["entry"]
+        analysis = read_analysis(entry)
+        hold = hold_span(read_events(entry))
+    print(format_comparison(analysis, truth, hold))
+
+
+def reference_protocol(name: str = REFERENCE_PROTOCOL) -> str:
     return resources.files("insitu_daq.protocols").joinpath(name).read_text()
 
 
@@ -57,6 +152,10 @@ port = {ports["microscope"]}
 control = "tcp://127.0.0.1:{ports["control"]}"
 events = "tcp://127.0.0.1:{ports["events"]}"
 metrics_port = {ports["metrics"]}
+[analysis]
+# The simulated camera's 40 frames/s: at a time scale of {time_scale:g} a run second has
+# {time_scale:g}x fewer frames, so analyse every one (a real station keeps the default cap).
+max_rate_hz = 40
 """
 
 
@@ -105,7 +204,8 @@ def run_demo(
     data_dir: Path = Path("runs"),
     frame_size: int = 1024,
     frame_rate: float = 40.0,
-    protocol: str = "lno_4v3.yaml",
+    protocol: str = DEFAULT_PROTOCOL,
+    figure: bool = True,
 ) -> int:
     from .api import ControlClient
     from .progress import follow_run
@@ -143,11 +243,18 @@ def run_demo(
                 )  # fmt: skip
             run_file = Path(reply["run_file"])
             print(f"run {reply['run_id']}: protocol {protocol}")
-            outcome = follow_run(control, events, reply["run_id"], timeout_s=10.0)
+            with TruthPoller("127.0.0.1", ports["microscope"]) as truth:
+                outcome = follow_run(control, events, reply["run_id"], timeout_s=10.0)
         print()
         if not run_file.exists():
             print(f"no run file at {run_file}; daemon log:\n{(workdir / 'daemon.log').read_text()}")
             return 1
         summary = summarize(run_file)
         print(format_summary(summary, events=40))
+        print_analysis(run_file, truth.samples(run_start_ns(run_file), time_scale))
+        if figure:
+            from .figure import draw_report_figure
+
+            drawn = draw_report_figure(run_file, run_file.with_suffix(".png"))
+            print(f"\nfigure       {drawn.path}")
         return outcome

@@ -29,7 +29,14 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -50,6 +57,25 @@ HDF5_WRITE_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 
 PROTOCOL_STATES = ("idle", "running", "paused", "aborting", "finished", "aborted", "failed")
 # The ingest process's reasons for not writing a received frame (ingest.DROP_REASONS).
 DROP_REASONS = ("duplicate", "late", "stale_series", "geometry", "corrupt", "write_error")
+
+# Live analysis: latency buckets (s), and why a frame was not analysed. From the analysis
+# process's cumulative stats: "behind" (a newer frame was queued), "settling" (within a mode
+# switch), "no_state" (imaging mode unknown), "malformed", "error"; from the ingest's:
+# "tap_full" (the tap's queue was full, the frame was never offered).
+ANALYSIS_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
+                            2.5)  # fmt: skip
+ANALYSIS_SKIP_REASONS = ("behind", "settling", "no_state", "malformed", "error", "tap_full")
+ANALYSIS_COUNTERS = {
+    "frames_analysed_total": None,
+    "frames_skipped_total": "behind",
+    "frames_settling_total": "settling",
+    "frames_no_state_total": "no_state",
+    "malformed_total": "malformed",
+    "errors_total": "error",
+}
+INGEST_TAP_SKIPPED = "analysis_offers_skipped"
+# Phase names of the live analysis (analysis/reflections.py PHASES).
+ANALYSIS_PHASES = ("layered", "disordered", "rock_salt")
 
 # Ingest stats key -> DaemonMetrics counter attribute. Cumulative, as the ingest reports them.
 INGEST_COUNTERS = {
@@ -252,13 +278,68 @@ class DaemonMetrics:
             "run-clock seconds since the current (or last) run started",
             registry=r,
         )
-        # Live analysis (issue 4 fills it).
+        # Live analysis (issue 4). Gauges show the newest value; a quantity that is not
+        # measurable has no series (an absent series, not a made-up number).
         self.d_spacing = Gauge(
             f"{PREFIX}d_spacing_meters",
             "measured lattice spacing of a tracked reflection",
             ["reflection"],
             registry=r,
         )
+        self.reflection_intensity = Gauge(
+            f"{PREFIX}reflection_intensity_ratio",
+            "relative power of a tracked reflection above background (dimensionless)",
+            ["reflection"],
+            registry=r,
+        )
+        self.phase_fraction = Gauge(
+            f"{PREFIX}phase_fraction_ratio",
+            "fraction (0-1) of the particle in the HRTEM field classified as a phase",
+            ["phase"],
+            registry=r,
+        )
+        self.expansion = Gauge(
+            f"{PREFIX}expansion_ratio",
+            "projected-area growth of the particle relative to the pre-bias reference",
+            registry=r,
+        )
+        self.projected_area = Gauge(
+            f"{PREFIX}projected_area_square_meters",
+            "projected area of the particle (low magnification)",
+            registry=r,
+        )
+        self.front_position = Gauge(
+            f"{PREFIX}front_position_meters",
+            "reaction front distance from the contact surface",
+            registry=r,
+        )
+        self.front_velocity = Gauge(
+            f"{PREFIX}front_velocity_meters_per_second",
+            "reaction front speed (Theil-Sen over a sliding window)",
+            registry=r,
+        )
+        self.analysis_latency = Histogram(
+            f"{PREFIX}analysis_latency_seconds",
+            "frame arrival at the ingest to its analysis result at the daemon",
+            buckets=ANALYSIS_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.analysis_frames = Counter(
+            f"{PREFIX}analysis_frames_total", "frames analysed live", registry=r
+        )
+        self.analysis_skipped = Counter(
+            f"{PREFIX}analysis_frames_skipped_total",
+            "frames the live analysis did not analyse, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ANALYSIS_SKIP_REASONS:
+            self.analysis_skipped.labels(reason)
+        self.analysis_up = Gauge(
+            f"{PREFIX}analysis_up", "1 while the live analysis process runs", registry=r
+        )
+        self._analysis_pid: object = None
+        self._analysis_last: dict[str, float] = {}
 
     # ----- HTTP ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -354,6 +435,62 @@ class DaemonMetrics:
             return
         self.d_spacing.labels(reflection).set(meters)
 
+    def observe_analysis(self, values: Mapping[str, Any], latency_s: float | None) -> None:
+        """One live result's values (analysis/keys.py names): gauges in base units; a value
+        that is None (not measurable) removes its series."""
+        for key, value in values.items():
+            if key.startswith("d_spacing_m."):
+                self.set_d_spacing(key.split(".", 1)[1], value)
+            elif key.startswith("intensity."):
+                self._set_or_remove(self.reflection_intensity, value, key.split(".", 1)[1])
+            elif key.endswith("_fraction") and key[: -len("_fraction")] in ANALYSIS_PHASES:
+                self._set_or_remove(self.phase_fraction, value, key[: -len("_fraction")])
+            elif key == "expansion":
+                self._set_or_remove(self.expansion, value)
+            elif key == "projected_area_m2":
+                self._set_or_remove(self.projected_area, value)
+            elif key == "front_position_nm":
+                self._set_or_remove(self.front_position, _scaled(value, 1e-9))
+            elif key == "front_velocity_nm_s":
+                self._set_or_remove(self.front_velocity, _scaled(value, 1e-9))
+        if latency_s is not None and math.isfinite(latency_s) and latency_s >= 0:
+            self.analysis_latency.observe(latency_s)
+
+    def _set_or_remove(self, gauge: Any, value: Any, *labels: str) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value)
+        if labels:
+            if ok:
+                gauge.labels(*labels).set(value)
+            else:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+            return
+        # An unlabelled gauge cannot be removed: NaN says "not measurable" in Prometheus.
+        gauge.set(value if ok else math.nan)
+
+    def observe_analysis_stats(self, stats: Mapping[str, Any]) -> None:
+        """The analysis process's cumulative counters (LiveAnalysis.stats()): deltas into the
+        Prometheus counters; a new pid counts from zero."""
+        with self._lock:
+            if "alive" in stats:
+                self.analysis_up.set(1 if stats["alive"] else 0)
+            pid = stats.get("pid")
+            if pid is not None and pid != self._analysis_pid:
+                self._analysis_pid = pid
+                self._analysis_last = {}
+            for key, reason in ANALYSIS_COUNTERS.items():
+                value = stats.get(key)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                last = self._analysis_last.get(key, 0.0)
+                self._analysis_last[key] = float(value)
+                delta = value - last if value >= last else value
+                counter = self.analysis_frames if reason is None else self.analysis_skipped
+                if reason is not None:
+                    counter = counter.labels(reason)
+                counter.inc(max(0.0, delta))
+
     # ----- other sources ---------------------------------------------------------------------
     def watch_control(self, read: Callable[[], Mapping[str, int]]) -> None:
         """Expose the control server's counters (ControlServer.stats) at scrape time as
@@ -400,6 +537,9 @@ class DaemonMetrics:
                     self._add(counter, INGEST_DROPPED_BY_REASON, count, label=str(reason))
             elif by_reason is not None:
                 self._ignore(INGEST_DROPPED_BY_REASON, "not a mapping of reason to count")
+            if INGEST_TAP_SKIPPED in stats:
+                counter = self.analysis_skipped.labels("tap_full")
+                self._add(counter, INGEST_TAP_SKIPPED, stats[INGEST_TAP_SKIPPED])
             snapshot = stats.get(INGEST_WRITE_SECONDS)
             if snapshot is not None:
                 try:
@@ -434,3 +574,9 @@ class DaemonMetrics:
             log.info("ingest counter %s went from %g to %g: source restarted", key, last, value)
             return value
         return value - last
+
+
+def _scaled(value: Any, factor: float) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return value * factor

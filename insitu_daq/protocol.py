@@ -12,9 +12,13 @@ Bluesky separates plans from its RunEngine). The same steps come from a file or 
 
 Each step is one mapping `kind: {settings}`; steps with one main setting also take it bare
 (`acquire: start`, `hold: 120`, `mark: contact`, `bias: 0`). TOML files use the same shape
-(`[[steps]]` tables). Every error is one line naming the step (1-based, as an operator counts)
-and the field: `step 3 (bias): volts: Input should be a valid number`. Safety limits are
-checked against the station's limits by `validate_against` before a run starts.
+(`[[steps]]` tables). A hold or wait may interleave short bursts in another imaging mode
+(`hold: {duration_s: 120, interleave: {mode: lm, every_s: 5, dwell_s: 1}}`): one camera gives
+both the lattice (HRTEM) and the particle's size and front (LM).
+
+Every error is one line naming the step (1-based, as an operator counts) and the field:
+`step 3 (bias): volts: Input should be a valid number`. Safety limits are checked against the
+station's limits by `validate_against` before a run starts.
 """
 
 from __future__ import annotations
@@ -137,6 +141,36 @@ class Bias(Step):
         return f"ramp bias to {self.volts:+.3f} V at {rate}"
 
 
+class Interleave(BaseModel):
+    """Short bursts in another imaging mode during a hold or wait (one camera, two views).
+
+    Every `every_s` seconds of the step's clock (pauses excluded) the runner switches the
+    microscope to `mode` for `dwell_s`, then back to the mode the protocol had set before the
+    step; each switch is a `microscope` event. The dose rate in `mode` is the one that mode
+    last had in this protocol, or `dose_rate_e_per_a2_s`. Bursts start at k * every_s
+    (k >= 1) and last dwell_s from the completed switch (runner._Bursts); a burst still running
+    when the step ends is cut short there.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["lm", "hrtem"]
+    every_s: Positive
+    dwell_s: Positive
+    dose_rate_e_per_a2_s: Positive | None = None
+
+    @model_validator(mode="after")
+    def _dwell_shorter_than_period(self) -> Interleave:
+        if self.dwell_s >= self.every_s:
+            raise ValueError(
+                f"dwell_s ({self.dwell_s:g} s) must be shorter than every_s ({self.every_s:g} s)"
+            )
+        return self
+
+    def describe(self) -> str:
+        return f"{self.mode.upper()} bursts of {self.dwell_s:g} s every {self.every_s:g} s"
+
+
 class Hold(Step):
     """Keep everything as it is for `duration_s` run-clock seconds (pauses excluded).
 
@@ -149,6 +183,7 @@ class Hold(Step):
     shorthand: ClassVar[str | None] = "duration_s"
     duration_s: Positive
     until: str | None = None
+    interleave: Interleave | None = None
 
     @field_validator("until")
     @classmethod
@@ -166,8 +201,10 @@ class Hold(Step):
 
     def describe(self) -> str:
         if self.until is None:
-            return f"hold {self.duration_s:g} s"
-        return f"hold until {self.until} (at most {self.duration_s:g} s)"
+            text = f"hold {self.duration_s:g} s"
+        else:
+            text = f"hold until {self.until} (at most {self.duration_s:g} s)"
+        return text if self.interleave is None else f"{text}, {self.interleave.describe()}"
 
 
 class Acquire(Step):
@@ -215,9 +252,11 @@ class Wait(Step):
     kind: ClassVar[str] = "wait"
     shorthand: ClassVar[str | None] = "duration_s"
     duration_s: Positive
+    interleave: Interleave | None = None
 
     def describe(self) -> str:
-        return f"wait {self.duration_s:g} s"
+        text = f"wait {self.duration_s:g} s"
+        return text if self.interleave is None else f"{text}, {self.interleave.describe()}"
 
 
 class Mark(Step):
@@ -312,6 +351,28 @@ class Protocol(BaseModel):
 
     def __hash__(self) -> int:
         return hash((self.name, self.description, self.steps))
+
+    @model_validator(mode="after")
+    def _interleave_has_a_mode_to_return_to(self) -> Protocol:
+        mode: str | None = None  # the imaging mode the steps so far leave the microscope in
+        for number, step in enumerate(self.steps, 1):
+            if isinstance(step, Microscope) and step.mode is not None:
+                mode = step.mode
+            interleave = getattr(step, "interleave", None)
+            if interleave is None:
+                continue
+            if mode is None:
+                problem = "no earlier microscope step sets the mode to return to after a burst"
+            elif mode == interleave.mode:
+                problem = f"the microscope is already in {mode} here; nothing to interleave"
+            else:
+                continue
+            raise PydanticCustomError(
+                "step_sequence",
+                "step {step} ({kind}): interleave: {problem}",
+                {"step": number, "kind": step.kind, "field": "interleave", "problem": problem},
+            )
+        return self
 
     # ----- reading -----------------------------------------------------------------------
     @classmethod
@@ -435,6 +496,9 @@ def _protocol_error(exc: ValidationError, data: dict[str, Any], label: str = "")
     loc = first["loc"]
     message = _message(first)
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    if first["type"] == "step_sequence":  # a check across steps, already naming its step
+        ctx = first["ctx"]
+        return ProtocolError(f"{label}{message}{more}", ctx["step"], ctx["kind"], ctx["field"])
     if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
         number = loc[1] + 1
         kind = str(loc[2]) if len(loc) > 2 else _raw_kind(data, loc[1])
@@ -480,4 +544,6 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
         return list(Protocol.model_fields)
     if len(loc) == 3 and loc[0] == "steps" and loc[2] in STEP_TYPES:
         return list(STEP_TYPES[loc[2]].model_fields)
+    if len(loc) == 4 and loc[0] == "steps" and loc[3] == "interleave":
+        return list(Interleave.model_fields)
     return []

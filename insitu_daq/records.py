@@ -56,6 +56,7 @@ class EventKind:
     BIAS = "bias"  # ramp started / reached, output on / off
     TRIP = "compliance_trip"
     INSTRUMENT = "instrument"  # lost / retried / back
+    MICROSCOPE = "microscope"  # imaging mode / beam / dose rate set (steps, interleave bursts)
     GAP = "frame_gap"  # image_id gap
     DUPLICATE = "frame_duplicate"
     OUT_OF_ORDER = "frame_out_of_order"

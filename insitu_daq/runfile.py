@@ -30,6 +30,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .analysis.reflections import DEFAULT_REFLECTIONS
+from .analysislog import AnalysisLog
 from .drivers.stream2 import hdf5_filter_options
 from .framebias import FrameBiasEstimator
 from .records import STATUS_LEVEL_CHANGE
@@ -40,6 +42,11 @@ KIND_LENGTH = 32
 MESSAGE_LENGTH = 256
 DATE_LENGTH = 40
 COLUMN_BATCH = 64  # frames whose per-frame columns are written together
+# HDF5's chunk cache per dataset. Its default (1 MB) keeps every appended column chunk until
+# the megabyte is full: ~25 growing datasets made the writer's memory grow for an hour of run
+# (~150 bytes a frame). Appends only need the chunk being filled (8 KB for 1024 float64);
+# frame chunks (one image each) are bigger than this and bypass the cache anyway.
+CHUNK_CACHE_BYTES = 64 * 1024
 
 
 def iso8601(time_ns: int) -> str:
@@ -77,6 +84,9 @@ class RunMetadata:
     holder: dict[str, Any] = field(default_factory=dict)
     microscope: dict[str, Any] = field(default_factory=dict)
     program_version: str = ""
+    # Live analysis: the tracked reflections' names and the analysis parameters (analysislog.py).
+    reflections: tuple[str, ...] = DEFAULT_REFLECTIONS.names
+    analysis_parameters: dict[str, Any] = field(default_factory=dict)
 
 
 # Metadata keys say their unit in their name (compliance_amperes, pixel_size_nm, ...).
@@ -143,7 +153,7 @@ class RunWriter:
         self.meta = meta
         self.geometry = geometry
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.path, "w", libver="latest")
+        self._file = h5py.File(self.path, "w", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES)
         self._closed = False
         try:
             self._build()
@@ -168,6 +178,7 @@ class RunWriter:
         self.level_changes_written = 0
         self.events_written = 0
         self.holder_positions_written = 0
+        self.analysis_results_not_kept = 0  # write_analysis with no analysis log to keep them
         # Per-frame bias: a window of the bias log, and the times of the frames whose bias is
         # not filled in yet (frames from _first_pending_frame on).
         self._frame_bias_estimator = FrameBiasEstimator()
@@ -281,6 +292,8 @@ class RunWriter:
         self._event_kind = _growing(events, "kind", f"S{KIND_LENGTH}", chunk=64)
         self._event_message = _growing(events, "message", f"S{MESSAGE_LENGTH}", chunk=64)
 
+        self._analysis_log = AnalysisLog(entry, meta.reflections, meta.analysis_parameters)
+
         protocol = _group(entry, "protocol", "NXnote")
         _scalar(protocol, "type", "text/plain")
         _scalar(protocol, "file_name", meta.protocol_name)
@@ -297,7 +310,7 @@ class RunWriter:
         self,
         image_id: int,
         series_id: int,
-        chunks: dict[str, bytes | np.ndarray],
+        chunks: dict[str, bytes | memoryview | np.ndarray],
         frame_time: float,
         detector_start: float,
         detector_stop: float,
@@ -409,6 +422,15 @@ class RunWriter:
         _put(self._holder_time, index, np.array([time]))
         _put(self._holder_value, index, np.array([position_nm]))
         self.holder_positions_written += 1
+
+    def write_analysis(self, result: dict[str, Any]) -> None:
+        """A live-analysis result (from the analysis process, through the ingest), kept by
+        the analysis log (analysislog.py) when this build has one; else counted, not kept."""
+        analysis_log = getattr(self, "_analysis_log", None)
+        if analysis_log is None:
+            self.analysis_results_not_kept += 1
+            return
+        analysis_log.append(result)
 
     def write_event(self, time: float, kind: str, message: str) -> None:
         index = self.events_written

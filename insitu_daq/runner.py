@@ -18,6 +18,12 @@ Whatever the outcome (finished, aborted, failed) the run ends with `station.make
 idempotent) and, if recording is still on, `station.stop_recording()` - in that order, so the
 ramp-down is in the run file.
 
+A hold or wait with `interleave` switches the microscope into the burst mode and back on the
+step's clock (`_Bursts`), through `station.set_microscope` like a microscope step, and records
+each switch as a `microscope` event (as every microscope setting the runner makes): a pause
+freezes the schedule with the step's clock, the step ends in the mode it started in, and an
+abort leaves the microscope as it is (only the bias matters then).
+
 Durations (hold, wait, elapsed times) are run-clock seconds (`station.clock.now()`), so a
 time-scaled simulated station runs a 120 s hold in 120 / time_scale wall seconds.
 
@@ -31,7 +37,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -41,6 +47,7 @@ from .protocol import (
     Approach,
     Bias,
     Hold,
+    Interleave,
     Mark,
     Microscope,
     Protocol,
@@ -120,6 +127,20 @@ class _BiasTarget:
     rate_volts_per_s: float | None
 
 
+@dataclass
+class _Imaging:
+    """What this run's microscope steps have set: the mode, and the dose rate of each mode."""
+
+    mode: str | None = None
+    dose_rates: dict[str, float] = field(default_factory=dict)
+
+    def apply(self, mode: str | None, dose_rate_e_per_a2_s: float | None) -> None:
+        if mode is not None:
+            self.mode = mode
+        if dose_rate_e_per_a2_s is not None and self.mode is not None:
+            self.dose_rates[self.mode] = dose_rate_e_per_a2_s
+
+
 class ProtocolRunner:
     """Runs one protocol at a time against `station`.
 
@@ -150,6 +171,7 @@ class ProtocolRunner:
         self._bias_target: _BiasTarget | None = None
         self._in_bias_step = False
         self._recording = False
+        self._imaging = _Imaging()
         self.event_errors_total = 0  # on_event listener failures (logged, never stop a run)
 
     # ----- control ---------------------------------------------------------------------------
@@ -182,6 +204,7 @@ class ProtocolRunner:
             self._bias_target = None
             self._in_bias_step = False
             self._recording = False
+            self._imaging = _Imaging()
             self._thread = threading.Thread(
                 target=self._run, args=(protocol, on_done), name="protocol-runner", daemon=True
             )
@@ -277,6 +300,11 @@ class ProtocolRunner:
                 hold_remaining_s=remaining,
                 reason=self._reason,
             )
+
+    def _step_time(self) -> float:
+        """The step's clock now (pauses excluded)."""
+        with self._cond:
+            return self._step_elapsed(self.station.clock.now())
 
     # ----- step clock (callers hold self._cond) ------------------------------------------------
     def _step_elapsed(self, now: float) -> float:
@@ -412,7 +440,7 @@ class ProtocolRunner:
             return {}
         if isinstance(step, (Hold, Wait)):
             condition = step.condition if isinstance(step, Hold) else None
-            return self._timed(step.duration_s, condition)
+            return self._timed(step.duration_s, condition, step.interleave)
         self._checkpoint()  # the instant steps: wait out a pause, honour an abort
         if isinstance(step, Acquire):
             if step.action == "start":
@@ -422,7 +450,8 @@ class ProtocolRunner:
                 station.stop_recording()
                 self._recording = False
         elif isinstance(step, Microscope):
-            station.set_microscope(
+            self._set_microscope(
+                "step",
                 mode=step.mode,
                 beam=step.beam,
                 dose_rate_e_per_a2_s=step.dose_rate_e_per_a2_s,
@@ -531,15 +560,24 @@ class ProtocolRunner:
                 continue
             return {}
 
-    def _timed(self, duration_s: float, condition: Condition | None) -> dict[str, Any]:
-        """Hold or wait `duration_s` of step time (frozen while paused), or until `condition`."""
+    def _timed(
+        self, duration_s: float, condition: Condition | None, interleave: Interleave | None
+    ) -> dict[str, Any]:
+        """Hold or wait `duration_s` of step time (frozen while paused), or until `condition`.
+
+        With `interleave`, the microscope is switched into its mode and back on the step's
+        clock; the step ends in the mode it started in (an abort leaves it as it is).
+        """
         clock = self.station.clock
+        bursts = _Bursts(self, interleave) if interleave is not None else None
         while True:
             stop = self._checkpoint()
             while not stop.is_set():
                 with self._cond:
                     elapsed = self._step_elapsed(clock.now())
                 if elapsed >= duration_s:
+                    if bursts is not None:
+                        bursts.end(elapsed)
                     if condition is None:
                         return {}
                     return {
@@ -550,13 +588,73 @@ class ProtocolRunner:
                 if condition is not None:
                     values = self._live_values(condition)
                     if condition.evaluate(values):
+                        if bursts is not None:
+                            bursts.end(elapsed)
                         return {
                             "ended_by": "condition",
                             "values": values,
                             "summary": f"{condition} met after {elapsed:.1f} s",
                         }
                     timeout = min(timeout, CONDITION_POLL_S)
+                if bursts is not None:
+                    next_switch = bursts.follow(elapsed)
+                    now = self._step_time()  # a switch takes time: wait from after it
+                    until = min(next_switch, duration_s)
+                    timeout = min(timeout, clock.wall_seconds(max(0.0, until - now)))
                 stop.wait(timeout)
+
+    def _set_microscope(
+        self,
+        cause: str,
+        mode: str | None = None,
+        beam: bool | None = None,
+        dose_rate_e_per_a2_s: float | None = None,
+        pixel_size_nm: float | None = None,
+        **details: Any,
+    ) -> None:
+        """Set the microscope through the station, then record it as a `microscope` event.
+
+        Every mode change the runner makes goes through here (microscope steps and interleave
+        bursts alike), so the run file and the analysis see each one at its run-clock time.
+        """
+        self.station.set_microscope(
+            mode=mode,
+            beam=beam,
+            dose_rate_e_per_a2_s=dose_rate_e_per_a2_s,
+            pixel_size_nm=pixel_size_nm,
+        )
+        previous = self._imaging.mode
+        self._imaging.apply(mode, dose_rate_e_per_a2_s)
+        settings = {
+            "mode": mode,
+            "beam": beam,
+            "dose_rate_e_per_a2_s": dose_rate_e_per_a2_s,
+            "pixel_size_nm": pixel_size_nm,
+        }
+        settings = {key: value for key, value in settings.items() if value is not None}
+        parts = []
+        if mode is not None:
+            change = mode if previous in (None, mode) else f"{previous} -> {mode}"
+            parts.append(f"mode {change}")
+        if beam is not None:
+            parts.append("beam on" if beam else "beam off")
+        if dose_rate_e_per_a2_s is not None:
+            parts.append(f"dose rate {dose_rate_e_per_a2_s:g} e/A^2/s")
+        if pixel_size_nm is not None:
+            parts.append(f"pixel size {pixel_size_nm:g} nm")
+        with self._cond:
+            index = self._step_index
+        self._emit(
+            EventKind.MICROSCOPE,
+            f"microscope: {', '.join(parts)} ({cause})",
+            {
+                **settings,
+                "previous_mode": previous,
+                "cause": cause,
+                "step": None if index is None else index + 1,
+                **details,
+            },
+        )
 
     def _live_values(self, condition: Condition) -> dict[str, float | None]:
         values: dict[str, float | None] = {}
@@ -587,3 +685,63 @@ class ProtocolRunner:
         except Exception:
             self.event_errors_total += 1
             log.exception("recording event %r", message)
+
+
+class _Bursts:
+    """Drives one hold's (or wait's) interleave on the step's clock (pauses excluded).
+
+    Bursts start on the grid k * every_s (k >= 1), or as soon after as the runner gets to it,
+    and last dwell_s from the moment the microscope has switched (a slow remote call must not
+    eat the burst). A burst that would start while the previous one still runs (it started
+    very late) is left out. After a pause the schedule continues where the clock stopped: a
+    burst a pause interrupted goes on for its remaining dwell.
+    """
+
+    def __init__(self, runner: ProtocolRunner, interleave: Interleave) -> None:
+        imaging = runner._imaging
+        if imaging.mode is None:  # the protocol's validation refuses this; a guard only
+            raise StationError("interleave: no imaging mode set to return to")
+        self._runner = runner
+        self._interleave = interleave
+        self._home_mode = imaging.mode
+        self._home_dose = imaging.dose_rates.get(imaging.mode)
+        self._burst_dose = interleave.dose_rate_e_per_a2_s or imaging.dose_rates.get(
+            interleave.mode
+        )
+        self._in_burst = False
+        self._burst_end_s = 0.0
+        self._next_start_s = interleave.every_s
+
+    def follow(self, elapsed_s: float) -> float:
+        """Switch if the schedule says so at step time `elapsed_s`; returns the next switch's
+        step time."""
+        every = self._interleave.every_s
+        if not self._in_burst and elapsed_s >= self._next_start_s:
+            switched_at = self._switch(True, elapsed_s)
+            self._burst_end_s = switched_at + self._interleave.dwell_s
+            self._next_start_s = (math.floor(self._burst_end_s / every) + 1) * every
+        elif self._in_burst and elapsed_s >= self._burst_end_s:
+            self._switch(False, elapsed_s)
+        return self._burst_end_s if self._in_burst else self._next_start_s
+
+    def end(self, elapsed_s: float) -> None:
+        """The step is over: back to the mode it started in, if a burst is running."""
+        if self._in_burst:
+            self._switch(False, elapsed_s)
+
+    def _switch(self, into_burst: bool, elapsed_s: float) -> float:
+        """Set the microscope; returns the step time once it is set."""
+        interleave = self._interleave
+        if into_burst:
+            mode, dose = interleave.mode, self._burst_dose
+        else:
+            mode, dose = self._home_mode, self._home_dose
+        self._runner._set_microscope(
+            "interleave",
+            mode=mode,
+            dose_rate_e_per_a2_s=dose,
+            burst="start" if into_burst else "end",
+            step_elapsed_s=elapsed_s,
+        )
+        self._in_burst = into_burst
+        return self._runner._step_time()

@@ -11,8 +11,11 @@ time, as an EIGER2); the scene is captured once, at the exposure midpoint, from 
 that instant (`station.clock.now()` model time), so a frame shows the model state at its
 midpoint, and its detector `start_time`/`stop_time` are centred on the capture instant. At
 time scale s the model moves s * count_time during one exposure; the snapshot does not blur
-that. The renderer gets exposure_s = count_time (detector seconds), so counts and noise per
-frame do not depend on the time scale. Detector times are rationals over a 50 MHz time base
+that. The renderer gets the exposure in model time, s * count_time, so the dose a frame holds
+is what that much of the experiment would give: dose per model second (and so what an
+analysis summing frames to a dose sees per model second, and the model's cumulative dose
+bookkeeping) does not depend on the time scale, while counts per frame grow with it.
+Detector times are rationals over a 50 MHz time base
 since `series_date` (= `arm_date`, the arm instant), as an EIGER2 sends them.
 
 The station lock is held only to capture the scene (and the station parameters at arm);
@@ -441,7 +444,8 @@ class SimulatedCamera:
                 model_time = model.time_s
             capture_mono = origin + model_time / clock.time_scale
             start_mono = capture_mono - half
-            frame, truth = self._render(scene, series.count_time_s, image_id)
+            exposure_model_s = series.count_time_s * clock.time_scale
+            frame, truth = self._render(scene, exposure_model_s, image_id)
             message = self._image_message(
                 series, image_id, frame, truth, model_time, capture_mono, start_mono, fault
             )

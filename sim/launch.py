@@ -52,7 +52,9 @@ class SimulatedInstruments:
             station=station,
             source_meter=SimulatedSourceMeter(station, host=host, port=ports.source_meter),
             holder=SimulatedHolder(station, host=host, port=ports.holder),
-            microscope=SimulatedMicroscope(station, host=host, port=ports.microscope),
+            microscope=SimulatedMicroscope(
+                station, host=host, port=ports.microscope, frame_shape=frame_shape
+            ),
             camera=SimulatedCamera(
                 station,
                 host=host,

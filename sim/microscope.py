@@ -6,6 +6,10 @@ driver's `RemoteMicroscope` is exercised over a real socket. `MicroscopeControll
 request object into one reply object (the state machine); `SimulatedMicroscope` serves it.
 The beam and dose live in the shared model (what the camera's frames record); the imaging
 mode, pixel size and field centre live in `station.optics` (what the camera renders).
+
+One request exists only here, not on a real microscope nor in the driver: `truth`, the
+model's ground truth now (extraction, expansion, phase fractions, front, the lattice spacings
+the HRTEM field shows), so a demo or test can put live analysis next to what it should find.
 """
 
 from __future__ import annotations
@@ -17,8 +21,18 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from .lineserver import ServedInstrument, TcpLineServer
+from .model import NanobatteryModel, Phase
 from .optics import ImagingMode
+from .render import (
+    DEFAULT_TRANSFER_LIMIT_PX,
+    DISORDERED_REFLECTIONS,
+    LAYERED_REFLECTIONS,
+    ROCK_SALT_REFLECTIONS,
+    drawn_reflections,
+)
 from .station import SimStation
 
 log = logging.getLogger(__name__)
@@ -27,6 +41,14 @@ DEFAULT_PORT = 5027
 MAX_LINE = 4096  # bytes of one request, terminator excluded
 IDENTITY = "INSITU-SIM,TEM-200 simulated microscope,SN0001,1.0"
 DOSE_RATE_RANGE_E_PER_A2_S = (0.01, 10_000.0)
+# Sampling of the HRTEM field for the `truth` request's field phase fractions (points per side).
+TRUTH_FIELD_GRID = 256
+_PARTICLE_PHASES = (Phase.LAYERED, Phase.DISORDERED, Phase.ROCK_SALT)
+_REFLECTIONS_OF = {
+    Phase.LAYERED: LAYERED_REFLECTIONS,
+    Phase.DISORDERED: DISORDERED_REFLECTIONS,
+    Phase.ROCK_SALT: ROCK_SALT_REFLECTIONS,
+}
 
 Reply = dict[str, Any]
 
@@ -47,8 +69,9 @@ def _number(params: dict[str, Any], name: str) -> float:
 class MicroscopeController:
     """Executes validated requests against the station's model and optics."""
 
-    def __init__(self, station: SimStation) -> None:
+    def __init__(self, station: SimStation, frame_shape: tuple[int, int] = (1024, 1024)) -> None:
         self._station = station
+        self._frame_shape = (int(frame_shape[0]), int(frame_shape[1]))  # the camera's, for truth
         self._lock = threading.Lock()  # one request at a time, whichever client sent it
         self.requests_total = 0
         self.errors_total = 0  # requests answered with ok=false (malformed ones included)
@@ -65,6 +88,7 @@ class MicroscopeController:
             "set_mode": ({"mode"}, {"mode"}, self._set_mode),
             "set_pixel_size": ({"pixel_size_nm"}, {"pixel_size_nm"}, self._set_pixel_size),
             "set_field_center": ({"x_nm", "y_nm"}, {"x_nm", "y_nm"}, self._set_field_center),
+            "truth": (set(), set(), self._truth),  # simulator only
         }
 
     # ----- protocol ----------------------------------------------------------------------------
@@ -203,12 +227,74 @@ class MicroscopeController:
             self._station.optics.set_field_center(x_nm, y_nm)
         return {}
 
+    def _truth(self, params: dict[str, Any]) -> Reply:
+        """The model's ground truth now; the field part is the HRTEM field whatever the mode."""
+        with self._station.model() as m:
+            state = {
+                "time_s": m.time_s,
+                "bias_volts": m.applied_bias(),
+                "x": m.x,
+                "expansion": m.expansion,
+                "particle_radius_nm": m.particle_radius_nm,
+                "front_position_nm": m.front_position_nm,
+                "front_velocity_nm_s": m.front_velocity_nm_s(),
+                "contact": m.contact,
+            }
+            structure = NanobatteryModel(params=m.params, x=m.x, tip_position_nm=m.tip_position_nm)
+            hrtem = self._station.optics.modes[ImagingMode.HRTEM]
+        # Outside the lock: the structure is a detached copy (phase sampling takes ~1-2 ms).
+        state["particle_phase_fractions"] = structure.phase_fractions()
+        field = self._hrtem_field_labels(structure, hrtem.pixel_size_nm, hrtem.field_center_nm)
+        counts = np.bincount(field.ravel(), minlength=len(Phase))
+        particle = sum(int(counts[phase]) for phase in _PARTICLE_PHASES)
+        state["field_particle_coverage"] = particle / field.size
+        state["field_phase_fractions"] = {
+            phase.name.lower(): (counts[phase] / particle if particle else 0.0)
+            for phase in _PARTICLE_PHASES
+        }
+        state["field_d_spacings"] = self._spacings_present(counts, hrtem.pixel_size_nm)
+        return {"truth": state}
+
+    def _hrtem_field_labels(
+        self, structure: NanobatteryModel, pixel_nm: float, center_nm: tuple[float, float]
+    ) -> np.ndarray:
+        rows, cols = self._frame_shape
+        n = TRUTH_FIELD_GRID
+        xs = center_nm[0] + ((np.arange(n) + 0.5) / n - 0.5) * cols * pixel_nm
+        ys = center_nm[1] + ((np.arange(n) + 0.5) / n - 0.5) * rows * pixel_nm
+        return structure.phase_at(xs[None, :], ys[:, None])
+
+    @staticmethod
+    def _spacings_present(counts: np.ndarray, pixel_nm: float) -> list[dict[str, Any]]:
+        """The lattice spacings drawn in the HRTEM field now: reflections of phases present."""
+        present: dict[float, dict[str, Any]] = {}
+        for phase in _PARTICLE_PHASES:
+            if not counts[phase]:
+                continue
+            for reflection in drawn_reflections(
+                _REFLECTIONS_OF[phase], pixel_nm, DEFAULT_TRANSFER_LIMIT_PX
+            ):
+                entry = present.setdefault(
+                    reflection.d_nm,
+                    {"d_m": reflection.d_nm * 1e-9, "names": [], "phases": []},
+                )
+                if reflection.name not in entry["names"]:
+                    entry["names"].append(reflection.name)
+                entry["phases"].append(phase.name.lower())
+        return [present[d] for d in sorted(present, reverse=True)]
+
 
 class SimulatedMicroscope(ServedInstrument):
     """The microscope's remote interface served as JSON lines on TCP."""
 
-    def __init__(self, station: SimStation, host: str = "127.0.0.1", port: int = DEFAULT_PORT):
-        self.controller = MicroscopeController(station)
+    def __init__(
+        self,
+        station: SimStation,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        frame_shape: tuple[int, int] = (1024, 1024),
+    ) -> None:
+        self.controller = MicroscopeController(station, frame_shape)
         super().__init__(
             TcpLineServer("microscope", host, port, self.controller.handle_line, MAX_LINE)
         )

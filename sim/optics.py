@@ -24,9 +24,13 @@ class ModeSettings:
 DEFAULT_MODES: dict[ImagingMode, ModeSettings] = {
     # 1024 px x 1.0 nm: the 500 nm particle, its 30 % growth and the needle all fit.
     ImagingMode.LOW_MAG: ModeSettings(pixel_size_nm=1.0, field_center_nm=(260.0, 0.0)),
-    # 0.06 nm/px: 1.48 A fringes span 2.5 px (above Nyquist); the 61 nm field sits at the
-    # particle's middle, where rock salt enters the field at ~41 s under +4.3 V.
-    ImagingMode.HRTEM: ModeSettings(pixel_size_nm=0.06, field_center_nm=(250.0, 0.0)),
+    # 0.06 nm/px: 1.48 A fringes span 2.5 px (above Nyquist). The 61 nm field sits on the far
+    # side of the particle (the last part the front reaches), 29 nm inside its far edge (clear
+    # of the 5 nm disordered surface layer, which would read as a phase change at 0 V), so at
+    # +4.3 V the FFT shows the layered (003) for most of the conversion: rock salt enters the
+    # field at ~84 s, (003) is below half at ~88 s and gone at ~96 s, the field 90 % rock salt
+    # at ~97 s (the whole particle: 90 % at ~81 s, done at ~108 s).
+    ImagingMode.HRTEM: ModeSettings(pixel_size_nm=0.06, field_center_nm=(440.0, 0.0)),
 }
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from insitu_daq.api import ControlClient, ControlError
 from insitu_daq.demo import free_ports, reference_protocol, station_toml, wait_for_daemon
+from insitu_daq.protocol import Protocol
 from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
 
 TIME_SCALE = 20.0
@@ -43,12 +44,17 @@ steps:
 class LiveStation:
     """Simulated instruments here, the daemon as a subprocess, a control client."""
 
-    def __init__(self, tmp_path: Path, time_scale: float = TIME_SCALE) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        time_scale: float = TIME_SCALE,
+        frame_shape: tuple[int, int] = (128, 128),
+    ) -> None:
         self.time_scale = time_scale
         self.sims = SimulatedInstruments.create(
             ports=StationPorts(0, 0, 0, 0),
             time_scale=time_scale,
-            frame_shape=(128, 128),
+            frame_shape=frame_shape,
             frame_rate_hz=40.0,
         )
         self.sims.start()
@@ -195,8 +201,9 @@ def test_reference_protocol_yields_a_complete_run_file(live: LiveStation) -> Non
         event_time = f["/entry/events/time"][:]
         messages = [m.decode() for m in f["/entry/events/message"][:]]
         assert np.all(np.diff(event_time) >= 0)
-        started = [re.match(r"step (\d+)/15 \w+:", m) for m in messages]
-        assert [int(m[1]) for m in started if m] == list(range(1, 16))
+        steps = len(Protocol.parse(reference_protocol("lno_4v3.yaml")).steps)
+        started = [re.match(rf"step (\d+)/{steps} \w+:", m) for m in messages]
+        assert [int(m[1]) for m in started if m] == list(range(1, steps + 1))
         assert f["/entry/end_time"][()].decode()
 
 

@@ -38,6 +38,9 @@ def exported_metrics() -> dict[str, set[str]]:
     metrics = DaemonMetrics("127.0.0.1", 0)  # never started: only its registry is read
     metrics.set_instrument_up("source_meter", True)
     metrics.set_d_spacing("003", 4.8e-10)
+    metrics.observe_analysis(
+        {"intensity.lno_003": 0.02, "rock_salt_fraction": 0.5, "expansion": 0.1}, 0.02
+    )
     metrics.watch_control(lambda: {"ok": 1})
     names: dict[str, set[str]] = {}
     for family in metrics.registry.collect():

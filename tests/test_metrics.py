@@ -35,7 +35,7 @@ CONTRACT_METRICS = {
     "insitu_daq_run_elapsed_seconds": "gauge",
     "insitu_daq_d_spacing_meters": "gauge",
 }
-BASE_UNITS = ("_volts", "_amperes", "_seconds", "_meters", "_bytes", "_ratio")
+BASE_UNITS = ("_volts", "_amperes", "_seconds", "_meters", "_meters_per_second", "_bytes", "_ratio")
 # Gauges without a unit: 0/1 flags (`_up`, one-hot `_state`) and `_info` labels.
 UNITLESS_SUFFIXES = ("_up", "_state", "_info")
 
@@ -330,3 +330,37 @@ def test_stop_closes_the_port_and_joins_the_thread() -> None:
     assert set(threading.enumerate()) <= before
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=2)
+
+
+def test_live_analysis_results_become_gauges_in_base_units_and_counters() -> None:
+    metrics = DaemonMetrics("127.0.0.1", 0)
+    value = metrics.registry.get_sample_value
+    metrics.observe_analysis(
+        {
+            "d_spacing_m.nio_200": 2.1e-10,
+            "rock_salt_fraction": 0.4,
+            "front_velocity_nm_s": 5.0,
+            "expansion": 0.2,
+        },
+        latency_s=0.03,
+    )
+    assert value("insitu_daq_d_spacing_meters", {"reflection": "nio_200"}) == 2.1e-10
+    assert value("insitu_daq_phase_fraction_ratio", {"phase": "rock_salt"}) == 0.4
+    assert value("insitu_daq_front_velocity_meters_per_second") == pytest.approx(5e-9)
+    assert value("insitu_daq_expansion_ratio") == 0.2
+    assert value("insitu_daq_analysis_latency_seconds_count") == 1
+    # Not measurable any more: the labelled series goes, the unlabelled gauge reads NaN.
+    metrics.observe_analysis({"d_spacing_m.nio_200": None, "expansion": None}, None)
+    assert value("insitu_daq_d_spacing_meters", {"reflection": "nio_200"}) is None
+    assert value("insitu_daq_expansion_ratio") != value("insitu_daq_expansion_ratio")  # NaN
+    # Cumulative process counters become deltas; a new pid counts afresh.
+    metrics.observe_analysis_stats(
+        {"pid": 1, "frames_analysed_total": 5, "frames_skipped_total": 2}
+    )
+    metrics.observe_analysis_stats(
+        {"pid": 1, "frames_analysed_total": 8, "frames_skipped_total": 2}
+    )
+    metrics.observe_analysis_stats({"pid": 2, "frames_analysed_total": 1, "alive": True})
+    assert value("insitu_daq_analysis_frames_total") == 9
+    assert value("insitu_daq_analysis_frames_skipped_total", {"reason": "behind"}) == 2
+    assert value("insitu_daq_analysis_up") == 1

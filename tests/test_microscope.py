@@ -175,3 +175,53 @@ def test_silent_microscope_raises_timeout() -> None:
         host, port = listener.getsockname()[:2]
         with RemoteMicroscope(host, port, timeout=0.2) as scope, pytest.raises(MicroscopeTimeout):
             scope.identify()
+
+
+def _request(sim: SimulatedMicroscope, request: dict) -> dict:
+    with socket.create_connection(_address(sim), timeout=5.0) as conn:
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = conn.recv(65536)
+            assert chunk, "connection closed before the reply"
+            reply += chunk
+    return json.loads(reply)
+
+
+def test_truth_request_reports_the_model_and_the_hrtem_field(
+    station: SimStation, sim: SimulatedMicroscope
+) -> None:
+    with station.model() as m:
+        m.tip_position_nm = 0.0
+        m.x = 0.95  # the front (444 nm) crosses the HRTEM field (409-471 nm): both phases
+        expected = m.snapshot()
+    reply = _request(sim, {"cmd": "truth", "id": 3})
+    assert reply["ok"] and reply["id"] == 3
+    truth = reply["truth"]
+    assert truth["x"] == pytest.approx(0.95)  # no bias: x does not move with time
+    assert truth["time_s"] >= expected.time_s
+    assert truth["expansion"] == pytest.approx(expected.expansion)
+    assert truth["front_position_nm"] == pytest.approx(expected.front_position_nm)
+    assert truth["front_velocity_nm_s"] == 0.0  # unbiased
+    assert truth["particle_phase_fractions"] == pytest.approx(expected.phase_fractions)
+    field = truth["field_phase_fractions"]
+    assert sum(field.values()) == pytest.approx(1.0)
+    assert truth["field_particle_coverage"] == pytest.approx(1.0)  # the field is inside it
+    assert field["rock_salt"] > 0 and field["layered"] > 0
+    # Both phases' spacings are drawn: 4.8 A (003) of the layered core, 2.1 A (200) of NiO.
+    spacings = {round(entry["d_m"] * 1e10, 2): entry for entry in truth["field_d_spacings"]}
+    assert {4.8, 2.1} <= set(spacings)
+    assert "rock_salt" in spacings[2.1]["phases"] and spacings[4.8]["names"] == ["(003)"]
+
+    with station.model() as m:
+        m.x = 1.0
+    converted = _request(sim, {"cmd": "truth"})["truth"]
+    assert converted["field_phase_fractions"]["rock_salt"] == pytest.approx(1.0)
+    d_values = [round(entry["d_m"] * 1e10, 2) for entry in converted["field_d_spacings"]]
+    assert 4.8 not in d_values and 2.1 in d_values
+
+
+def test_truth_is_a_simulator_request_not_part_of_the_driver(sim: SimulatedMicroscope) -> None:
+    assert not hasattr(Microscope, "truth") and not hasattr(RemoteMicroscope, "truth")
+    refused = _request(sim, {"cmd": "truth", "at": 5})
+    assert not refused["ok"] and "unexpected parameter" in refused["error"]

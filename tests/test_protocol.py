@@ -162,6 +162,88 @@ def test_every_error_is_one_line_naming_step_and_field(steps_yaml: str, expected
     assert excinfo.value.step == 2
 
 
+HRTEM_FIRST = "- microscope: {mode: hrtem}\n  "
+
+
+@pytest.mark.parametrize(
+    ("steps_yaml", "expected"),
+    [
+        (
+            HRTEM_FIRST
+            + "- hold: {duration_s: 60, interleave: {mode: lm, every_s: 5, dwell_s: 5}}",
+            "step 3 (hold): interleave: dwell_s (5 s) must be shorter than every_s (5 s)",
+        ),
+        (
+            HRTEM_FIRST
+            + "- wait: {duration_s: 9, interleave: {mode: stem, every_s: 5, dwell_s: 1}}",
+            "step 3 (wait): interleave.mode: Input should be 'lm' or 'hrtem'",
+        ),
+        (
+            HRTEM_FIRST + "- hold: {duration_s: 60, interleave: {mode: lm, every_s: 5}}",
+            "step 3 (hold): interleave.dwell_s: required but missing",
+        ),
+        (
+            HRTEM_FIRST + "- hold: {duration_s: 60, interleave: {mode: lm, every: 5, dwell_s: 1}}",
+            "step 3 (hold): interleave.every: unknown field; expected mode, every_s, dwell_s",
+        ),
+        (
+            HRTEM_FIRST
+            + "- hold: {duration_s: 60, interleave: {mode: lm, every_s: 0, dwell_s: 1}}",
+            "step 3 (hold): interleave.every_s: Input should be greater than 0",
+        ),
+        # the mode to come back to must be known, and differ from the burst's
+        (
+            "- hold: {duration_s: 60, interleave: {mode: lm, every_s: 5, dwell_s: 1}}",
+            "step 2 (hold): interleave: no earlier microscope step sets the mode to return to",
+        ),
+        (
+            "- microscope: {mode: lm}\n  - microscope: {beam: on}\n  "
+            "- hold: {duration_s: 60, interleave: {mode: lm, every_s: 5, dwell_s: 1}}",
+            "step 4 (hold): interleave: the microscope is already in lm here",
+        ),
+    ],
+)
+def test_interleave_errors_name_the_step_and_field(steps_yaml: str, expected: str) -> None:
+    text = f"name: t\nsteps:\n  - mark: first\n  {steps_yaml}\n"
+    with pytest.raises(ProtocolError) as excinfo:
+        Protocol.parse(text, "yaml")
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert message.startswith(expected), message
+    assert excinfo.value.kind in ("hold", "wait")
+    assert excinfo.value.field is not None and excinfo.value.field.startswith("interleave")
+
+
+def test_interleave_describes_itself_and_round_trips() -> None:
+    text = (
+        "name: t\nsteps:\n  - microscope: {mode: hrtem}\n"
+        "  - hold: {duration_s: 60, until: expansion >= 25%,"
+        " interleave: {mode: lm, every_s: 5, dwell_s: 1, dose_rate_e_per_a2_s: 2}}\n"
+    )
+    protocol = Protocol.parse(text, "yaml")
+    hold = protocol.steps[1]
+    assert isinstance(hold, Hold) and hold.interleave is not None
+    assert hold.describe() == (
+        "hold until expansion >= 0.25 (at most 60 s), LM bursts of 1 s every 5 s"
+    )
+    assert Protocol.parse(Protocol(name="t", steps=protocol.steps).text) == protocol
+
+
+def test_shipped_until_rock_salt_protocol_is_the_reference_with_a_closed_loop_hold() -> None:
+    closed = Protocol.load(PROTOCOLS / "lno_4v3_until_rocksalt.yaml")
+    closed.validate_against(SafetyLimits())
+    reference = Protocol.load(PROTOCOLS / "lno_4v3.yaml")
+    (hold,) = [step for step in closed.steps if isinstance(step, Hold)]
+    assert hold.until == "rock_salt_fraction >= 0.9" and hold.duration_s == 120
+    assert hold.interleave is not None and hold.interleave.mode == "lm"
+
+    # everything but the hold (and the marks' wording) is the reference experiment
+    def plan(p: Protocol) -> list:
+        return [s for s in p.steps if not isinstance(s, (Hold, Mark))]
+
+    assert plan(closed) == plan(reference)
+
+
 def test_error_names_the_file_and_reports_how_many_more(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("name: t\nsteps:\n  - hold: -1\n  - bias: {volts: x}\n")
@@ -204,11 +286,11 @@ def test_protocol_errors_are_config_errors_for_the_cli() -> None:
     [
         (
             SafetyLimits(max_bias_volts=4.0),
-            "step 8 (bias): volts: +4.3 V is beyond the station's maximum bias of 4 V",
+            "step 10 (bias): volts: +4.3 V is beyond the station's maximum bias of 4 V",
         ),
         (
             SafetyLimits(max_ramp_rate_volts_per_s=0.2),
-            "step 8 (bias): rate_volts_per_s: 0.5 V/s is beyond the station's maximum ramp rate",
+            "step 10 (bias): rate_volts_per_s: 0.5 V/s is beyond the station's maximum ramp rate",
         ),
     ],
 )

@@ -238,13 +238,24 @@ def test_reference_protocol_calls_the_station_in_order(station: RecordingStation
     # the limits are checked for every bias step before anything else
     assert [c.name for c in station.log[:2]] == ["check_bias", "check_bias"]
     assert [c.args for c in station.calls("check_bias")] == [(4.3, 0.5), (0.0, 0.5)]
-    assert station.hardware() == [
+    hardware = station.hardware()
+    start, stop = hardware.index("start_recording"), hardware.index("stop_recording")
+    assert hardware[: start + 1] == [
         "set_microscope",  # lm, beam on
         "approach",
-        "set_microscope",  # hrtem
+        "set_microscope",  # the LM reference's dose rate
         "start_recording",
-        "ramp_bias",  # to +4.3 V
-        "ramp_bias",  # back to 0 V
+    ]
+    # while recording: HRTEM, the ramps, and the LM bursts of the hold and the end
+    recording = hardware[start + 1 : stop]
+    assert [name for name in recording if name != "set_microscope"] == ["ramp_bias", "ramp_bias"]
+    bursts = [c for c in station.events(EventKind.MICROSCOPE) if c.args[2]["cause"] == "interleave"]
+    assert recording.count("set_microscope") == 1 + len(bursts)
+    # At most the 29 + 1 bursts of the protocol, in and out; at this time scale (1 ms of wall
+    # time per run second) a burst that started very late can leave the next one out.
+    assert 2 * 3 <= len(bursts) <= 2 * (29 + 1)
+    assert [c.args[2]["mode"] for c in bursts] == ["lm", "hrtem"] * (len(bursts) // 2)
+    assert hardware[stop:] == [
         "stop_recording",
         "set_microscope",  # beam off
         "retract",
@@ -254,7 +265,8 @@ def test_reference_protocol_calls_the_station_in_order(station: RecordingStation
     assert [c.args for c in ramps] == [(4.3, 0.5), (0.0, 0.5)]
     # every step starts and finishes, in order, and the marks are where the protocol puts them
     steps = [(c.args[2]["step"], c.args[2]["phase"]) for c in station.events(EventKind.STEP)]
-    assert steps == [(n, phase) for n in range(1, 16) for phase in ("start", "end")]
+    count = len(protocol.steps)
+    assert steps == [(n, phase) for n in range(1, count + 1) for phase in ("start", "end")]
     marks = [c.args[1] for c in station.events(EventKind.MARK)]
     assert marks == [s.text for s in protocol.steps if s.kind == "mark"]
     # the hold lasts 120 s of run clock, between the ramp up and the ramp down

@@ -21,6 +21,7 @@ import zmq
 from testdata_paths import STREAM2_DIR, needs_stream2
 
 from insitu_daq.drivers.stream2 import (
+    _SLICE_TAG,
     EndMessage,
     ImageMessage,
     MalformedMessage,
@@ -325,6 +326,64 @@ def test_damaged_lz4_blocks_raise_malformed_when_decompressed() -> None:
         msg.channel("threshold_1").to_array()
 
 
+# ----- zero-copy payloads -------------------------------------------------------------------------
+@needs_data
+@pytest.mark.parametrize("folder", sorted(SERIES))
+def test_payloads_are_views_into_the_message_equal_to_what_cbor2_decodes(folder: str) -> None:
+    for name in _image_files(folder):
+        raw = _raw(folder, name)
+        plain = cbor2.loads(
+            raw, tag_hook=lambda *a: next(x for x in a if isinstance(x, cbor2.CBORTag))
+        )
+        msg = decode_message(raw)
+        assert isinstance(msg, ImageMessage)
+        for channel in CHANNELS:
+            payload = msg.channel(channel).payload
+            assert isinstance(payload, memoryview) and payload.readonly
+            assert payload.obj is raw  # a view of the message, not a copy
+            typed = plain["data"][channel].value[1].value
+            expected = typed if isinstance(typed, bytes) else typed.value[2]
+            assert payload == expected
+            assert payload == memoryview(expected)
+
+
+def _indefinite(raw: bytes, payload: bytes) -> bytes:
+    """`raw` with the definite byte string `payload` re-encoded as two indefinite chunks."""
+    start = raw.index(payload)
+    head = 5 if raw[start - 5] == 0x5A else 3  # 0x5A: 4-byte length, 0x59: 2-byte length
+    assert raw[start - head] in (0x59, 0x5A)
+    half = len(payload) // 2
+    chunks = b"".join(
+        b"\x5a" + len(c).to_bytes(4, "big") + c for c in (payload[:half], payload[half:])
+    )
+    return raw[: start - head] + b"\x5f" + chunks + b"\xff" + raw[start + len(payload) :]
+
+
+@needs_data
+def test_messages_the_zero_copy_walk_does_not_follow_decode_as_before() -> None:
+    raw = _raw(*BSLZ4)
+    reference = decode_message(raw)
+    assert isinstance(reference, ImageMessage)
+    payload = bytes(reference.channel("threshold_2").payload)
+    # An indefinite-length byte string (valid CBOR; no detector sends it): decoded whole.
+    msg = decode_message(_indefinite(raw, payload))
+    assert isinstance(msg, ImageMessage)
+    assert msg.channel("threshold_2").payload == payload
+    assert msg.channel("threshold_1").payload == reference.channel("threshold_1").payload
+    np.testing.assert_array_equal(
+        msg.channel("threshold_2").to_array(), reference.channel("threshold_2").to_array()
+    )
+    # The decoder's private placeholder tag in the detector's own data stays what it is.
+    tagged = decode_message(
+        _edited(raw, lambda m: m.__setitem__("user_data", cbor2.CBORTag(_SLICE_TAG, 0)))
+    )
+    assert tagged.user_data == cbor2.CBORTag(_SLICE_TAG, 0)
+    # A large byte string outside the image data is plain bytes, as cbor2 gives it.
+    blob = bytes(range(256)) * 8
+    extra = decode_message(_edited(raw, lambda m: m.__setitem__("user_data", {"blob": blob})))
+    assert extra.user_data == {"blob": blob} and isinstance(extra.user_data["blob"], bytes)
+
+
 # ----- over a real ZeroMQ socket ----------------------------------------------------------------
 @needs_data
 def test_receiver_reads_recorded_messages_and_skips_garbage() -> None:
@@ -357,6 +416,13 @@ def test_receiver_reads_recorded_messages_and_skips_garbage() -> None:
             assert receiver.malformed_total == len(messages)  # 1 garbage + 1 per image
             assert receiver.received_total == 2 * len(messages)
             assert receiver.receive(timeout_ms=50) is None
+            # copy=False: the ZeroMQ frame itself, which the decoded payloads point into
+            push.send(messages[0])
+            raw = receiver.receive_raw(5000, copy=False)
+            assert raw is not None and isinstance(raw[0], memoryview)
+            image = decode_message(*raw)
+            assert image.channel().payload == decode_message(messages[0]).channel().payload
+            assert image.channel().payload.obj is raw[0].obj
     finally:
         push.close(linger=0)
         context.term()

@@ -1,0 +1,294 @@
+"""One frame in, the live quantities out: the stateful glue between a stream of frames and the
+pure measurements of spectrum.py, phasemap.py, morphology.py and front.py. No I/O, no threads.
+
+`FrameAnalyzer.analyze(frame, time_s, mode, pixel_size_nm)` returns a flat dict of the
+quantities that frame measures; a key present with None means "analysed, not measurable", a
+key absent means "this frame does not measure that" (an LM frame has no d-spacings).
+
+Keys (stable: the run file's /entry/analysis logs, the `analysis` topic and the metrics use them):
+- HRTEM frames: `d_spacing_m.<reflection>` (measured d in metres, None when the reflection is
+  not detected), `intensity.<reflection>` (relative power above background, see spectrum.py),
+  and, every `phase_map_every`-th HRTEM result, `layered_fraction`, `disordered_fraction`,
+  `rock_salt_fraction` (0-1 over the particle tiles of the field).
+- LM frames: `projected_area_m2`, `expansion` (A / A_ref - 1), `front_position_nm`,
+  `front_velocity_nm_s`.
+
+Why HRTEM frames are summed, and over what. One 25 ms HRTEM frame at the simulator's low dose
+holds ~0.15-0.3 counts/px: enough for the layered (003) (~70 sigma) but not for the rock-salt
+rings or the phase map, which need ~4-5 counts/px (spectrum.py, phasemap.py). So every
+analysed HRTEM frame is added to a running sum (a ring of the frames, float32 sum), and the
+spectrum and the phase map are taken of that sum. The sum is a dose, not a time: it keeps the
+newest frames that together reach `hrtem_counts_per_px` mean counts per pixel (older ones are
+dropped as soon as the rest still reach it), and never frames older than
+`hrtem_integration_s` of run time, nor more than MAX_SUMMED_FRAMES. A fixed time window would
+measure nothing whenever fewer frames than that dose arrive in it (a time-scaled simulated run,
+a camera at a low frame rate, frames the live process skipped), and would blur more than
+needed when the dose is high. The result is stamped with the newest frame's time: a phase
+entering the field shows within the window (onset late by at most the window, and earlier the
+stronger it is). Frames the live process skips are not in the sum, so the dose of a result is
+`last_integrated_frames` frames, reported with it.
+
+One sum per imaging mode, kept across a switch: a protocol that looks at low magnification for
+a second every few seconds (protocol `interleave`) returns to the same HRTEM field, and its
+HRTEM sum goes on where it was (frames older than the window drop out as usual). A new pixel
+size or frame shape for a mode starts that mode's sum afresh.
+
+LM frames are summed the same way to `lm_counts_per_px`, within `lm_integration_s`.
+Segmentation needs ~25 counts per vacuum pixel (morphology.py): one 25 ms LM frame at
+35 e/A^2/s has ~87, but at the 2 e/A^2/s a protocol may use for LM looks only ~5. The front
+moves ~5 nm/s at most, so the default 0.5 s window blurs it by at most ~2.5 nm.
+
+Expansion reference: the median projected area of the LM frames taken before the bias step
+(at most the last `reference_frames` of them). The daemon says when the bias first left 0 V
+(`bias_started`); the reference is frozen by the first LM frame at or after that time. Until
+then (and in a run whose bias never leaves 0 V, the no-bias control) the expansion is measured
+against the median of the first `reference_frames` LM frames, so the control reads ~0. No LM
+frame before the bias step: expansion None ("no reference"), never a guess.
+
+Front speed: Theil-Sen over the front positions of the last `front_window_s` (front.py),
+stamped at the newest frame; it is the mean speed over that window.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .front import DEFAULT_FRONT, FrontSettings, front_speed, measure_front
+from .keys import PHASE_KEYS, d_spacing_key, intensity_key
+from .morphology import DEFAULT_SEGMENTATION, SegmentationSettings, measure_particle, segment
+from .phasemap import DEFAULT_PHASE_MAP_SETTINGS, PhaseMapSettings, phase_map
+from .reflections import DEFAULT_REFLECTIONS, ReflectionTable
+from .spectrum import DEFAULT_SETTINGS, SpectrumSettings, analyze_frame
+
+logger = logging.getLogger(__name__)
+
+MODES = ("hrtem", "lm")
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """How the live analysis runs; the measurement settings of each part are nested."""
+
+    table: ReflectionTable = DEFAULT_REFLECTIONS
+    hrtem_counts_per_px: float = 5.0  # dose summed before the spectrum and phase map
+    hrtem_integration_s: float = 4.0  # ... from frames no older than this (run-clock s)
+    lm_counts_per_px: float = 40.0  # dose summed before segmentation and the front
+    lm_integration_s: float = 0.5  # ... from frames no older than this
+    phase_map_every: int = 10  # map every Nth HRTEM result (it costs ~0.8x the spectrum)
+    reference_frames: int = 10  # LM frames before the bias step whose median area is A_ref
+    # Wide enough for 2-3 low-magnification looks of a protocol that interleaves them every
+    # 4 s (front_speed wants >= 6 points spanning half the window); the front's speed changes
+    # over tens of seconds (shrinking core), so 10 s does not smear it.
+    front_window_s: float = 10.0
+    spectrum: SpectrumSettings = DEFAULT_SETTINGS
+    phase_map: PhaseMapSettings = DEFAULT_PHASE_MAP_SETTINGS
+    segmentation: SegmentationSettings = DEFAULT_SEGMENTATION
+    front: FrontSettings = DEFAULT_FRONT
+
+    def __post_init__(self) -> None:
+        if not (self.hrtem_integration_s >= 0 and self.lm_integration_s >= 0):
+            raise ValueError("hrtem_integration_s and lm_integration_s must be >= 0")
+        if not (self.hrtem_counts_per_px >= 0 and self.lm_counts_per_px >= 0):
+            raise ValueError("hrtem_counts_per_px and lm_counts_per_px must be >= 0")
+        if self.phase_map_every < 1:
+            raise ValueError("phase_map_every must be at least 1")
+        if self.reference_frames < 1:
+            raise ValueError("reference_frames must be at least 1")
+        if not self.front_window_s > 0:
+            raise ValueError("front_window_s must be positive")
+
+    def to_record(self) -> dict[str, object]:
+        """The parameters as plain values (for /entry/analysis/parameters)."""
+        return {
+            "reflections": self.table.to_records(),
+            "hrtem_counts_per_px": self.hrtem_counts_per_px,
+            "hrtem_integration_s": self.hrtem_integration_s,
+            "lm_counts_per_px": self.lm_counts_per_px,
+            "lm_integration_s": self.lm_integration_s,
+            "phase_map_every": self.phase_map_every,
+            "reference_frames": self.reference_frames,
+            "front_window_s": self.front_window_s,
+            "spectrum_threshold_sigma": self.spectrum.threshold_sigma,
+            "phase_map_tile_px": self.phase_map.tile_px,
+            "phase_map_threshold": self.phase_map.threshold,
+        }
+
+
+MAX_SUMMED_FRAMES = 64  # bounds the ring's memory (64 x 2 MB at 1024 x 1024 uint16)
+
+
+@dataclass
+class _Integration:
+    """Running sum of the newest frames of one mode that reach a dose (module docstring)."""
+
+    key: tuple | None = None  # (mode, shape, pixel size): a change starts a new sum
+    frames: collections.deque = field(default_factory=collections.deque)  # (time, frame, mean)
+    total: np.ndarray | None = None
+    mean_counts: float = 0.0  # mean counts per pixel of the sum
+
+    def add(
+        self, frame: np.ndarray, time_s: float, key: tuple, counts_per_px: float, window_s: float
+    ) -> None:
+        # A new field, or a frame older than the newest (it would break the window): restart.
+        if key != self.key or self.total is None or (self.frames and time_s < self.frames[-1][0]):
+            self.reset()
+            self.key, self.total = key, np.zeros(frame.shape, dtype=np.float32)
+        mean = float(frame.mean(dtype=np.float64))
+        self.frames.append((time_s, frame, mean))
+        self.total += frame
+        self.mean_counts += mean
+        while len(self.frames) > 1 and (
+            self.frames[0][0] <= time_s - window_s
+            or len(self.frames) > MAX_SUMMED_FRAMES
+            or self.mean_counts - self.frames[0][2] >= counts_per_px
+        ):
+            _, old, old_mean = self.frames.popleft()
+            self.total -= old  # exact: counts are integers far below float32's 2**24
+            self.mean_counts -= old_mean
+
+    def reset(self) -> None:
+        self.key, self.total, self.mean_counts = None, None, 0.0
+        self.frames.clear()
+
+
+class FrameAnalyzer:
+    """Live quantities from a stream of frames (module docstring). One per run."""
+
+    def __init__(self, settings: PipelineSettings | None = None) -> None:
+        self.settings = settings or PipelineSettings()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (a new run)."""
+        self._integrations = {mode: _Integration() for mode in MODES}
+        self._hrtem_results = 0
+        self._bias_start_s: float | None = None
+        self._pre_bias_areas: collections.deque[float] = collections.deque(
+            maxlen=self.settings.reference_frames
+        )
+        self._first_areas: list[float] = []
+        self.reference_area_nm2: float | None = None  # frozen at the bias step
+        self._front: collections.deque[tuple[float, float | None]] = collections.deque()
+        self.last_integrated_frames = 0
+        self.last_reasons: dict[str, str] = {}  # why a quantity was None, for the log
+
+    # ----- inputs besides frames -------------------------------------------------------------
+    def bias_started(self, time_s: float) -> None:
+        """The bias first left 0 V at run time `time_s` (the expansion reference's end)."""
+        if self._bias_start_s is None:
+            self._bias_start_s = float(time_s)
+            logger.info("bias step at %.3f s: expansion reference ends", time_s)
+
+    # ----- frames ----------------------------------------------------------------------------
+    def analyze(
+        self, frame: np.ndarray, time_s: float, mode: str, pixel_size_nm: float
+    ) -> dict[str, float | None]:
+        """The quantities `frame` (2-D counts) measures; see the module docstring for keys."""
+        frame = np.asarray(frame)
+        if frame.ndim != 2:
+            raise ValueError(f"a frame must be 2-D, not {frame.shape}")
+        if not (math.isfinite(pixel_size_nm) and pixel_size_nm > 0):
+            raise ValueError(f"pixel size {pixel_size_nm!r} nm is not a positive number")
+        self.last_reasons = {}
+        if mode == "hrtem":
+            return self._hrtem(frame, float(time_s), float(pixel_size_nm))
+        if mode == "lm":
+            return self._lm(frame, float(time_s), float(pixel_size_nm))
+        raise ValueError(f"imaging mode {mode!r} not one of {MODES}")
+
+    def _hrtem(self, frame: np.ndarray, time_s: float, pixel_nm: float) -> dict[str, float | None]:
+        settings = self.settings
+        integration = self._integrations["hrtem"]
+        integration.add(
+            frame,
+            time_s,
+            ("hrtem", frame.shape, pixel_nm),
+            settings.hrtem_counts_per_px,
+            settings.hrtem_integration_s,
+        )
+        summed = integration.total
+        self.last_integrated_frames = len(integration.frames)
+        spectrum = analyze_frame(summed, pixel_nm, settings.table, settings.spectrum)
+        values: dict[str, float | None] = {}
+        for name in settings.table.names:
+            measurement = spectrum.reflections.get(name)
+            d = None if measurement is None else measurement.d_angstrom
+            values[d_spacing_key(name)] = None if d is None else d * 1e-10
+            intensity = None if measurement is None else measurement.intensity
+            ok = intensity is not None and math.isfinite(intensity)
+            values[intensity_key(name)] = float(intensity) if ok else None
+        if not spectrum.measurable:
+            self.last_reasons["spectrum"] = spectrum.reason
+        if self._hrtem_results % settings.phase_map_every == 0:
+            mapped = phase_map(summed, pixel_nm, settings.table, settings.phase_map)
+            fractions = mapped.fractions
+            for phase, key in PHASE_KEYS.items():
+                values[key] = None if fractions is None else float(fractions[phase])
+            if fractions is None:
+                self.last_reasons["phase_map"] = mapped.reason
+        self._hrtem_results += 1
+        return values
+
+    def _lm(self, frame: np.ndarray, time_s: float, pixel_nm: float) -> dict[str, float | None]:
+        settings = self.settings
+        integration = self._integrations["lm"]
+        integration.add(
+            frame,
+            time_s,
+            ("lm", frame.shape, pixel_nm),
+            settings.lm_counts_per_px,
+            settings.lm_integration_s,
+        )
+        self.last_integrated_frames = len(integration.frames)
+        frame = integration.total
+        segmentation = segment(frame, pixel_nm, settings.segmentation)
+        particle = measure_particle(segmentation)
+        area = particle.area_nm2
+        values: dict[str, float | None] = {
+            "projected_area_m2": None if area is None else area * 1e-18,
+        }
+        if area is None:
+            self.last_reasons["particle"] = particle.reason or "no particle"
+        values["expansion"] = self._expansion(area, time_s)
+        front = measure_front(frame, segmentation, settings.front)
+        values["front_position_nm"] = front.position_nm
+        if front.position_nm is None:
+            self.last_reasons["front"] = front.reason or "no front"
+        self._front.append((time_s, front.position_nm))
+        while self._front and self._front[0][0] < time_s - settings.front_window_s:
+            self._front.popleft()
+        times = [t for t, _ in self._front]
+        positions = [p for _, p in self._front]
+        speed = front_speed(times, positions, window_s=settings.front_window_s)
+        values["front_velocity_nm_s"] = None if speed is None else speed.speed_nm_s
+        return values
+
+    def _expansion(self, area: float | None, time_s: float) -> float | None:
+        before_bias = self._bias_start_s is None or time_s < self._bias_start_s
+        if before_bias:
+            if area is not None:
+                self._pre_bias_areas.append(area)
+                if len(self._first_areas) < self.settings.reference_frames:
+                    self._first_areas.append(area)
+            reference = statistics.median(self._first_areas) if self._first_areas else None
+        else:
+            if self.reference_area_nm2 is None and self._pre_bias_areas:
+                self.reference_area_nm2 = statistics.median(self._pre_bias_areas)
+                logger.info(
+                    "expansion reference: %.0f nm^2 from %d LM frames before the bias step",
+                    self.reference_area_nm2,
+                    len(self._pre_bias_areas),
+                )
+            reference = self.reference_area_nm2
+        if reference is None:
+            self.last_reasons["expansion"] = "no reference: no LM frame before the bias step"
+            return None
+        if area is None:
+            return None
+        return area / reference - 1.0

@@ -1,0 +1,855 @@
+"""The ingest process: DECTRIS Stream V2 in, the run file out (see ingest.py for the design).
+
+`IngestProcess` runs in its own process (multiprocessing "spawn", started by
+`ingest_client.IngestClient`; `child_main` is its entry point). It owns the Stream2Receiver
+(PULL connected to `config.detector.endpoint`), the RunWriter and, when asked, the frame tap
+for the live analysis (ingest_tap.py), and is the only thing that touches the run file. Its
+loop waits on the detector socket and the command socket together; per turn it first takes
+everything the daemon sent (commands and records, in order), then up to a batch of detector
+messages, then does the timed work (reorder-window expiry, clock retiming, flush, stats).
+
+Detector messages are received zero-copy (`recv(copy=False)`): each image's payload stays a
+view into its ZeroMQ frame through decoding, the file write and the tap. At start the process
+asks glibc to keep freed frame-sized buffers (`tune_malloc`): without it every 2 MB frame is
+mapped and faulted in afresh, which made raw ingest page-fault bound.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import sys
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .clock import RunClock
+from .config import StationConfig
+from .drivers.stream2 import (
+    ImageMessage,
+    MalformedMessage,
+    Message,
+    StartMessage,
+    Stream2Receiver,
+    decode_message,
+)
+from .ingest_counters import EventLimiter, Histogram
+from .ingest_frames import (
+    GeometryMismatchError,
+    chunks_for_file,
+    default_geometry,
+    geometry_of_image,
+    geometry_of_start,
+    iso_date,
+)
+from .ingest_tap import AnalysisTap
+from .ingest_wire import (
+    ANALYSIS,
+    CMD,
+    DROP_REASONS,
+    EVENT,
+    HDF5_WRITE_BUCKETS_S,
+    HOLDER,
+    HOLDER_RECORD,
+    READY,
+    REPLY,
+    SAMPLES,
+    STATS,
+    STATS_INTERVAL_S,
+    IngestError,
+)
+from .records import BIAS_SAMPLE_DTYPE, Event, EventKind
+from .runfile import FrameGeometry, RunMetadata, RunWriter
+from .sequence import (
+    DetectorClockMap,
+    FrameSequencer,
+    Released,
+    SeriesKey,
+    fraction_ns,
+)
+
+log = logging.getLogger(__name__)
+
+DETECTOR_BATCH = 64  # detector messages per loop turn before the commands are looked at again
+COMMAND_BATCH = 1000
+POLL_MS = 20  # loop wake-up when idle: the reorder window's time resolution
+EVENTS_PER_KIND_PER_S = 20  # beyond this an event kind is counted, not reported, until next s
+TERM_GRACE_S = 30.0  # after SIGTERM, wait this long for the daemon's shutdown
+REPORT_SEND_TIMEOUT_MS = 2000
+
+_STATE_CHANGES = ("open_run", "start_recording", "stop_recording", "close_run", "shutdown")
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024  # frames (2 MB raw) come from the heap, not mmap
+MALLOC_TRIM_THRESHOLD = 256 * 1024 * 1024  # free heap kept before it is given back
+
+
+def tune_malloc() -> dict[str, int]:
+    """Keep frame-sized buffers in the heap between frames (glibc only); what was set.
+
+    glibc serves blocks above its mmap threshold with a fresh mmap and gives freed heap tops
+    above its trim threshold back to the OS, so a 2 MB frame buffer freed after every frame
+    is faulted in page by page for the next one (~700 page faults a raw frame, most of the
+    ingest's CPU time). Raising both thresholds keeps a few frames' worth of buffers mapped.
+    The cost is bounded: up to MALLOC_TRIM_THRESHOLD of freed memory stays resident after a
+    burst (e.g. a full receive queue) until it is reused. INSITU_DAQ_MALLOPT=0 in the
+    environment leaves malloc alone (for comparison, or a platform where it misbehaves).
+    """
+    if not sys.platform.startswith("linux"):
+        return {}
+    if os.environ.get("INSITU_DAQ_MALLOPT", "1") == "0":
+        log.info("ingest: INSITU_DAQ_MALLOPT=0; malloc left as it is")
+        return {}
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 (musl and others have no such symbol: not glibc)
+    except (OSError, AttributeError):
+        log.info("ingest: not glibc; malloc left as it is")
+        return {}
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    wanted = {"M_MMAP_THRESHOLD": MALLOC_MMAP_THRESHOLD, "M_TRIM_THRESHOLD": MALLOC_TRIM_THRESHOLD}
+    numbers = {"M_MMAP_THRESHOLD": _M_MMAP_THRESHOLD, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD}
+    done = {name: value for name, value in wanted.items() if mallopt(numbers[name], value) == 1}
+    log.info("ingest: glibc mallopt %s", ", ".join(f"{k}={v}" for k, v in done.items()) or "failed")
+    return done
+
+
+# ----- the process side -----------------------------------------------------------------------
+@dataclass
+class _SeriesRows:
+    """The file rows of one series in the open run, and the clock mapping they hold."""
+
+    key: SeriesKey
+    first_row: int
+    offset_ns: int  # wall ns of detector time zero the rows were written with
+    error_ns: float
+    floor: float  # frame_time of the row before this series (frame_time never decreases)
+    # exposure midpoints, detector ns (8 bytes a frame: the whole series may be retimed)
+    mids_ns: array = field(default_factory=lambda: array("q"))
+
+
+@dataclass
+class _Run:
+    writer: RunWriter
+    clock: RunClock
+    geometry_source: str
+    counters_at_open: dict[str, int]
+    recording: list[list[int | None]] = field(default_factory=list)  # [start_ns, stop_ns]
+    rows: _SeriesRows | None = None
+    series: list[dict[str, Any]] = field(default_factory=list)
+    last_frame_time: float = float("-inf")
+    frames_flushed: int = 0
+    samples_flushed: int = 0
+    dirty: bool = False
+
+    @property
+    def is_recording(self) -> bool:
+        return bool(self.recording) and self.recording[-1][1] is None
+
+    def recording_at(self, wall_ns: int) -> bool:
+        return any(
+            start is not None and start <= wall_ns and (stop is None or wall_ns < stop)
+            for start, stop in self.recording
+        )
+
+
+@dataclass
+class _PendingOpen:
+    request_id: int
+    meta: RunMetadata
+    path: Path
+    clock: RunClock
+    deadline: float  # monotonic
+
+
+class IngestProcess:
+    """The loop of the ingest process (see the module docstring). Runs in the child."""
+
+    def __init__(
+        self,
+        config: StationConfig,
+        command_endpoint: str,
+        report_endpoint: str,
+        clock: RunClock,
+        parent_pid: int | None = None,
+        analysis_endpoint: str | None = None,
+    ) -> None:
+        self.config = config
+        self.analysis_endpoint = analysis_endpoint
+        self._tap: AnalysisTap | None = None
+        self.detector = config.detector
+        self.clock = clock  # the daemon's clock: the time of events sent back
+        self.parent_pid = parent_pid
+        self._command_endpoint = command_endpoint
+        self._report_endpoint = report_endpoint
+        self.sequencer = FrameSequencer(
+            self.detector.reorder_window_frames, self.detector.reorder_window_s
+        )
+        self._clock_map: DetectorClockMap | None = None
+        self._clock_key: SeriesKey | None = None
+        self._latest_start: StartMessage | None = None
+        self._latest_geometry: FrameGeometry | None = None  # of the last image released
+        self._latest_image_ns = 0
+        self._run: _Run | None = None
+        self._pending_open: _PendingOpen | None = None
+        self._limiter = EventLimiter(EVENTS_PER_KIND_PER_S)
+        self.hdf5_write = Histogram(HDF5_WRITE_BUCKETS_S)
+        self.hdf5_flush = Histogram(())
+        self.counts: dict[str, int] = dict.fromkeys(
+            (
+                "malformed_total",
+                "frames_received_total",
+                "frames_written_total",
+                "frames_not_recording_total",
+                "frames_refiltered_total",
+                "samples_written_total",
+                "events_written_total",
+                "holder_positions_written_total",
+                "records_without_run_total",
+                "write_errors_total",
+                "errors_total",
+                "events_suppressed_total",
+                "reports_dropped_total",
+                "retimes_total",
+                "analysis_results_written_total",
+                "analysis_results_without_run_total",
+            ),
+            0,
+        )
+        self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._done = False
+        self._term_at: float | None = None
+        now = time.monotonic()
+        self._next_flush = now
+        self._next_stats = now
+        self._next_parent_check = now
+
+    # ----- lifecycle -------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve until shutdown, SIGTERM (after the grace period) or the daemon's death."""
+        self._context = zmq.Context()
+        self._reports = self._context.socket(zmq.PUSH)
+        self._reports.setsockopt(zmq.LINGER, 1000)
+        self._reports.setsockopt(zmq.SNDHWM, 10_000)
+        self._reports.setsockopt(zmq.SNDTIMEO, REPORT_SEND_TIMEOUT_MS)
+        self._reports.connect(self._report_endpoint)
+        try:
+            self._receiver = Stream2Receiver(
+                self.detector.endpoint, rcvhwm=self.detector.receive_hwm, context=self._context
+            )
+        except zmq.ZMQError as exc:
+            error = f"detector.endpoint {self.detector.endpoint!r}: {exc}"
+            self._report(READY, {"pid": os.getpid(), "error": error}, reliable=True)
+            self._context.destroy(linger=1000)  # also the receiver's half-made socket
+            return
+        if self.analysis_endpoint is not None:
+            try:
+                self._tap = AnalysisTap(self._context, self.analysis_endpoint)
+            except zmq.ZMQError as exc:
+                error = f"analysis endpoint {self.analysis_endpoint!r}: {exc}"
+                self._report(READY, {"pid": os.getpid(), "error": error}, reliable=True)
+                self._receiver.close()
+                self._context.destroy(linger=1000)
+                return
+        self._commands = self._context.socket(zmq.PULL)
+        self._commands.setsockopt(zmq.LINGER, 0)
+        self._commands.connect(self._command_endpoint)
+        poller = zmq.Poller()
+        poller.register(self._commands, zmq.POLLIN)
+        poller.register(self._receiver.socket, zmq.POLLIN)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            ready: dict[str, Any] = {"pid": os.getpid()}
+            if self._tap is not None:
+                ready["analysis_endpoint"] = self._tap.bound_endpoint
+            self._report(READY, ready, reliable=True)
+            log.info("ingest process %d receiving %s", os.getpid(), self.detector.endpoint)
+            while not self._done:
+                poller.poll(POLL_MS)
+                self._turn()
+        finally:
+            self._stop()
+
+    def _turn(self) -> None:
+        if self._pending_open is None:
+            self._drain_commands()
+        self._drain_detector()
+        self._guarded("timed work", self._housekeeping)
+
+    def _stop(self) -> None:
+        if self._run is not None:
+            self._guarded("closing the run", self._close_run)
+        self._receiver.close()
+        if self._tap is not None:
+            self._tap.close()
+        self._commands.close(linger=0)
+        self._reports.close(linger=1000)
+        self._context.term()
+        orphaned = self.parent_pid is not None and os.getppid() != self.parent_pid
+        if orphaned and self._command_endpoint.startswith("ipc://"):
+            # the daemon died without cleaning up: remove its private socket directory
+            folder = os.path.dirname(self._command_endpoint[len("ipc://") :])
+            shutil.rmtree(folder, ignore_errors=True)
+        log.info("ingest process %d stopped", os.getpid())
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._term_at is None:
+            self._term_at = time.monotonic()
+            log.warning("ingest: SIGTERM; closing the run in %.0f s unless told", TERM_GRACE_S)
+
+    # ----- inputs ----------------------------------------------------------------------------
+    def _drain_commands(self) -> None:
+        for _ in range(COMMAND_BATCH):
+            if self._done or self._pending_open is not None:
+                return
+            try:
+                parts = self._commands.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._guarded("a record from the daemon", self._handle_record, parts)
+
+    def _drain_detector(self, limit: int = DETECTOR_BATCH) -> None:
+        for _ in range(limit):
+            raw = self._receiver.receive_raw(0, copy=False)
+            if raw is None:
+                return
+            buf, received_ns = raw
+            self._guarded("a detector message", self._handle_detector, buf, received_ns)
+
+    def _handle_detector(self, buf: memoryview, received_ns: int) -> None:
+        try:
+            message: Message = decode_message(buf, received_ns)
+        except MalformedMessage as exc:
+            self.counts["malformed_total"] += 1
+            self._event(
+                EventKind.MALFORMED,
+                f"malformed Stream V2 message ({len(buf)} bytes) dropped: {exc}",
+                {"bytes": len(buf)},
+            )
+            return
+        if isinstance(message, StartMessage):
+            self._latest_start = message
+        elif isinstance(message, ImageMessage):
+            self.counts["frames_received_total"] += 1
+        self._take(self.sequencer.push(message, time.monotonic()))
+
+    def _take(self, released: Released) -> None:
+        """Events and frames out of the sequencer."""
+        for event in released.events:
+            self._event(event.kind, event.message, event.data)
+        for image in released.frames:
+            self._guarded(f"image {image.image_id}", self._frame, image)
+
+    def _handle_record(self, parts: list[bytes]) -> None:
+        kind, payload = parts[0], parts[1] if len(parts) > 1 else b""
+        if kind == CMD:
+            self._command(pickle.loads(payload))
+        elif kind == SAMPLES:
+            self._samples(np.frombuffer(payload, dtype=BIAS_SAMPLE_DTYPE))
+        elif kind == EVENT:
+            self._client_event(pickle.loads(payload))
+        elif kind == HOLDER:
+            self._holder(*HOLDER_RECORD.unpack(payload))
+        elif kind == ANALYSIS:
+            self._analysis(json.loads(payload))
+        else:
+            raise ValueError(f"unknown record kind {kind!r}")
+
+    # ----- frames ----------------------------------------------------------------------------
+    def _frame(self, image: ImageMessage) -> None:
+        key = (image.series_id, image.series_unique_id)
+        if key != self._clock_key:
+            self._end_series_timing()
+            self._clock_map, self._clock_key = DetectorClockMap(), key
+        assert self._clock_map is not None and image.received_ns is not None
+        self._clock_map.observe(image.start_time, image.stop_time, image.received_ns)
+        self._latest_geometry = geometry_of_image(image, self.detector)
+        self._latest_image_ns = image.received_ns
+        run = self._run
+        if run is not None and run.recording_at(image.received_ns):
+            frame_time = self._write_frame(run, image, key, self._clock_map)
+        else:
+            self.counts["frames_not_recording_total"] += 1
+            if run is None:
+                return
+            frame_time = self._frame_time_unrecorded(run, image, self._clock_map)
+        if frame_time is not None and self._tap is not None:
+            self._tap.offer(image, frame_time)
+
+    @staticmethod
+    def _frame_time_unrecorded(
+        run: _Run, image: ImageMessage, clock_map: DetectorClockMap
+    ) -> float:
+        """frame_time of an image of the open run that is not recorded (for the tap only)."""
+        offset_ns = clock_map.offset_ns
+        assert offset_ns is not None  # observed before
+        return run.clock.from_wall_ns(offset_ns + fraction_ns(image.mid_time))
+
+    def _write_frame(
+        self, run: _Run, image: ImageMessage, key: SeriesKey, clock_map: DetectorClockMap
+    ) -> float | None:
+        """Write one image; its frame_time (None: dropped before the file was touched)."""
+        writer = run.writer
+        try:
+            chunks, refiltered = chunks_for_file(image, writer.geometry)
+        except GeometryMismatchError as exc:
+            self.dropped["geometry"] += 1
+            self._event(EventKind.ERROR, f"image {image.image_id} dropped: {exc}")
+            return None
+        except MalformedMessage as exc:
+            self.dropped["corrupt"] += 1
+            self._event(EventKind.MALFORMED, f"image {image.image_id} dropped: {exc}")
+            return None
+        rows = run.rows
+        if rows is None or rows.key != key:
+            offset_ns = clock_map.offset_ns
+            assert offset_ns is not None
+            rows = _SeriesRows(
+                key, writer.frames_written, offset_ns, clock_map.error_ns, run.last_frame_time
+            )
+            run.rows = rows
+            run.series.append({"series_id": key[0], "series_unique_id": key[1]})
+        clock = run.clock
+        mid_ns = fraction_ns(image.mid_time)
+        frame_time = max(clock.from_wall_ns(rows.offset_ns + mid_ns), run.last_frame_time)
+        assert image.received_ns is not None
+        started = time.perf_counter()
+        try:
+            writer.write_frame(
+                image.image_id,
+                image.series_id,
+                chunks,
+                frame_time,
+                image.start_time_s,
+                image.stop_time_s,
+                clock.from_wall_ns(image.received_ns),
+                clock.from_wall_ns(rows.offset_ns),
+                rows.error_ns * 1e-9 * clock.time_scale,
+                iso_date(image.series_date),
+            )
+        except Exception as exc:
+            self.dropped["write_error"] += 1
+            self.counts["write_errors_total"] += 1
+            log.exception("writing image %d failed", image.image_id)
+            self._event(EventKind.ERROR, f"writing image {image.image_id} failed: {exc}")
+            return frame_time
+        finally:
+            self.hdf5_write.observe(time.perf_counter() - started)
+        rows.mids_ns.append(mid_ns)
+        run.last_frame_time = frame_time
+        run.dirty = True
+        self.counts["frames_written_total"] += 1
+        if refiltered:
+            self.counts["frames_refiltered_total"] += 1
+        return frame_time
+
+    def _retime(self, force: bool) -> None:
+        """Rewrite the current series' frame_time with the improved clock mapping."""
+        run, clock_map = self._run, self._clock_map
+        if run is None or clock_map is None or run.rows is None:
+            return
+        rows = run.rows
+        offset_ns = clock_map.offset_ns
+        if rows.key != self._clock_key or not rows.mids_ns or offset_ns is None:
+            return
+        if not force and offset_ns >= rows.offset_ns:
+            return
+        clock = run.clock
+        base = offset_ns - clock.start_ns
+        times = (base + np.asarray(rows.mids_ns, dtype=np.int64)) * (1e-9 * clock.time_scale)
+        times = np.maximum.accumulate(np.maximum(times, rows.floor))
+        error = clock_map.run_error(clock)
+        started = time.perf_counter()
+        run.writer.retime_frames(rows.first_row, times, clock.from_wall_ns(offset_ns), error)
+        self.hdf5_write.observe(time.perf_counter() - started)
+        rows.offset_ns, rows.error_ns = offset_ns, clock_map.error_ns
+        run.last_frame_time = float(times[-1])
+        run.dirty = True
+        run.series[-1].update(
+            frames=len(rows.mids_ns),
+            clock_offset_s=clock.from_wall_ns(offset_ns),
+            clock_offset_error_s=error,
+        )
+        self.counts["retimes_total"] += 1
+
+    def _end_series_timing(self) -> None:
+        """A series ended (or the run closes): its rows get the final mapping."""
+        self._retime(force=True)
+
+    # ----- records from the daemon -----------------------------------------------------------
+    def _samples(self, batch: np.ndarray) -> None:
+        run = self._run
+        if run is None:
+            self.counts["records_without_run_total"] += 1
+            return
+        started = time.perf_counter()
+        run.writer.write_bias_samples(
+            np.ascontiguousarray(batch["time"]),
+            np.ascontiguousarray(batch["time_error"]),
+            np.ascontiguousarray(batch["voltage"]),
+            np.ascontiguousarray(batch["setpoint"]),
+            np.ascontiguousarray(batch["current"]),
+            np.ascontiguousarray(batch["status"]),
+        )
+        self.hdf5_write.observe(time.perf_counter() - started)
+        self.counts["samples_written_total"] += len(batch)
+        run.dirty = True
+
+    def _analysis(self, result: dict[str, Any]) -> None:
+        run = self._run
+        if run is None:
+            self.counts["analysis_results_without_run_total"] += 1
+            return
+        run.writer.write_analysis(result)
+        self.counts["analysis_results_written_total"] += 1
+        run.dirty = True
+
+    def _client_event(self, event: Event) -> None:
+        run = self._run
+        if run is None:
+            self.counts["records_without_run_total"] += 1
+            return
+        self._write_event(run, event.time, event.kind, event.message)
+
+    def _holder(self, time_s: float, position_nm: float) -> None:
+        run = self._run
+        if run is None:
+            self.counts["records_without_run_total"] += 1
+            return
+        started = time.perf_counter()
+        run.writer.write_holder_position(time_s, position_nm)
+        self.hdf5_write.observe(time.perf_counter() - started)
+        self.counts["holder_positions_written_total"] += 1
+        run.dirty = True
+
+    def _write_event(self, run: _Run, time_s: float, kind: str, message: str) -> None:
+        started = time.perf_counter()
+        run.writer.write_event(time_s, kind, message)
+        self.hdf5_write.observe(time.perf_counter() - started)
+        self.counts["events_written_total"] += 1
+        run.dirty = True
+
+    # ----- commands --------------------------------------------------------------------------
+    def _command(self, command: dict[str, Any]) -> None:
+        op, request_id = command.get("op"), command.get("id")
+        if op in _STATE_CHANGES:
+            # What reached this host before the command is taken first, so "received before
+            # start/stop_recording" means received, not merely read by this loop.
+            self._drain_detector(limit=self.detector.receive_hwm)
+        try:
+            handler = getattr(self, f"_op_{op}", None)
+            if handler is None:
+                raise IngestError(f"unknown command {op!r}")
+            result = handler(request_id, command)
+        except Exception as exc:
+            log.warning("ingest: command %s refused: %s", op, exc)
+            self._reply(request_id, False, error=str(exc) or type(exc).__name__)
+            return
+        if result is not None:
+            self._reply(request_id, True, **result)
+
+    def _op_ping(self, request_id: int, command: dict[str, Any]) -> dict[str, Any]:
+        return {"stats": self.stats()}
+
+    def _op_open_run(self, request_id: int, command: dict[str, Any]) -> dict[str, Any] | None:
+        if self._run is not None:
+            raise IngestError(f"run {self._run.writer.meta.run_id} is still open")
+        meta: RunMetadata = command["meta"]
+        clock: RunClock = command.get("clock") or RunClock(1.0, start_ns=meta.start_time_ns)
+        path, geometry = Path(command["path"]), command.get("geometry")
+        if path.exists():
+            raise IngestError(f"{path} exists: a run file is never overwritten")
+        if geometry is not None:
+            return self._open(meta, path, clock, geometry, "the daemon")
+        geometry = self._stream_geometry()
+        if geometry is not None:
+            return self._open(meta, path, clock, geometry, "the stream")
+        # Wait (still receiving frames, holding back later records) for the detector to speak.
+        deadline = time.monotonic() + self.detector.geometry_timeout_s
+        self._pending_open = _PendingOpen(request_id, meta, path, clock, deadline)
+        return None
+
+    def _op_start_recording(self, request_id: int, command: dict[str, Any]) -> dict[str, Any]:
+        run = self._require_run()
+        if not run.is_recording:
+            run.recording.append([time.time_ns(), None])
+        return {"recording": True, "time": run.clock.now()}
+
+    def _op_stop_recording(self, request_id: int, command: dict[str, Any]) -> dict[str, Any]:
+        run = self._require_run()
+        if run.is_recording:
+            run.recording[-1][1] = time.time_ns()
+        return {"recording": False, "time": run.clock.now()}
+
+    def _op_close_run(self, request_id: int, command: dict[str, Any]) -> dict[str, Any]:
+        self._require_run()
+        return {"summary": self._close_run()}
+
+    def _op_shutdown(self, request_id: int, command: dict[str, Any]) -> dict[str, Any]:
+        summary = self._close_run() if self._run is not None else None
+        self._done = True
+        return {"summary": summary}
+
+    def _require_run(self) -> _Run:
+        if self._run is None:
+            raise IngestError("no run is open")
+        return self._run
+
+    # ----- runs ------------------------------------------------------------------------------
+    def _stream_geometry(self) -> FrameGeometry | None:
+        """Geometry from the latest `start` or image seen; None while it is not known."""
+        start = self._latest_start
+        if start is not None and (start.received_ns or 0) >= self._latest_image_ns:
+            return geometry_of_start(start, self.detector)  # None: wait for its first image
+        return self._latest_geometry
+
+    def _check_pending_open(self) -> None:
+        pending = self._pending_open
+        if pending is None:
+            return
+        geometry, source = self._stream_geometry(), "the stream"
+        if geometry is None:
+            if time.monotonic() < pending.deadline:
+                return
+            geometry, source = default_geometry(self.detector, self._latest_start), "the config"
+        self._pending_open = None
+        try:
+            result = self._open(pending.meta, pending.path, pending.clock, geometry, source)
+        except Exception as exc:
+            log.warning("ingest: open_run refused: %s", exc)
+            self._reply(pending.request_id, False, error=str(exc))
+            return
+        self._reply(pending.request_id, True, **result)
+
+    def _open(
+        self,
+        meta: RunMetadata,
+        path: Path,
+        clock: RunClock,
+        geometry: FrameGeometry,
+        source: str,
+    ) -> dict[str, Any]:
+        writer = RunWriter(path, meta, geometry)
+        run = _Run(writer, clock, source, self._counters())
+        self._run = run
+        compression = geometry.compression or "raw"
+        text = (
+            f"ingest: {len(geometry.channels)} channel(s) {geometry.shape[0]}x"
+            f"{geometry.shape[1]} {geometry.dtype} {compression} (from {source})"
+        )
+        writer.flush()
+        run.frames_flushed = 0
+        self._next_flush = time.monotonic() + self.config.sampling.flush_interval_s
+        log.info("ingest: run %s open at %s; %s", meta.run_id, path, text)
+        return {"path": str(path), "geometry": asdict(geometry), "geometry_source": source}
+
+    def _close_run(self) -> dict[str, Any]:
+        run = self._run
+        assert run is not None
+        try:
+            self._take(self.sequencer.flush())  # frames received in the run, held for a gap
+            self._end_series_timing()
+        finally:
+            self._run = None
+            if run.is_recording:
+                run.recording[-1][1] = time.time_ns()
+            run.writer.close(time.time_ns())
+        summary = self._summary(run)
+        log.info(
+            "ingest: run %s closed: %d frames written, %d dropped, %d missing",
+            summary["run_id"],
+            summary["frames_written"],
+            summary["frames_dropped"],
+            summary["frames_missing"],
+        )
+        return summary
+
+    def _summary(self, run: _Run) -> dict[str, Any]:
+        now, before = self._counters(), run.counters_at_open
+        delta = {key: value - before.get(key, 0) for key, value in now.items()}
+        dropped = {reason: delta[f"dropped_{reason}"] for reason in DROP_REASONS}
+        return {
+            "run_id": run.writer.meta.run_id,
+            "path": str(run.writer.path),
+            "closed": True,
+            "frames_written": run.writer.frames_written,
+            "frames_received": delta["frames_received_total"],
+            "frames_not_recording": delta["frames_not_recording_total"],
+            "frames_dropped": sum(dropped.values()),
+            "dropped_by_reason": dropped,
+            "frames_missing": delta["frames_missing_total"],
+            "gaps": delta["gaps_total"],
+            "out_of_order": delta["out_of_order_total"],
+            "malformed": delta["malformed_total"],
+            "samples_written": run.writer.samples_written,
+            "events_written": run.writer.events_written,
+            "write_errors": delta["write_errors_total"],
+            "series": run.series,
+            "geometry": asdict(run.writer.geometry),
+            "geometry_source": run.geometry_source,
+        }
+
+    # ----- timed work ------------------------------------------------------------------------
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        self._take(self.sequencer.poll(now))
+        self._check_pending_open()
+        for kind, count in self._limiter.take_suppressed(now):
+            self._event(kind, f"{count} more {kind} events in the last second (not listed)")
+        run = self._run
+        if run is not None and now >= self._next_flush:
+            self._next_flush = now + self.config.sampling.flush_interval_s
+            self._retime(force=False)
+            if run.dirty:
+                started = time.perf_counter()
+                run.writer.flush()
+                self.hdf5_flush.observe(time.perf_counter() - started)
+                run.dirty = False
+                run.frames_flushed = run.writer.frames_written
+                run.samples_flushed = run.writer.samples_written
+        if now >= self._next_stats:
+            self._next_stats = now + STATS_INTERVAL_S
+            self._report(STATS, self.stats())
+        if now >= self._next_parent_check:
+            self._next_parent_check = now + 0.5
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.error("ingest: the daemon (pid %d) is gone; closing the run", self.parent_pid)
+                self._done = True
+        if self._term_at is not None and now - self._term_at >= TERM_GRACE_S:
+            log.error("ingest: no shutdown %.0f s after SIGTERM; closing the run", TERM_GRACE_S)
+            self._done = True
+
+    # ----- reporting -------------------------------------------------------------------------
+    def _counters(self) -> dict[str, int]:
+        seq = self.sequencer
+        dropped = dict(self.dropped)
+        dropped["duplicate"] += seq.duplicates_total
+        dropped["late"] += seq.late_total
+        dropped["stale_series"] += seq.stale_total
+        return {
+            **self.counts,
+            **{f"dropped_{reason}": count for reason, count in dropped.items()},
+            "frames_dropped_total": sum(dropped.values()),
+            "messages_received_total": self._receiver.received_total,
+            "gaps_total": seq.gaps_total,
+            "frames_missing_total": seq.missing_total,
+            "out_of_order_total": seq.out_of_order_total,
+            "series_total": seq.series_total,
+            "series_without_start_total": seq.series_without_start_total,
+            "frames_held": seq.held,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        counters = self._counters()
+        stats: dict[str, Any] = {
+            "pid": os.getpid(),
+            "time_ns": time.time_ns(),
+            **counters,
+            "frames_dropped_by_reason": {r: counters[f"dropped_{r}"] for r in DROP_REASONS},
+            "hdf5_write_seconds": self.hdf5_write.to_dict(),
+            "hdf5_flush_seconds": {"sum": self.hdf5_flush.sum, "count": self.hdf5_flush.count},
+            "analysis_offers_sent": 0 if self._tap is None else self._tap.offers_sent,
+            "analysis_offers_skipped": 0 if self._tap is None else self._tap.offers_skipped,
+        }
+        clock_map = self._clock_map
+        stats["detector"] = {
+            "endpoint": self.detector.endpoint,
+            "series_id": None if self._clock_key is None else self._clock_key[0],
+            "series_unique_id": None if self._clock_key is None else self._clock_key[1],
+            "geometry": None if self._latest_geometry is None else asdict(self._latest_geometry),
+            "clock_offset_error_s": None if clock_map is None else clock_map.error_ns * 1e-9,
+        }
+        run = self._run
+        stats["run"] = (
+            None
+            if run is None
+            else {
+                "run_id": run.writer.meta.run_id,
+                "path": str(run.writer.path),
+                "recording": run.is_recording,
+                "frames_written": run.writer.frames_written,
+                "frames_flushed": run.frames_flushed,
+                "samples_written": run.writer.samples_written,
+                "samples_flushed": run.samples_flushed,
+            }
+        )
+        stats["opening_run"] = self._pending_open is not None
+        return stats
+
+    def _event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """An ingest event: logged, into the run file (if open) and to the daemon."""
+        if not self._limiter.allow(kind, time.monotonic()):
+            self.counts["events_suppressed_total"] += 1
+            return
+        log.warning("ingest event %s: %s", kind, message)
+        payload = dict(data or {})
+        payload["source"] = "ingest"
+        run = self._run
+        if run is not None:
+            run_time = run.clock.now()
+            payload["run_time"] = run_time
+            try:
+                self._write_event(run, run_time, kind, message)
+            except Exception:
+                self.counts["write_errors_total"] += 1
+                log.exception("writing an ingest event failed")
+        self._report(EVENT, Event(self.clock.now(), kind, message, payload).to_dict())
+
+    def _reply(self, request_id: int | None, ok: bool, **payload: Any) -> None:
+        self._report(REPLY, {"id": request_id, "ok": ok, **payload}, reliable=True)
+
+    def _report(self, kind: bytes, obj: Any, reliable: bool = False) -> None:
+        try:
+            self._reports.send_multipart([kind, pickle.dumps(obj)], 0 if reliable else zmq.NOBLOCK)
+        except zmq.Again:
+            self.counts["reports_dropped_total"] += 1
+            if reliable:
+                log.error("ingest: the daemon did not take a %s report", kind.decode())
+
+    def _guarded(self, what: str, function: Callable[..., Any], *args: Any) -> None:
+        """Run one unit of work; an exception is counted, logged and evented, never fatal."""
+        try:
+            function(*args)
+        except Exception as exc:
+            self.counts["errors_total"] += 1
+            log.exception("ingest: %s failed", what)
+            try:
+                self._event(EventKind.ERROR, f"ingest: {what} failed: {exc}")
+            except Exception:
+                log.exception("ingest: reporting an error failed")
+
+
+def child_main(
+    config: StationConfig,
+    command_endpoint: str,
+    report_endpoint: str,
+    clock: RunClock,
+    parent_pid: int,
+    log_level: int,
+    analysis_endpoint: str | None = None,
+) -> None:
+    """Entry point of the spawned ingest process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the daemon's to handle
+    logging.basicConfig(
+        level=log_level,
+        format="%(asctime)s ingest[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    tune_malloc()
+    IngestProcess(
+        config, command_endpoint, report_endpoint, clock, parent_pid, analysis_endpoint
+    ).run()

@@ -1,0 +1,41 @@
+"""The wire between the daemon and its ingest process: record kinds, struct formats, names.
+
+Both sides import this module and nothing else of each other, so what crosses the process
+boundary is written down in one place. Messages are ZeroMQ multipart [kind, payload] over
+ipc sockets in a private directory (mode 0700): both ends are this program, so a payload is
+pickled, except the high-rate records, which are raw bytes (bias samples as
+`records.BIAS_SAMPLE_DTYPE`, holder positions as `HOLDER_RECORD`). The stats names that the
+daemon's metrics mirror (`DROP_REASONS`, `HDF5_WRITE_BUCKETS_S`) live here for the same reason.
+"""
+
+from __future__ import annotations
+
+import struct
+
+# daemon -> ingest, one ordered channel (a command is handled after every record sent before it)
+CMD = b"cmd"  # {"op": ..., "id": ..., **arguments}, pickled
+SAMPLES = b"samples"  # raw bytes of a BIAS_SAMPLE_DTYPE batch
+EVENT = b"event"  # an Event, pickled; ingest -> daemon: Event.to_dict(), pickled
+HOLDER = b"holder"  # HOLDER_RECORD: (run time s, position nm)
+ANALYSIS = b"analysis"  # a live-analysis result: a JSON object (UTF-8), for the run file
+
+# ingest -> daemon
+READY = b"ready"  # once, when its sockets are up: {"pid": ..., "error"?: ...}
+REPLY = b"reply"  # {"id": ..., "ok": bool, ...}
+STATS = b"stats"  # the stats dict, every STATS_INTERVAL_S
+
+HOLDER_RECORD = struct.Struct("<dd")
+
+STATS_INTERVAL_S = 0.25
+
+# Upper bounds (s) of the insitu_daq_hdf5_write_seconds histogram.
+HDF5_WRITE_BUCKETS_S = (
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 1.0
+)  # fmt: skip
+
+# Why a received frame was not written (the keys of frames_dropped_by_reason).
+DROP_REASONS = ("duplicate", "late", "stale_series", "geometry", "corrupt", "write_error")
+
+
+class IngestError(RuntimeError):
+    """The ingest process refused a command, did not answer, or is not running."""

@@ -1,0 +1,182 @@
+"""FrameAnalyzer (analysis/pipeline.py) on streams of rendered frames with known truth: the
+live quantities it returns per frame, the HRTEM dose sum, the expansion reference taken before
+the bias step, the front speed, and "not measurable" as None. Pure: no sockets or processes
+(the process around it is tests/test_liveanalysis.py).
+
+Frames are 25 ms exposures at the simulator's default dose (one frame of 40 frames/s).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sim_frames import cell, hrtem_optics
+
+from insitu_daq.analysis.keys import value_keys
+from insitu_daq.analysis.pipeline import FrameAnalyzer, PipelineSettings
+from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS
+from insitu_daq.sim.model import NanobatteryModel
+from insitu_daq.sim.optics import Optics
+from insitu_daq.sim.render import FrameRenderer, Scene
+
+SHAPE = (1024, 1024)
+FRAME_S = 0.025
+
+
+def _lm_optics() -> Optics:
+    optics = Optics()
+    optics.set_mode("lm")
+    return optics
+
+
+def _biased(volts: float) -> NanobatteryModel:
+    model = cell(x=0.0)
+    model.set_source(True, volts, 1.0e-7)
+    return model
+
+
+def test_hrtem_frames_are_summed_until_rock_salt_is_measured() -> None:
+    """One low-dose frame shows (003) but not the NiO rings; the sum of a second's frames
+    gives the (200) d within 1 % and phase fractions near the field's truth."""
+    renderer, optics = FrameRenderer(SHAPE, seed=3), hrtem_optics()
+    model = cell(x=0.7)  # front inside the mid-particle field: layered core and rock salt
+    analyzer = FrameAnalyzer(PipelineSettings(phase_map_every=40))
+    results, truth = [], None
+    for index in range(40):
+        frame, truth = renderer.render(Scene.capture(model, optics), FRAME_S, index)
+        results.append(analyzer.analyze(frame, index * FRAME_S, "hrtem", 0.06))
+    first, last = results[0], results[-1]
+    assert first["d_spacing_m.nio_200"] is None  # one frame: not measurable, not a guess
+    assert first["d_spacing_m.lno_003"] == pytest.approx(4.8e-10, rel=0.01)
+    # The sum holds the newest frames that reach the dose (5 counts/px at ~0.16 a frame).
+    summed = analyzer.last_integrated_frames
+    mean = float(frame.mean())
+    assert 5.0 / mean - 3 <= summed <= 5.0 / mean + 3
+    assert last["d_spacing_m.nio_200"] == pytest.approx(2.1e-10, rel=0.01)
+    assert last["d_spacing_m.lno_003"] == pytest.approx(4.8e-10, rel=0.01)
+    # The phase map ran on the first result (one frame: too few counts) and not since.
+    assert first["rock_salt_fraction"] is None
+    assert "rock_salt_fraction" not in last
+    assert set(first) <= set(value_keys(DEFAULT_REFLECTIONS))
+    # Mapped on the sum: the next result (index 40 % 40 == 0) carries fractions.
+    frame, _ = renderer.render(Scene.capture(model, optics), FRAME_S, 40)
+    mapped = analyzer.analyze(frame, 40 * FRAME_S, "hrtem", 0.06)
+    field = truth.field_phase_fractions
+    particle = field["layered"] + field["disordered"] + field["rock_salt"]
+    assert mapped["rock_salt_fraction"] == pytest.approx(field["rock_salt"] / particle, abs=0.15)
+    assert mapped["layered_fraction"] == pytest.approx(field["layered"] / particle, abs=0.15)
+
+
+def test_the_hrtem_sum_is_a_dose_within_a_window_and_survives_a_look_at_low_mag() -> None:
+    renderer, optics = FrameRenderer(SHAPE, seed=4), hrtem_optics()
+    model = cell(x=0.0)
+    frames = [
+        renderer.render(Scene.capture(model, optics), FRAME_S, index)[0] for index in range(20)
+    ]
+    per_frame = float(np.mean([frame.mean() for frame in frames]))
+
+    # No dose target: the window decides (0.25 s of 25 ms frames).
+    by_time = FrameAnalyzer(
+        PipelineSettings(hrtem_counts_per_px=1e9, hrtem_integration_s=0.25, phase_map_every=1000)
+    )
+    for index, frame in enumerate(frames):
+        by_time.analyze(frame, index * FRAME_S, "hrtem", 0.06)
+    assert by_time.last_integrated_frames == 10
+
+    # A dose target within a long window: the fewest newest frames that reach it.
+    by_dose = FrameAnalyzer(
+        PipelineSettings(hrtem_counts_per_px=1.0, hrtem_integration_s=10.0, phase_map_every=1000)
+    )
+    for index, frame in enumerate(frames):
+        by_dose.analyze(frame, index * FRAME_S, "hrtem", 0.06)
+    needed = int(np.ceil(1.0 / per_frame))
+    assert needed - 1 <= by_dose.last_integrated_frames <= needed + 1
+    assert by_dose.last_integrated_frames < 20
+
+    # A look at low magnification, then back: the HRTEM sum goes on where it was, minus
+    # the frames that left its 0.25 s window meanwhile (0.275 s and older).
+    lm_frame, _ = renderer.render(Scene.capture(model, _lm_optics()), FRAME_S, 99)
+    by_time.analyze(lm_frame, 0.5, "lm", 1.0)
+    by_time.analyze(frames[0], 0.525, "hrtem", 0.06)
+    assert by_time.last_integrated_frames == 9  # 0.3 ... 0.475 s, and this one
+    by_time.analyze(frames[1], 0.55, "hrtem", 0.05)  # another pixel size: a new sum
+    assert by_time.last_integrated_frames == 1
+
+
+def test_expansion_against_the_pre_bias_reference_within_2_points() -> None:
+    """LM frames before the bias step set A_ref; later frames give A/A_ref - 1 against the
+    model's expansion; frames before the step read ~0."""
+    model, optics = _biased(4.3), _lm_optics()
+    model.set_source(False, 0.0, 1.0e-7)
+    renderer = FrameRenderer(SHAPE, seed=5)
+    analyzer = FrameAnalyzer(PipelineSettings(lm_integration_s=0.0))
+    for index in range(5):  # the baseline: 0 V, frames 0.1 s apart
+        frame, _ = renderer.render(Scene.capture(model, optics), FRAME_S, index)
+        before = analyzer.analyze(frame, 0.1 * index, "lm", 1.0)
+        assert before["expansion"] == pytest.approx(0.0, abs=0.01)
+    analyzer.bias_started(0.5)
+    model.set_source(True, 4.3, 1.0e-7)
+    checked = 0
+    for index, t in enumerate((20.0, 35.0, 45.0, 70.0), start=5):
+        model.advance_to(t)
+        frame, truth = renderer.render(Scene.capture(model, optics), FRAME_S, index)
+        result = analyzer.analyze(frame, t, "lm", 1.0)
+        assert result["expansion"] == pytest.approx(truth.expansion, abs=0.02), t
+        area = result["projected_area_m2"]
+        assert area == pytest.approx(np.pi * (250e-9) ** 2 * (1 + truth.expansion), rel=0.03)
+        checked += 1
+    assert checked == 4
+
+
+def test_no_lm_frame_before_the_bias_step_means_no_expansion() -> None:
+    analyzer = FrameAnalyzer()
+    analyzer.bias_started(0.0)
+    frame, _ = FrameRenderer(SHAPE, seed=6).render(
+        Scene.capture(cell(x=0.3), _lm_optics()), FRAME_S, 0
+    )
+    result = analyzer.analyze(frame, 1.0, "lm", 1.0)
+    assert result["expansion"] is None
+    assert result["projected_area_m2"] is not None
+    assert "no reference" in analyzer.last_reasons["expansion"]
+
+
+def test_front_position_and_speed_within_15_percent() -> None:
+    """5 s of LM frames 0.25 s apart at +4.3 V: position near the truth, speed within 15 %."""
+    model, optics = _biased(4.3), _lm_optics()
+    renderer = FrameRenderer(SHAPE, seed=7)
+    analyzer = FrameAnalyzer(PipelineSettings(lm_integration_s=0.0, front_window_s=5.0))
+    result, truth_speeds = {}, []
+    for index in range(21):
+        t = 30.0 + 0.25 * index
+        model.advance_to(t)
+        frame, truth = renderer.render(Scene.capture(model, optics), FRAME_S, index)
+        result = analyzer.analyze(frame, t, "lm", 1.0)
+        assert result["front_position_nm"] == pytest.approx(truth.front_position_nm, abs=15.0)
+        truth_speeds.append(truth.front_velocity_nm_s)
+    assert result["front_velocity_nm_s"] == pytest.approx(truth_speeds[10], rel=0.15)
+
+
+def test_low_dose_lm_frames_are_summed_into_a_measurement() -> None:
+    """At 2 e/A^2/s one LM frame is too noisy to segment; 0.2 s of them is not."""
+    model, optics = cell(x=0.0), _lm_optics()
+    model.set_beam(True, 2.0)
+    renderer = FrameRenderer(SHAPE, seed=8)
+    analyzer = FrameAnalyzer()
+    results = []
+    for index in range(8):
+        frame, _ = renderer.render(Scene.capture(model, optics), FRAME_S, index)
+        results.append(analyzer.analyze(frame, index * FRAME_S, "lm", 1.0))
+    assert results[0]["projected_area_m2"] is None
+    assert results[-1]["projected_area_m2"] == pytest.approx(np.pi * (250e-9) ** 2, rel=0.03)
+
+
+def test_bad_input_is_refused() -> None:
+    analyzer = FrameAnalyzer()
+    with pytest.raises(ValueError, match="2-D"):
+        analyzer.analyze(np.zeros(16), 0.0, "lm", 1.0)
+    with pytest.raises(ValueError, match="mode"):
+        analyzer.analyze(np.zeros((16, 16)), 0.0, "stem", 1.0)
+    with pytest.raises(ValueError, match="pixel size"):
+        analyzer.analyze(np.zeros((16, 16)), 0.0, "lm", 0.0)
+    with pytest.raises(ValueError, match="phase_map_every"):
+        PipelineSettings(phase_map_every=0)

@@ -1,0 +1,233 @@
+"""The live analysis process (liveanalysis.py): a real spawned process, real ZeroMQ ipc sockets.
+
+The test plays the ingest's side of the frame tap: it binds the PUSH at the endpoint the
+process connects to and sends [header JSON, payload] messages exactly as the contract says
+(bslz4 payloads in HDF5 filter framing, made by the simulator's encoder), then reads the
+results the process pushes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import zmq
+from sim_frames import cell, hrtem_optics
+
+from insitu_daq.analysis.pipeline import PipelineSettings
+from insitu_daq.liveanalysis import LiveAnalysis
+from insitu_daq.sim import stream2_encode as s2
+from insitu_daq.sim.optics import Optics
+from insitu_daq.sim.render import FrameRenderer, Scene
+
+SHAPE = (1024, 1024)
+FRAME_S = 0.025
+HRTEM_M = 0.06e-9
+LM_M = 1.0e-9
+
+
+class Tap:
+    """The ingest's end of the frame tap, and the results the process sends back."""
+
+    def __init__(
+        self, settings: PipelineSettings | None = None, max_rate_hz: float | None = None
+    ) -> None:
+        self.results: list[dict] = []
+        self.arrived = threading.Condition()
+        self.analysis = LiveAnalysis(
+            settings or PipelineSettings(), self._on_result, max_rate_hz=max_rate_hz
+        )
+        self.context = zmq.Context()
+        self.push = self.context.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.SNDHWM, 2)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.bind(self.analysis.frame_endpoint)
+        self.analysis.start()
+        self.analysis.wait_ready()
+
+    def _on_result(self, result: dict) -> None:
+        with self.arrived:
+            self.results.append(result)
+            self.arrived.notify_all()
+
+    def send(
+        self,
+        frame: np.ndarray,
+        image_id: int,
+        frame_time: float,
+        compression: str | None = "bslz4",
+        flags: int = 0,
+    ) -> None:
+        payload = s2.bslz4_compress(frame) if compression == "bslz4" else frame.tobytes()
+        header = {
+            "image_id": image_id,
+            "series_id": 1,
+            "frame_time": frame_time,
+            "shape": list(frame.shape),
+            "dtype": frame.dtype.str,
+            "compression": compression,
+            "received_ns": time.time_ns(),
+        }
+        self.push.send_multipart([json.dumps(header).encode(), payload], flags=flags)
+
+    def wait_for(self, image_id: int, timeout_s: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        with self.arrived:
+            while True:
+                for result in self.results:
+                    if result["image_id"] == image_id:
+                        return result
+                left = deadline - time.monotonic()
+                assert left > 0, f"no result for image {image_id}: {self.analysis.stats()}"
+                self.arrived.wait(left)
+
+    def close(self) -> None:
+        self.analysis.stop()
+        self.push.close(0)
+        self.context.term()
+
+
+@pytest.fixture
+def tap() -> Iterator[Tap]:
+    tap = Tap(PipelineSettings(phase_map_every=40))
+    yield tap
+    tap.close()
+
+
+def _frames(model, optics: Optics, n: int, seed: int = 1) -> list[np.ndarray]:
+    renderer = FrameRenderer(SHAPE, seed=seed)
+    scene = Scene.capture(model, optics)
+    return [renderer.render(scene, FRAME_S, i)[0] for i in range(n)]
+
+
+def test_stream_of_hrtem_frames_gives_spacings_and_fractions_within_accuracy(tap: Tap) -> None:
+    """A second of frames of a field with the front in it, each analysed (sent one after the
+    other's result): d of (003) and NiO (200) within 1 %, fractions near the truth."""
+    model, optics = cell(x=0.7), hrtem_optics()
+    frames = _frames(model, optics, 41)
+    tap.analysis.new_run()
+    tap.analysis.set_imaging(-math.inf, -math.inf, "hrtem", HRTEM_M)
+    for image_id, frame in enumerate(frames):
+        tap.send(frame, image_id, image_id * FRAME_S)
+        result = tap.wait_for(image_id)
+    values = result["values"]
+    # summed to the default dose of 5 counts/px: ~31 frames of ~0.16 counts/px
+    dose_frames = 5.0 / float(np.mean([frame.mean() for frame in frames]))
+    assert abs(result["integrated_frames"] - dose_frames) <= 3 and result["mode"] == "hrtem"
+    assert values["d_spacing_m.lno_003"] == pytest.approx(4.8e-10, rel=0.01)
+    assert values["d_spacing_m.nio_200"] == pytest.approx(2.1e-10, rel=0.01)
+    _, truth = FrameRenderer(SHAPE, seed=1).render(Scene.capture(model, optics), FRAME_S, 0)
+    field = truth.field_phase_fractions
+    particle = field["layered"] + field["disordered"] + field["rock_salt"]
+    assert values["rock_salt_fraction"] == pytest.approx(field["rock_salt"] / particle, abs=0.15)
+    assert result["latency_s"] is not None and result["latency_s"] > 0
+    totals = result["totals"]
+    assert totals["frames_analysed_total"] == 41 and totals["frames_skipped_total"] == 0
+
+
+def test_frames_sent_faster_than_analysed_are_skipped_and_counted(tap: Tap) -> None:
+    frames = _frames(cell(x=0.0), hrtem_optics(), 4)
+    tap.analysis.set_imaging(-math.inf, -math.inf, "hrtem", HRTEM_M)
+    sent = 30
+    for image_id in range(sent):  # back to back: the PUSH waits only when both queues are full
+        tap.send(frames[image_id % 4], image_id, image_id * FRAME_S)
+    last = tap.wait_for(sent - 1)  # the newest is always analysed
+    totals = last["totals"]
+    assert totals["frames_received_total"] == sent
+    assert totals["frames_skipped_total"] > 0
+    assert totals["frames_analysed_total"] + totals["frames_skipped_total"] == sent
+    assert sum(r["skipped"] for r in tap.results) == totals["frames_skipped_total"]
+
+
+def test_the_rate_cap_takes_the_newest_frame_when_an_analysis_is_due() -> None:
+    # 40 frames/s offered for 1.5 s to an analysis capped at 4 a second: ~6 analysed, each
+    # the newest frame offered at that moment, the rest skipped and counted.
+    capped = Tap(max_rate_hz=4.0)
+    try:
+        frame = _frames(cell(x=0.0), hrtem_optics(), 1)[0]
+        payload = s2.bslz4_compress(frame)
+        capped.analysis.set_imaging(-math.inf, -math.inf, "hrtem", HRTEM_M)
+        offered, began = 0, time.monotonic()
+        while time.monotonic() - began < 1.5:
+            header = {"image_id": offered, "series_id": 1, "frame_time": offered * FRAME_S,
+                      "shape": list(frame.shape), "dtype": frame.dtype.str,
+                      "compression": "bslz4", "received_ns": time.time_ns()}  # fmt: skip
+            with contextlib.suppress(zmq.Again):  # as the ingest offers: never waiting
+                capped.push.send_multipart([json.dumps(header).encode(), payload], zmq.NOBLOCK)
+            offered += 1
+            time.sleep(FRAME_S)
+        time.sleep(0.5)
+        with capped.arrived:
+            analysed = [r for r in capped.results if r.get("image_id") is not None]
+        assert 4 <= len(analysed) <= 8, [r["image_id"] for r in analysed]
+        gaps = np.diff(sorted(r["image_id"] for r in analysed))
+        assert np.median(gaps) >= 6  # ~10 frames of 25 ms between analyses at 4 a second
+        assert offered >= 40
+    finally:
+        capped.close()
+
+
+def test_frames_within_a_mode_switch_are_skipped_as_settling(tap: Tap) -> None:
+    """LM until a switch to HRTEM commanded at 1.000 s and done at 1.010 s: frames whose
+    exposure may overlap it or that come within one frame period after it are skipped."""
+    lm = _frames(cell(x=0.0), Optics(), 1)[0]
+    hrtem = _frames(cell(x=0.0), hrtem_optics(), 1)[0]
+    tap.analysis.set_imaging(-math.inf, -math.inf, "lm", LM_M)
+    tap.analysis.set_imaging(1.0, 1.01, "hrtem", HRTEM_M)
+    # image_id * 25 ms: 38 -> 0.95 s, 39 -> 0.975 (LM), 40 -> 1.0, 41 -> 1.025 (settling),
+    # 42 -> 1.05 s (HRTEM).
+    for image_id, frame in ((38, lm), (39, lm), (40, lm), (41, hrtem), (42, hrtem)):
+        tap.send(frame, image_id, image_id * FRAME_S)
+        time.sleep(0.3)  # one at a time: none skipped as "behind"
+    last = tap.wait_for(42)
+    assert last["mode"] == "hrtem" and last["settling"] == 2
+    assert last["values"]["d_spacing_m.lno_003"] == pytest.approx(4.8e-10, rel=0.01)
+    assert tap.wait_for(39)["mode"] == "lm"
+    assert "expansion" in tap.wait_for(39)["values"]
+    assert {r["image_id"] for r in tap.results} == {38, 39, 42}
+    assert last["totals"]["frames_settling_total"] == 2
+
+
+def test_garbage_on_the_tap_is_counted_and_the_process_keeps_going(tap: Tap) -> None:
+    frame = _frames(cell(x=0.0), Optics(), 1)[0]
+    tap.analysis.set_imaging(-math.inf, -math.inf, "lm", LM_M)
+    tap.push.send_multipart([b"not json", b"x"])
+    time.sleep(0.2)
+    tap.push.send_multipart([json.dumps({"image_id": 1, "shape": [4]}).encode(), b"x"])
+    time.sleep(0.2)
+    bad_payload = {"image_id": 2, "frame_time": 0.05, "shape": [1024, 1024], "dtype": "<u2",
+                   "compression": "bslz4", "received_ns": time.time_ns()}  # fmt: skip
+    tap.push.send_multipart([json.dumps(bad_payload).encode(), b"\x00" * 40])
+    time.sleep(0.2)
+    tap.send(frame, 3, 0.075, compression=None)  # raw payloads are analysed too
+    result = tap.wait_for(3)
+    assert result["totals"]["malformed_total"] == 3
+    assert result["values"]["projected_area_m2"] == pytest.approx(np.pi * 250e-9**2, rel=0.03)
+    assert tap.analysis.alive
+
+
+def test_frames_before_any_imaging_state_are_not_analysed(tap: Tap) -> None:
+    frame = _frames(cell(x=0.0), Optics(), 1)[0]
+    tap.send(frame, 0, 0.0)
+    time.sleep(0.3)
+    tap.analysis.set_imaging(-math.inf, -math.inf, "lm", LM_M)
+    tap.send(frame, 1, FRAME_S)
+    result = tap.wait_for(1)
+    assert result["totals"]["frames_no_state_total"] == 1
+    assert [r["image_id"] for r in tap.results] == [1]
+
+
+def test_stop_ends_the_process_and_is_idempotent() -> None:
+    tap = Tap()
+    process = tap.analysis.process
+    tap.close()
+    assert process is not None and not process.is_alive() and process.exitcode == 0
+    tap.analysis.stop()
+    tap.analysis.new_run()  # after stop: dropped and counted, no exception
+    assert tap.analysis.commands_dropped_total == 1
