@@ -58,9 +58,8 @@ from bench_ingest import check_file, chunk_payload, cpu_seconds, drop_file
 from simproc import SHAPE, StationProcess, render_frames
 
 from insitu_daq.analysis.keys import PHASE_KEYS
-from insitu_daq.analysis.pipeline import PipelineSettings
-from insitu_daq.config import DetectorConfig, StationConfig
-from insitu_daq.daemon import RESULT_KEYS
+from insitu_daq.config import AnalysisConfig, DetectorConfig, StationConfig
+from insitu_daq.daemon import RESULT_KEYS, pipeline_settings
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
 from insitu_daq.ingest import IngestClient
 from insitu_daq.ingest_tap import AnalysisTap
@@ -70,6 +69,8 @@ from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.camera import DEFAULT_CHANNEL, SimulatedCamera
 from insitu_daq.sim.optics import DEFAULT_MODES, ImagingMode
 from insitu_daq.sim.station import SimStation
+
+ANALYSIS_DEFAULTS = AnalysisConfig()
 
 WARMUP_S = 2.0  # results of frames that arrived this soon after the camera started: left out
 POLL_S = 0.02
@@ -90,7 +91,11 @@ class Daemon:
         self.results: list[tuple[int, dict[str, Any]]] = []  # (wall ns at receipt, result)
         self.idle = analysis == "idle"
         self.analysis = (
-            LiveAnalysis(PipelineSettings(), on_result=self._on_result)
+            LiveAnalysis(  # the daemon's defaults ([analysis] of a station config)
+                pipeline_settings(ANALYSIS_DEFAULTS),
+                on_result=self._on_result,
+                max_rate_hz=ANALYSIS_DEFAULTS.max_rate_hz,
+            )
             if analysis in ("on", "idle")
             else None
         )
