@@ -513,6 +513,11 @@ class Daemon:
                 "connected": bias.connected,
             },
             "ingest": self.ingest.stats(),
+            "guardian": {
+                "alive": self.guardian.alive,
+                "pid": self.guardian.pid,
+                "restarts_total": self.guardian.restarts_total,
+            },
             "analysis": None
             if self.analysis is None
             else {
@@ -528,6 +533,7 @@ class Daemon:
                 status = self.status()
                 self.metrics.observe_ingest_stats(status["ingest"])
                 self.metrics.observe_progress(status["protocol"])
+                self.metrics.observe_guardian(status["guardian"])
                 if status["analysis"] is not None:
                     self.metrics.observe_analysis_stats(status["analysis"])
                 self.publisher.publish("status", status)

@@ -235,6 +235,17 @@ class DaemonMetrics:
         self.ingest_up = Gauge(
             f"{PREFIX}ingest_up", "1 while the ingest (run file writer) process runs", registry=r
         )
+        self.guardian_up = Gauge(
+            f"{PREFIX}guardian_up",
+            "1 while the bias guardian (makes the bias safe if the daemon dies) runs",
+            registry=r,
+        )
+        self.guardian_restarts = Counter(
+            f"{PREFIX}guardian_restarts_total",
+            "bias guardians replaced after exiting while the daemon ran",
+            registry=r,
+        )
+        self._guardian_restarts_seen = 0
         # Bias.
         self.bias_voltage = Gauge(
             f"{PREFIX}bias_voltage_volts", "measured bias voltage (newest sample)", registry=r
@@ -399,6 +410,14 @@ class DaemonMetrics:
         self.compliance_trips.inc()
 
     # ----- instruments and protocol ----------------------------------------------------------
+    def observe_guardian(self, guardian: dict[str, Any]) -> None:
+        """The `guardian` part of the daemon's status."""
+        self.guardian_up.set(1 if guardian.get("alive") else 0)
+        restarts = int(guardian.get("restarts_total", 0))
+        if restarts > self._guardian_restarts_seen:
+            self.guardian_restarts.inc(restarts - self._guardian_restarts_seen)
+            self._guardian_restarts_seen = restarts
+
     def set_instrument_up(self, name: str, up: bool) -> None:
         self.instrument_up.labels(name).set(1 if up else 0)
 

@@ -354,6 +354,7 @@ class HoldingDaemon:
     sims: SimulatedInstruments
     children: list[int]  # the guardian and the ingest process
     history_index: int  # of the model's bias history at the 2 V hold, just before the signal
+    control: str  # the daemon's control endpoint
 
 
 @contextlib.contextmanager
@@ -397,7 +398,7 @@ def _daemon_holding_2v(tmp_path: Path) -> Iterator[HoldingDaemon]:
             with sims.station.model() as m:
                 assert m.applied_bias() == pytest.approx(2.0)  # holding: nothing ramped down yet
                 index = len(m.bias_history)
-            yield HoldingDaemon(daemon, sims, children, index)
+            yield HoldingDaemon(daemon, sims, children, index, control)
         finally:
             if daemon.poll() is None:
                 daemon.kill()
@@ -418,6 +419,26 @@ def test_sigkill_of_the_daemon_mid_hold_ramps_the_bias_down(tmp_path: Path) -> N
     log_text = (tmp_path / "runs" / LOG_FILE_NAME).read_text()
     assert "making the source-meter safe" in log_text
     assert "output OFF" in log_text
+
+
+def test_status_says_whether_a_guardian_covers_the_bias(tmp_path: Path) -> None:
+    # An operator (and, through the metrics, the InsituDaqGuardianDown alert) must see it.
+    with _daemon_holding_2v(tmp_path) as daemon, ControlClient(daemon.control, 5.0) as client:
+        guardian = client.request("status")["guardian"]
+        assert guardian["alive"] and guardian["pid"] in daemon.children
+        assert guardian["restarts_total"] == 0
+        os.kill(guardian["pid"], signal.SIGKILL)
+        replaced = _wait_for(
+            client,
+            "a replacement guardian",
+            lambda s: s["guardian"]["restarts_total"] == 1 and s["guardian"]["alive"],
+            timeout_s=15.0,
+        )["guardian"]
+        assert replaced["pid"] != guardian["pid"]
+        daemon.children.append(replaced["pid"])
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=20) == 0
+        assert _output(daemon.sims.source_meter.endpoints["visa"]) == (False, 0.0)
 
 
 def test_sigterm_of_the_daemon_mid_hold_stands_the_guardian_down(tmp_path: Path) -> None:

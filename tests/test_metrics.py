@@ -180,6 +180,18 @@ def test_a_new_ingest_process_counts_from_zero(metrics: DaemonMetrics) -> None:
     assert value(scrape(metrics), "insitu_daq_ingest_up", "insitu_daq_ingest_up") == 0
 
 
+def test_guardian_liveness_and_restarts_reach_their_metrics(metrics: DaemonMetrics) -> None:
+    up = ("insitu_daq_guardian_up", "insitu_daq_guardian_up")
+    restarts = ("insitu_daq_guardian_restarts", "insitu_daq_guardian_restarts_total")
+    metrics.observe_guardian({"alive": True, "pid": 10, "restarts_total": 0})
+    assert value(scrape(metrics), *up) == 1
+    metrics.observe_guardian({"alive": False, "pid": 10, "restarts_total": 0})
+    assert value(scrape(metrics), *up) == 0  # the InsituDaqGuardianDown alert's expression
+    metrics.observe_guardian({"alive": True, "pid": 11, "restarts_total": 1})
+    samples = scrape(metrics)
+    assert value(samples, *up) == 1 and value(samples, *restarts) == 1
+
+
 def test_every_ingest_counter_reaches_its_metric(metrics: DaemonMetrics) -> None:
     metrics.observe_ingest_stats(
         {
