@@ -411,6 +411,7 @@ def measure_throughput(
 
 # ----- main -----------------------------------------------------------------------------------
 def main() -> int:
+    global ANALYSIS_DEFAULTS  # --max-rate: one setting for every trial of this run
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=12.0, help="per latency trial")
     parser.add_argument("--repeats", type=int, default=3)
@@ -429,7 +430,14 @@ def main() -> int:
         default=[],
         help="extra throughput variants: analysis under SCHED_IDLE; the tap with no analysis",
     )
+    parser.add_argument(
+        "--max-rate",
+        type=float,
+        default=ANALYSIS_DEFAULTS.max_rate_hz,
+        help="the analysis's [analysis] max_rate_hz (default: the daemon's)",
+    )
     args = parser.parse_args()
+    ANALYSIS_DEFAULTS = ANALYSIS_DEFAULTS.model_copy(update={"max_rate_hz": args.max_rate})
 
     folder = Path(tempfile.mkdtemp(prefix="bench_analysis_live_"))
     print(f"bench_analysis_live: {SHAPE[0]}x{SHAPE[1]} uint16, folder {folder},"
