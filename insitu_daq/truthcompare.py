@@ -10,13 +10,18 @@ value is a recent one), and the truth of a phase fraction is the median over the
 a quantity that was never measured says "not measured".
 
 No simulator import: the truth is plain JSON from the microscope's socket (sim/microscope.py).
+`save_truth` / `load_truth` keep the samples next to the run file as `RUN.truth.json`, a JSON
+list of {"time": run-clock s, ...the truth reply's fields}, so a run can be compared later
+(accuracy.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +53,31 @@ class TruthSample:
             if isinstance(d, (int, float)) and abs(d * 1e10 / d_angstrom - 1) <= D_MATCH:
                 return True
         return False
+
+
+def truth_path(run_file: Path) -> Path:
+    """Where a run's truth samples are kept: RUN.truth.json next to RUN.h5."""
+    return run_file.with_suffix(".truth.json")
+
+
+def save_truth(path: Path, samples: Sequence[TruthSample]) -> None:
+    records = [{"time": s.time_s, **{k: v for k, v in s.truth.items() if k != "time"}}
+               for s in samples]  # fmt: skip
+    path.write_text(json.dumps(records))
+
+
+def load_truth(path: Path) -> list[TruthSample]:
+    """The samples `save_truth` wrote, in time order (ValueError if the file is not that)."""
+    records = json.loads(Path(path).read_text())
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: not a JSON list of truth samples")
+    samples = []
+    for record in records:
+        if not isinstance(record, dict) or not isinstance(record.get("time"), (int, float)):
+            raise ValueError(f"{path}: a truth sample without a run time: {record!r:.80}")
+        truth = {k: v for k, v in record.items() if k != "time"}
+        samples.append(TruthSample(float(record["time"]), truth))
+    return sorted(samples, key=lambda s: s.time_s)
 
 
 def nearest(samples: Sequence[TruthSample], time_s: float) -> TruthSample | None:

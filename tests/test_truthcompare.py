@@ -7,10 +7,12 @@ ProtocolRunner); the truth samples are shaped like the simulated microscope's `t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from test_report_figure import write_run
 
 from insitu_daq.report import AnalysisRecord, HoldSpan, hold_span, read_analysis, read_events
@@ -90,3 +92,180 @@ def test_missing_analysis_says_not_measured_and_still_gives_the_truth(tmp_path: 
     assert "front speed, median over the hold   not measured  (truth 4.00 nm/s)" in out
     assert line_with("expansion", out).split()[-2:] == ["not", "measured"]
     assert "hold ended by: condition" in out
+
+
+# ----- accuracy.py: the issue-4 figures from an analysis record and truth samples -----------
+def reflection(name: str, d_angstrom: float, times: np.ndarray, d_m: np.ndarray):
+    from insitu_daq.report import ReflectionSeries
+
+    return ReflectionSeries(name, name, d_angstrom, None, times, d_m, np.ones(len(times)))
+
+
+def synthetic_run(
+    onset_s: float, d_003_m: float = 4.8e-10, speed_scale: float = 1.0, expansion_bias: float = 0
+) -> tuple[AnalysisRecord, list[TruthSample], HoldSpan]:
+    """A biased run: rock salt enters the HRTEM field at 50 s; the front moves at 4 nm/s from
+    20 s; the expansion ramps 0 -> 0.3 over 20-60 s. The "measured" side sees (200) from
+    `onset_s`, (003) at `d_003_m`, the speed x `speed_scale`, the expansion + `expansion_bias`."""
+    from insitu_daq.report import Series
+
+    truth = []
+    for t in np.arange(0.0, 100.0, 0.5):
+        position = 4.0 * max(0.0, t - 20.0)
+        spacings = [{"d_m": 4.8e-10}] + ([{"d_m": 2.1e-10}] if t >= 50.0 else [])
+        truth.append(
+            TruthSample(
+                float(t),
+                {
+                    "bias_volts": 4.3 if t >= 15 else 0.0,
+                    "front_position_nm": position,
+                    "expansion": 0.3 * min(1.0, max(0.0, (t - 20.0) / 40.0)),
+                    "field_d_spacings": spacings,
+                    "field_phase_fractions": {"rock_salt": min(1.0, max(0.0, (t - 50) / 20))},
+                },
+            )
+        )
+    hrtem = np.arange(1.0, 99.0, 0.25)
+    lm = np.array([t + dt for t in np.arange(22.0, 98.0, 4.0) for dt in (0.0, 0.3, 0.6)])
+    analysis = AnalysisRecord(
+        present=True,
+        results=len(hrtem) + len(lm),
+        reflections={
+            "lno_003": reflection("lno_003", 4.8, hrtem, np.full(len(hrtem), d_003_m)),
+            "nio_200": reflection(
+                "nio_200", 2.1, hrtem, np.where(hrtem >= onset_s, 2.1e-10, np.nan)
+            ),
+        },
+        phase_fractions={},
+        front_position_nm=None,
+        front_velocity_nm_s=Series(lm, np.full(len(lm), 4.0 * speed_scale)),
+        expansion=Series(lm, 0.3 * np.clip((lm - 20.0) / 40.0, 0, 1) + expansion_bias),
+        parameters={"front_window_s": 10.0},
+    )
+    return analysis, truth, HoldSpan(20.0, 95.0, "duration", "step 5/9 hold done")
+
+
+def verdict(verdicts: list, starts_with: str):
+    (found,) = [v for v in verdicts if v.quantity.startswith(starts_with)]
+    return found
+
+
+def test_an_accurate_run_meets_every_figure_and_says_so() -> None:
+    from insitu_daq.accuracy import accuracy_verdicts, format_verdicts
+
+    analysis, truth, hold = synthetic_run(onset_s=51.0)
+    verdicts = accuracy_verdicts(analysis, truth, hold)
+    assert all(v.ok for v in verdicts), format_verdicts(verdicts)
+    onset = verdict(verdicts, "rock-salt onset")
+    assert (onset.measured, onset.true) == (51.0, 50.0)
+    assert "measured 51 s, truth 50 s (+1.00 s, within 2 s)" in onset.line()
+    assert {v.quantity.split(" ", 1)[1] for v in verdicts if v.quantity.startswith("d ")} == {
+        "lno_003 4.8 A",
+        "nio_200 2.1 A",
+    }
+
+
+def test_each_figure_fails_outside_its_tolerance() -> None:
+    from insitu_daq.accuracy import accuracy_verdicts
+
+    late = accuracy_verdicts(*synthetic_run(onset_s=52.5))
+    assert not verdict(late, "rock-salt onset").ok
+    off_d = accuracy_verdicts(*synthetic_run(onset_s=51.0, d_003_m=4.8e-10 * 1.012))
+    assert not verdict(off_d, "d lno_003").ok and verdict(off_d, "d nio_200").ok
+    fast = accuracy_verdicts(*synthetic_run(onset_s=51.0, speed_scale=1.2))
+    assert not verdict(fast, "front speed").ok
+    assert verdict(accuracy_verdicts(*synthetic_run(51.0, speed_scale=1.1)), "front speed").ok
+    grown = accuracy_verdicts(*synthetic_run(onset_s=51.0, expansion_bias=0.025))
+    assert not verdict(grown, "expansion at the hold's end").ok
+    assert not verdict(grown, "expansion, worst of").ok
+
+
+def test_a_single_noise_detection_is_not_an_onset() -> None:
+    from insitu_daq.accuracy import persistent_onset
+
+    times = np.arange(10.0)
+    blip = np.array([0, 1, 0, 0, 1, 1, 0, 1, 1, 1], dtype=bool)
+    assert persistent_onset(times, blip, run=3) == 7.0
+    assert persistent_onset(times, blip[:9], run=3) is None
+
+
+def test_front_speed_truth_is_the_mean_over_the_fit_window() -> None:
+    from insitu_daq.accuracy import true_mean_speed
+
+    _, truth, _ = synthetic_run(onset_s=51.0)
+    # The front starts at 20 s: at 25 s the 10 s window holds 5 s of motion at 4 nm/s.
+    speeds = true_mean_speed(truth, np.array([25.0, 40.0]), 10.0)
+    assert np.allclose(speeds, [2.0, 4.0])
+
+
+def control_run(
+    rock_salt_at: float | None,
+) -> tuple[AnalysisRecord, list[TruthSample]]:
+    from insitu_daq.report import Series
+
+    truth = [
+        TruthSample(float(t), {"bias_volts": 0.0, "expansion": 0.0, "field_d_spacings": []})
+        for t in np.arange(0.0, 60.0, 0.5)
+    ]
+    hrtem = np.arange(1.0, 59.0, 0.25)
+    d_200 = np.full(len(hrtem), np.nan)
+    d_200[::40] = 2.1e-10  # isolated noise detections: not a phase change
+    if rock_salt_at is not None:
+        d_200[hrtem >= rock_salt_at] = 2.1e-10
+    maps = hrtem[::10]
+    analysis = AnalysisRecord(
+        present=True,
+        results=len(hrtem),
+        reflections={
+            "nio_200": reflection("nio_200", 2.1, hrtem, d_200),
+            "disordered_195": reflection(
+                "disordered_195", 1.95, hrtem, np.full(len(hrtem), np.nan)
+            ),
+        },
+        phase_fractions={
+            "rock_salt": Series(maps, np.where(maps >= (rock_salt_at or 1e9), 0.3, 0.0)),
+            "disordered": Series(maps, np.zeros(len(maps))),
+        },
+        front_position_nm=None,
+        front_velocity_nm_s=None,
+        expansion=Series(np.array([0.5, 1.0, 1.5]), np.array([0.0, 0.004, -0.003])),
+    )
+    return analysis, truth
+
+
+def test_the_control_passes_without_a_phase_change_and_fails_on_a_false_one() -> None:
+    from insitu_daq.accuracy import accuracy_verdicts, format_verdicts
+
+    analysis, truth = control_run(rock_salt_at=None)
+    verdicts = accuracy_verdicts(analysis, truth, None)
+    assert all(v.ok for v in verdicts), format_verdicts(verdicts)
+    assert "never persistently detected (6 single detections" in format_verdicts(verdicts)
+    false_change = accuracy_verdicts(*control_run(rock_salt_at=30.0), None)
+    failed = {v.quantity for v in false_change if not v.ok}
+    assert failed == {
+        "nio_200 2.1 A (none expected)",
+        "rock salt fraction, largest (none expected)",
+    }
+
+
+def test_no_truth_or_nothing_measured_is_never_a_pass(tmp_path: Path) -> None:
+    from insitu_daq.accuracy import accuracy_verdicts
+
+    analysis, truth, hold = synthetic_run(onset_s=51.0)
+    assert not any(v.ok for v in accuracy_verdicts(analysis, [], hold))
+    empty = AnalysisRecord(False, 0, {}, {}, None, None, None)
+    verdicts = accuracy_verdicts(empty, truth, hold)
+    assert verdicts and not any(v.ok for v in verdicts)
+
+
+def test_truth_samples_survive_the_truth_file(tmp_path: Path) -> None:
+    from insitu_daq.truthcompare import load_truth, save_truth
+
+    samples = truth_samples(10.0, 20.0, 25.0)
+    path = tmp_path / "run.truth.json"
+    save_truth(path, samples)
+    assert load_truth(path) == samples
+    assert json.loads(path.read_text())[3]["time"] == samples[3].time_s
+    path.write_text('{"time": 1}')
+    with pytest.raises(ValueError, match="not a JSON list"):
+        load_truth(path)
