@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .childproc import start_worker_process
 from .clock import RunClock
 from .config import StationConfig
 from .drivers.stream2 import (
@@ -844,11 +845,7 @@ def child_main(
     analysis_endpoint: str | None = None,
 ) -> None:
     """Entry point of the spawned ingest process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the daemon's to handle
-    logging.basicConfig(
-        level=log_level,
-        format="%(asctime)s ingest[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    start_worker_process("ingest", log_level)
     tune_malloc()
     IngestProcess(
         config, command_endpoint, report_endpoint, clock, parent_pid, analysis_endpoint

@@ -53,6 +53,7 @@ import numpy as np
 import zmq
 
 from .analysis.pipeline import FrameAnalyzer, PipelineSettings
+from .childproc import start_worker_process
 from .drivers.stream2 import MalformedMessage, bslz4_decompress, lz4_decompress
 
 log = logging.getLogger(__name__)
@@ -372,11 +373,7 @@ def _child_main(
     max_rate_hz: float | None = None,
 ) -> None:
     """Entry point of the spawned analysis process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the daemon's to handle
-    logging.basicConfig(
-        level=log_level,
-        format="%(asctime)s analysis[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    start_worker_process("analysis", log_level)
     _lower_priority()
     process = AnalysisProcess(
         settings, frame_endpoint, control_endpoint, results_endpoint, parent_pid, max_rate_hz

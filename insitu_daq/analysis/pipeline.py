@@ -202,18 +202,22 @@ class FrameAnalyzer:
             return self._lm(frame, float(time_s), float(pixel_size_nm))
         raise ValueError(f"imaging mode {mode!r} not one of {MODES}")
 
+    def _summed(self, mode: str, frame: np.ndarray, time_s: float, pixel_nm: float) -> np.ndarray:
+        """`frame` added to its mode's sum (module docstring); the sum as it now stands."""
+        settings = self.settings
+        counts_per_px, window_s = {
+            "hrtem": (settings.hrtem_counts_per_px, settings.hrtem_integration_s),
+            "lm": (settings.lm_counts_per_px, settings.lm_integration_s),
+        }[mode]
+        integration = self._integrations[mode]
+        integration.add(frame, time_s, (mode, frame.shape, pixel_nm), counts_per_px, window_s)
+        self.last_integrated_frames = len(integration.frames)
+        assert integration.total is not None
+        return integration.total
+
     def _hrtem(self, frame: np.ndarray, time_s: float, pixel_nm: float) -> dict[str, float | None]:
         settings = self.settings
-        integration = self._integrations["hrtem"]
-        integration.add(
-            frame,
-            time_s,
-            ("hrtem", frame.shape, pixel_nm),
-            settings.hrtem_counts_per_px,
-            settings.hrtem_integration_s,
-        )
-        summed = integration.total
-        self.last_integrated_frames = len(integration.frames)
+        summed = self._summed("hrtem", frame, time_s, pixel_nm)
         spectrum = analyze_frame(summed, pixel_nm, settings.table, settings.spectrum)
         values: dict[str, float | None] = {}
         for name in settings.table.names:
@@ -237,16 +241,7 @@ class FrameAnalyzer:
 
     def _lm(self, frame: np.ndarray, time_s: float, pixel_nm: float) -> dict[str, float | None]:
         settings = self.settings
-        integration = self._integrations["lm"]
-        integration.add(
-            frame,
-            time_s,
-            ("lm", frame.shape, pixel_nm),
-            settings.lm_counts_per_px,
-            settings.lm_integration_s,
-        )
-        self.last_integrated_frames = len(integration.frames)
-        frame = integration.total
+        frame = self._summed("lm", frame, time_s, pixel_nm)
         segmentation = segment(frame, pixel_nm, settings.segmentation)
         particle = measure_particle(segmentation)
         area = particle.area_nm2
