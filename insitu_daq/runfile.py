@@ -466,9 +466,7 @@ class RunWriter:
             return
         if ready == 0:
             return
-        volts, amps = self._frame_bias_estimator.estimate(frame_times[:ready])
-        self._frame_bias[first : first + ready] = volts
-        self._frame_current[first : first + ready] = amps
+        self._estimate_frame_bias(first, frame_times[:ready])
         self._pending_frame_times = self._pending_frame_times[ready:]
         self._first_pending_frame = first + ready
 
@@ -480,10 +478,13 @@ class RunWriter:
         skip = int(np.searchsorted(frame_times, oldest))  # older than the window: keep
         if skip >= len(frame_times):
             return
-        volts, amps = self._frame_bias_estimator.estimate(frame_times[skip:])
-        start = first + skip
-        self._frame_bias[start : start + len(volts)] = volts
-        self._frame_current[start : start + len(volts)] = amps
+        self._estimate_frame_bias(first + skip, frame_times[skip:])
+
+    def _estimate_frame_bias(self, first: int, frame_times: np.ndarray) -> None:
+        """Bias and current of frames [first, first+len) at `frame_times`, into the file."""
+        volts, amps = self._frame_bias_estimator.estimate(frame_times)
+        self._frame_bias[first : first + len(volts)] = volts
+        self._frame_current[first : first + len(volts)] = amps
 
     def flush(self) -> None:
         self._write_pending_rows()
