@@ -22,9 +22,9 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the bitshuffle/LZ4 filters for reading)
 import numpy as np
 import pytest
+from ingest_setup import DETECTOR, GEOMETRY, SHAPE, ingest_config
 
 from insitu_daq.clock import RunClock
-from insitu_daq.config import StationConfig, parse_config
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
 from insitu_daq.ingest import IngestClient, IngestError, geometry_of_image
 from insitu_daq.records import Event, EventKind, bias_samples
@@ -33,26 +33,7 @@ from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.camera import SimulatedCamera
 from insitu_daq.sim.station import SimStation
 
-SHAPE = (128, 128)
 RATE_HZ = 100.0
-GEOMETRY = FrameGeometry(("threshold_1",), SHAPE, "<u2", "bslz4")
-DETECTOR = "/entry/instrument/detector"
-
-
-def _config(endpoint: str, data_dir: Path, **detector: Any) -> StationConfig:
-    return parse_config(
-        {
-            "data_dir": str(data_dir),
-            "detector": {
-                "endpoint": endpoint,
-                "reorder_window_frames": 8,
-                "reorder_window_s": 0.3,
-                "geometry_timeout_s": 0.5,
-                **detector,
-            },
-            "sampling": {"flush_interval_s": 0.2},
-        }
-    )
 
 
 def _camera(**kwargs: Any) -> SimulatedCamera:
@@ -73,7 +54,7 @@ class Harness:
         self.tmp = tmp
         self.camera = _camera(**(camera_kwargs or {}))
         self.events: list[dict[str, Any]] = []
-        config = _config(self.camera.endpoints["stream2"], tmp, **detector)
+        config = ingest_config(self.camera.endpoints["stream2"], tmp, **detector)
         self.ingest = IngestClient(config, on_event=self.events.append)
         try:
             self.ingest.start()
@@ -463,7 +444,7 @@ def test_recorded_eiger2_series_without_start_is_stored_bit_exact_in_three_chann
 def test_an_unusable_detector_endpoint_is_refused_at_start_naming_the_field(
     tmp_path: Path,
 ) -> None:
-    ingest = IngestClient(_config("tcp://no-port-here", tmp_path))
+    ingest = IngestClient(ingest_config("tcp://no-port-here", tmp_path))
     with pytest.raises(IngestError, match=r"^detector\.endpoint 'tcp://no-port-here': "):
         ingest.start()
     assert not ingest.alive

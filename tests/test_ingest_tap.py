@@ -17,34 +17,16 @@ import hdf5plugin  # noqa: F401  (registers the bitshuffle/LZ4 filters for readi
 import numpy as np
 import pytest
 import zmq
+from ingest_setup import DETECTOR, GEOMETRY, SHAPE, ingest_config
 
 from insitu_daq.clock import RunClock
-from insitu_daq.config import StationConfig, parse_config
 from insitu_daq.ingest import IngestClient, IngestError
-from insitu_daq.runfile import FrameGeometry, RunMetadata
+from insitu_daq.runfile import RunMetadata
 from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.camera import SimulatedCamera
 from insitu_daq.sim.station import SimStation
 
-SHAPE = (128, 128)
-GEOMETRY = FrameGeometry(("threshold_1",), SHAPE, "<u2", "bslz4")
-DETECTOR = "/entry/instrument/detector"
 TAP = "tcp://127.0.0.1:0"
-
-
-def _config(endpoint: str, data_dir: Path) -> StationConfig:
-    return parse_config(
-        {
-            "data_dir": str(data_dir),
-            "detector": {
-                "endpoint": endpoint,
-                "reorder_window_frames": 8,
-                "reorder_window_s": 0.3,
-                "geometry_timeout_s": 0.5,
-            },
-            "sampling": {"flush_interval_s": 0.2},
-        }
-    )
 
 
 class Tapped:
@@ -54,7 +36,7 @@ class Tapped:
         self.tmp = tmp
         self.camera = SimulatedCamera(SimStation(seed=0), port=0, shape=SHAPE, frame_rate_hz=100.0)
         self.camera.start()
-        config = _config(self.camera.endpoints["stream2"], tmp)
+        config = ingest_config(self.camera.endpoints["stream2"], tmp)
         self.ingest = IngestClient(config, analysis_endpoint=TAP)
         try:
             self.ingest.start()
@@ -233,7 +215,7 @@ def test_an_unusable_analysis_endpoint_is_refused_at_start_naming_it(tmp_path: P
     camera = SimulatedCamera(SimStation(seed=0), port=0, shape=SHAPE)
     camera.start()
     try:
-        config = _config(camera.endpoints["stream2"], tmp_path)
+        config = ingest_config(camera.endpoints["stream2"], tmp_path)
         ingest = IngestClient(config, analysis_endpoint=f"tcp://127.0.0.1:{port}")
         with pytest.raises(IngestError, match=r"^analysis endpoint 'tcp://127\.0\.0\.1:\d+': "):
             ingest.start()
