@@ -509,12 +509,10 @@ class BiasController:
     def _record_level_change(self, began_ns: int, ended_ns: int, terminal_volts: float) -> None:
         """Log a change of the commanded terminal level, stamped by the write that made it."""
         half_ns = (ended_ns - began_ns) // 2
-        when = self._clock.from_monotonic_ns(began_ns + half_ns)
-        error = half_ns * 1e-9 * self._clock.time_scale
-        if not self._pending:
-            self._pending_since = time.monotonic()
         nan = math.nan
-        self._pending.append((when, error, nan, terminal_volts, nan, int(STATUS_LEVEL_CHANGE)))
+        self._queue_row(
+            began_ns + half_ns, half_ns, nan, terminal_volts, nan, int(STATUS_LEVEL_CHANGE)
+        )
 
     def _take_sample(self) -> None:
         """One reading into the log; with the output off, an output query keeps the heartbeat."""
@@ -550,15 +548,29 @@ class BiasController:
     def _record(
         self, monotonic_ns: int, half_ns: int, volts: float, amperes: float, status: int
     ) -> None:
+        self._last_sample_time = self._queue_row(
+            monotonic_ns, half_ns, volts, self._level, amperes, status
+        )
+        with self._lock:
+            self._voltage, self._current, self._status = volts, amperes, status
+            self._samples_total += 1
+
+    def _queue_row(
+        self,
+        monotonic_ns: int,
+        half_ns: int,
+        volts: float,
+        setpoint: float,
+        amperes: float,
+        status: int,
+    ) -> float:
+        """One BIAS_SAMPLE_DTYPE row, stamped on the run clock, for the next delivery."""
         when = self._clock.from_monotonic_ns(monotonic_ns)
         error = half_ns * 1e-9 * self._clock.time_scale
         if not self._pending:
             self._pending_since = time.monotonic()
-        self._pending.append((when, error, volts, self._level, amperes, status))
-        self._last_sample_time = when
-        with self._lock:
-            self._voltage, self._current, self._status = volts, amperes, status
-            self._samples_total += 1
+        self._pending.append((when, error, volts, setpoint, amperes, status))
+        return when
 
     def _flush_samples(self, force: bool) -> None:
         if self._pending and (force or time.monotonic() - self._pending_since >= DELIVER_EVERY_S):
