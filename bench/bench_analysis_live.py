@@ -14,26 +14,30 @@ daemon does (`IngestClient.write_analysis`).
    and waiting for the analysis of an earlier frame to finish), analysis (decompress + the
    pipeline, the process's own `analysis_s`) and return (result to the daemon). The first
    `WARMUP_S` of each trial are left out (first render of a field, FFT plans). HRTEM results
-   that include a phase map (every `phase_map_every`-th) are shown apart too.
+   that include a phase map (every `phase_map_interval_s` of run time) are shown apart too.
 2. Counts at 40 frames/s: frames received, analysed, skipped (queued behind a newer one),
-   tap offers skipped by the ingest (the analysis's queue was full), and the camera's and
-   ingest's own counters (nothing late, dropped or missing), plus CPU of each process.
+   tap offers skipped by the ingest (the analysis's queue was full) or withheld (the ingest
+   was behind: it has priority, ingest_tap.py), and the camera's and ingest's own counters
+   (nothing late, dropped or missing), plus CPU of each process.
 3. Ingest throughput with analysis on / off: bench_ingest.py's method (pre-rendered frames
    replayed by `SimulatedCamera.replay` in this process as fast as the ingest takes them;
    frames/s = N / time until the run is closed; the file checked frame by frame, zero loss),
    HRTEM content, raw and bslz4. "on": the analysis process connected to the tap, analysing
-   as the HRTEM daemon would; "off": no tap (the daemon with analysis disabled). Trials
+   as the HRTEM daemon would (a replay as fast as taken is a backlog throughout: the ingest
+   withholds its offers but for `[analysis] min_rate_hz` a second, and the newest once it
+   has caught up); "off": no tap (the daemon with analysis disabled). Trials
    alternate off/on, on/off, ... so drift of the shared machine cancels; the ratio is taken
    per adjacent pair and its median reported. Target >= 0.95.
 
 Run (about 4-5 minutes with the defaults):
     /tmp/v/bin/python bench/bench_analysis_live.py [--seconds 12] [--repeats 3]
         [--frames 1000] [--modes hrtem lm] [--compression raw bslz4] [--skip-latency]
-        [--skip-throughput] [--diagnose idle tap]
+        [--skip-throughput] [--diagnose idle tap] [--max-rate HZ] [--min-rate HZ]
 "idle" adds throughput trials with the analysis process under SCHED_IDLE (set from here on all
 its threads) instead of its nice +5; "tap" adds trials with the ingest's tap bound and nothing
 connected (the cost of offering alone). `tap offer alone` times `AnalysisTap.offer` in one
-thread.
+thread, and the ingest's check for a waiting detector message (getsockopt ZMQ_EVENTS).
+--max-rate / --min-rate: the `[analysis]` max_rate_hz / min_rate_hz for every trial of the run.
 """
 
 from __future__ import annotations
@@ -102,7 +106,9 @@ class Daemon:
         tap = f"ipc://{folder}/tap" if analysis == "tap" else None
         if self.analysis is not None:
             tap = self.analysis.frame_endpoint
-        config = StationConfig(data_dir=folder, detector=DetectorConfig(endpoint=endpoint))
+        config = StationConfig(
+            data_dir=folder, detector=DetectorConfig(endpoint=endpoint), analysis=ANALYSIS_DEFAULTS
+        )
         self.ingest = IngestClient(config, analysis_endpoint=tap)
 
     def _on_result(self, result: dict[str, Any]) -> None:
@@ -218,6 +224,7 @@ def live_trial(folder: Path, mode: str, compression: str | None, seconds: float)
         "ingest written": delta(ingest_after, ingest_before, "frames_written_total"),
         "tap offered": delta(ingest_after, ingest_before, "analysis_offers_sent"),
         "tap skipped": delta(ingest_after, ingest_before, "analysis_offers_skipped"),
+        "tap withheld": delta(ingest_after, ingest_before, "analysis_offers_withheld"),
         "received": delta(analysis_after, analysis_before, "frames_received_total"),
         "analysed": delta(analysis_after, analysis_before, "frames_analysed_total"),
         "skipped": delta(analysis_after, analysis_before, "frames_skipped_total"),
@@ -275,7 +282,10 @@ def measure_latency(
     p50 = [percentile(t.latency_ms, 50) for t in trials]
     p99 = [percentile(t.latency_ms, 99) for t in trials]
     analysed = [t.counts["analysed"] / t.seconds for t in trials]
-    skipped = [(t.counts["skipped"] + t.counts["tap skipped"]) / t.seconds for t in trials]
+    skipped = [
+        (t.counts["skipped"] + t.counts["tap skipped"] + t.counts["tap withheld"]) / t.seconds
+        for t in trials
+    ]
     print(f"  {mode} {name}: latency p50 {spread(p50)} ms, p99 {spread(p99)} ms (median"
           f" (min-max) of {repeats}); analysed {spread(analysed)}/s, skipped"
           f" {spread(skipped)}/s")  # fmt: skip
@@ -326,6 +336,7 @@ def throughput_trial(
             counts = {
                 "offered": stats["analysis_offers_sent"],
                 "tap skipped": stats["analysis_offers_skipped"],
+                "tap withheld": stats["analysis_offers_withheld"],
             }
             if daemon.analysis is not None:
                 totals = daemon.analysis.stats()
@@ -340,7 +351,8 @@ def throughput_trial(
 
 def tap_offer_ms(frame: np.ndarray, compression: str | None, folder: Path, n: int = 3000) -> dict:
     """CPU ms of one `AnalysisTap.offer` (what the ingest does per frame for the analysis), one
-    thread: with nobody connected, and with a peer whose queue is full (analysis busy)."""
+    thread: with nobody connected, with a peer whose queue is full (analysis busy), and
+    withheld (the ingest behind); and of the ingest's check for a waiting detector message."""
     channels = s2.encode_channels({DEFAULT_CHANNEL: frame}, compression)
     now = datetime.now(timezone.utc)
     raw = s2.image_message(1, "BENCH", 0, now, (0, 1), (1, 40), (1, 40), channels)
@@ -362,6 +374,15 @@ def tap_offer_ms(frame: np.ndarray, compression: str | None, folder: Path, n: in
         for index in range(n):
             tap.offer(image, index * 0.025)
         costs[case] = (time.process_time() - started) / n * 1e3
+        if case == "queue full":
+            started = time.process_time()
+            for index in range(n):
+                tap.offer(image, index * 0.025, behind=True)  # the floor is 1/min_rate_hz away
+            costs["withheld"] = (time.process_time() - started) / n * 1e3
+            started = time.process_time()
+            for _ in range(n):
+                bool(peer.getsockopt(zmq.EVENTS) & zmq.POLLIN)  # ingest_process._detector_waiting
+            costs["detector-waiting check"] = (time.process_time() - started) / n * 1e3
         tap.close()
         if peer is not None:
             peer.close(0)
@@ -411,7 +432,7 @@ def measure_throughput(
 
 # ----- main -----------------------------------------------------------------------------------
 def main() -> int:
-    global ANALYSIS_DEFAULTS  # --max-rate: one setting for every trial of this run
+    global ANALYSIS_DEFAULTS  # --max-rate, --min-rate: one setting for every trial of this run
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=12.0, help="per latency trial")
     parser.add_argument("--repeats", type=int, default=3)
@@ -436,12 +457,19 @@ def main() -> int:
         default=ANALYSIS_DEFAULTS.max_rate_hz,
         help="the analysis's [analysis] max_rate_hz (default: the daemon's)",
     )
+    parser.add_argument(
+        "--min-rate",
+        type=float,
+        default=ANALYSIS_DEFAULTS.min_rate_hz,
+        help="the [analysis] min_rate_hz: frames offered a second while the ingest is behind",
+    )
     args = parser.parse_args()
-    ANALYSIS_DEFAULTS = ANALYSIS_DEFAULTS.model_copy(update={"max_rate_hz": args.max_rate})
+    ANALYSIS_DEFAULTS = AnalysisConfig(max_rate_hz=args.max_rate, min_rate_hz=args.min_rate)
 
     folder = Path(tempfile.mkdtemp(prefix="bench_analysis_live_"))
     print(f"bench_analysis_live: {SHAPE[0]}x{SHAPE[1]} uint16, folder {folder},"
-          f" {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")  # fmt: skip
+          f" {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; analysis max_rate_hz"
+          f" {args.max_rate:g}, min_rate_hz {args.min_rate:g}")  # fmt: skip
     try:
         if not args.skip_latency:
             for mode in args.modes:

@@ -7,13 +7,17 @@ a float32 rfft2 of the frame cast first, is printed too. Ratios are baseline tim
 time, each the median of rounds interleaved in one run (the machine is shared and noisy).
 
 Measured: `analyze_frame` (spectrum, background, peaks, tracked reflections), `phase_map`
-(tiles, one batched FFT), both together, and both with scipy.fft workers=2 (the daemon's
-analysis process has one core to itself only if ingest leaves the other idle). Run:
+(tiles, one batched FFT), both together, both with scipy.fft workers=2 (the daemon's
+analysis process has one core to itself only if ingest leaves the other idle), and the live
+pipeline as the daemon runs it (`FrameAnalyzer` with the default settings: the dose sum, a
+phase map every `phase_map_interval_s` of run time) on frames stamped 25 ms apart, every frame
+of a 40 frames/s camera analysed. Run:
     /tmp/v/bin/python bench/bench_analysis_spectrum.py
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +26,7 @@ import numpy as np
 import scipy.fft
 
 from insitu_daq.analysis.phasemap import PhaseMapSettings, phase_map
+from insitu_daq.analysis.pipeline import FrameAnalyzer
 from insitu_daq.analysis.spectrum import SpectrumSettings, analyze_frame
 from insitu_daq.sim.model import NanobatteryModel
 from insitu_daq.sim.optics import Optics
@@ -31,6 +36,7 @@ SHAPE = (1024, 1024)
 FRAMES = 40
 ROUNDS = 7
 PIXEL_NM = 0.06
+FRAME_PERIOD_S = 0.025  # the simulated camera's 40 frames/s
 
 
 def frames() -> list[np.ndarray]:
@@ -59,6 +65,7 @@ def main() -> None:
     data = frames()
     one, two = SpectrumSettings(workers=1), SpectrumSettings(workers=2)
     map_one, map_two = PhaseMapSettings(workers=1), PhaseMapSettings(workers=2)
+    analyzer, frame_index = FrameAnalyzer(), itertools.count()
     cases: dict[str, Callable[[np.ndarray], object]] = {
         "rfft2(uint16 frame) [baseline]": lambda f: scipy.fft.rfft2(f),
         "rfft2(frame as float32)": lambda f: scipy.fft.rfft2(f.astype(np.float32)),
@@ -71,6 +78,9 @@ def main() -> None:
         "analyze_frame + phase_map, workers=2": lambda f: (
             analyze_frame(f, PIXEL_NM, settings=two),
             phase_map(f, PIXEL_NM, settings=map_two),
+        ),
+        "pipeline, 40 frames/s stream": lambda f: analyzer.analyze(
+            f, next(frame_index) * FRAME_PERIOD_S, "hrtem", PIXEL_NM
         ),
     }
     for work in cases.values():  # warm the caches (geometry, plans, buffers)

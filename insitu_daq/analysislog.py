@@ -7,7 +7,9 @@ Layout (DESIGN.md; times in s since /entry/start_time, the run clock of the fram
         /<reflection>               NXlog  time [s], value [m] (NaN: not detected),
                                            intensity (relative power above background)
       /phase_fraction               NXcollection
-        /layered, /disordered, /rock_salt   NXlog  time [s], value (0-1)
+        /layered, /disordered, /rock_salt   NXlog  time [s], value (0-1: share of the
+                                           particle tiles classified so), presence (0-1:
+                                           share in which the phase is seen at all)
       /front_position               NXlog  time [s], value [nm]
       /front_velocity               NXlog  time [s], value [nm/s]
       /expansion                    NXlog  time [s], value (A/A_ref - 1)
@@ -34,7 +36,7 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .analysis.keys import PHASE_KEYS, d_spacing_key, intensity_key
+from .analysis.keys import PHASE_KEYS, PRESENCE_KEYS, d_spacing_key, intensity_key
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +143,13 @@ class AnalysisLog:
                 phase_time = time_dataset(group)
             else:
                 group["time"] = h5py.SoftLink(phase_time.name)
+            presence = _growing(group, "presence", "<f8", "1")
+            presence.attrs["description"] = (
+                "share of the particle tiles in which the phase's marker is detected, whichever "
+                "phase the tile was classified (phasemap.py)"
+            )
             self._phase_logs[phase] = _Log(
-                phase_time, {"value": _growing(group, "value", "<f8", "1")}
+                phase_time, {"value": _growing(group, "value", "<f8", "1"), "presence": presence}
             )
         self._phase_time_rows = 0
 
@@ -199,8 +206,9 @@ class AnalysisLog:
         if any(key in values for key in PHASE_KEYS.values()):
             _append(next(iter(self._phase_logs.values())).time, self._phase_time_rows, time_s)
             for phase, entry in self._phase_logs.items():
-                value = _number(values.get(PHASE_KEYS[phase]))
-                _append(entry.columns["value"], self._phase_time_rows, value)
+                for column, keys in (("value", PHASE_KEYS), ("presence", PRESENCE_KEYS)):
+                    value = _number(values.get(keys[phase]))
+                    _append(entry.columns[column], self._phase_time_rows, value)
             self._phase_time_rows += 1
 
         for key, entry in self._scalar_logs.items():

@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -152,11 +153,14 @@ class AnalysisConfig(_Section):
     hrtem_integration_s: Annotated[float, Field(ge=0, le=60)] = 4.0
     lm_counts_per_px: Annotated[float, Field(ge=0, le=1e6)] = 40.0
     lm_integration_s: Annotated[float, Field(ge=0, le=60)] = 0.5
-    phase_map_every: Annotated[int, Field(ge=1, le=1000)] = 10  # every Nth HRTEM result
+    phase_map_interval_s: Annotated[float, Field(ge=0, le=60)] = 0.125  # run s between maps
     # At most this many analysed frames a second (the newest is taken when one is due): the
     # CPU the analysis may take from the ingest on a 2-core PC. The sums above then hold
     # fewer, so reaching their dose takes longer (bench/README.md, live analysis).
     max_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 20.0
+    # The ingest has priority: while it is behind the detector it offers the analysis no
+    # frames but one every 1/min_rate_hz s, so the analysis is never starved (ingest_tap.py).
+    min_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 2.0
     reference_frames: Annotated[int, Field(ge=1, le=1000)] = 10  # LM frames before the bias
     front_window_s: Annotated[float, Field(gt=0, le=120)] = 10.0
     # A live value older than this (wall seconds) is no longer "live": hold-until sees None.
@@ -169,6 +173,14 @@ class AnalysisConfig(_Section):
     ) -> tuple[ReflectionConfig, ...]:
         _table_of(reflections)
         return reflections
+
+    @field_validator("min_rate_hz")
+    @classmethod
+    def _floor_within_cap(cls, min_rate_hz: float, info: ValidationInfo) -> float:
+        max_rate_hz = info.data.get("max_rate_hz")
+        if max_rate_hz is not None and min_rate_hz > max_rate_hz:
+            raise ValueError(f"{min_rate_hz} is above max_rate_hz ({max_rate_hz})")
+        return min_rate_hz
 
     def table(self) -> ReflectionTable:
         """The reflections as an analysis ReflectionTable (ValueError naming the problem)."""

@@ -78,7 +78,7 @@ def pipeline_settings(config: AnalysisConfig) -> PipelineSettings:
         hrtem_integration_s=config.hrtem_integration_s,
         lm_counts_per_px=config.lm_counts_per_px,
         lm_integration_s=config.lm_integration_s,
-        phase_map_every=config.phase_map_every,
+        phase_map_interval_s=config.phase_map_interval_s,
         reference_frames=config.reference_frames,
         front_window_s=config.front_window_s,
     )

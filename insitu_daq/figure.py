@@ -336,6 +336,11 @@ def _draw_phases(ax: Axes, analysis: AnalysisRecord) -> bool:
     for phase, series in analysis.phase_fractions.items():
         colour = PHASE_COLOURS.get(phase)
         drawn |= _plot_series(ax, series, 1.0, color=colour, label=phase.replace("_", " "), lw=1)
+    # Where rock salt is seen at all (first in tiles it does not yet win): the onset, earlier.
+    seen = analysis.phase_presence.get("rock_salt")
+    if drawn and seen is not None:
+        _plot_series(ax, seen, 1.0, color=PHASE_COLOURS.get("rock_salt"), ls=":", lw=1,
+                     label="rock salt seen")  # fmt: skip
     if drawn:
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=7, loc="center left")

@@ -57,8 +57,9 @@ Stats (`IngestClient.stats()`): flat counters (`frames_received_total`,
 `malformed_total`, ...), `frames_dropped_by_reason`, `hdf5_write_seconds` as a Prometheus
 histogram (`le` upper bounds, `cumulative_counts`, `sum`, `count`: one observation per write
 call into HDF5), `hdf5_flush_seconds` (`sum`, `count`), `run` (the open run or None) and
-`detector` (series, geometry, clock-mapping uncertainty), `analysis_offers_sent` and
-`analysis_offers_skipped` (the frame tap).
+`detector` (series, geometry, clock-mapping uncertainty), `analysis_offers_sent`,
+`analysis_offers_skipped` (the analysis's queue was full) and `analysis_offers_withheld` (the
+ingest was behind: it has priority; the frame tap, ingest_tap.py).
 """
 
 from __future__ import annotations

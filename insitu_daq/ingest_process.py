@@ -8,6 +8,14 @@ loop waits on the detector socket and the command socket together; per turn it f
 everything the daemon sent (commands and records, in order), then up to a batch of detector
 messages, then does the timed work (reorder-window expiry, clock retiming, flush, stats).
 
+The ingest has priority over the analysis. Each image is offered on the tap with whether the
+ingest is behind once it has been handled: further images released with it by the sequencer,
+or a detector message waiting on the receiver socket (`_detector_waiting`, a getsockopt of
+ZMQ_EVENTS, 1.6 us). While behind, the tap holds the newest image back (sending one every
+`1 / [analysis] min_rate_hz` s all the same) and the end of the loop turn that finds the
+socket empty sends it (ingest_tap.py): the analysis's FFTs then run while the ingest has time,
+not during a backlog, where they slowed it through the two cores' shared cache.
+
 Detector messages are received zero-copy (`recv(copy=False)`): each image's payload stays a
 view into its ZeroMQ frame through decoding, the file write and the tap. At start the process
 asks glibc to keep freed frame-sized buffers (`tune_malloc`): without it every 2 MB frame is
@@ -260,7 +268,9 @@ class IngestProcess:
             return
         if self.analysis_endpoint is not None:
             try:
-                self._tap = AnalysisTap(self._context, self.analysis_endpoint)
+                self._tap = AnalysisTap(
+                    self._context, self.analysis_endpoint, self.config.analysis.min_rate_hz
+                )
             except zmq.ZMQError as exc:
                 error = f"analysis endpoint {self.analysis_endpoint!r}: {exc}"
                 self._report(READY, {"pid": os.getpid(), "error": error}, reliable=True)
@@ -291,6 +301,9 @@ class IngestProcess:
             self._drain_commands()
         self._drain_detector()
         self._guarded("timed work", self._housekeeping)
+        tap = self._tap
+        if tap is not None and tap.holding and not self._detector_waiting():
+            tap.caught_up()  # the image held back while the ingest was behind
 
     def _stop(self) -> None:
         if self._run is not None:
@@ -353,8 +366,9 @@ class IngestProcess:
         """Events and frames out of the sequencer."""
         for event in released.events:
             self._event(event.kind, event.message, event.data)
-        for image in released.frames:
-            self._guarded(f"image {image.image_id}", self._frame, image)
+        last = len(released.frames) - 1
+        for index, image in enumerate(released.frames):
+            self._guarded(f"image {image.image_id}", self._frame, image, index < last)
 
     def _handle_record(self, parts: list[bytes]) -> None:
         kind, payload = parts[0], parts[1] if len(parts) > 1 else b""
@@ -372,7 +386,11 @@ class IngestProcess:
             raise ValueError(f"unknown record kind {kind!r}")
 
     # ----- frames ----------------------------------------------------------------------------
-    def _frame(self, image: ImageMessage) -> None:
+    def _frame(self, image: ImageMessage, more_released: bool = False) -> None:
+        """Write one released image (if recording) and offer it on the tap (if a run is open).
+
+        more_released: the sequencer released further images with this one (not yet handled).
+        """
         key = (image.series_id, image.series_unique_id)
         if key != self._clock_key:
             self._end_series_timing()
@@ -390,7 +408,11 @@ class IngestProcess:
                 return
             frame_time = self._frame_time_unrecorded(run, image, self._clock_map)
         if frame_time is not None and self._tap is not None:
-            self._tap.offer(image, frame_time)
+            self._tap.offer(image, frame_time, behind=more_released or self._detector_waiting())
+
+    def _detector_waiting(self) -> bool:
+        """A detector message is already queued on the receiver socket (the ingest is behind)."""
+        return bool(self._receiver.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
     @staticmethod
     def _frame_time_unrecorded(
@@ -667,6 +689,8 @@ class IngestProcess:
             self._end_series_timing()
         finally:
             self._run = None
+            if self._tap is not None:
+                self._tap.discard_held()  # never a frame of a closed run to the next one
             if run.is_recording:
                 run.recording[-1][1] = time.time_ns()
             run.writer.close(time.time_ns())
@@ -766,6 +790,7 @@ class IngestProcess:
             "hdf5_flush_seconds": {"sum": self.hdf5_flush.sum, "count": self.hdf5_flush.count},
             "analysis_offers_sent": 0 if self._tap is None else self._tap.offers_sent,
             "analysis_offers_skipped": 0 if self._tap is None else self._tap.offers_skipped,
+            "analysis_offers_withheld": 0 if self._tap is None else self._tap.offers_withheld,
         }
         clock_map = self._clock_map
         stats["detector"] = {

@@ -6,7 +6,10 @@ two cores: ingest+write on one, analysis on the other), and everything between t
 rather than blocks:
 
     ingest process  PUSH (binds `frame_endpoint`, SNDHWM 2, sends NOBLOCK: a full queue is a
-                    skipped offer, counted by the ingest)
+                    skipped offer, counted by the ingest). The ingest has priority: it
+                    offers a frame only when caught up with the detector; while behind it
+                    withholds them (counted), but for one every 1/min_rate_hz s, and sends
+                    the newest once caught up (ingest_tap.py)
         -> this process  PULL (connects, RCVHWM 2): drains whatever is queued, analyses only
                     the newest frame and counts the others as skipped (never decompressed)
         -> daemon   results over a PUSH/PULL pair (`LiveAnalysis` below): JSON dicts.
@@ -26,9 +29,9 @@ The process runs at niceness +10 (ANALYSIS_NICENESS): on two cores, whenever ing
 analysis both want a core, the scheduler gives most of it to the ingest, so a burst of
 analysis work shows up as skipped analysis frames rather than an ingest backlog; and it
 analyses at most `max_rate_hz` frames a second, which bounds what it takes when the cores are
-free (the ingest at full rate still loses some: bench/README.md, live analysis). Bad input
-(malformed header, a payload that does not decompress, an analysis error) is logged and
-counted, never fatal.
+free (at full replay rate the ingest, which has priority, loses ~5 %: bench/README.md, live
+analysis). Bad input (malformed header, a payload that does not decompress, an analysis error)
+is logged and counted, never fatal.
 """
 
 from __future__ import annotations

@@ -61,10 +61,13 @@ DROP_REASONS = ("duplicate", "late", "stale_series", "geometry", "corrupt", "wri
 # Live analysis: latency buckets (s), and why a frame was not analysed. From the analysis
 # process's cumulative stats: "behind" (a newer frame was queued), "settling" (within a mode
 # switch), "no_state" (imaging mode unknown), "malformed", "error"; from the ingest's:
-# "tap_full" (the tap's queue was full, the frame was never offered).
+# "tap_full" (the tap's queue was full, the frame was never offered), "ingest_busy" (withheld
+# while the ingest was behind the detector: it has priority, ingest_tap.py).
 ANALYSIS_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
                             2.5)  # fmt: skip
-ANALYSIS_SKIP_REASONS = ("behind", "settling", "no_state", "malformed", "error", "tap_full")
+ANALYSIS_SKIP_REASONS = (
+    "behind", "settling", "no_state", "malformed", "error", "tap_full", "ingest_busy"
+)  # fmt: skip
 ANALYSIS_COUNTERS = {
     "frames_analysed_total": None,
     "frames_skipped_total": "behind",
@@ -73,7 +76,11 @@ ANALYSIS_COUNTERS = {
     "malformed_total": "malformed",
     "errors_total": "error",
 }
-INGEST_TAP_SKIPPED = "analysis_offers_skipped"
+# Ingest stats key -> analysis skip reason: the tap's offers that never reached the analysis.
+INGEST_TAP_COUNTERS = {
+    "analysis_offers_skipped": "tap_full",
+    "analysis_offers_withheld": "ingest_busy",
+}
 # Phase names of the live analysis (analysis/reflections.py PHASES).
 ANALYSIS_PHASES = ("layered", "disordered", "rock_salt")
 
@@ -309,6 +316,12 @@ class DaemonMetrics:
             ["phase"],
             registry=r,
         )
+        self.phase_presence = Gauge(
+            f"{PREFIX}phase_presence_ratio",
+            "share (0-1) of the particle tiles in the HRTEM field in which a phase is seen at all",
+            ["phase"],
+            registry=r,
+        )
         self.expansion = Gauge(
             f"{PREFIX}expansion_ratio",
             "projected-area growth of the particle relative to the pre-bias reference",
@@ -464,6 +477,8 @@ class DaemonMetrics:
                 self._set_or_remove(self.reflection_intensity, value, key.split(".", 1)[1])
             elif key.endswith("_fraction") and key[: -len("_fraction")] in ANALYSIS_PHASES:
                 self._set_or_remove(self.phase_fraction, value, key[: -len("_fraction")])
+            elif key.endswith("_presence") and key[: -len("_presence")] in ANALYSIS_PHASES:
+                self._set_or_remove(self.phase_presence, value, key[: -len("_presence")])
             elif key == "expansion":
                 self._set_or_remove(self.expansion, value)
             elif key == "projected_area_m2":
@@ -556,9 +571,9 @@ class DaemonMetrics:
                     self._add(counter, INGEST_DROPPED_BY_REASON, count, label=str(reason))
             elif by_reason is not None:
                 self._ignore(INGEST_DROPPED_BY_REASON, "not a mapping of reason to count")
-            if INGEST_TAP_SKIPPED in stats:
-                counter = self.analysis_skipped.labels("tap_full")
-                self._add(counter, INGEST_TAP_SKIPPED, stats[INGEST_TAP_SKIPPED])
+            for key, reason in INGEST_TAP_COUNTERS.items():
+                if key in stats:
+                    self._add(self.analysis_skipped.labels(reason), key, stats[key])
             snapshot = stats.get(INGEST_WRITE_SECONDS)
             if snapshot is not None:
                 try:

@@ -257,12 +257,13 @@ class AnalysisRecord:
     front_velocity_nm_s: Series | None
     expansion: Series | None
     parameters: dict[str, Any] = field(default_factory=dict)
+    phase_presence: dict[str, Series] = field(default_factory=dict)  # phase -> share seen
 
 
-def _series(group: h5py.Group | None) -> Series | None:
-    if group is None or "time" not in group or "value" not in group:
+def _series(group: h5py.Group | None, column: str = "value") -> Series | None:
+    if group is None or "time" not in group or column not in group:
         return None
-    time, value = group["time"][:], group["value"][:]
+    time, value = group["time"][:], group[column][:]
     n = min(len(time), len(value))  # SWMR: one may run ahead of the other
     if n == 0:
         return None
@@ -314,17 +315,21 @@ def read_analysis(entry: h5py.Group) -> AnalysisRecord:
             intensity=intensity[:n].astype(float),
         )
     fractions_group = _child(process, "phase_fraction")
-    fractions = {}
+    fractions, presence = {}, {}
     for phase in fractions_group or ():
         series = _series(fractions_group[phase])
         if series is not None:
             fractions[phase] = series
+        seen = _series(fractions_group[phase], "presence")
+        if seen is not None:
+            presence[phase] = seen
     results = _child(_child(process, "results"), "time")
     return AnalysisRecord(
         present=process is not None,
         results=len(results) if results is not None else 0,
         reflections=reflections,
         phase_fractions=fractions,
+        phase_presence=presence,
         front_position_nm=_series(_child(process, "front_position")),
         front_velocity_nm_s=_series(_child(process, "front_velocity")),
         expansion=_series(_child(process, "expansion")),

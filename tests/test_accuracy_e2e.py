@@ -12,20 +12,19 @@ Time scales, measured on the 2-core machine shared with other work (2026-11-24):
   look of 1 run s lasts 1 / scale s of wall time at 40 frames/s, minus the settling frames:
   at 10 the speed was never measured during the hold (2-3 LM results per look); at 5 it was
   measured in only 6 and 2 results of two runs (-0.1 % and -22 % against the truth); at 2.5
-  in 36 (-0.2 %). At 10, when the machine was busy, the analysis process (niceness +10) also
+  in 36 (-0.2 %). (Later the same day, one run each: 275 results at 2.5, -0.3 %; 88 at 5 in
+  the demo, +0.8 %.) At 10, when the machine was busy, the analysis process (niceness +10) also
   produced no result for up to 1.4 s wall (14 run s), which put the (200) onset 16 s late.
 - The control is at 10 (~15 s wall): nothing to resolve in time there.
 
-Rock-salt onset, NOT met as the issue states it: the issue asks for the onset within 2 s of
-the truth, the truth onset being when the HRTEM field first holds rock salt (the 2.1 A
-spacing drawn at all). Measured: +4.7 s and +4.2 s at scale 5, +5.2 s at 2.5. The (200) ring
-is only detected once ~20-30 % of the field has turned (its power grows as the area squared;
-at the 5 counts/px the HRTEM sum reaches, a quarter of the field is ~4 sigma above the noise),
-and the field takes ~4-5 s to get there at the simulated front speed. This holds at any time
-scale (the dose per run second does not depend on it) and is reported to the lead as an
-analysis limit. What is asserted instead, and why it is justified: the onset is never before
-the truth's (no early, false onset), and it is within the issue's 2 s of the truth time the
-field is 30 % rock salt (the detection limit above).
+Rock-salt onset: judged as the issue states it, within 2 s of the truth, the truth onset
+being when the HRTEM field first holds any rock salt (the 2.1 A spacing drawn at all), on the
+measured side the first of 3 consecutive phase maps that see rock salt in at least one tile
+(accuracy.py). In this field rock salt enters at two corners, and a map sees it once it covers
+half a corner tile, 1.5-1.9 s after it first appears (tests/test_analysis_pipeline.py): the
+2 s hold with little to spare. The whole-field (200) ring of the spectrum, which the onset
+was judged on before, comes 4-5 s after the truth (it needs ~20-30 % of the field); the
+verdict line reports it.
 """
 
 from __future__ import annotations
@@ -53,7 +52,6 @@ pytestmark = pytest.mark.timeout(300)
 
 REFERENCE_TIME_SCALE = 2.5  # docstring: the fastest with a reliably measured front speed
 CONTROL_TIME_SCALE = 10.0
-DETECTABLE_ROCK_SALT = 0.30  # field fraction by which (200) must be seen (docstring)
 
 
 def run_demo(
@@ -91,7 +89,7 @@ def test_the_reference_run_measures_spacings_front_speed_expansion_and_onset(
     print(report)
     # The demo prints the same verdicts.
     assert "accuracy against the truth (issue 4 figures)" in out
-    assert "rock-salt onset (NiO (200) persistently present): measured" in out
+    assert "rock-salt onset (rock salt persistently seen in the phase map): measured" in out
 
     # d-spacings within 1 % (1.5-5 A): the layered lattice at the start, rock salt at the end.
     spacings = [v for v in verdicts if v.quantity.startswith("d ")]
@@ -105,15 +103,16 @@ def test_the_reference_run_measures_spacings_front_speed_expansion_and_onset(
     expansion = [v for v in verdicts if v.quantity.startswith("expansion")]
     assert len(expansion) == 2 and all(v.ok for v in expansion), report
 
-    # Rock-salt onset: never early; within 2 s of the field being 30 % rock salt (docstring).
-    measured = measured_onset(analysis.reflections["nio_200"])
+    # Rock-salt onset within 2 s of the truth, and never before it (no early, false onset).
+    onset = by_name(verdicts)["rock-salt onset (rock salt persistently seen in the phase map)"]
+    assert onset.ok, report
+    assert onset.measured is not None and onset.true is not None
+    assert onset.measured >= onset.true, report
+    # The whole-field ring comes later, never earlier, than the tiles see it.
+    ring = measured_onset(analysis.reflections["nio_200"])
+    assert ring is None or ring >= onset.measured, report
     first_rock_salt = true_onset(truth, 2.1)
-    assert measured is not None and first_rock_salt is not None, report
-    assert measured >= first_rock_salt, report
-    detectable = next(
-        s.time_s for s in truth if (s.field_fraction("rock_salt") or 0) >= DETECTABLE_ROCK_SALT
-    )
-    assert measured <= detectable + 2.0, (detectable, report)
+    assert first_rock_salt == onset.true
     # Before the onset the field was layered and (200) absent: (003) was there, as truth says.
     before = analysis.reflections["lno_003"]
     early = before.time < first_rock_salt - 10
@@ -131,6 +130,7 @@ def test_the_no_bias_control_sees_no_phase_change(tmp_path: Path) -> None:
     assert set(names) == {
         "NiO (200) 2.1 A (none expected)",
         "Ni/Li disordered 1.95 A (none expected)",
+        "rock salt seen in the phase map (none expected)",
         "rock salt fraction, largest (none expected)",
         "disordered fraction, largest (none expected)",
         "|expansion|, largest (none expected)",

@@ -25,7 +25,7 @@ def _writer(path: Path) -> RunWriter:
         title="analysis log",
         start_time_ns=time.time_ns(),
         reflections=NAMES,
-        analysis_parameters={"hrtem_integration_s": 1.0, "phase_map_every": 10},
+        analysis_parameters={"hrtem_integration_s": 1.0, "phase_map_interval_s": 0.25},
     )
     return RunWriter(path, meta, FrameGeometry(("threshold_1",), (8, 8), "<u2", None))
 
@@ -37,6 +37,7 @@ def _hrtem(t: float, image_id: int, with_phases: bool) -> dict:
         values[f"intensity.{name}"] = 0.02 if name == "lno_003" else 1e-5
     if with_phases:
         values.update(layered_fraction=0.75, disordered_fraction=0.05, rock_salt_fraction=0.2)
+        values.update(layered_presence=0.8, disordered_presence=0.1, rock_salt_presence=0.3)
     return {"time": t, "image_id": image_id, "latency_s": 0.02, "skipped": 1,
             "integrated_frames": 40, "values": values}  # fmt: skip
 
@@ -63,7 +64,7 @@ def test_analysis_logs_read_back_with_classes_units_and_nan(tmp_path: Path) -> N
         assert process.attrs["NX_class"] == "NXprocess"
         assert process["program"][()].decode().startswith("insitu-daq")
         parameters = json.loads(process["parameters/data"][()])
-        assert parameters["phase_map_every"] == 10
+        assert parameters["phase_map_interval_s"] == 0.25
         assert process["d_spacing"].attrs["NX_class"] == "NXcollection"
         for name in NAMES:
             log = process[f"d_spacing/{name}"]
@@ -78,6 +79,8 @@ def test_analysis_logs_read_back_with_classes_units_and_nan(tmp_path: Path) -> N
         assert rock_salt.attrs["NX_class"] == "NXlog" and rock_salt["value"].attrs["units"] == "1"
         np.testing.assert_array_equal(rock_salt["time"][:], [1.0])  # only the mapped result
         np.testing.assert_allclose(rock_salt["value"][:], [0.2])
+        np.testing.assert_allclose(rock_salt["presence"][:], [0.3])
+        assert rock_salt["presence"].attrs["units"] == "1"
         for group, units, value in (
             ("front_position", "nm", 150.0),
             ("expansion", "1", 0.12),

@@ -40,6 +40,10 @@ def test_relative_data_dir_is_relative_to_the_config_file(tmp_path: Path) -> Non
         ("[microscope]\nport = 70000\n", "microscope.port"),
         ('[api]\ncontrol = "tcp://0.0.0.0:5555"\n', "api"),
         ("[detektor]\nendpoint = 'tcp://x:1'\n", "detektor"),
+        ("[analysis]\nmin_rate_hz = 0\n", "analysis.min_rate_hz"),
+        ('[analysis]\nmin_rate_hz = "often"\n', "analysis.min_rate_hz"),
+        # a floor above the cap: the analysis would drop most of what the ingest sends it
+        ("[analysis]\nmax_rate_hz = 10\nmin_rate_hz = 20\n", "analysis.min_rate_hz"),
     ],
 )
 def test_wrong_value_is_refused_with_one_line_naming_the_field(

@@ -39,7 +39,13 @@ def exported_metrics() -> dict[str, set[str]]:
     metrics.set_instrument_up("source_meter", True)
     metrics.set_d_spacing("003", 4.8e-10)
     metrics.observe_analysis(
-        {"intensity.lno_003": 0.02, "rock_salt_fraction": 0.5, "expansion": 0.1}, 0.02
+        {
+            "intensity.lno_003": 0.02,
+            "rock_salt_fraction": 0.5,
+            "rock_salt_presence": 0.6,
+            "expansion": 0.1,
+        },
+        0.02,
     )
     metrics.watch_control(lambda: {"ok": 1})
     names: dict[str, set[str]] = {}
@@ -170,8 +176,13 @@ def test_dashboard_shows_what_the_operator_needs() -> None:
         "insitu_daq_compliance_trips_total",
         "insitu_daq_instrument_up",
         "insitu_daq_d_spacing_meters",
+        "insitu_daq_phase_fraction_ratio",
+        "insitu_daq_phase_presence_ratio",
     }
     assert required <= used, f"missing from the dashboard: {sorted(required - used)}"
+    # Each panel says what it shows (a copied description misleads whoever hovers over it).
+    descriptions = [panel["description"] for panel in DASHBOARD["panels"]]
+    assert len(descriptions) == len(set(descriptions)), "panel descriptions must differ"
     assert any("histogram_quantile(0.99" in target["expr"] for _, target in dashboard_targets())
     variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"

@@ -1,7 +1,8 @@
 """The frame tap and the analysis record: the ingest process offers each image of an open run
-to the live analysis over a real ZeroMQ PUSH socket it binds, and takes analysis results back
-for the run file through the daemon's ordered channel (real camera simulator over TCP, a real
-spawned ingest process, a real HDF5 file read back with h5py).
+to the live analysis over a real ZeroMQ PUSH socket it binds (holding offers back while it is
+behind the detector, but for a floor rate), and takes analysis results back for the run file
+through the daemon's ordered channel (real camera simulator over TCP, a real spawned ingest
+process, a real HDF5 file read back with h5py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,10 @@ import zmq
 from ingest_setup import DETECTOR, GEOMETRY, SHAPE, ingest_config
 
 from insitu_daq.clock import RunClock
-from insitu_daq.ingest import IngestClient, IngestError
+from insitu_daq.config import AnalysisConfig
+from insitu_daq.drivers.stream2 import ImageMessage, decode_message
+from insitu_daq.ingest import AnalysisTap, IngestClient, IngestError
+from insitu_daq.metrics import DaemonMetrics
 from insitu_daq.runfile import RunMetadata
 from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.camera import SimulatedCamera
@@ -32,11 +37,13 @@ TAP = "tcp://127.0.0.1:0"
 class Tapped:
     """A camera, the ingest process listening to it with its tap bound, and runs to open."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, analysis: AnalysisConfig | None = None) -> None:
         self.tmp = tmp
         self.camera = SimulatedCamera(SimStation(seed=0), port=0, shape=SHAPE, frame_rate_hz=100.0)
         self.camera.start()
         config = ingest_config(self.camera.endpoints["stream2"], tmp)
+        if analysis is not None:
+            config = config.model_copy(update={"analysis": analysis})
         self.ingest = IngestClient(config, analysis_endpoint=TAP)
         try:
             self.ingest.start()
@@ -109,13 +116,14 @@ def test_the_tap_delivers_each_written_frame_as_its_header_and_the_chunk_bytes(
     ingest.start_recording()
     rng = np.random.default_rng(3)
     frames = [rng.integers(0, 4000, SHAPE, dtype=np.uint16) for _ in range(4)]
-    series_id = camera.replay(frames, n_images=12, rate_hz=100.0)
+    series_id = camera.replay(frames, n_images=12, rate_hz=40.0)  # the camera's pace
     assert camera.wait(5.0)
     stats = tapped.delivered()
     offered = _receive(pull, 12)
     ingest.close_run()
 
     assert stats["analysis_offers_sent"] == 12 and stats["analysis_offers_skipped"] == 0
+    assert stats["analysis_offers_withheld"] == 0  # caught up after every frame
     with h5py.File(path, "r") as f:
         detector = f[DETECTOR]
         image_ids = list(detector["image_id"][()])
@@ -145,16 +153,19 @@ def test_a_tap_nobody_reads_never_holds_ingest_back_and_counts_what_it_skipped(
     frames = [np.full(SHAPE, i, dtype=np.uint16) for i in range(3)]
     path = tapped.open_run("unread")
     ingest.start_recording()
-    # Nobody connected: every offer is skipped.
+    # Nobody connected: every offer is skipped (or withheld, should the ingest fall behind).
     camera.replay(frames, n_images=20, rate_hz=200.0)
     assert camera.wait(5.0)
     stats = tapped.delivered()
-    assert (stats["analysis_offers_sent"], stats["analysis_offers_skipped"]) == (0, 20)
+    assert stats["analysis_offers_sent"] == 0
+    assert stats["analysis_offers_skipped"] + stats["analysis_offers_withheld"] == 20
+    assert stats["analysis_offers_skipped"] >= 1  # the newest is offered once caught up
     # A PULL that connects and never reads: the first ones fill the queues (ZeroMQ's and the
-    # kernel's TCP buffers), the rest are skipped.
+    # kernel's TCP buffers: noise frames, which do not compress), the rest are skipped.
     pull = tapped.puller(hwm=1)
     time.sleep(0.2)
-    camera.replay(frames, n_images=200)  # as fast as the ingest takes them
+    noise = np.random.default_rng(1).integers(0, 60000, (8, *SHAPE), dtype=np.uint16)
+    camera.replay(list(noise), n_images=200, rate_hz=200.0)
     assert camera.wait(10.0)
     stats = tapped.delivered()
     summary = ingest.close_run()
@@ -162,11 +173,151 @@ def test_a_tap_nobody_reads_never_holds_ingest_back_and_counts_what_it_skipped(
     assert summary["frames_written"] == 220
     assert summary["frames_dropped"] == summary["frames_missing"] == 0
     sent, skipped = stats["analysis_offers_sent"], stats["analysis_offers_skipped"]
-    assert sent + skipped == 220
+    assert sent + skipped + stats["analysis_offers_withheld"] == 220
     assert sent > 0 and skipped > 20
     with h5py.File(path, "r") as f:
         assert f[f"{DETECTOR}/data"].shape[0] == 220
     pull.close(linger=0)
+
+
+def test_a_backlog_withholds_offers_but_the_floor_feeds_the_analysis_and_the_newest_comes_last(
+    tmp_path: Path,
+) -> None:
+    floor_hz = 50.0
+    tapped = Tapped(tmp_path, AnalysisConfig(max_rate_hz=100.0, min_rate_hz=floor_hz))
+    try:
+        camera, ingest = tapped.camera, tapped.ingest
+        pull = tapped.puller(hwm=5000)  # takes all it is sent
+        time.sleep(0.2)
+        path = tapped.open_run("backlog")
+        ingest.start_recording()
+        rng = np.random.default_rng(5)
+        frames = [rng.integers(0, 4000, SHAPE, dtype=np.uint16) for _ in range(4)]
+        n_frames = 3000
+        camera.replay(frames, n_images=n_frames)  # as fast as the ingest takes them: a backlog
+        assert camera.wait(15.0)
+        stats = tapped.delivered()
+        summary = ingest.close_run()
+        offered: list[int] = []
+        while pull.poll(500):
+            header, _ = pull.recv_multipart()
+            offered.append(json.loads(header)["image_id"])
+        metrics = DaemonMetrics("127.0.0.1", 0)  # not started: its registry is read directly
+        metrics.observe_ingest_stats(stats)
+    finally:
+        tapped.close()
+
+    # Nothing of the archive given up for the analysis.
+    assert summary["frames_written"] == n_frames
+    assert summary["frames_dropped"] == summary["frames_missing"] == 0
+    sent, withheld = stats["analysis_offers_sent"], stats["analysis_offers_withheld"]
+    # (a few skips: on a loaded PC the ingest's ZeroMQ I/O thread may not have moved the
+    # last two sent out of the tap's queue of 2 before the next send)
+    skipped = stats["analysis_offers_skipped"]
+    assert sent + skipped + withheld == n_frames
+    assert withheld > n_frames // 2  # behind most of the time: offers held back
+    assert offered == sorted(offered) and len(offered) == sent
+    # The floor: while the ingest worked through the backlog, the analysis still had a frame
+    # every 1/floor_hz s (a third of that allowed for scheduling), far more than the moments
+    # the ingest happened to catch up would give.
+    with h5py.File(path, "r") as f:
+        received = f[f"{DETECTOR}/received_time"][()]
+    busy_s = float(received[-1] - received[0])
+    assert sent >= busy_s * floor_hz / 3
+    # Once caught up, the newest frame (held back until then) is offered.
+    assert offered[-1] == n_frames - 1 or skipped > 0
+    value = metrics.registry.get_sample_value
+    metric = "insitu_daq_analysis_frames_skipped_total"
+    assert value(metric, {"reason": "ingest_busy"}) == withheld
+    assert value(metric, {"reason": "tap_full"}) == skipped
+
+
+def _image(image_id: int) -> ImageMessage:
+    frame = np.full(SHAPE, image_id, dtype=np.uint16)
+    stamp = (image_id, 40)
+    raw = s2.image_message(1, "TAP", image_id, datetime.now(timezone.utc), stamp, stamp, (1, 40),
+                           {"threshold_1": frame})  # fmt: skip
+    image = decode_message(raw, time.time_ns())
+    assert isinstance(image, ImageMessage)
+    return image
+
+
+def test_the_tap_holds_the_newest_image_while_behind_and_sends_it_once_caught_up() -> None:
+    context = zmq.Context()
+    tap = AnalysisTap(context, "tcp://127.0.0.1:0", min_rate_hz=0.01)  # floor: every 100 s
+    pull = context.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.connect(tap.bound_endpoint)
+    try:
+        time.sleep(0.2)  # connected before the first send
+
+        def received() -> int:
+            """The image id the analysis gets; then a pause as between frames: the tap sees
+            its queue of 2 drained only when ZeroMQ next reads its commands (at most every
+            ~1 ms of sends), and a send before that would be a skip."""
+            assert pull.poll(5000)
+            image_id = json.loads(pull.recv_multipart()[0])["image_id"]
+            time.sleep(0.02)
+            return image_id
+
+        assert tap.offer(_image(0), 0.0, behind=True)  # the analysis had nothing yet: the floor
+        assert received() == 0
+        assert not tap.offer(_image(1), 0.025, behind=True)  # held...
+        assert not tap.offer(_image(2), 0.050, behind=True)  # ...replaced by a newer one
+        assert tap.holding and tap.offers_withheld == 1
+        assert tap.caught_up()  # the ingest has caught up: the newest goes
+        assert received() == 2
+        assert not tap.holding and not tap.caught_up()
+        assert not tap.offer(_image(3), 0.075, behind=True)
+        tap.discard_held()  # its run closed
+        assert tap.offer(_image(4), 0.100)  # caught up: sent at once
+        assert received() == 4
+        assert not pull.poll(100)  # nothing else: 1 and 3 never went
+        assert (tap.offers_sent, tap.offers_withheld, tap.offers_skipped) == (3, 2, 0)
+    finally:
+        tap.close()
+        pull.close(linger=0)
+        context.term()
+
+
+def test_the_floor_sends_an_image_while_behind_once_its_interval_has_passed() -> None:
+    context = zmq.Context()
+    tap = AnalysisTap(context, "tcp://127.0.0.1:0", min_rate_hz=20.0)  # every 50 ms
+    pull = context.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.connect(tap.bound_endpoint)
+    try:
+        time.sleep(0.2)
+        assert tap.offer(_image(0), 0.0, behind=True)
+        assert pull.poll(5000) and json.loads(pull.recv_multipart()[0])["image_id"] == 0
+        time.sleep(0.06)  # longer than 1 / min_rate_hz: the next one is due
+        assert tap.offer(_image(1), 0.025, behind=True)
+        assert pull.poll(5000) and json.loads(pull.recv_multipart()[0])["image_id"] == 1
+        with pytest.raises(ValueError, match="min_rate_hz"):
+            AnalysisTap(context, "tcp://127.0.0.1:0", min_rate_hz=0.0)
+    finally:
+        tap.close()
+        pull.close(linger=0)
+        context.term()
+
+
+def test_at_a_steady_camera_rate_every_frame_is_offered_and_none_withheld(
+    tapped: Tapped,
+) -> None:
+    camera, ingest = tapped.camera, tapped.ingest
+    pull = tapped.puller()
+    time.sleep(0.2)
+    tapped.open_run("paced")
+    ingest.start_recording()
+    frames = [np.full(SHAPE, i, dtype=np.uint16) for i in range(5)]
+    camera.replay(frames, n_images=40, rate_hz=40.0)  # 1 s at the camera's frame rate
+    assert camera.wait(5.0)
+    stats = tapped.delivered()
+    offered = _receive(pull, 40)
+    ingest.close_run()
+    assert stats["analysis_offers_withheld"] == 0
+    assert stats["analysis_offers_sent"] == 40
+    assert [header["image_id"] for header, _ in offered] == list(range(40))
 
 
 def test_frames_of_an_open_run_are_offered_while_not_recording_and_never_without_a_run(

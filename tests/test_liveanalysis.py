@@ -95,7 +95,7 @@ class Tap:
 
 @pytest.fixture
 def tap() -> Iterator[Tap]:
-    tap = Tap(PipelineSettings(phase_map_every=40))
+    tap = Tap(PipelineSettings(phase_map_interval_s=40 * FRAME_S))
     yield tap
     tap.close()
 

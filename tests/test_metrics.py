@@ -351,6 +351,7 @@ def test_live_analysis_results_become_gauges_in_base_units_and_counters() -> Non
         {
             "d_spacing_m.nio_200": 2.1e-10,
             "rock_salt_fraction": 0.4,
+            "rock_salt_presence": 0.55,
             "front_velocity_nm_s": 5.0,
             "expansion": 0.2,
         },
@@ -358,6 +359,7 @@ def test_live_analysis_results_become_gauges_in_base_units_and_counters() -> Non
     )
     assert value("insitu_daq_d_spacing_meters", {"reflection": "nio_200"}) == 2.1e-10
     assert value("insitu_daq_phase_fraction_ratio", {"phase": "rock_salt"}) == 0.4
+    assert value("insitu_daq_phase_presence_ratio", {"phase": "rock_salt"}) == 0.55
     assert value("insitu_daq_front_velocity_meters_per_second") == pytest.approx(5e-9)
     assert value("insitu_daq_expansion_ratio") == 0.2
     assert value("insitu_daq_analysis_latency_seconds_count") == 1

@@ -106,7 +106,8 @@ def synthetic_run(
 ) -> tuple[AnalysisRecord, list[TruthSample], HoldSpan]:
     """A biased run: rock salt enters the HRTEM field at 50 s; the front moves at 4 nm/s from
     20 s; the expansion ramps 0 -> 0.3 over 20-60 s. The "measured" side sees (200) from
-    `onset_s`, (003) at `d_003_m`, the speed x `speed_scale`, the expansion + `expansion_bias`."""
+    `onset_s` (in the phase map's rock-salt presence; the whole-field (200) ring 3 s later),
+    (003) at `d_003_m`, the speed x `speed_scale`, the expansion + `expansion_bias`."""
     from insitu_daq.report import Series
 
     truth = []
@@ -133,10 +134,11 @@ def synthetic_run(
         reflections={
             "lno_003": reflection("lno_003", 4.8, hrtem, np.full(len(hrtem), d_003_m)),
             "nio_200": reflection(
-                "nio_200", 2.1, hrtem, np.where(hrtem >= onset_s, 2.1e-10, np.nan)
+                "nio_200", 2.1, hrtem, np.where(hrtem >= onset_s + 3.0, 2.1e-10, np.nan)
             ),
         },
         phase_fractions={},
+        phase_presence={"rock_salt": Series(hrtem, np.where(hrtem >= onset_s, 0.05, 0.0))},
         front_position_nm=None,
         front_velocity_nm_s=Series(lm, np.full(len(lm), 4.0 * speed_scale)),
         expansion=Series(lm, 0.3 * np.clip((lm - 20.0) / 40.0, 0, 1) + expansion_bias),
@@ -159,6 +161,7 @@ def test_an_accurate_run_meets_every_figure_and_says_so() -> None:
     onset = verdict(verdicts, "rock-salt onset")
     assert (onset.measured, onset.true) == (51.0, 50.0)
     assert "measured 51 s, truth 50 s (+1.00 s, within 2 s)" in onset.line()
+    assert "whole-field (200) ring from 54.0 s" in onset.line()
     assert {v.quantity.split(" ", 1)[1] for v in verdicts if v.quantity.startswith("d ")} == {
         "lno_003 4.8 A",
         "nio_200 2.1 A",
@@ -213,6 +216,8 @@ def control_run(
     if rock_salt_at is not None:
         d_200[hrtem >= rock_salt_at] = 2.1e-10
     maps = hrtem[::10]
+    presence = np.where(maps >= (rock_salt_at or 1e9), 0.4, 0.0)
+    presence[5] = 0.02  # one noise tile in one map: not a phase change
     analysis = AnalysisRecord(
         present=True,
         results=len(hrtem),
@@ -226,6 +231,7 @@ def control_run(
             "rock_salt": Series(maps, np.where(maps >= (rock_salt_at or 1e9), 0.3, 0.0)),
             "disordered": Series(maps, np.zeros(len(maps))),
         },
+        phase_presence={"rock_salt": Series(maps, presence)},
         front_position_nm=None,
         front_velocity_nm_s=None,
         expansion=Series(np.array([0.5, 1.0, 1.5]), np.array([0.0, 0.004, -0.003])),
@@ -240,10 +246,12 @@ def test_the_control_passes_without_a_phase_change_and_fails_on_a_false_one() ->
     verdicts = accuracy_verdicts(analysis, truth, None)
     assert all(v.ok for v in verdicts), format_verdicts(verdicts)
     assert "never persistently detected (6 single detections" in format_verdicts(verdicts)
+    assert "never persistently (1 single maps of 24)" in format_verdicts(verdicts)
     false_change = accuracy_verdicts(*control_run(rock_salt_at=30.0), None)
     failed = {v.quantity for v in false_change if not v.ok}
     assert failed == {
         "nio_200 2.1 A (none expected)",
+        "rock salt seen in the phase map (none expected)",
         "rock salt fraction, largest (none expected)",
     }
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from .reflections import PHASES, ReflectionTable
 
 PHASE_KEYS = {phase: f"{phase}_fraction" for phase in PHASES}
+# Share of the particle tiles in which a phase's marker is seen at all (phasemap.py).
+PRESENCE_KEYS = {phase: f"{phase}_presence" for phase in PHASES}
 LM_KEYS = ("projected_area_m2", "expansion", "front_position_nm", "front_velocity_nm_s")
 
 
@@ -25,4 +27,4 @@ def intensity_key(reflection: str) -> str:
 def value_keys(table: ReflectionTable) -> tuple[str, ...]:
     """Every key a result for `table` can carry."""
     per_reflection = [f(name) for name in table.names for f in (d_spacing_key, intensity_key)]
-    return (*per_reflection, *PHASE_KEYS.values(), *LM_KEYS)
+    return (*per_reflection, *PHASE_KEYS.values(), *PRESENCE_KEYS.values(), *LM_KEYS)

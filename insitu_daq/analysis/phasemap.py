@@ -32,6 +32,20 @@ Decision rule (SCIENCE.md's markers; the table says which reflection marks which
 Phase fractions are tile counts over the tiles labelled layered, disordered or rock salt
 (the particle). None of those: not measurable, with the reason.
 
+Phase presence, beside the fractions: per phase, the share of those particle tiles in which
+its marker is detected at all, whichever phase wins the tile. A tile the front has only begun
+to cross keeps the stronger spot of the phase still covering most of it, so the fractions see
+a new phase only once it wins tiles; the presence sees it in the first tile it reaches. In
+the simulator's reference run (rock salt enters the HRTEM field at two corners, 4 noise seeds)
+the first rock-salt tile shows 1.3-1.9 s after the field first holds any rock salt (by then
+~4 % of the field: half of a corner tile), the first tile classified rock salt ~0.3 s later,
+the whole-field (200) ring ~3.7 s after. That is why a rock-salt onset is judged on the
+presence (accuracy.py). It shares the threshold's false-detection rate: ~3e-6 per tile and
+map. A tile's Hann window gives its outer band little weight, which is where such a corner
+entry sits; a Tukey window (half the tile tapered) saw it ~0.2 s earlier but its sidelobes
+let a strong spot raise its neighbour's annulus above the threshold (the 2.4/2.53 A pair of
+test_a_strong_spot_does_not_count_for_its_neighbour), so the Hann stays.
+
 What SNR it needs (tests/test_analysis_phasemap.py, 128 px tiles at 0.06 nm/px, peak ratios
 of the weakest tile of each phase): layered (003) ~8 at one 25 ms frame of the renderer's
 default dose (~0.3 counts/px on the particle), > 40 at 3x that; the disordered band's 1.95 A
@@ -117,6 +131,7 @@ class PhaseMap:
     origin: tuple[int, int]
     peak_ratio: dict[str, np.ndarray]  # per reflection, (tile rows, tile cols) float32
     fractions: dict[str, float] | None
+    presence: dict[str, float] | None = None  # per phase; None exactly when fractions is None
 
     def count(self, label: TileClass) -> int:
         return int(np.count_nonzero(self.labels == label))
@@ -132,6 +147,7 @@ class PhaseMap:
             "measurable": self.measurable,
             "reason": self.reason,
             "fractions": None if self.fractions is None else dict(self.fractions),
+            "presence": None if self.presence is None else dict(self.presence),
             "tiles": {label.name.lower(): self.count(label) for label in TileClass},
             "tile_px": self.tile_px,
             "origin": list(self.origin),
@@ -328,6 +344,27 @@ def phase_fractions(labels: np.ndarray) -> dict[str, float] | None:
     return {p: counts[p] / total for p in PHASES}
 
 
+def phase_presence(
+    ratios: dict[str, np.ndarray],
+    labels: np.ndarray,
+    table: ReflectionTable = DEFAULT_REFLECTIONS,
+    threshold: float = DEFAULT_PHASE_MAP_SETTINGS.threshold,
+) -> dict[str, float] | None:
+    """Per phase, the share of the particle tiles (labelled with a phase) in which a marker of
+    that phase is detected, whichever phase the tile was given; None if there is no such tile."""
+    particle = np.isin(labels, [_PHASE_CLASS[p] for p in PHASES])
+    total = int(np.count_nonzero(particle))
+    if total == 0:
+        return None
+    presence = {}
+    for phase in PHASES:
+        seen = np.zeros(labels.shape, dtype=bool)
+        for reflection in table.markers(phase):
+            seen |= np.nan_to_num(ratios[reflection.name], nan=0.0) >= threshold
+        presence[phase] = int(np.count_nonzero(seen & particle)) / total
+    return presence
+
+
 def phase_map(
     frame: np.ndarray,
     pixel_size_nm: float,
@@ -351,6 +388,7 @@ def phase_map(
     enough = per_pixel >= settings.min_counts_per_pixel
     labels[~enough] = TileClass.NO_DATA
     fractions = phase_fractions(labels)
+    presence = phase_presence(ratios, labels, table, settings.threshold)
     reason = ""
     if fractions is None:
         if not enough.any():
@@ -369,4 +407,5 @@ def phase_map(
         origin=geometry.origin,
         peak_ratio=ratios,
         fractions=fractions,
+        presence=presence,
     )
