@@ -404,7 +404,12 @@ def measure_throughput(
     mb = statistics.fmean(len(p) for p in payloads) / 1e6
     print(f"\ningest {name} ({mb:.2f} MB/frame), {n_frames} HRTEM frames replayed as fast as"
           f" taken; analysis {'/'.join(variants)}, order rotated, {repeats} rounds")  # fmt: skip
-    throughput_trial(folder, encoded, payloads, min(n_frames, 200), compression, "on")  # warm-up
+    # Warm-up: one full-length trial of each variant, not counted. The first trials of a run
+    # come out up to 2x slower for on and off alike (1400-1500 against ~3000 bslz4 frames/s,
+    # still rising over the first ~20 s of trials; 2026-11-24), which a 200-frame warm-up did
+    # not absorb: an "off" first in the round then made the round's ratio 1.2-1.4.
+    for variant in variants:
+        throughput_trial(folder, encoded, payloads, n_frames, compression, variant)
     rounds: list[dict[str, ThroughputTrial]] = []
     for index in range(repeats):
         order = variants[index % len(variants) :] + variants[: index % len(variants)]
