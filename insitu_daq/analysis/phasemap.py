@@ -16,7 +16,12 @@ Why a peak ratio, not the ring average of the global spectrum: inside a tile of 
 layered crystal and each rock-salt grain give compact spots; the largest pixel catches a spot
 that a ring average would dilute among a few hundred pixels of noise. Under noise alone the
 power of one pixel over its mean is exponential (P(r > t) = exp(-t)), so at `threshold` = 18
-an annulus of ~200 pixels has a ~3e-6 chance of a false detection per tile.
+an annulus of ~200 pixels would have a ~3e-6 chance of a false detection per tile. Measured on
+the simulator's layered field (2026-11-24, 5 counts/px, 2 x 1000 renders) the tails are
+heavier: a false tile 1.7e-5 of the time for 1.95 A and (220), 3.6e-4 for (200), whose
+annulus sits between the 2.4 and 1.95 A ones with the smallest background (157 pixels). A
+class needs its marker to be the strongest in the tile as well, which a false (200) next to
+the layered (003) never is: the control's maps stay all layered.
 
 Decision rule (SCIENCE.md's markers; the table says which reflection marks which phase):
 - fewer than `min_counts_per_pixel` counts per pixel -> NO_DATA: too few counts to tell (beam
@@ -40,10 +45,13 @@ the simulator's reference run (rock salt enters the HRTEM field at two corners, 
 the first rock-salt tile shows 1.3-1.9 s after the field first holds any rock salt (by then
 ~4 % of the field: half of a corner tile), the first tile classified rock salt ~0.3 s later,
 the whole-field (200) ring ~3.7 s after. That is why a rock-salt onset is judged on the
-presence (accuracy.py). It shares the threshold's false-detection rate: ~3e-6 per tile and
-map. A tile's Hann window gives its outer band little weight, which is where such a corner
-entry sits; a Tukey window (half the tile tapered) saw it ~0.2 s earlier but its sidelobes
-let a strong spot raise its neighbour's annulus above the threshold (the 2.4/2.53 A pair of
+presence (accuracy.py), but only when it persists: a single map's presence has no such
+second test, and in a live stream of the layered field (25 ms frames summed to 5 counts/px, a
+map every 0.125 s) 2 of 475 maps (control) and 2 of 410 (biased, before rock salt) saw a false
+rock-salt tile, never two maps in a row; the onset wants three. A tile's Hann window gives
+its outer band little weight, which is where such a corner entry sits; a Tukey window (half
+the tile tapered) saw it ~0.2 s earlier but its sidelobes let a strong spot raise its
+neighbour's annulus above the threshold (the 2.4/2.53 A pair of
 test_a_strong_spot_does_not_count_for_its_neighbour), so the Hann stays.
 
 What SNR it needs (tests/test_analysis_phasemap.py, 128 px tiles at 0.06 nm/px, peak ratios
