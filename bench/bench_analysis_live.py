@@ -361,7 +361,7 @@ def tap_offer_ms(frame: np.ndarray, compression: str | None, folder: Path, n: in
     costs = {}
     context = zmq.Context()
     for case in ("nobody connected", "queue full"):
-        tap = AnalysisTap(context, f"ipc://{folder}/tap-step")
+        tap = AnalysisTap(context, f"ipc://{folder}/tap-step", ANALYSIS_DEFAULTS.min_rate_hz)
         peer = None
         if case == "queue full":
             peer = context.socket(zmq.PULL)

@@ -400,7 +400,8 @@ def control_verdicts(analysis: AnalysisRecord, truth: Sequence[TruthSample]) -> 
             if onset is None
             else f"persistently from {onset:.1f} s"
         )
-        verdicts.append(Verdict(label, float(seen), 0.0, 0.0, "", onset is None, note, note))
+        ok = onset is None and true_onset(truth, ROCK_SALT_D_ANGSTROM) is None
+        verdicts.append(Verdict(label, float(seen), 0.0, 0.0, "", ok, note, note))
     for phase in ("rock_salt", "disordered"):
         series = analysis.phase_fractions.get(phase)
         label = f"{phase.replace('_', ' ')} fraction, largest (none expected)"

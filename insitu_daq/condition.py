@@ -31,9 +31,10 @@ from dataclasses import dataclass
 # What the station can report while a protocol runs (Station.live_value): exactly what is
 # measured. The analysis quantities are the live analysis's (analysis/pipeline.py; HRTEM phase
 # map: the fractions; LM frames: the rest), current and charge the source-meter's readings.
-# Not the phase maps' `<phase>_presence`: a single map sees a false rock-salt tile ~0.4 % of the
-# time (phasemap.py), so `rock_salt_presence > 0` would end a hold on noise every ~30 s; its
-# onset wants 3 maps in a row (accuracy.py), which a condition on one value cannot say.
+# Not the phase maps' `<phase>_presence`: 0.2-1.6 % of the maps of a field without rock salt
+# see a false rock-salt tile (phasemap.py), so `rock_salt_presence > 0` would end a hold on
+# noise within a minute or two; its onset wants 3 maps in a row (accuracy.py), which a
+# condition on one value cannot say.
 LIVE_QUANTITIES: dict[str, str] = {
     "rock_salt_fraction": "fraction of the particle in the HRTEM field classified rock salt (0-1)",
     "layered_fraction": "fraction of the particle in the HRTEM field classified layered (0-1)",

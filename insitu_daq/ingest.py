@@ -58,8 +58,9 @@ Stats (`IngestClient.stats()`): flat counters (`frames_received_total`,
 histogram (`le` upper bounds, `cumulative_counts`, `sum`, `count`: one observation per write
 call into HDF5), `hdf5_flush_seconds` (`sum`, `count`), `run` (the open run or None) and
 `detector` (series, geometry, clock-mapping uncertainty), `analysis_offers_sent`,
-`analysis_offers_skipped` (the analysis's queue was full) and `analysis_offers_withheld` (the
-ingest was behind: it has priority; the frame tap, ingest_tap.py).
+`analysis_offers_skipped` (the analysis's queue was full), `analysis_offers_withheld` (the
+ingest was behind: it has priority; the frame tap, ingest_tap.py) and
+`analysis_last_offered_id` (the image_id of the last send tried, or None).
 """
 
 from __future__ import annotations

@@ -791,6 +791,7 @@ class IngestProcess:
             "analysis_offers_sent": 0 if self._tap is None else self._tap.offers_sent,
             "analysis_offers_skipped": 0 if self._tap is None else self._tap.offers_skipped,
             "analysis_offers_withheld": 0 if self._tap is None else self._tap.offers_withheld,
+            "analysis_last_offered_id": None if self._tap is None else self._tap.last_offered_id,
         }
         clock_map = self._clock_map
         stats["detector"] = {

@@ -45,7 +45,6 @@ from .drivers.stream2 import ImageMessage
 log = logging.getLogger(__name__)
 
 TAP_HWM = 2
-DEFAULT_MIN_RATE_HZ = 2.0  # config.AnalysisConfig.min_rate_hz's default
 
 
 def tap_header(image: ImageMessage, frame_time: float) -> bytes:
@@ -67,15 +66,14 @@ def tap_header(image: ImageMessage, frame_time: float) -> bytes:
 class AnalysisTap:
     """A bound PUSH socket offering frames without ever blocking (see the module docstring)."""
 
-    def __init__(
-        self, context: zmq.Context, endpoint: str, min_rate_hz: float = DEFAULT_MIN_RATE_HZ
-    ) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, min_rate_hz: float) -> None:
         if not min_rate_hz > 0:
             raise ValueError(f"min_rate_hz must be > 0, not {min_rate_hz}")
         self.endpoint = endpoint
         self.offers_sent = 0
         self.offers_skipped = 0  # the analysis's queue was full
         self.offers_withheld = 0  # held back while behind, then replaced or its run closed
+        self.last_offered_id: int | None = None  # image_id of the last send tried
         self._floor_interval_s = 1.0 / min_rate_hz
         self._last_offer = float("-inf")  # monotonic s of the last send tried
         self._held: tuple[ImageMessage, float] | None = None  # (image, frame_time)
@@ -123,6 +121,7 @@ class AnalysisTap:
 
     def _send(self, image: ImageMessage, frame_time: float, now: float) -> bool:
         self._last_offer = now
+        self.last_offered_id = image.image_id
         header = tap_header(image, frame_time)
         try:
             self._socket.send_multipart(

@@ -10,8 +10,10 @@ rather than blocks:
                     offers a frame only when caught up with the detector; while behind it
                     withholds them (counted), but for one every 1/min_rate_hz s, and sends
                     the newest once caught up (ingest_tap.py)
-        -> this process  PULL (connects, RCVHWM 2): drains whatever is queued, analyses only
-                    the newest frame and counts the others as skipped (never decompressed)
+        -> this process  PULL (connects, RCVHWM 2): takes every frame queued and adds it to
+                    its mode's dose sum (decompressed: ~1 ms a bslz4 frame); measures the sum
+                    at most `max_rate_hz` times a second, stamped at the newest frame, and
+                    counts the frames summed without a result of their own as skipped
         -> daemon   results over a PUSH/PULL pair (`LiveAnalysis` below): JSON dicts.
 
 Frame-tap messages (the ingest's contract): [header JSON, payload]; header {"image_id",
@@ -27,11 +29,12 @@ would give garbage. `bias_started(t)` ends the expansion reference (pipeline.py)
 
 The process runs at niceness +10 (ANALYSIS_NICENESS): on two cores, whenever ingest and
 analysis both want a core, the scheduler gives most of it to the ingest, so a burst of
-analysis work shows up as skipped analysis frames rather than an ingest backlog; and it
-analyses at most `max_rate_hz` frames a second, which bounds what it takes when the cores are
-free (at full replay rate the ingest, which has priority, loses ~5 %: bench/README.md, live
-analysis). Bad input (malformed header, a payload that does not decompress, an analysis error)
-is logged and counted, never fatal.
+analysis work shows up as frames the tap could not deliver rather than an ingest backlog; and
+it measures at most `max_rate_hz` times a second, which bounds what it takes when the cores
+are free. While the ingest is behind it offers frames only at `min_rate_hz` (it has priority:
+ingest_tap.py), so the analysis then has little to sum: at full replay rate the ingest loses
+~5 % to it (bench/README.md, live analysis). Bad input (malformed header, a payload that does
+not decompress, an analysis error) is logged and counted, never fatal.
 """
 
 from __future__ import annotations
@@ -70,8 +73,9 @@ CONTROL_HWM = 1000
 DTYPES = ("<u1", "<u2", "<u4", "|u1", "uint8", "uint16", "uint32")
 COUNTERS = (
     "frames_received",  # frame messages taken off the tap
-    "frames_analysed",
-    "frames_skipped",  # taken off the tap behind a newer one: not analysed
+    "frames_summed",  # added to their mode's dose sum (every usable frame received)
+    "frames_analysed",  # results: the sum measured, stamped at its newest frame
+    "frames_skipped",  # summed behind a newer frame: no result of its own
     "frames_settling",  # within a mode switch or the frame period after it
     "frames_no_state",  # no imaging state known for their time
     "malformed",  # header or payload that did not decode
@@ -92,6 +96,15 @@ class ImagingState:
 
 class _FrameHeaderError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class _NewestFrame:
+    """The last frame summed, waiting for its result (`AnalysisProcess._measure`)."""
+
+    header: dict[str, Any]
+    mode: str
+    decode_s: float  # decompressing and summing it (part of the result's analysis_s)
 
 
 def _header(raw: bytes) -> dict[str, Any]:
@@ -156,9 +169,9 @@ class AnalysisProcess:
     ) -> None:
         self.analyzer = FrameAnalyzer(settings)
         self.parent_pid = parent_pid
-        # At most this many analyses a second: frames arriving faster wait on the tap (whose
-        # queue of 2 then makes the ingest skip its offers, at ~10 us each) and the newest is
-        # taken when the next analysis is due. Bounds the CPU taken from the ingest.
+        # At most this many results a second (spectrum, phase map, segmentation): the costly
+        # part. Frames in between are only decompressed and summed (~1 ms each); a frame is
+        # never waited for. Bounds the CPU taken from the ingest.
         self._min_interval_s = 0.0 if not max_rate_hz else 1.0 / max_rate_hz
         self._next_analysis = 0.0  # monotonic s
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -167,6 +180,7 @@ class AnalysisProcess:
         self._last_seen: tuple[int, float] | None = None  # (image_id, frame_time)
         self._skipped_since_result = 0
         self._settling_since_result = 0
+        self._newest: _NewestFrame | None = None  # summed, its result not yet due
         self._running = True
         self._context = zmq.Context()
         self.frames = self._context.socket(zmq.PULL)
@@ -189,18 +203,17 @@ class AnalysisProcess:
         next_stats = time.monotonic() + STATS_INTERVAL_S
         try:
             while self._running:
-                wait_s = self._next_analysis - time.monotonic()
-                if wait_s > 0:  # rate cap: only the control socket until the next is due
-                    if self.control.poll(min(POLL_MS, wait_s * 1e3 + 1)):
-                        self._drain_control()
-                    continue
-                ready = dict(poller.poll(POLL_MS))
+                timeout_ms: float = POLL_MS
+                if self._newest is not None:  # a result is due at the rate cap's next slot
+                    wait_s = self._next_analysis - time.monotonic()
+                    timeout_ms = min(POLL_MS, max(0.0, wait_s * 1e3 + 1))
+                ready = dict(poller.poll(timeout_ms))
                 self._drain_control()  # first: a switch known before the frames after it
                 if self.frames in ready and self._running:
-                    newest = self._drain_frames()
-                    if newest is not None:
-                        self._next_analysis = time.monotonic() + self._min_interval_s
-                        self._analyse(*newest)
+                    self._take_frames()
+                if self._newest is not None and time.monotonic() >= self._next_analysis:
+                    self._next_analysis = time.monotonic() + self._min_interval_s
+                    self._measure()
                 if time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + STATS_INTERVAL_S
                     self._send({"kind": "stats", **self.stats()})
@@ -248,6 +261,7 @@ class AnalysisProcess:
             self.analyzer.bias_started(float(command["time"]))
         elif op == "new_run":
             self.analyzer.reset()
+            self._newest = None
             self._states.clear()
             self._last_seen = None
         elif op == "stop":
@@ -256,46 +270,17 @@ class AnalysisProcess:
             raise ValueError(f"unknown op {op!r}")
 
     # ----- frames ----------------------------------------------------------------------------
-    def _drain_frames(self) -> tuple[list[zmq.Frame], int] | None:
-        """The newest queued message; the ones before it are skipped (counted)."""
-        newest: list[zmq.Frame] | None = None
-        taken = 0
+    def _take_frames(self) -> None:
+        """Every queued frame into its mode's dose sum (the newest one waits for `_measure`)."""
         while True:
             try:
                 parts = self.frames.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                break
-            taken += 1
-            newest = parts
-        if newest is None:
-            return None
-        self.counters["frames_received"] += taken
-        self.counters["frames_skipped"] += taken - 1
-        self._skipped_since_result += taken - 1
-        return newest, taken
+                return
+            self.counters["frames_received"] += 1
+            self._add(parts)
 
-    def _state_for(self, frame_time: float) -> ImagingState | str | None:
-        """The imaging state of a frame at `frame_time`, None if unknown, "settling"."""
-        current = None
-        for state in self._states:
-            if frame_time < state.start - 0.5 * self._period_s:
-                break
-            if frame_time < state.end + self._period_s:
-                return "settling"
-            current = state
-        return current
-
-    def _learn_period(self, image_id: Any, frame_time: float) -> None:
-        if not isinstance(image_id, int):
-            return
-        last = self._last_seen
-        self._last_seen = (image_id, frame_time)
-        if last is not None and image_id > last[0] and frame_time > last[1]:
-            period = (frame_time - last[1]) / (image_id - last[0])
-            if 1e-5 < period < 10.0:
-                self._period_s = period
-
-    def _analyse(self, parts: list[zmq.Frame], taken: int) -> None:
+    def _add(self, parts: list[zmq.Frame]) -> None:
         if len(parts) != 2:
             self.counters["malformed"] += 1
             log.warning("frame-tap message of %d parts, not 2", len(parts))
@@ -325,13 +310,52 @@ class AnalysisProcess:
             log.warning("frame %s payload refused: %s", header.get("image_id"), exc)
             return
         try:
-            values = self.analyzer.analyze(pixels, frame_time, state.mode, state.pixel_size_m * 1e9)
+            self.analyzer.add(pixels, frame_time, state.mode, state.pixel_size_m * 1e9)
+        except Exception:
+            self.counters["errors"] += 1
+            log.exception("summing frame %s failed", header.get("image_id"))
+            return
+        if self._newest is not None:  # summed behind this one: no result of its own
+            self.counters["frames_skipped"] += 1
+            self._skipped_since_result += 1
+        self.counters["frames_summed"] += 1
+        self._newest = _NewestFrame(header, state.mode, time.perf_counter() - started)
+
+    def _state_for(self, frame_time: float) -> ImagingState | str | None:
+        """The imaging state of a frame at `frame_time`, None if unknown, "settling"."""
+        current = None
+        for state in self._states:
+            if frame_time < state.start - 0.5 * self._period_s:
+                break
+            if frame_time < state.end + self._period_s:
+                return "settling"
+            current = state
+        return current
+
+    def _learn_period(self, image_id: Any, frame_time: float) -> None:
+        if not isinstance(image_id, int):
+            return
+        last = self._last_seen
+        self._last_seen = (image_id, frame_time)
+        if last is not None and image_id > last[0] and frame_time > last[1]:
+            period = (frame_time - last[1]) / (image_id - last[0])
+            if 1e-5 < period < 10.0:
+                self._period_s = period
+
+    def _measure(self) -> None:
+        """A result: the newest frame's sum measured, stamped at that frame."""
+        newest, self._newest = self._newest, None
+        assert newest is not None
+        header = newest.header
+        started = time.perf_counter()
+        try:
+            values = self.analyzer.measure()
         except Exception:
             self.counters["errors"] += 1
             log.exception("analysis of frame %s failed", header.get("image_id"))
             return
         self.counters["frames_analysed"] += 1
-        analysis_s = time.perf_counter() - started
+        analysis_s = newest.decode_s + time.perf_counter() - started
         received_ns = header.get("received_ns")
         latency = None
         if isinstance(received_ns, int):
@@ -339,18 +363,16 @@ class AnalysisProcess:
         self._send(
             {
                 "kind": "result",
-                "time": frame_time,
+                "time": header["frame_time"],
                 "image_id": header.get("image_id"),
                 "series_id": header.get("series_id"),
-                "mode": state.mode,
+                "mode": newest.mode,
                 "received_ns": received_ns,
                 "latency_s": latency,
                 "analysis_s": analysis_s,
                 "skipped": self._skipped_since_result,
                 "settling": self._settling_since_result,
-                "integrated_frames": (
-                    self.analyzer.last_integrated_frames if state.mode == "hrtem" else 1
-                ),
+                "integrated_frames": self.analyzer.last_integrated_frames,
                 "values": values,
                 "reasons": self.analyzer.last_reasons,
                 "totals": self.stats(),

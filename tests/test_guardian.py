@@ -277,6 +277,12 @@ def test_a_guardian_killed_while_its_parent_lives_is_replaced(
 
     with _stand_in_parent(config) as (parent, guardians):
         assert parent.stdin is not None and parent.stdout is not None
+        # The guardian says "ready" before it logs that it watches; a SIGKILL in between
+        # (once seen under CI load) would leave its line out of the file counted below.
+        deadline = time.monotonic() + 15.0
+        while "watching daemon pid" not in log_file.read_text():
+            assert time.monotonic() < deadline, "the first guardian never logged"
+            time.sleep(0.02)
         os.kill(guardians[0], signal.SIGKILL)
         assert _wait_gone(guardians[0], 5.0)
         deadline = time.monotonic() + 15.0

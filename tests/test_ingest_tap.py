@@ -159,7 +159,7 @@ def test_a_tap_nobody_reads_never_holds_ingest_back_and_counts_what_it_skipped(
     stats = tapped.delivered()
     assert stats["analysis_offers_sent"] == 0
     assert stats["analysis_offers_skipped"] + stats["analysis_offers_withheld"] == 20
-    assert stats["analysis_offers_skipped"] >= 1  # the newest is offered once caught up
+    assert stats["analysis_last_offered_id"] == 19  # the newest is offered once caught up
     # A PULL that connects and never reads: the first ones fill the queues (ZeroMQ's and the
     # kernel's TCP buffers: noise frames, which do not compress), the rest are skipped.
     pull = tapped.puller(hwm=1)
@@ -225,11 +225,48 @@ def test_a_backlog_withholds_offers_but_the_floor_feeds_the_analysis_and_the_new
     busy_s = float(received[-1] - received[0])
     assert sent >= busy_s * floor_hz / 3
     # Once caught up, the newest frame (held back until then) is offered.
-    assert offered[-1] == n_frames - 1 or skipped > 0
+    assert stats["analysis_last_offered_id"] == n_frames - 1
     value = metrics.registry.get_sample_value
     metric = "insitu_daq_analysis_frames_skipped_total"
     assert value(metric, {"reason": "ingest_busy"}) == withheld
     assert value(metric, {"reason": "tap_full"}) == skipped
+
+
+def test_a_run_closed_during_a_backlog_gives_its_held_frame_to_no_one(tmp_path: Path) -> None:
+    """The image held back while the ingest was behind is counted as withheld when its run
+    closes, and never sent: every image offered during the run is accounted for once, and
+    nothing more reaches the analysis after the close."""
+    tapped = Tapped(tmp_path, AnalysisConfig(max_rate_hz=100.0, min_rate_hz=1.0))
+    try:
+        camera, ingest = tapped.camera, tapped.ingest
+        pull = tapped.puller(hwm=5000)
+        time.sleep(0.2)
+        tapped.open_run("closed_early")
+        ingest.start_recording()
+        rng = np.random.default_rng(6)
+        frames = [rng.integers(0, 4000, SHAPE, dtype=np.uint16) for _ in range(4)]
+        camera.replay(frames, n_images=4000)  # a backlog...
+        time.sleep(0.3)
+        summary = ingest.close_run()  # ... closed in its middle
+        at_close = ingest.sync()
+        assert camera.wait(20.0)
+        after = tapped.delivered()
+        received: list[int] = []
+        while pull.poll(500):
+            header, _ = pull.recv_multipart()
+            received.append(json.loads(header)["image_id"])
+    finally:
+        tapped.close()
+
+    written = summary["frames_written"]
+    assert 0 < written < 4000  # closed while frames were still coming
+    sent, skipped = at_close["analysis_offers_sent"], at_close["analysis_offers_skipped"]
+    withheld = at_close["analysis_offers_withheld"]
+    assert withheld > 0 and sent + skipped + withheld == written  # the held one included
+    # No run, no offers: the frames after the close reached the ingest but not the analysis.
+    for key in ("analysis_offers_sent", "analysis_offers_skipped", "analysis_offers_withheld"):
+        assert after[key] == at_close[key]
+    assert len(received) == sent and max(received) < written
 
 
 def _image(image_id: int) -> ImageMessage:

@@ -145,9 +145,10 @@ def test_frames_sent_faster_than_analysed_are_skipped_and_counted(tap: Tap) -> N
     assert sum(r["skipped"] for r in tap.results) == totals["frames_skipped_total"]
 
 
-def test_the_rate_cap_takes_the_newest_frame_when_an_analysis_is_due() -> None:
-    # 40 frames/s offered for 1.5 s to an analysis capped at 4 a second: ~6 analysed, each
-    # the newest frame offered at that moment, the rest skipped and counted.
+def test_the_rate_cap_measures_the_newest_frame_and_every_frame_brings_its_dose() -> None:
+    # 40 frames/s offered for 1.5 s to an analysis capped at 4 a second: ~6 results, each
+    # stamped at the newest frame offered at that moment; the frames between results have no
+    # result of their own (skipped, counted) but are in the dose sum all the same.
     capped = Tap(max_rate_hz=4.0)
     try:
         frame = _frames(cell(x=0.0), hrtem_optics(), 1)[0]
@@ -169,6 +170,15 @@ def test_the_rate_cap_takes_the_newest_frame_when_an_analysis_is_due() -> None:
         gaps = np.diff(sorted(r["image_id"] for r in analysed))
         assert np.median(gaps) >= 6  # ~10 frames of 25 ms between analyses at 4 a second
         assert offered >= 40
+        # Nearly every frame up to the last result was summed (the tap may refuse a few):
+        # its result plus those before it plus the ones summed without a result of their own.
+        last = analysed[-1]
+        summed = len(analysed) + sum(r["skipped"] for r in analysed)
+        assert summed >= 0.8 * (last["image_id"] + 1), (summed, last["image_id"])
+        assert last["totals"]["frames_summed_total"] == summed
+        # So the sum holds the frames of the dose (5 counts/px: ~31 of ~0.16), not ~6 results.
+        dose_frames = 5.0 / float(frame.mean())
+        assert last["integrated_frames"] >= min(0.8 * dose_frames, 0.8 * last["image_id"])
     finally:
         capped.close()
 

@@ -46,9 +46,11 @@ the first rock-salt tile shows 1.3-1.9 s after the field first holds any rock sa
 ~4 % of the field: half of a corner tile), the first tile classified rock salt ~0.3 s later,
 the whole-field (200) ring ~3.7 s after. That is why a rock-salt onset is judged on the
 presence (accuracy.py), but only when it persists: a single map's presence has no such
-second test, and in a live stream of the layered field (25 ms frames summed to 5 counts/px, a
-map every 0.125 s) 2 of 475 maps (control) and 2 of 410 (biased, before rock salt) saw a false
-rock-salt tile, never two maps in a row; the onset wants three. A tile's Hann window gives
+second test. In live streams of the layered field (25 ms frames summed to 5 counts/px, a map
+every 0.125 s; 2026-11-24) 2 of 475 maps, 2 of 410 (biased, before rock salt), 2 of 1195 and
+19 of 1195 saw a false rock-salt tile, at most 2 maps in a row; the onset wants three. (The
+per-tile rate above comes from single renders, each one entry of the renderer's noise bank;
+a live sum mixes ~30, and its false tiles are rarer.) A tile's Hann window gives
 its outer band little weight, which is where such a corner entry sits; a Tukey window (half
 the tile tapered) saw it ~0.2 s earlier but its sidelobes let a strong spot raise its
 neighbour's annulus above the threshold (the 2.4/2.53 A pair of

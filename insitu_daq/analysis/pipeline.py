@@ -17,18 +17,22 @@ Keys (stable: the run file's /entry/analysis logs, the `analysis` topic and the 
 
 Why HRTEM frames are summed, and over what. One 25 ms HRTEM frame at the simulator's low dose
 holds ~0.15-0.3 counts/px: enough for the layered (003) (~70 sigma) but not for the rock-salt
-rings or the phase map, which need ~4-5 counts/px (spectrum.py, phasemap.py). So every
-analysed HRTEM frame is added to a running sum (a ring of the frames, float32 sum), and the
-spectrum and the phase map are taken of that sum. The sum is a dose, not a time: it keeps the
-newest frames that together reach `hrtem_counts_per_px` mean counts per pixel (older ones are
-dropped as soon as the rest still reach it), and never frames older than
+rings or the phase map, which need ~4-5 counts/px (spectrum.py, phasemap.py). So every HRTEM
+frame is added to a running sum (a ring of the frames, float32 sum; `add`), and the spectrum
+and the phase map are taken of that sum (`measure`; `analyze` is both). The live process adds
+every frame it receives and measures at most `max_rate_hz` times a second: a frame without a
+result of its own still brings its dose, so the sum spans the same run time whatever the
+measuring rate (measuring every other frame, and summing only those, made the rock-salt onset
+0.1-0.6 s later in the reference field: over 2 s for 2 of 4 seeds). The sum is a dose, not a
+time: it keeps the newest frames that together reach `hrtem_counts_per_px` mean counts per
+pixel (older ones are dropped as soon as the rest still reach it), and never frames older than
 `hrtem_integration_s` of run time, nor more than MAX_SUMMED_FRAMES. A fixed time window would
 measure nothing whenever fewer frames than that dose arrive in it (a time-scaled simulated run,
-a camera at a low frame rate, frames the live process skipped), and would blur more than
-needed when the dose is high. The result is stamped with the newest frame's time: a phase
-entering the field shows within the window (onset late by at most the window, and earlier the
-stronger it is). Frames the live process skips are not in the sum, so the dose of a result is
-`last_integrated_frames` frames, reported with it.
+a camera at a low frame rate, frames the live process skipped), and would blur more than needed
+when the dose is high. The result is stamped with the newest frame's time: a phase entering the
+field shows within the window (onset late by at most the window, and earlier the stronger it
+is). Frames the live process never receives (a tap skip, the ingest behind) are not in the sum;
+the frames of a result's sum are `last_integrated_frames`, reported with it.
 
 One sum per imaging mode, kept across a switch: a protocol that looks at low magnification for
 a second every few seconds (protocol `interleave`) returns to the same HRTEM field, and its
@@ -145,6 +149,7 @@ class _Integration:
     frames: collections.deque = field(default_factory=collections.deque)  # (time, frame, mean)
     total: np.ndarray | None = None
     mean_counts: float = 0.0  # mean counts per pixel of the sum
+    added: int = 0  # frames ever added (turns the rows sampled for the dose)
 
     def add(
         self, frame: np.ndarray, time_s: float, key: tuple, counts_per_px: float, window_s: float
@@ -153,9 +158,13 @@ class _Integration:
         if key != self.key or self.total is None or (self.frames and time_s < self.frames[-1][0]):
             self.reset()
             self.key, self.total = key, np.zeros(frame.shape, dtype=np.float32)
-        # The dose is a target, not a result: every 8th row estimates a frame's mean counts to
-        # well under 1 % at a fraction of the cost (0.04 vs 0.34 ms at 1024 x 1024).
-        mean = float(frame[::DOSE_ROW_STRIDE].mean(dtype=np.float64))
+        # The dose is a target, not a result: every 8th row estimates a frame's mean counts
+        # (0.04 vs 0.34 ms at 1024 x 1024). The first row turns with each frame, so fringes
+        # whose period is a multiple of the stride (the (003)'s 8 px at 0.06 nm/px) cannot
+        # bias the sum's dose: over 8 frames every row is counted once.
+        self.added += 1
+        start = self.added % DOSE_ROW_STRIDE
+        mean = float(frame[start::DOSE_ROW_STRIDE].mean(dtype=np.float64))
         self.frames.append((time_s, frame, mean))
         self.total += frame
         self.mean_counts += mean
@@ -183,7 +192,8 @@ class FrameAnalyzer:
     def reset(self) -> None:
         """Forget everything (a new run)."""
         self._integrations = {mode: _Integration() for mode in MODES}
-        self._last_phase_map_s = -math.inf
+        self._next_phase_map_s = -math.inf  # run time the next phase map is due
+        self._newest: tuple[str, float, float] | None = None  # mode, time, pixel nm of the last add
         self._bias_start_s: float | None = None
         self._pre_bias_areas: collections.deque[float] = collections.deque(
             maxlen=self.settings.reference_frames
@@ -205,35 +215,52 @@ class FrameAnalyzer:
     def analyze(
         self, frame: np.ndarray, time_s: float, mode: str, pixel_size_nm: float
     ) -> dict[str, float | None]:
-        """The quantities `frame` (2-D counts) measures; see the module docstring for keys."""
+        """Add `frame` (2-D counts) and measure: the quantities of the module docstring."""
+        self.add(frame, time_s, mode, pixel_size_nm)
+        return self.measure()
+
+    def add(self, frame: np.ndarray, time_s: float, mode: str, pixel_size_nm: float) -> None:
+        """Add `frame` to its mode's dose sum without measuring (a frame that brings its dose
+        but gets no result of its own: the live process adds every frame it receives and
+        measures at most `max_rate_hz` times a second)."""
         frame = np.asarray(frame)
         if frame.ndim != 2:
             raise ValueError(f"a frame must be 2-D, not {frame.shape}")
         if not (math.isfinite(pixel_size_nm) and pixel_size_nm > 0):
             raise ValueError(f"pixel size {pixel_size_nm!r} nm is not a positive number")
+        if mode not in MODES:
+            raise ValueError(f"imaging mode {mode!r} not one of {MODES}")
+        pixel_nm = float(pixel_size_nm)
+        counts_per_px, window_s = self._dose_target(mode)
+        integration = self._integrations[mode]
+        integration.add(
+            frame, float(time_s), (mode, frame.shape, pixel_nm), counts_per_px, window_s
+        )
+        self._newest = (mode, float(time_s), pixel_nm)
+
+    def measure(self) -> dict[str, float | None]:
+        """The quantities of the sum of the newest frame's mode, stamped at that frame's time
+        (the module docstring's keys). ValueError if no frame was added since the reset."""
+        if self._newest is None:
+            raise ValueError("no frame added to measure")
+        mode, time_s, pixel_nm = self._newest
+        integration = self._integrations[mode]
+        assert integration.total is not None
+        self.last_integrated_frames = len(integration.frames)
         self.last_reasons = {}
         if mode == "hrtem":
-            return self._hrtem(frame, float(time_s), float(pixel_size_nm))
-        if mode == "lm":
-            return self._lm(frame, float(time_s), float(pixel_size_nm))
-        raise ValueError(f"imaging mode {mode!r} not one of {MODES}")
+            return self._hrtem(integration.total, time_s, pixel_nm)
+        return self._lm(integration.total, time_s, pixel_nm)
 
-    def _summed(self, mode: str, frame: np.ndarray, time_s: float, pixel_nm: float) -> np.ndarray:
-        """`frame` added to its mode's sum (module docstring); the sum as it now stands."""
+    def _dose_target(self, mode: str) -> tuple[float, float]:
+        """(counts per pixel, window s) of a mode's sum."""
         settings = self.settings
-        counts_per_px, window_s = {
-            "hrtem": (settings.hrtem_counts_per_px, settings.hrtem_integration_s),
-            "lm": (settings.lm_counts_per_px, settings.lm_integration_s),
-        }[mode]
-        integration = self._integrations[mode]
-        integration.add(frame, time_s, (mode, frame.shape, pixel_nm), counts_per_px, window_s)
-        self.last_integrated_frames = len(integration.frames)
-        assert integration.total is not None
-        return integration.total
+        if mode == "hrtem":
+            return settings.hrtem_counts_per_px, settings.hrtem_integration_s
+        return settings.lm_counts_per_px, settings.lm_integration_s
 
-    def _hrtem(self, frame: np.ndarray, time_s: float, pixel_nm: float) -> dict[str, float | None]:
+    def _hrtem(self, summed: np.ndarray, time_s: float, pixel_nm: float) -> dict[str, float | None]:
         settings = self.settings
-        summed = self._summed("hrtem", frame, time_s, pixel_nm)
         spectrum = analyze_frame(summed, pixel_nm, settings.table, settings.spectrum)
         values: dict[str, float | None] = {}
         for name in settings.table.names:
@@ -245,10 +272,7 @@ class FrameAnalyzer:
             values[intensity_key(name)] = float(intensity) if ok else None
         if not spectrum.measurable:
             self.last_reasons["spectrum"] = spectrum.reason
-        # A result older than the last map (a restarted sum) maps again.
-        since = time_s - self._last_phase_map_s
-        if since >= settings.phase_map_interval_s or since < 0:
-            self._last_phase_map_s = time_s
+        if self._phase_map_due(time_s):
             mapped = phase_map(summed, pixel_nm, settings.table, settings.phase_map)
             for keys, shares in ((PHASE_KEYS, mapped.fractions), (PRESENCE_KEYS, mapped.presence)):
                 for phase, key in keys.items():
@@ -257,10 +281,25 @@ class FrameAnalyzer:
                 self.last_reasons["phase_map"] = mapped.reason
         return values
 
-    def _lm(self, frame: np.ndarray, time_s: float, pixel_nm: float) -> dict[str, float | None]:
+    def _phase_map_due(self, time_s: float) -> bool:
+        """Maps on a grid of `phase_map_interval_s` of run time: a result at or after the due
+        time maps and the next is due one interval later, so jittered frame times keep the
+        cadence (waiting for a full interval after each map would lengthen it by up to a frame
+        period). A gap of more than an interval, or time going back (a restarted run or sum),
+        starts the grid afresh at this result."""
+        interval = self.settings.phase_map_interval_s
+        due = self._next_phase_map_s
+        if time_s < due - interval:  # back in time
+            due = -math.inf
+        if time_s < due:
+            return False
+        due += interval
+        self._next_phase_map_s = due if due > time_s else time_s + interval
+        return True
+
+    def _lm(self, summed: np.ndarray, time_s: float, pixel_nm: float) -> dict[str, float | None]:
         settings = self.settings
-        frame = self._summed("lm", frame, time_s, pixel_nm)
-        segmentation = segment(frame, pixel_nm, settings.segmentation)
+        segmentation = segment(summed, pixel_nm, settings.segmentation)
         particle = measure_particle(segmentation)
         area = particle.area_nm2
         values: dict[str, float | None] = {
@@ -269,7 +308,7 @@ class FrameAnalyzer:
         if area is None:
             self.last_reasons["particle"] = particle.reason or "no particle"
         values["expansion"] = self._expansion(area, time_s)
-        front = measure_front(frame, segmentation, settings.front)
+        front = measure_front(summed, segmentation, settings.front)
         values["front_position_nm"] = front.position_nm
         if front.position_nm is None:
             self.last_reasons["front"] = front.reason or "no front"
