@@ -154,9 +154,9 @@ class AnalysisConfig(_Section):
     lm_counts_per_px: Annotated[float, Field(ge=0, le=1e6)] = 40.0
     lm_integration_s: Annotated[float, Field(ge=0, le=60)] = 0.5
     phase_map_interval_s: Annotated[float, Field(ge=0, le=60)] = 0.125  # run s between maps
-    # At most this many analysed frames a second (the newest is taken when one is due): the
-    # CPU the analysis may take from the ingest on a 2-core PC. The sums above then hold
-    # fewer, so reaching their dose takes longer (bench/README.md, live analysis).
+    # At most this many results a second (the sum measured at its newest frame when one is
+    # due): the CPU the analysis may take from the ingest on a 2-core PC. Every frame received
+    # is summed all the same, so the sums above do not depend on it (liveanalysis.py).
     max_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 20.0
     # The ingest has priority: while it is behind the detector it offers the analysis no
     # frames but one every 1/min_rate_hz s, so the analysis is never starved (ingest_tap.py).
