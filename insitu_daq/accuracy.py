@@ -366,25 +366,14 @@ def control_verdicts(analysis: AnalysisRecord, truth: Sequence[TruthSample]) -> 
         if reflection is None or len(reflection.time) == 0:
             verdicts.append(Verdict(f"{name} onset", None, None, 0, "", False, "no results"))
             continue
-        onset = measured_onset(reflection)
         detections = int(np.sum(reflection.detected))
-        ok = onset is None and true_onset(truth, d) is None
-        note = (
-            f"never persistently detected ({detections} single detections of "
-            f"{len(reflection.time)} results)"
-            if onset is None
-            else f"persistently detected from {onset:.1f} s"
-        )
         verdicts.append(
-            Verdict(
+            _nothing_persistent(
                 f"{reflection.title} (none expected)",
-                float(detections),
-                0.0,
-                0.0,
-                "",
-                ok,
-                note,
-                summary=note,
+                measured_onset(reflection),
+                detections,
+                f"{detections} single detections of {len(reflection.time)} results",
+                true_onset(truth, d),
             )
         )
     presence = analysis.phase_presence.get("rock_salt")
@@ -392,16 +381,17 @@ def control_verdicts(analysis: AnalysisRecord, truth: Sequence[TruthSample]) -> 
     if presence is None or not presence.measured:
         verdicts.append(Verdict(label, None, 0.0, 0.0, "", False, "never mapped"))
     else:
-        onset = presence_onset(presence)
         seen = int(np.sum(presence.value > 0))
         maps = int(np.sum(np.isfinite(presence.value)))
-        note = (
-            f"never persistently ({seen} single maps of {maps})"
-            if onset is None
-            else f"persistently from {onset:.1f} s"
+        verdicts.append(
+            _nothing_persistent(
+                label,
+                presence_onset(presence),
+                seen,
+                f"{seen} single maps of {maps}",
+                true_onset(truth, ROCK_SALT_D_ANGSTROM),
+            )
         )
-        ok = onset is None and true_onset(truth, ROCK_SALT_D_ANGSTROM) is None
-        verdicts.append(Verdict(label, float(seen), 0.0, 0.0, "", ok, note, note))
     for phase in ("rock_salt", "disordered"):
         series = analysis.phase_fractions.get(phase)
         label = f"{phase.replace('_', ' ')} fraction, largest (none expected)"
@@ -435,6 +425,18 @@ def control_verdicts(analysis: AnalysisRecord, truth: Sequence[TruthSample]) -> 
             )
         )
     return verdicts
+
+
+def _nothing_persistent(
+    label: str, onset: float | None, sightings: int, counted: str, truth_onset: float | None
+) -> Verdict:
+    """A control's verdict: never persistently seen (`counted` says how often it was seen
+    once), and nothing in the truth either."""
+    note = (
+        f"never persistently ({counted})" if onset is None else f"persistently from {onset:.1f} s"
+    )
+    ok = onset is None and truth_onset is None
+    return Verdict(label, float(sightings), 0.0, 0.0, "", ok, note, summary=note)
 
 
 def accuracy_verdicts(

@@ -245,7 +245,7 @@ def test_the_control_passes_without_a_phase_change_and_fails_on_a_false_one() ->
     analysis, truth = control_run(rock_salt_at=None)
     verdicts = accuracy_verdicts(analysis, truth, None)
     assert all(v.ok for v in verdicts), format_verdicts(verdicts)
-    assert "never persistently detected (6 single detections" in format_verdicts(verdicts)
+    assert "never persistently (6 single detections of 232 results)" in format_verdicts(verdicts)
     assert "never persistently (1 single maps of 24)" in format_verdicts(verdicts)
     false_change = accuracy_verdicts(*control_run(rock_salt_at=30.0), None)
     failed = {v.quantity for v in false_change if not v.ok}
