@@ -13,9 +13,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from types import TracebackType
 
 import serial
+
+from .closing import ClosedOnExit
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class HolderStatus:
     error: HolderFault | None  # last error not yet read with last_error(), if any
 
 
-class OpenCellHolder:
+class OpenCellHolder(ClosedOnExit):
     """The holder's piezo needle controller on a serial line."""
 
     def __init__(self, port_or_url: str, timeout: float = 2.0) -> None:
@@ -131,17 +132,6 @@ class OpenCellHolder:
 
     def close(self) -> None:
         self._serial.close()
-
-    def __enter__(self) -> OpenCellHolder:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ----- queries -----------------------------------------------------------------------------
     def identify(self) -> str:

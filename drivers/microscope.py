@@ -17,8 +17,9 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
-from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
+
+from .closing import ClosedOnExit
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class _Command:
     SET_FIELD_CENTER = "set_field_center"
 
 
-class RemoteMicroscope:
+class RemoteMicroscope(ClosedOnExit):
     """A microscope reached over the JSON-lines remote protocol."""
 
     def __init__(self, host: str, port: int = DEFAULT_PORT, timeout: float = 2.0) -> None:
@@ -149,17 +150,6 @@ class RemoteMicroscope:
 
     def close(self) -> None:
         self._sock.close()
-
-    def __enter__(self) -> RemoteMicroscope:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ----- the Microscope interface ------------------------------------------------------------
     def identify(self) -> str:

@@ -31,10 +31,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 
 import pyvisa
 from pyvisa.errors import VisaIOError
+
+from .closing import ClosedOnExit
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def _value(text: str) -> float:
     return value
 
 
-class Keithley2400:
+class Keithley2400(ClosedOnExit):
     """A Keithley 2400 SourceMeter used as a voltage source that measures current."""
 
     def __init__(
@@ -291,17 +292,6 @@ class Keithley2400:
             self._resource.close()
             if self._own_manager:
                 self._manager.close()
-
-    def __enter__(self) -> Keithley2400:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ----- identity and status -----------------------------------------------------------------
     def identify(self) -> Identity:

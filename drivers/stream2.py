@@ -48,6 +48,8 @@ import cbor2
 import numpy as np
 import zmq
 
+from .closing import ClosedOnExit
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 31001
@@ -692,7 +694,7 @@ def decode_message(buf: bytes | bytearray | memoryview, received_ns: int | None 
 
 
 # ----- the receiver ---------------------------------------------------------------------------
-class Stream2Receiver:
+class Stream2Receiver(ClosedOnExit):
     """PULL socket connected to a detector's Stream V2 PUSH socket.
 
     `receive()` returns the next decoded message, or None when nothing arrived in time.
@@ -769,9 +771,3 @@ class Stream2Receiver:
         self._socket.close(linger=0)
         if self._own_context:
             self._context.term()
-
-    def __enter__(self) -> Stream2Receiver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
