@@ -65,6 +65,7 @@ from insitu_daq.analysis.keys import PHASE_KEYS
 from insitu_daq.config import AnalysisConfig, DetectorConfig, StationConfig
 from insitu_daq.daemon import RESULT_KEYS, pipeline_settings
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
+from insitu_daq.imaging import ImagingState
 from insitu_daq.ingest import IngestClient
 from insitu_daq.ingest_tap import AnalysisTap
 from insitu_daq.liveanalysis import LiveAnalysis
@@ -136,7 +137,9 @@ class Daemon:
         self.ingest.open_run(meta, path, geometry=geometry)
         if self.analysis is not None:
             self.analysis.new_run()
-            self.analysis.set_imaging(-math.inf, -math.inf, mode, pixel_size_m(mode))
+            state = ImagingState(-math.inf, -math.inf, mode, pixel_size_m(mode), math.nan)
+            self.analysis.set_imaging(state, 1)
+            self.analysis.imaging_watermark(math.inf, 1)  # one state for the whole run
         self.ingest.start_recording()
 
     def pids(self) -> dict[str, int]:

@@ -1,7 +1,14 @@
 """Conditions a `hold` can end on: live quantities compared with numbers, joined by and/or.
 
     until: rock_salt_fraction >= 0.9
+    until: rock_salt_fraction >= 0.9 for 5 s
     until: expansion >= 25% or (front_velocity_nm_s < 0.5 and rock_salt_fraction > 0.5)
+
+Persistence: a condition ends a hold only once it has held for `for N s` of event time (the
+run-clock times the values were measured at, not when they arrived), over every update in
+between; without `for`, for the longest default of its quantities (PERSISTENCE_S: 2 s for
+what live analysis measures, so no single result can end a hold; 0 for the source-meter's
+readings). `for 0 s` ends on the first update that meets it. ConditionTracker does this.
 
 The language is deliberately tiny and parsed by hand (no `eval`): a protocol file must never
 run code, and every quantity name is checked at load against `LIVE_QUANTITIES`, so a typo is
@@ -9,6 +16,7 @@ refused before the experiment starts instead of silently never becoming true.
 
 Grammar (`and` binds tighter than `or`):
 
+    until      := condition ["for" NUMBER "s"]
     condition  := conjunction ("or" conjunction)*
     conjunction := primary ("and" primary)*
     primary    := "(" condition ")" | QUANTITY OP NUMBER
@@ -47,6 +55,17 @@ LIVE_QUANTITIES: dict[str, str] = {
     "charge_coulombs": "charge passed since the run started (C)",
 }
 
+# How long (event-time s) a condition on each quantity must hold before it ends a step, unless
+# the condition says `for N s`. The analysis quantities come from dose sums of noisy low-dose
+# frames: one result can be off (a phase map that saw LM frames, a segmentation on a bad sum),
+# so it takes 2 s of agreeing results (~40 at 20 a second). Readings of the source-meter are
+# each a measurement of their own.
+ANALYSIS_PERSISTENCE_S = 2.0
+PERSISTENCE_S: dict[str, float] = {
+    name: 0.0 if name in ("current_amperes", "charge_coulombs") else ANALYSIS_PERSISTENCE_S
+    for name in LIVE_QUANTITIES
+}
+
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
     "<=": operator.le,
@@ -62,7 +81,7 @@ _TOKEN = re.compile(
     r"|(?P<paren>[()])"
     r")"
 )
-_KEYWORDS = ("and", "or")
+_KEYWORDS = ("and", "or", "for")
 
 
 class ConditionError(ValueError):
@@ -175,6 +194,28 @@ class _Parser:
             raise self._fail(token, "'and', 'or' or the end")
         return condition
 
+    def parse_until(self) -> Until:
+        condition = self._disjunction()
+        token = self._peek()
+        persistence: float | None = None
+        if token.kind == "keyword" and token.text == "for":
+            self._take()
+            number = self._take()
+            if number.kind != "number" or number.text.endswith("%"):
+                raise self._fail(number, "a duration in seconds")
+            unit = self._take()
+            if unit.text != "s":
+                raise self._fail(unit, "'s' (seconds)")
+            persistence = float(number.text)
+            if persistence < 0:
+                raise ConditionError(f"negative duration at column {number.column}")
+            token = self._peek()
+        if token.kind != "end":
+            raise self._fail(token, "'and', 'or', 'for N s' or the end")
+        if persistence is None:
+            persistence = max(PERSISTENCE_S.get(name, 0.0) for name in condition.quantities)
+        return Until(condition, persistence)
+
     def _disjunction(self) -> Condition:
         parts = [self._conjunction()]
         while self._peek().text == "or" and self._peek().kind == "keyword":
@@ -227,3 +268,82 @@ def parse_condition(text: str, known: Mapping[str, str] = LIVE_QUANTITIES) -> Co
     if not text.strip():
         raise ConditionError("empty condition")
     return _Parser(text, known).parse()
+
+
+@dataclass(frozen=True)
+class Until:
+    """A step's end condition: `condition`, held for `persistence_s` of event time."""
+
+    condition: Condition
+    persistence_s: float
+
+    @property
+    def quantities(self) -> frozenset[str]:
+        return self.condition.quantities
+
+    def __str__(self) -> str:
+        return f"{self.condition} for {self.persistence_s:g} s"
+
+
+def parse_until(text: str, known: Mapping[str, str] = LIVE_QUANTITIES) -> Until:
+    """A `hold ... until:` text, with its persistence (explicit `for N s`, else the default
+    of its quantities); ConditionError naming the column and what was expected."""
+    if not text.strip():
+        raise ConditionError("empty condition")
+    return _Parser(text, known).parse_until()
+
+
+@dataclass(frozen=True)
+class LiveUpdate:
+    """Live values measured at one event time (run-clock s): an analysis result's quantities,
+    or the source-meter's latest reading."""
+
+    time: float
+    values: Mapping[str, float | None]
+
+
+class ConditionTracker:
+    """Whether an Until has held for its persistence, fed every live update in turn.
+
+    The latest value of each quantity is kept with its time; a value older than `max_age_s`
+    (event time) no longer counts (a stalled analysis must not keep a condition true). The
+    condition must be true at every update since the first one that made it true, and the
+    updates must span `persistence_s`: one result cannot end a hold, nor a false one between
+    true ones be missed (updates are not sampled, each is looked at).
+    """
+
+    def __init__(self, until: Until, max_age_s: float = math.inf) -> None:
+        self.until = until
+        self.max_age_s = max_age_s
+        self._latest: dict[str, tuple[float, float | None]] = {}
+        self._true_since: float | None = None
+        self._now = -math.inf  # the newest event time seen
+
+    def values(self) -> dict[str, float | None]:
+        """The values as of the newest update (None: never measured, or too old)."""
+        values: dict[str, float | None] = {}
+        for name in sorted(self.until.quantities):
+            stamp, value = self._latest.get(name, (-math.inf, None))
+            fresh = self._now - stamp <= self.max_age_s
+            values[name] = value if fresh and value is not None and not math.isnan(value) else None
+        return values
+
+    def reset(self) -> None:
+        """Start the persistence anew (after a pause: what held before it does not count)."""
+        self._true_since = None
+
+    def update(self, update: LiveUpdate) -> bool:
+        """Take one update; True once the condition has held for the persistence."""
+        names = self.until.quantities
+        relevant = {k: v for k, v in update.values.items() if k in names}
+        if not relevant:
+            return False
+        for name, value in relevant.items():
+            self._latest[name] = (update.time, value)
+        self._now = max(self._now, update.time)
+        if not self.until.condition.evaluate(self.values()):
+            self._true_since = None
+            return False
+        if self._true_since is None:
+            self._true_since = update.time
+        return self._now - self._true_since >= self.until.persistence_s

@@ -8,11 +8,13 @@ offers each to the live-analysis process over its frame tap (DESIGN.md, data flo
 
 Live analysis (issue 4, liveanalysis.py): the daemon picks the tap's endpoint (a private ipc
 path) and hands it to both processes; it tells the analysis what the frames show, because it
-drives the microscope (the imaging state at run start, then every mode or pixel-size change
-with the run-clock interval it took) and when the bias first leaves 0 V (the end of the
-expansion reference). Each result is published on the `analysis` topic, turned into metrics,
-sent to the run file (/entry/analysis, through the ingest) and kept as the latest value per
-quantity for `hold ... until` conditions (`live_value`).
+drives the microscope: the imaging state at run start, then every mode, pixel-size or
+dose-rate switch with the run-clock interval it took, and a watermark every 10 ms, so that each
+frame is judged by its own time, however late either message arrives (imaging_announcer.py);
+and when the bias first leaves 0 V (the end of the expansion reference). Each result is
+published on the `analysis` topic, turned into metrics, sent to the run file (/entry/analysis,
+through the ingest) and kept as the latest value per quantity for `hold ... until` conditions
+(`live_updates`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import re
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,8 +39,11 @@ from .analysis.pipeline import PipelineSettings
 from .api import ControlServer, EventPublisher
 from .bias import BiasController
 from .clock import RunClock
+from .condition import LiveUpdate
 from .config import AnalysisConfig, StationConfig
 from .guardian import Guardian, bias_confirmed_safe
+from .imaging import ImagingState
+from .imaging_announcer import ImagingAnnouncer, unknown_state
 from .ingest import IngestClient
 from .liveanalysis import AnalysisError, LiveAnalysis
 from .metrics import DaemonMetrics
@@ -46,7 +52,7 @@ from .protocol import Protocol, ProtocolError
 from .records import Event, EventKind, level_change_mask
 from .runfile import RunMetadata
 from .runner import ProtocolRunner
-from .station import LimitError, StationError
+from .station import FROM_NOW, LimitError, StationError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,9 @@ BIAS_OFF_VOLTS = 1e-6  # a setpoint above this is "the bias left 0 V"
 RESULT_KEYS = ("time", "image_id", "mode", "latency_s", "skipped", "settling",
                "integrated_frames", "values", "received_ns")  # fmt: skip
 FINAL_STATES = ("finished", "aborted", "failed")
+# Live updates kept for the runner's conditions: ~80 s of analysis results and bias batches;
+# the runner takes them every 0.1 s.
+LIVE_UPDATES_KEPT = 4096
 
 
 @dataclass
@@ -120,7 +129,9 @@ class Daemon:
                 on_result=self._on_analysis,
                 max_rate_hz=config.analysis.max_rate_hz,
             )
-        self._live: dict[str, tuple[float, float | None]] = {}  # name -> (monotonic s, value)
+        self.imaging = ImagingAnnouncer([] if self.analysis is None else [self.analysis])
+        self._live: deque[tuple[int, LiveUpdate]] = deque(maxlen=LIVE_UPDATES_KEPT)
+        self._live_seq = 0
         self.analysis_results_after_run_total = 0
         self._live_lock = threading.Lock()
         self.ingest = IngestClient(
@@ -153,6 +164,7 @@ class Daemon:
             atexit.register(self.stop)
             self.guardian.wait_ready()  # it started while the ingest process did
             self._wait_analysis()
+            self.imaging.start()
             self.bias.start()
             identity = self.bias.identity
             if identity is not None:
@@ -208,6 +220,7 @@ class Daemon:
             self.holder.halt,
             lambda: self.runner.wait(10.0),
             self._close_run,
+            self.imaging.stop,
             self.ingest.shutdown,
             self._stop_analysis,
             self.control.stop,
@@ -262,8 +275,9 @@ class Daemon:
             offset = self.clock.from_monotonic_ns(run_clock.start_monotonic_ns)
             run = ActiveRun(run_id, path, run_clock, offset, protocol)
             metadata = self._metadata(run)
-            self._start_analysis_run(metadata)
+            self._start_analysis_run()
             self.ingest.open_run(metadata, path, run_clock)
+            self.imaging.open_run(run_clock.now, self._imaging_at_start(metadata.microscope))
             self._run = run
             self._last_run_id = run_id
         try:
@@ -307,45 +321,54 @@ class Daemon:
         return {"reflections": settings.table.names, "analysis_parameters": settings.to_record()}
 
     # ----- live analysis ---------------------------------------------------------------------
-    def _start_analysis_run(self, metadata: RunMetadata) -> None:
-        """A new run: the analysis forgets the last one and learns the imaging state (from the
-        run's metadata, read from the microscope just now)."""
+    def _start_analysis_run(self) -> None:
+        """A new run: the analysis forgets the last one (its imaging state comes next)."""
         with self._live_lock:
             self._live.clear()
-        if self.analysis is None:
-            return
-        self.analysis.new_run()
-        microscope = metadata.microscope
-        if "mode" in microscope and "pixel_size_nm" in microscope:
-            pixel_m = float(microscope["pixel_size_nm"]) * 1e-9
-            self.analysis.set_imaging(-math.inf, -math.inf, str(microscope["mode"]), pixel_m)
-        else:
-            log.warning("imaging state unknown at run start: analysis waits for a mode change")
+        if self.analysis is not None:
+            self.analysis.new_run()
 
-    def imaging_changed(self, started_s: float, ended_s: float) -> None:
-        """The microscope's mode or pixel size was changed between daemon-clock times
-        `started_s` and `ended_s`: tell the analysis what the frames show from then on."""
-        if self.analysis is None or self._run is None:
-            return
+    @staticmethod
+    def _imaging_at_start(microscope: dict[str, Any]) -> ImagingState:
+        """The imaging state the run starts in (the run file's microscope metadata, read from
+        the microscope just now); unknown if it could not be read."""
+        try:
+            return ImagingState(
+                start=-math.inf,
+                end=-math.inf,
+                mode=str(microscope["mode"]),
+                pixel_size_m=float(microscope["pixel_size_nm"]) * 1e-9,
+                dose_rate_e_per_a2_s=float(microscope.get("dose_rate_e_per_a2_s", math.nan)),
+            )
+        except (KeyError, TypeError, ValueError):
+            log.warning("imaging state unknown at run start: frames wait for a mode change")
+            return unknown_state(-math.inf, -math.inf)
+
+    def imaging_switched(self, started_s: float, ended_s: float) -> None:
+        """The switch begun (ImagingAnnouncer.begin_switch) at run time `started_s` was done by
+        `ended_s`: announce what the microscope shows now (unknown if it does not say)."""
         try:
             state = self.microscope.state()
-        except StationError as exc:
-            log.warning("imaging state after a change unknown: %s", exc)
-            return
-        mode = str(getattr(state.mode, "value", state.mode))
-        self.analysis.set_imaging(
-            self._run_time(started_s), self._run_time(ended_s), mode, state.pixel_size_nm * 1e-9
-        )
+            current = ImagingState(
+                start=started_s,
+                end=ended_s,
+                mode=str(getattr(state.mode, "value", state.mode)),
+                pixel_size_m=state.pixel_size_nm * 1e-9,
+                dose_rate_e_per_a2_s=state.dose_rate_e_per_a2_s,
+            )
+        except (StationError, ValueError) as exc:
+            log.warning("imaging state after a switch unknown: %s", exc)
+            current = unknown_state(started_s, ended_s)
+        self.imaging.end_switch(current)
 
     def _on_analysis(self, result: dict[str, Any]) -> None:
         """A live result (analysis results thread): keep, measure, publish, record."""
         values = result.get("values")
         if not isinstance(values, dict):
             return
-        now = time.monotonic()
-        with self._live_lock:
-            for key, value in values.items():
-                self._live[key] = (now, value)
+        frame_time = result.get("time")
+        if isinstance(frame_time, (int, float)) and self._run is not None:
+            self._add_live(float(frame_time), values)
         self.metrics.observe_analysis(values, result.get("latency_s"))
         totals = result.get("totals")
         if isinstance(totals, dict):
@@ -381,6 +404,7 @@ class Daemon:
         if self._run is not None and self.analysis is not None:
             # The results of the run's last frames are still on their way: let them land.
             self.analysis.wait_caught_up(time.time_ns())
+        self.imaging.close_run()
         with self._run_lock:
             run, self._run = self._run, None
         if run is None:
@@ -390,10 +414,6 @@ class Daemon:
         return summary
 
     # ----- records in ------------------------------------------------------------------------
-    def _run_time(self, daemon_time: float) -> float:
-        run = self._run
-        return daemon_time - run.offset_s if run is not None else daemon_time
-
     def _on_samples(self, batch: np.ndarray) -> None:
         run = self._run
         if run is not None:  # readings and commanded level changes: the run file keeps both
@@ -407,6 +427,14 @@ class Daemon:
             return
         if run is not None:
             self._integrate_charge(run, readings)
+            connected = self.bias.state.connected
+            self._add_live(
+                float(readings["time"][-1]) - run.offset_s,
+                {
+                    "current_amperes": float(readings["current"][-1]) if connected else None,
+                    "charge_coulombs": run.charge_coulombs,
+                },
+            )
         self.metrics.observe_samples(readings)
         last = readings[-1]
         self.publisher.publish(
@@ -474,26 +502,32 @@ class Daemon:
         self.metrics.set_instrument_up("source_meter", False)
         self.runner.abort(f"source-meter lost: {reason}")
 
-    def live_value(self, name: str) -> float | None:
-        """The latest value of a live quantity (condition.LIVE_QUANTITIES): None if it was
-        never measured, is not measurable now, or is older than analysis.live_value_max_age_s
-        (a stalled analysis must not keep a hold's condition true)."""
-        if name == "current_amperes":
-            state = self.bias.state
-            return state.current if state.connected else None
-        if name == "charge_coulombs":
-            run = self._run
-            return None if run is None or run.last_reading is None else run.charge_coulombs
+    def _add_live(self, time_s: float, values: dict[str, Any]) -> None:
+        """One live update (run-clock event time) for the runner's conditions."""
+        numbers = {
+            key: float(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else None
+            for key, value in values.items()
+        }
         with self._live_lock:
-            entry = self._live.get(name)
-        if entry is None:
-            return None
-        stamp, value = entry
-        if time.monotonic() - stamp > self.config.analysis.live_value_max_age_s:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None
-        return float(value)
+            self._live_seq += 1
+            self._live.append((self._live_seq, LiveUpdate(time_s, numbers)))
+
+    def live_updates(self, names: frozenset[str], after: int) -> tuple[int, list[LiveUpdate]]:
+        """The live updates since cursor `after` that carry any of `names` (Station)."""
+        with self._live_lock:
+            cursor = self._live_seq
+            if after == FROM_NOW:
+                return cursor, []
+            if self._live and self._live[0][0] > after + 1:
+                log.warning("%d live updates were dropped before the runner took them",
+                            self._live[0][0] - after - 1)  # fmt: skip
+            updates = [
+                update for seq, update in self._live
+                if seq > after and not names.isdisjoint(update.values)
+            ]  # fmt: skip
+        return cursor, updates
 
     # ----- status ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -612,13 +646,21 @@ class DaemonStation:
         dose_rate_e_per_a2_s: float | None = None,
         pixel_size_nm: float | None = None,
     ) -> None:
-        started = self.clock.now()
-        self._daemon.microscope.apply(mode, beam, dose_rate_e_per_a2_s, pixel_size_nm)
-        if mode is not None or pixel_size_nm is not None:
-            self._daemon.imaging_changed(started, self.clock.now())
+        if mode is None and pixel_size_nm is None and dose_rate_e_per_a2_s is None:
+            self._daemon.microscope.apply(mode, beam, dose_rate_e_per_a2_s, pixel_size_nm)
+            return
+        # What frames show changes: frames from here on wait until the new state is announced.
+        imaging = self._daemon.imaging
+        started = imaging.begin_switch()
+        try:
+            self._daemon.microscope.apply(mode, beam, dose_rate_e_per_a2_s, pixel_size_nm)
+        finally:
+            ended = imaging.now()
+            if started is not None and ended is not None:
+                self._daemon.imaging_switched(started, ended)
 
-    def live_value(self, name: str) -> float | None:
-        return self._daemon.live_value(name)
+    def live_updates(self, names: frozenset[str], after: int) -> tuple[int, list[LiveUpdate]]:
+        return self._daemon.live_updates(names, after)
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         self._daemon.event(kind, message, data)

@@ -13,7 +13,10 @@ The daemon holds the watermark at a switch's start while the switch is under way
 know the new state before the microscope reports it), announces the state once the switch is
 done, then lets the watermark move on. Its announcements and watermarks leave through one
 ordered channel per consumer, under one lock, so no watermark can overtake the switch it
-covers (service side: ImagingAnnouncer in daemon.py).
+covers (service side: imaging_announcer.py). A channel may still drop a message when its
+queue is full; each watermark therefore says how many states were announced so far in the run.
+A timeline that has fewer knows one was lost after its previous watermark, and from there on
+until the next state it receives its frames have no state (never a guess).
 
 Pure: no I/O, no clock. Used by the live analysis (which frames to sum in which mode) and the
 ingest (each frame's mode, pixel size and dose rate in the run file).
@@ -105,18 +108,38 @@ class ImagingTimeline:
         self._starts: list[float] = []
         self._keep = keep
         self.watermark = -math.inf
+        self.received = 0  # states added since clear()
+        self.lost = 0  # states announced but never received (a dropped message)
 
     def clear(self) -> None:
         self._states.clear()
         self._starts.clear()
         self.watermark = -math.inf
+        self.received = 0
+        self.lost = 0
 
     @property
     def states(self) -> tuple[ImagingState, ...]:
         return tuple(self._states)
 
-    def add(self, state: ImagingState) -> None:
-        """A switch was done (or the state at run start). In any order of arrival."""
+    def add(self, state: ImagingState, seq: int | None = None) -> None:
+        """A switch was done (or the state at run start), the `seq`-th announced in the run
+        (1 first; None: not checked). States before it that never came: unknown from where
+        they may have begun (`_lose`)."""
+        if seq is not None and seq > self.received + self.lost + 1:
+            self._lose(seq - 1 - self.received - self.lost)
+        self.received += 1
+        self._insert(state)
+
+    def _lose(self, count: int) -> None:
+        """`count` announced states never came. They began after the watermark so far (every
+        state begun before it had come then) and after the last state received (states are
+        announced in order, on one ordered channel): the state is unknown from there."""
+        self.lost += count
+        since = max(self.watermark, self._starts[-1] if self._starts else -math.inf)
+        self._insert(ImagingState(since, since, UNKNOWN_MODE, math.nan, math.nan))
+
+    def _insert(self, state: ImagingState) -> None:
         index = bisect.bisect_right(self._starts, state.start)
         self._starts.insert(index, state.start)
         self._states.insert(index, state)
@@ -124,8 +147,16 @@ class ImagingTimeline:
             del self._states[0]
             del self._starts[0]
 
-    def advance(self, watermark: float) -> None:
-        """Every switch begun at or before `watermark` has been announced. Never goes back."""
+    def advance(self, watermark: float, announced: int | None = None) -> None:
+        """Every switch begun at or before `watermark` has been announced, `announced` states
+        in all (None: not checked). Never goes back.
+
+        Fewer received than announced: the missing ones began after the previous watermark
+        (all before it had been received then), so from there the state is unknown until the
+        next state received.
+        """
+        if announced is not None and announced > self.received + self.lost:
+            self._lose(announced - self.received - self.lost)
         if watermark > self.watermark:
             self.watermark = watermark
 

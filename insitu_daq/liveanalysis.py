@@ -21,11 +21,17 @@ Frame-tap messages (the ingest's contract): [header JSON, payload]; header {"ima
 "bslz4" | "lz4" | null, "received_ns"}; payload = the chunk as written to the file (HDF5
 filter framing) or the raw pixels. Only the analysed frame is decompressed.
 
-What the frames show is told by the daemon, which drives the microscope: `set_imaging(...)`
-at each mode or pixel-size change (with the run-clock interval the change took) and at run
-start. A frame whose exposure may overlap a switch, or lies within one frame period after it
-(the microscope settling), is skipped and counted as `settling`: a frame half LM, half HRTEM
-would give garbage. `bias_started(t)` ends the expansion reference (pipeline.py).
+What the frames show is told by the daemon, which drives the microscope, and decided by event
+time (imaging.py): `set_imaging(state)` at run start and after each switch (with the run-clock
+interval it took), and `imaging_watermark(t)` every few ms (every switch begun by run time t is
+announced). Frames and these messages come on different channels, so a frame is held (not
+decompressed; `frames_pending`) until the watermark has passed its exposure's end, and only
+then summed in its mode: on a loaded PC a frame that arrives before the switch covering it is
+known still goes into the right sum. A frame whose exposure overlaps a switch, or lies within
+one frame period after it (the microscope settling), is skipped and counted as `settling`: a
+frame half LM, half HRTEM would give garbage. Held frames beyond MAX_PENDING_FRAMES (the
+daemon stopped announcing) are dropped oldest first and counted as `state_late`.
+`bias_started(t)` ends the expansion reference (pipeline.py).
 
 The process runs at niceness +10 (ANALYSIS_NICENESS): on two cores, whenever ingest and
 analysis both want a core, the scheduler gives most of it to the ingest, so a burst of
@@ -51,6 +57,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +68,7 @@ import zmq
 from .analysis.pipeline import FrameAnalyzer, PipelineSettings
 from .childproc import start_worker_process
 from .drivers.stream2 import MalformedMessage, bslz4_decompress, lz4_decompress
+from .imaging import ImagingState, ImagingTimeline, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,9 @@ DEFAULT_FRAME_PERIOD_S = 0.025  # until two frames show the detector's own
 STATS_INTERVAL_S = 1.0
 POLL_MS = 200
 CONTROL_HWM = 1000
+# Frames held for their imaging state: 10 s at 40 frames/s. The daemon announces every ~10 ms,
+# so more means it stalled; the oldest are then dropped (counted), not the process's memory.
+MAX_PENDING_FRAMES = 400
 DTYPES = ("<u1", "<u2", "<u4", "|u1", "uint8", "uint16", "uint32")
 COUNTERS = (
     "frames_received",  # frame messages taken off the tap
@@ -78,22 +89,13 @@ COUNTERS = (
     "frames_skipped",  # summed behind a newer frame: no result of its own
     "frames_settling",  # within a mode switch or the frame period after it
     "frames_no_state",  # no imaging state known for their time
+    "frames_state_late",  # held for their state too long (MAX_PENDING_FRAMES): dropped
     "malformed",  # header or payload that did not decode
     "errors",  # the analysis raised
 )
 
 
 # ----- the process -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ImagingState:
-    """What frames show from `start` on; [start - period/2, end + period) is settling."""
-
-    start: float  # run-clock s the change was commanded (-inf: the state at run start)
-    end: float  # run-clock s it was done
-    mode: str
-    pixel_size_m: float
-
-
 class _FrameHeaderError(ValueError):
     pass
 
@@ -175,7 +177,9 @@ class AnalysisProcess:
         self._min_interval_s = 0.0 if not max_rate_hz else 1.0 / max_rate_hz
         self._next_analysis = 0.0  # monotonic s
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self._states: list[ImagingState] = []
+        self._timeline = ImagingTimeline()
+        self._pending: deque[tuple[dict[str, Any], zmq.Frame]] = deque()  # waiting for state
+        self._late_logged = 0.0  # monotonic s of the last "held too long" warning
         self._period_s = DEFAULT_FRAME_PERIOD_S
         self._last_seen: tuple[int, float] | None = None  # (image_id, frame_time)
         self._skipped_since_result = 0
@@ -228,7 +232,13 @@ class AnalysisProcess:
         self._running = False
 
     def stats(self) -> dict[str, Any]:
-        return {**{f"{k}_total": v for k, v in self.counters.items()}, "pid": os.getpid()}
+        counters = {f"{k}_total": v for k, v in self.counters.items()}
+        return {
+            **counters,
+            "frames_pending": len(self._pending),
+            "imaging_states_lost_total": self._timeline.lost,
+            "pid": os.getpid(),
+        }
 
     # ----- control ---------------------------------------------------------------------------
     def _drain_control(self) -> None:
@@ -246,28 +256,36 @@ class AnalysisProcess:
     def _command(self, command: dict[str, Any]) -> None:
         op = command["op"]
         if op == "imaging":
-            state = ImagingState(
-                start=float(command["start"]),
-                end=float(command["end"]),
-                mode=str(command["mode"]),
-                pixel_size_m=float(command["pixel_size_m"]),
-            )
-            if state.mode not in ("hrtem", "lm") or not state.pixel_size_m > 0:
-                raise ValueError(f"imaging state {state} not usable")
-            self._states.append(state)
-            self._states.sort(key=lambda s: s.start)
-            del self._states[:-64]  # a run's recent switches are all a frame can need
+            lost = self._timeline.lost
+            self._timeline.add(ImagingState.from_message(command["state"]), int(command["seq"]))
+            self._warn_lost(lost)
+            self._release()
+        elif op == "watermark":
+            lost = self._timeline.lost
+            self._timeline.advance(float(command["time"]), int(command["announced"]))
+            self._warn_lost(lost)
+            self._release()
         elif op == "bias_started":
             self.analyzer.bias_started(float(command["time"]))
         elif op == "new_run":
             self.analyzer.reset()
             self._newest = None
-            self._states.clear()
+            self.counters["frames_no_state"] += len(self._pending)  # the last run's, undecided
+            self._pending.clear()
+            self._timeline.clear()
             self._last_seen = None
         elif op == "stop":
             self._running = False
         else:
             raise ValueError(f"unknown op {op!r}")
+
+    def _warn_lost(self, lost_before: int) -> None:
+        if self._timeline.lost > lost_before:
+            log.warning(
+                "%d imaging state(s) lost on the way: frames after run time %.3f s have no "
+                "state until the next one", self._timeline.lost - lost_before,
+                self._timeline.watermark,
+            )  # fmt: skip
 
     # ----- frames ----------------------------------------------------------------------------
     def _take_frames(self) -> None:
@@ -291,24 +309,47 @@ class AnalysisProcess:
             self.counters["malformed"] += 1
             log.warning("frame-tap header refused: %s", exc)
             return
-        frame_time = header["frame_time"]
-        self._learn_period(header.get("image_id"), frame_time)
-        state = self._state_for(frame_time)
-        if state == "settling":
-            self.counters["frames_settling"] += 1
-            self._settling_since_result += 1
-            return
-        if state is None:
-            self.counters["frames_no_state"] += 1
-            return
-        assert isinstance(state, ImagingState)
+        self._learn_period(header.get("image_id"), header["frame_time"])
+        self._pending.append((header, parts[1]))
+        if len(self._pending) > MAX_PENDING_FRAMES:
+            late, _ = self._pending.popleft()
+            self.counters["frames_state_late"] += 1
+            if time.monotonic() - self._late_logged >= 1.0:  # once a second at most
+                self._late_logged = time.monotonic()
+                log.warning(
+                    "frame %s held %d frames for its imaging state: dropped (%d so far)",
+                    late.get("image_id"), MAX_PENDING_FRAMES, self.counters["frames_state_late"],
+                )  # fmt: skip
+        self._release()
+
+    def _release(self) -> None:
+        """Sum every held frame whose imaging state is now decided, in arrival order; stop at
+        the first one still waiting for the watermark (the ones behind it are later)."""
+        while self._pending:
+            header, payload = self._pending[0]
+            half = 0.5 * self._period_s
+            state = self._timeline.classify(header["frame_time"], half, self._period_s)
+            if state is Verdict.NOT_YET:
+                return
+            self._pending.popleft()
+            if state is Verdict.SETTLING:
+                self.counters["frames_settling"] += 1
+                self._settling_since_result += 1
+            elif state is Verdict.NO_STATE:
+                self.counters["frames_no_state"] += 1
+            else:
+                assert isinstance(state, ImagingState)
+                self._sum(header, payload, state)
+
+    def _sum(self, header: dict[str, Any], payload: zmq.Frame, state: ImagingState) -> None:
         started = time.perf_counter()
         try:
-            pixels = decode_frame(header, parts[1].buffer)
+            pixels = decode_frame(header, payload.buffer)
         except (MalformedMessage, ValueError) as exc:
             self.counters["malformed"] += 1
             log.warning("frame %s payload refused: %s", header.get("image_id"), exc)
             return
+        frame_time = header["frame_time"]
         try:
             self.analyzer.add(pixels, frame_time, state.mode, state.pixel_size_m * 1e9)
         except Exception:
@@ -320,17 +361,6 @@ class AnalysisProcess:
             self._skipped_since_result += 1
         self.counters["frames_summed"] += 1
         self._newest = _NewestFrame(header, state.mode, time.perf_counter() - started)
-
-    def _state_for(self, frame_time: float) -> ImagingState | str | None:
-        """The imaging state of a frame at `frame_time`, None if unknown, "settling"."""
-        current = None
-        for state in self._states:
-            if frame_time < state.start - 0.5 * self._period_s:
-                break
-            if frame_time < state.end + self._period_s:
-                return "settling"
-            current = state
-        return current
 
     def _learn_period(self, image_id: Any, frame_time: float) -> None:
         if not isinstance(image_id, int):
@@ -541,18 +571,15 @@ class LiveAnalysis:
         """A run starts: forget the last run's state (reference, sums, switches)."""
         self._command({"op": "new_run"})
 
-    def set_imaging(self, start_s: float, end_s: float, mode: str, pixel_size_m: float) -> None:
-        """Frames from run time `start_s` on show `mode` at `pixel_size_m`; the switch took
-        until `end_s` (-inf, -inf: the state at run start, no settling)."""
-        self._command(
-            {
-                "op": "imaging",
-                "start": start_s,
-                "end": end_s,
-                "mode": mode,
-                "pixel_size_m": pixel_size_m,
-            }
-        )
+    def set_imaging(self, state: ImagingState, seq: int) -> None:
+        """Frames from `state.start` on show `state` (start = end = -inf: at run start), the
+        `seq`-th state announced since the run opened (1 first)."""
+        self._command({"op": "imaging", "state": state.to_message(), "seq": seq})
+
+    def imaging_watermark(self, run_time_s: float, announced: int) -> None:
+        """Every imaging switch begun at or before `run_time_s` has been announced,
+        `announced` states in all since the run opened."""
+        self._command({"op": "watermark", "time": run_time_s, "announced": announced})
 
     def bias_started(self, time_s: float) -> None:
         self._command({"op": "bias_started", "time": time_s})
@@ -562,11 +589,9 @@ class LiveAnalysis:
         if socket is None or self._shut:
             self.commands_dropped_total += 1
             return
-        # -inf is not JSON: the process reads -1e300 as "before anything".
-        payload = {k: (-1e300 if v == -math.inf else v) for k, v in command.items()}
         with self._send_lock:
             try:
-                socket.send(json.dumps(payload).encode(), zmq.NOBLOCK)
+                socket.send(json.dumps(command).encode(), zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 self.commands_dropped_total += 1
                 log.warning("analysis command %s dropped: %s", command.get("op"), exc)

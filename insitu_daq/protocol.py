@@ -44,7 +44,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .condition import Condition, ConditionError, parse_condition
+from .condition import ConditionError, Until, parse_until
 from .config import ConfigError, SafetyLimits
 
 if sys.version_info >= (3, 11):
@@ -174,7 +174,8 @@ class Interleave(BaseModel):
 class Hold(Step):
     """Keep everything as it is for `duration_s` run-clock seconds (pauses excluded).
 
-    With `until`, the hold ends as soon as the condition over live values is true, and
+    With `until`, the hold ends once the condition over live values has held for its
+    persistence (`... for N s`, by default 2 s for analysis quantities: condition.py), and
     `duration_s` is its timeout (mandatory: a condition that never comes true must not hold
     a biased particle forever).
     """
@@ -191,13 +192,13 @@ class Hold(Step):
         if text is None:
             return None
         try:
-            return str(parse_condition(text))  # normalised spelling
+            return str(parse_until(text))  # normalised spelling, persistence included
         except ConditionError as exc:
             raise ValueError(str(exc)) from None
 
     @property
-    def condition(self) -> Condition | None:
-        return None if self.until is None else parse_condition(self.until)
+    def condition(self) -> Until | None:
+        return None if self.until is None else parse_until(self.until)
 
     def describe(self) -> str:
         if self.until is None:

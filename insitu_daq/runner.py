@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from .condition import Condition
+from .condition import ConditionTracker, Until
 from .protocol import (
     Acquire,
     Approach,
@@ -57,12 +57,15 @@ from .protocol import (
     Wait,
 )
 from .records import Event, EventKind
-from .station import LimitError, Station, StationError, Stopped
+from .station import FROM_NOW, LimitError, Station, StationError, Stopped
 
 log = logging.getLogger(__name__)
 
 # How often a conditional hold asks the station for live values (wall seconds).
 CONDITION_POLL_S = 0.1
+# A live value older than this (event time, against the newest update) no longer counts for a
+# condition: a stalled analysis must not keep `... and rock_salt_fraction > 0.5` true.
+LIVE_MAX_AGE_S = 5.0
 # How long a verb's Stopped may precede the pause or abort that explains it (wall seconds).
 STOPPED_GRACE_S = 1.0
 # The bias is "at the setpoint" within this (V); further off after a pause means re-ramp.
@@ -211,7 +214,7 @@ class ProtocolRunner:
             self._thread.start()
 
     def _preflight(self, protocol: Protocol) -> None:
-        reports_live = callable(getattr(self.station, "live_value", None))
+        reports_live = callable(getattr(self.station, "live_updates", None))
         for number, step in enumerate(protocol.steps, 1):
             if isinstance(step, Bias):
                 try:
@@ -561,17 +564,22 @@ class ProtocolRunner:
             return {}
 
     def _timed(
-        self, duration_s: float, condition: Condition | None, interleave: Interleave | None
+        self, duration_s: float, condition: Until | None, interleave: Interleave | None
     ) -> dict[str, Any]:
-        """Hold or wait `duration_s` of step time (frozen while paused), or until `condition`.
+        """Hold or wait `duration_s` of step time (frozen while paused), or until `condition`
+        has held for its persistence (every live update taken in turn, by event time).
 
         With `interleave`, the microscope is switched into its mode and back on the step's
         clock; the step ends in the mode it started in (an abort leaves it as it is).
         """
         clock = self.station.clock
         bursts = _Bursts(self, interleave) if interleave is not None else None
+        tracker = None if condition is None else ConditionTracker(condition, LIVE_MAX_AGE_S)
+        cursor = FROM_NOW  # updates measured from this step on
         while True:
             stop = self._checkpoint()
+            if tracker is not None:  # what held before a pause does not count after it
+                tracker.reset()
             while not stop.is_set():
                 with self._cond:
                     elapsed = self._step_elapsed(clock.now())
@@ -585,14 +593,14 @@ class ProtocolRunner:
                         "summary": f"{condition} not met within {duration_s:g} s",
                     }
                 timeout = clock.wall_seconds(duration_s - elapsed)
-                if condition is not None:
-                    values = self._live_values(condition)
-                    if condition.evaluate(values):
+                if condition is not None and tracker is not None:
+                    cursor, met = self._condition_met(tracker, cursor)
+                    if met:
                         if bursts is not None:
                             bursts.end(elapsed)
                         return {
                             "ended_by": "condition",
-                            "values": values,
+                            "values": tracker.values(),
                             "summary": f"{condition} met after {elapsed:.1f} s",
                         }
                     timeout = min(timeout, CONDITION_POLL_S)
@@ -656,16 +664,15 @@ class ProtocolRunner:
             },
         )
 
-    def _live_values(self, condition: Condition) -> dict[str, float | None]:
-        values: dict[str, float | None] = {}
-        for name in sorted(condition.quantities):
-            try:
-                value = self.station.live_value(name)
-            except Exception:
-                log.exception("live_value(%r)", name)
-                value = None
-            values[name] = None if value is None or math.isnan(value) else float(value)
-        return values
+    def _condition_met(self, tracker: ConditionTracker, cursor: int) -> tuple[int, bool]:
+        """Feed the tracker every live update since `cursor`; the new cursor, and whether the
+        condition has held for its persistence."""
+        try:
+            cursor, updates = self.station.live_updates(tracker.until.quantities, cursor)
+        except Exception:
+            log.exception("live_updates")
+            return cursor, False
+        return cursor, any([tracker.update(update) for update in updates])
 
     # ----- events ----------------------------------------------------------------------------
     def _emit(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:

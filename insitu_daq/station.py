@@ -12,6 +12,9 @@ import threading
 from typing import Any, Protocol
 
 from .clock import RunClock
+from .condition import LiveUpdate
+
+FROM_NOW = -1  # live_updates(..., FROM_NOW): no updates, only the cursor to start from
 
 
 class Stopped(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -84,9 +87,11 @@ class Station(Protocol):
     ) -> None: ...
 
     # ----- live values -----------------------------------------------------------------------
-    def live_value(self, name: str) -> float | None:
-        """The latest value of a live quantity (insitu_daq.condition.LIVE_QUANTITIES), or None
-        when it is not measurable now. A `hold ... until` condition polls this."""
+    def live_updates(self, names: frozenset[str], after: int) -> tuple[int, list[LiveUpdate]]:
+        """The live values (insitu_daq.condition.LIVE_QUANTITIES) measured since cursor
+        `after` (FROM_NOW: none, only the cursor), each update stamped with its event time, in
+        the order they came; and the cursor to ask from next. A value not measurable is None.
+        A `hold ... until` condition takes every update in turn (condition.ConditionTracker)."""
         ...
 
     # ----- records ---------------------------------------------------------------------------

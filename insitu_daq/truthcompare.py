@@ -280,13 +280,20 @@ def _expansion(analysis: AnalysisRecord, truth: Sequence[TruthSample]) -> list[s
     ]
 
 
+def first_reached(truth: Sequence[TruthSample], phase: str, fraction: float) -> float | None:
+    """The first run time the truth's HRTEM field was at least `fraction` `phase`."""
+    for sample in truth:
+        if (sample.field_fraction(phase) or 0.0) >= fraction:
+            return sample.time_s
+    return None
+
+
 def _hold(hold: HoldSpan | None, truth: Sequence[TruthSample]) -> list[str]:
     if hold is None:
         return ["  hold: none in this run"]
     lines = [f"  hold ended by: {hold.ended_by}  ({hold.message})"]
-    reached = [s for s in truth if (s.field_fraction("rock_salt") or 0.0) >= 0.9]
-    if reached:
-        at = reached[0].time_s
+    at = first_reached(truth, "rock_salt", 0.9)
+    if at is not None:
         lines.append(
             f"  truth: the HRTEM field was >= 90 % rock salt from {at:.1f} s "
             f"({at - hold.start_s:.1f} s into the hold)"

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
-from insitu_daq.condition import AllOf, AnyOf, Comparison, ConditionError, parse_condition
+from insitu_daq.condition import (
+    AllOf,
+    AnyOf,
+    Comparison,
+    ConditionError,
+    ConditionTracker,
+    LiveUpdate,
+    parse_condition,
+    parse_until,
+)
 
 
 def test_comparison_with_percent_and_scientific_numbers() -> None:
@@ -60,3 +70,74 @@ def test_errors_say_where_and_what_was_expected(text: str, expected: str) -> Non
     with pytest.raises(ConditionError) as excinfo:
         parse_condition(text)
     assert str(excinfo.value).startswith(expected), str(excinfo.value)
+
+
+# ----- persistence: `... for N s`, by event time -----------------------------------------------
+def test_persistence_defaults_to_2_s_for_analysis_quantities_and_0_for_readings() -> None:
+    assert parse_until("rock_salt_fraction >= 0.9").persistence_s == 2.0
+    assert parse_until("current_amperes < 1e-9").persistence_s == 0.0
+    assert parse_until("current_amperes < 1e-9 or expansion > 0.2").persistence_s == 2.0
+    explicit = parse_until("rock_salt_fraction >= 0.9 for 5 s")
+    assert explicit.persistence_s == 5.0 and str(explicit) == "rock_salt_fraction >= 0.9 for 5 s"
+    assert parse_until(str(explicit)) == explicit
+    assert parse_until("expansion > 0.2 for 0 s").persistence_s == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("expansion > 0.2 for 2", "expected 's' (seconds) at column"),
+        ("expansion > 0.2 for s", "expected a duration in seconds at column 21"),
+        ("expansion > 0.2 for 20% s", "expected a duration in seconds"),
+        ("expansion > 0.2 for -1 s", "negative duration"),
+        ("expansion > 0.2 for 2 s and expansion < 1", "expected 'and', 'or', 'for N s' or the end"),
+    ],
+)
+def test_bad_persistence_is_refused_naming_the_column(text: str, error: str) -> None:
+    with pytest.raises(ConditionError, match=re.escape(error)):
+        parse_until(text)
+
+
+def _feed(tracker: ConditionTracker, updates: list[tuple[float, float | None]]) -> float | None:
+    """Feed (event time, rock_salt_fraction) updates; the event time it was met at."""
+    for time_s, value in updates:
+        if tracker.update(LiveUpdate(time_s, {"rock_salt_fraction": value})):
+            return time_s
+    return None
+
+
+def test_one_result_cannot_end_a_hold() -> None:
+    """The loaded-PC fault of issue 9: one phase map said rock salt 1.00 among 0.0s."""
+    tracker = ConditionTracker(parse_until("rock_salt_fraction >= 0.9"))
+    spike = [(t * 0.05, 1.0 if t == 20 else 0.0) for t in range(200)]
+    assert _feed(tracker, spike) is None
+
+
+def test_met_after_the_persistence_of_event_time_with_every_update_true() -> None:
+    tracker = ConditionTracker(parse_until("rock_salt_fraction >= 0.9"))
+    updates = [(10 + t * 0.05, 0.95) for t in range(100)]
+    assert _feed(tracker, updates) == pytest.approx(12.0)
+
+
+def test_a_false_update_in_between_starts_the_persistence_again() -> None:
+    tracker = ConditionTracker(parse_until("rock_salt_fraction >= 0.9"))
+    updates = [(10 + t * 0.05, 0.95) for t in range(30)]  # 10.0 .. 11.45 s true
+    updates += [(11.5, 0.5)]  # one false
+    updates += [(11.55 + t * 0.05, 0.95) for t in range(100)]
+    assert _feed(tracker, updates) == pytest.approx(13.55)
+
+
+def test_late_updates_count_by_their_event_time_not_their_arrival() -> None:
+    """Two results measured 0.05 s apart that arrive 3 s apart (a stalled analysis) span
+    0.05 s of event time, not 3 s: not met."""
+    tracker = ConditionTracker(parse_until("rock_salt_fraction >= 0.9"))
+    assert _feed(tracker, [(20.0, 0.95), (20.05, 0.95)]) is None
+
+
+def test_a_value_older_than_max_age_no_longer_counts() -> None:
+    tracker = ConditionTracker(parse_until("rock_salt_fraction > 0.5 and current_amperes < 1"), 5.0)
+    tracker.update(LiveUpdate(0.0, {"rock_salt_fraction": 0.9}))
+    for t in range(1, 40):  # readings go on, the analysis has stalled since 0 s
+        met = tracker.update(LiveUpdate(t * 0.25, {"current_amperes": 1e-9}))
+        assert not met or t * 0.25 <= 5.0
+    assert tracker.values()["rock_salt_fraction"] is None

@@ -21,6 +21,7 @@ import zmq
 from sim_frames import cell, hrtem_optics
 
 from insitu_daq.analysis.pipeline import PipelineSettings
+from insitu_daq.imaging import ImagingState
 from insitu_daq.liveanalysis import LiveAnalysis
 from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.optics import Optics
@@ -39,6 +40,7 @@ class Tap:
         self, settings: PipelineSettings | None = None, max_rate_hz: float | None = None
     ) -> None:
         self.results: list[dict] = []
+        self.announced = 0  # imaging states announced in the run
         self.arrived = threading.Condition()
         self.analysis = LiveAnalysis(
             settings or PipelineSettings(), self._on_result, max_rate_hz=max_rate_hz
@@ -50,6 +52,14 @@ class Tap:
         self.push.bind(self.analysis.frame_endpoint)
         self.analysis.start()
         self.analysis.wait_ready()
+
+    def imaging(self, *states: tuple[float, float, str, float], watermark: float = math.inf):
+        """Announce `states` (start, end, mode, pixel size) as the daemon does, then a
+        watermark (by default: everything is known)."""
+        for seq, (start, end, mode, pixel_m) in enumerate(states, self.announced + 1):
+            self.analysis.set_imaging(ImagingState(start, end, mode, pixel_m, math.nan), seq)
+        self.announced += len(states)
+        self.analysis.imaging_watermark(watermark, self.announced)
 
     def _on_result(self, result: dict) -> None:
         with self.arrived:
@@ -112,7 +122,7 @@ def test_stream_of_hrtem_frames_gives_spacings_and_fractions_within_accuracy(tap
     model, optics = cell(x=0.7), hrtem_optics()
     frames = _frames(model, optics, 41)
     tap.analysis.new_run()
-    tap.analysis.set_imaging(-math.inf, -math.inf, "hrtem", HRTEM_M)
+    tap.imaging((-math.inf, -math.inf, "hrtem", HRTEM_M))
     for image_id, frame in enumerate(frames):
         tap.send(frame, image_id, image_id * FRAME_S)
         result = tap.wait_for(image_id)
@@ -133,7 +143,7 @@ def test_stream_of_hrtem_frames_gives_spacings_and_fractions_within_accuracy(tap
 
 def test_frames_sent_faster_than_analysed_are_skipped_and_counted(tap: Tap) -> None:
     frames = _frames(cell(x=0.0), hrtem_optics(), 4)
-    tap.analysis.set_imaging(-math.inf, -math.inf, "hrtem", HRTEM_M)
+    tap.imaging((-math.inf, -math.inf, "hrtem", HRTEM_M))
     sent = 30
     for image_id in range(sent):  # back to back: the PUSH waits only when both queues are full
         tap.send(frames[image_id % 4], image_id, image_id * FRAME_S)
@@ -161,7 +171,7 @@ def test_the_rate_cap_measures_the_newest_frame_and_every_frame_brings_its_dose(
     try:
         frame = _frames(cell(x=0.0), hrtem_optics(), 1)[0]
         payload = s2.bslz4_compress(frame)
-        capped.analysis.set_imaging(-math.inf, -math.inf, "hrtem", HRTEM_M)
+        capped.imaging((-math.inf, -math.inf, "hrtem", HRTEM_M))
         offered, began = 0, time.monotonic()
         while time.monotonic() - began < 1.5:
             header = {"image_id": offered, "series_id": 1, "frame_time": offered * FRAME_S,
@@ -196,8 +206,7 @@ def test_frames_within_a_mode_switch_are_skipped_as_settling(tap: Tap) -> None:
     exposure may overlap it or that come within one frame period after it are skipped."""
     lm = _frames(cell(x=0.0), Optics(), 1)[0]
     hrtem = _frames(cell(x=0.0), hrtem_optics(), 1)[0]
-    tap.analysis.set_imaging(-math.inf, -math.inf, "lm", LM_M)
-    tap.analysis.set_imaging(1.0, 1.01, "hrtem", HRTEM_M)
+    tap.imaging((-math.inf, -math.inf, "lm", LM_M), (1.0, 1.01, "hrtem", HRTEM_M))
     # image_id * 25 ms: 38 -> 0.95 s, 39 -> 0.975 (LM), 40 -> 1.0, 41 -> 1.025 (settling),
     # 42 -> 1.05 s (HRTEM).
     for image_id, frame in ((38, lm), (39, lm), (40, lm), (41, hrtem), (42, hrtem)):
@@ -214,7 +223,7 @@ def test_frames_within_a_mode_switch_are_skipped_as_settling(tap: Tap) -> None:
 
 def test_garbage_on_the_tap_is_counted_and_the_process_keeps_going(tap: Tap) -> None:
     frame = _frames(cell(x=0.0), Optics(), 1)[0]
-    tap.analysis.set_imaging(-math.inf, -math.inf, "lm", LM_M)
+    tap.imaging((-math.inf, -math.inf, "lm", LM_M))
     tap.push.send_multipart([b"not json", b"x"])
     time.sleep(0.2)
     tap.push.send_multipart([json.dumps({"image_id": 1, "shape": [4]}).encode(), b"x"])
@@ -230,15 +239,71 @@ def test_garbage_on_the_tap_is_counted_and_the_process_keeps_going(tap: Tap) -> 
     assert tap.analysis.alive
 
 
-def test_frames_before_any_imaging_state_are_not_analysed(tap: Tap) -> None:
+def test_a_frame_waits_for_the_state_that_covers_it_then_is_analysed_in_it(tap: Tap) -> None:
+    """A frame that arrives before anything is known about its time is held (not analysed,
+    not dropped) until the daemon's announcements cover it, then summed in its state."""
     frame = _frames(cell(x=0.0), Optics(), 1)[0]
     tap.send(frame, 0, 0.0)
+    time.sleep(0.5)
+    assert tap.results == []
+    tap.imaging((-math.inf, -math.inf, "lm", LM_M), watermark=0.5 * FRAME_S)
+    result = tap.wait_for(0)
+    assert result["mode"] == "lm" and result["totals"]["frames_no_state_total"] == 0
+    tap.send(frame, 1, FRAME_S)  # the watermark has not passed it: held until the next one
+    time.sleep(0.5)
+    assert [r["image_id"] for r in tap.results] == [0]
+    tap.imaging(watermark=2 * FRAME_S)
+    assert tap.wait_for(1)["mode"] == "lm"
+
+
+def test_frames_after_a_switch_announced_late_go_into_the_new_modes_sum(tap: Tap) -> None:
+    """The loaded PC of issue 9: HRTEM until 1.0 s, then LM; the frames reach the analysis
+    long before the daemon's word of the switch. Held by the watermark, none of the LM
+    frames is summed as HRTEM (which blanked (003) in the closed-loop demo), and the LM
+    frames are measured at low magnification."""
+    hrtem = _frames(cell(x=0.0), hrtem_optics(), 8)
+    lm = _frames(cell(x=0.0), Optics(), 1)[0]
+    tap.imaging((-math.inf, -math.inf, "hrtem", HRTEM_M), watermark=0.0)
+    ids = range(30, 60)  # 0.75 s to 1.475 s: HRTEM until 1.0, LM after
+    for image_id in ids:
+        tap.send(lm if image_id * FRAME_S >= 1.0 else hrtem[image_id % 8], image_id,
+                 image_id * FRAME_S)  # fmt: skip
+        time.sleep(0.01)
+    time.sleep(0.5)
+    assert tap.results == []  # nothing decidable yet: the watermark is at 0
+    tap.imaging(watermark=0.99)  # the daemon catches up: a switch begun at 0.99 ...
+    before = tap.wait_for(39)  # (0.975 s: the newest frame whose exposure ended by 0.99)
+    assert before["mode"] == "hrtem"
+    assert before["values"]["d_spacing_m.lno_003"] == pytest.approx(4.8e-10, rel=0.01)
+    tap.imaging((0.99, 1.0, "lm", LM_M), watermark=1.5)  # ... done at 1.0
+    last = tap.wait_for(59)
+    assert last["mode"] == "lm"
+    assert last["values"]["projected_area_m2"] == pytest.approx(np.pi * 250e-9**2, rel=0.03)
+    modes = {r["image_id"]: r["mode"] for r in tap.results}
+    assert all(mode == ("lm" if i * FRAME_S > 1.0 else "hrtem") for i, mode in modes.items())
+    totals = last["totals"]
+    # 40 (1.0 s) overlaps the switch, 41 (1.025 s) comes within a period after its end.
+    assert totals["frames_settling_total"] == 2, totals
+    assert totals["frames_no_state_total"] == 0 and totals["frames_state_late_total"] == 0
+    assert totals["frames_summed_total"] == 28
+
+
+def test_a_lost_switch_announcement_leaves_its_frames_without_state(tap: Tap) -> None:
+    """The switch to LM never arrives (a dropped message): the next watermark says two states
+    were announced, so the frames after the last watermark are not summed at all."""
+    frame = _frames(cell(x=0.0), Optics(), 1)[0]
+    tap.imaging((-math.inf, -math.inf, "lm", LM_M), watermark=0.5)
+    for image_id in range(30, 36):
+        tap.send(frame, image_id, image_id * FRAME_S)
+        time.sleep(0.05)
+    tap.announced += 1  # the daemon announced a second state this process never got
+    tap.imaging(watermark=2.0)
+    tap.send(frame, 36, 0.4)  # and a frame from before the loss: still analysed
+    tap.wait_for(36)
     time.sleep(0.3)
-    tap.analysis.set_imaging(-math.inf, -math.inf, "lm", LM_M)
-    tap.send(frame, 1, FRAME_S)
-    result = tap.wait_for(1)
-    assert result["totals"]["frames_no_state_total"] == 1
-    assert [r["image_id"] for r in tap.results] == [1]
+    totals = tap.analysis.stats()
+    assert {r["image_id"] for r in tap.results} == {36}
+    assert totals.get("imaging_states_lost_total", 1) == 1
 
 
 def test_stop_ends_the_process_and_is_idempotent() -> None:

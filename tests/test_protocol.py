@@ -224,7 +224,7 @@ def test_interleave_describes_itself_and_round_trips() -> None:
     hold = protocol.steps[1]
     assert isinstance(hold, Hold) and hold.interleave is not None
     assert hold.describe() == (
-        "hold until expansion >= 0.25 (at most 60 s), LM bursts of 1 s every 5 s"
+        "hold until expansion >= 0.25 for 2 s (at most 60 s), LM bursts of 1 s every 5 s"
     )
     assert Protocol.parse(Protocol(name="t", steps=protocol.steps).text) == protocol
 
@@ -234,7 +234,7 @@ def test_shipped_until_rock_salt_protocol_is_the_reference_with_a_closed_loop_ho
     closed.validate_against(SafetyLimits())
     reference = Protocol.load(PROTOCOLS / "lno_4v3.yaml")
     (hold,) = [step for step in closed.steps if isinstance(step, Hold)]
-    assert hold.until == "rock_salt_fraction >= 0.9" and hold.duration_s == 120
+    assert hold.until == "rock_salt_fraction >= 0.9 for 2 s" and hold.duration_s == 120
     assert hold.interleave is not None and hold.interleave.mode == "lm"
 
     # everything but the hold (and the marks' wording) is the reference experiment
@@ -356,7 +356,7 @@ def test_unreadable_file_and_unknown_format_are_one_line_errors(tmp_path: Path) 
 
 def test_hold_condition_is_stored_normalised_and_parsed() -> None:
     hold = Hold(duration_s=60, until="expansion>=25% or rock_salt_fraction>0.9")
-    assert hold.until == "expansion >= 0.25 or rock_salt_fraction > 0.9"
+    assert hold.until == "expansion >= 0.25 or rock_salt_fraction > 0.9 for 2 s"
     assert hold.condition is not None
     assert hold.condition.quantities == {"expansion", "rock_salt_fraction"}
     assert "at most 60 s" in hold.describe()

@@ -20,10 +20,11 @@ import pytest
 
 from insitu_daq import runner as runner_module
 from insitu_daq.clock import RunClock
+from insitu_daq.condition import LiveUpdate
 from insitu_daq.protocol import Acquire, Approach, Bias, Hold, Mark, Microscope, Protocol, Wait
 from insitu_daq.records import Event, EventKind
 from insitu_daq.runner import ProtocolRunner, RunnerBusy, RunState
-from insitu_daq.station import LimitError, StationError, Stopped
+from insitu_daq.station import FROM_NOW, LimitError, StationError, Stopped
 
 PROTOCOLS = Path(__file__).resolve().parents[1] / "deploy" / "protocols"
 TIME_SCALE = 1000.0
@@ -168,6 +169,12 @@ class RecordingStation:
 
     def live_value(self, name: str) -> float | None:
         return self.live.get(name)
+
+    def live_updates(self, names: frozenset[str], after: int) -> tuple[int, list[LiveUpdate]]:
+        """One update per call with the values now, stamped now (the fake's event time)."""
+        if after == FROM_NOW:
+            return 0, []
+        return after + 1, [LiveUpdate(self.clock.now(), {n: self.live_value(n) for n in names})]
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         self._record("event", kind, message, data)
@@ -532,7 +539,7 @@ def test_hold_until_ends_when_the_live_condition_is_met(
     assert end.args[2]["ended_by"] == "condition"
     assert end.args[2]["values"] == {"rock_salt_fraction": 0.93}
     assert end.args[2]["elapsed_s"] < 3600.0
-    assert "rock_salt_fraction >= 0.9 met after" in end.args[1]
+    assert "rock_salt_fraction >= 0.9 for 2 s met after" in end.args[1]
 
 
 def test_hold_until_times_out_when_nothing_is_measured(station: RecordingStation) -> None:

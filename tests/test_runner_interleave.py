@@ -136,7 +136,11 @@ def test_hold_until_met_during_a_burst_switches_back_then_ends_on_the_condition(
 
     station = MeasuresInLm(time_scale=20.0)
     runner = make_runner(station)
-    hold = Hold(duration_s=600.0, until="rock_salt_fraction >= 0.9", interleave=bursts_of(5, 4))
+    # `for 0 s`: met on the first update (persistence is test_condition.py's; this fake's
+    # updates come one per 0.1 s poll, 2 s of this clock, so 2 s would end after the burst).
+    hold = Hold(
+        duration_s=600.0, until="rock_salt_fraction >= 0.9 for 0 s", interleave=bursts_of(5, 4)
+    )
     runner.start(interleaved(hold))
     assert runner.wait(10.0)
     assert runner.progress.state is RunState.FINISHED
