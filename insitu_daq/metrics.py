@@ -66,13 +66,15 @@ DROP_REASONS = ("duplicate", "late", "stale_series", "geometry", "corrupt", "wri
 ANALYSIS_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
                             2.5)  # fmt: skip
 ANALYSIS_SKIP_REASONS = (
-    "behind", "settling", "no_state", "malformed", "error", "tap_full", "ingest_busy"
+    "behind", "settling", "no_state", "state_late", "malformed", "error", "tap_full",
+    "ingest_busy",
 )  # fmt: skip
 ANALYSIS_COUNTERS = {
     "frames_analysed_total": None,
     "frames_skipped_total": "behind",
     "frames_settling_total": "settling",
     "frames_no_state_total": "no_state",
+    "frames_state_late_total": "state_late",  # held for its imaging state too long
     "malformed_total": "malformed",
     "errors_total": "error",
 }

@@ -152,8 +152,7 @@ def test_frames_sent_faster_than_analysed_are_skipped_and_counted(tap: Tap) -> N
     assert totals["frames_received_total"] == sent
     assert totals["frames_skipped_total"] > 0
     # Every frame received is accounted for once: summed (then measured, or skipped behind a
-    # newer one: its dose is in the sum all the same), or not usable. (Under load the first
-    # frames can come in before the imaging state the daemon sent ahead of them: no_state.)
+    # newer one: its dose is in the sum all the same), or not usable.
     summed = totals["frames_analysed_total"] + totals["frames_skipped_total"]
     assert totals["frames_summed_total"] == summed
     unusable = sum(totals[f"{k}_total"] for k in ("frames_no_state", "frames_settling",
