@@ -177,9 +177,9 @@ class Daemon:
             self.metrics.start()
             self.publisher.start()
             self.control.start()
-            self.station_lock.describe(  # type: ignore[union-attr]
-                endpoints={**self.endpoints, "detector": self.config.detector.endpoint}
-            )  # as bound: a refused daemon names the ports really in use
+            if self.station_lock is not None:  # as bound: a refused daemon names these
+                endpoints = {**self.endpoints, "detector": self.config.detector.endpoint}
+                self.station_lock.describe(endpoints=endpoints)
         except BaseException:
             self.stop()
             raise
