@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from testdata_paths import STREAM2_DIR
 
 from insitu_daq.stationlock import LOCK_DIR_ENV
+
+_LOCKS = pytest.StashKey[tuple[str, str | None]]()
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +23,22 @@ def stream2_testdata() -> Path:
     return STREAM2_DIR
 
 
-@pytest.fixture(scope="session", autouse=True)
-def private_station_locks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The station locks (insitu_daq/stationlock.py) of this test session, in a folder of its
-    own: inherited by every daemon and sim the tests start, apart from a real station's
-    daemon on this machine and from other test sessions running at the same time."""
-    folder = tmp_path_factory.mktemp("station-locks")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(LOCK_DIR_ENV, str(folder))
-        yield folder
+def pytest_configure(config: pytest.Config) -> None:
+    """The station locks (insitu_daq/stationlock.py) of this test session in a folder of its
+    own, apart from a real station's daemon on this machine and from other sessions running
+    at the same time. Set before any test module is imported: several copy os.environ for
+    the daemons they start at import time."""
+    folder = tempfile.mkdtemp(prefix="insitu-daq-test-locks-")
+    config.stash[_LOCKS] = (folder, os.environ.get(LOCK_DIR_ENV))
+    os.environ[LOCK_DIR_ENV] = folder
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder, before = config.stash.get(_LOCKS, (None, None))
+    if folder is None:
+        return
+    if before is None:
+        os.environ.pop(LOCK_DIR_ENV, None)
+    else:
+        os.environ[LOCK_DIR_ENV] = before
+    shutil.rmtree(folder, ignore_errors=True)

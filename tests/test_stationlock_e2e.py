@@ -25,8 +25,10 @@ import h5py
 import numpy as np
 
 from insitu_daq.api import ControlClient
+from insitu_daq.config import load_config
 from insitu_daq.demo import free_ports, station_toml, wait_for_daemon
 from insitu_daq.guardian import LOG_FILE_NAME
+from insitu_daq.stationlock import LOCK_DIR_ENV, daemon_resources
 
 EXE = [sys.executable, "-m", "insitu_daq"]
 FINAL = ("finished", "aborted", "failed")
@@ -193,6 +195,35 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _lock_files_open(pid: int) -> set[str]:
+    """The lock files (of this session's folder) process `pid` has open."""
+    folder = os.environ[LOCK_DIR_ENV]
+    names = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if os.path.dirname(target) == folder:
+                names.add(os.path.basename(target))
+    return names
+
+
+def _assert_who_holds_what(station: Station, daemon: subprocess.Popen[str], guardian: int) -> None:
+    """The daemon every lock; its guardian the source-meter's, its ingest the detector's (both
+    passed on purpose); its other children (the analysis process...) none."""
+    files = {r.kind: r.file_name for r in daemon_resources(load_config(station.config))}
+    assert len(files) == 5  # four instruments, and the ports (one kind, checked by count)
+    assert {f for f in _lock_files_open(daemon.pid) if not f.startswith("port_")} == {
+        files[kind] for kind in ("detector", "source-meter", "holder", "microscope")
+    }
+    assert len([f for f in _lock_files_open(daemon.pid) if f.startswith("port_")]) == 3
+    children = _children(daemon.pid)
+    assert guardian in children
+    assert _lock_files_open(guardian) == {files["source-meter"]}
+    held = sorted((_lock_files_open(pid) for pid in children if pid != guardian), key=len)
+    assert held[-1] == {files["detector"]}  # the ingest process
+    assert all(not others for others in held[:-1]), held
+
+
 def test_a_second_daemon_or_sim_is_refused_and_the_recording_loses_nothing(
     tmp_path: Path,
 ) -> None:
@@ -205,6 +236,7 @@ def test_a_second_daemon_or_sim_is_refused_and_the_recording_loses_nothing(
         recording = _wait_for(
             station, "recording", lambda s: s["ingest"]["frames_written_total"] > 20
         )
+        _assert_who_holds_what(station, first, recording["guardian"]["pid"])
 
         message, took = _refused(station.daemon_command())
         ports = station.ports
