@@ -37,6 +37,7 @@ from .api import ControlServer, EventPublisher
 from .bias import BiasController
 from .clock import RunClock
 from .config import AnalysisConfig, StationConfig
+from .guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
 from .guardian import Guardian, bias_confirmed_safe
 from .ingest import IngestClient
 from .liveanalysis import AnalysisError, LiveAnalysis
@@ -196,7 +197,12 @@ class Daemon:
         try:
             self.station_lock = StationLock.acquire(
                 daemon_resources(self.config),
-                daemon_owner(self.config, self.endpoints, self.config_path),
+                daemon_owner(
+                    self.config,
+                    self.endpoints,
+                    self.config_path,
+                    guardian_log=self.config.data_dir / GUARDIAN_LOG_FILE_NAME,
+                ),
                 self.config.lock_dir,
             )
         except StationLockError:

@@ -69,8 +69,8 @@ INFO_READ_ATTEMPTS = 10  # the holder writes its JSON just after it locks: a ref
 INFO_READ_PAUSE_S = 0.05  # may come in between; it reads again a few times
 # What keeps a resource locked after its daemon has exited (see the module docstring).
 KEPT_AFTER_EXIT = {
-    "source-meter": "its bias guardian is making the bias safe (see guardian.log in its"
-    " data_dir); start again once it has finished",
+    "source-meter": "its bias guardian is making the bias safe (log: {guardian_log});"
+    " start again once it has finished",
     "detector": "its ingest process is closing the run file; start again in a few seconds",
 }
 LEADS = {"daemon": "station already served by", "sim": "simulated station already running as"}
@@ -214,7 +214,10 @@ def sim_resources(ports: Iterable[int]) -> list[Resource]:
 
 
 def daemon_owner(
-    config: StationConfig, endpoints: Mapping[str, str], config_path: str | Path | None
+    config: StationConfig,
+    endpoints: Mapping[str, str],
+    config_path: str | Path | None,
+    guardian_log: Path | None = None,
 ) -> dict[str, Any]:
     """What a daemon's lock files say about it (JSON)."""
     return {
@@ -224,6 +227,7 @@ def daemon_owner(
         "config": None if config_path is None else str(Path(config_path).resolve()),
         "station": config.name,
         "endpoints": {**endpoints, "detector": config.detector.endpoint},
+        "guardian_log": None if guardian_log is None else str(guardian_log),
     }
 
 
@@ -412,12 +416,15 @@ def read_info(path: Path) -> dict[str, Any] | None:
 
 
 def _alive(pid: int) -> bool:
+    """Running: neither gone nor a zombie (exited, its parent not told yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another account's process
-        return True
+        pass
+    with contextlib.suppress(OSError, IndexError):  # Linux: the state after "(comm) "
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
     return True
 
 
@@ -428,6 +435,7 @@ def refusal(resource: Resource, info: Mapping[str, Any] | None) -> str:
     pid, role = info["pid"], info.get("role", "process")
     if not _alive(pid):
         after = KEPT_AFTER_EXIT.get(resource.kind, "a process it started still holds it")
+        after = after.format(guardian_log=info.get("guardian_log") or "guardian.log")
         return f"{resource} still held after {role} PID {pid} exited: {after}"
     endpoints = info.get("endpoints") or {}
     where = ", ".join(f"{name} {address}" for name, address in endpoints.items())

@@ -325,8 +325,8 @@ max_ramp_rate_volts_per_s = {SLOW_RAMP_V_PER_S}
             assert message == (
                 f"insitu-daq: error: source-meter {source_meter}"
                 f" still held after daemon PID {killed.pid} exited: its bias guardian is"
-                " making the bias safe (see guardian.log in its data_dir); start again once it"
-                " has finished"
+                f" making the bias safe (log: {station.data_dir / LOG_FILE_NAME}); start again"
+                " once it has finished"
             )
 
         _wait_gone([guardian], 60.0)
