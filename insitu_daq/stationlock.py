@@ -251,9 +251,9 @@ def _private_folder() -> Path:
 
 def lock_folder(configured: Path | None = None) -> Path:
     """The folder of the lock files, created if needed (StationLockError if unusable)."""
-    override = os.environ.get(LOCK_DIR_ENV)
-    if override or configured is not None:
-        folder = Path(override) if override else Path(configured)  # type: ignore[arg-type]
+    chosen = os.environ.get(LOCK_DIR_ENV) or configured
+    if chosen:
+        folder = Path(chosen)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from insitu_daq import stationlock
 from insitu_daq.config import ConfigError, StationConfig, parse_config
 from insitu_daq.stationlock import (
     LOCK_DIR_ENV,
@@ -265,3 +267,38 @@ def test_lock_dir_must_be_absolute() -> None:
     with pytest.raises(ConfigError, match=r"^lock_dir: 'locks' is not an absolute path$"):
         parse_config({"lock_dir": "locks"})
     assert parse_config({"lock_dir": "/run/insitu-daq"}).lock_dir == Path("/run/insitu-daq")
+
+
+def test_the_default_lock_folder_is_shared_by_every_account(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/run/lock/insitu-daq by default (here a stand-in for it): a daemon run by the systemd
+    service's account and one started by hand by an operator must see each other's locks."""
+    monkeypatch.delenv(LOCK_DIR_ENV)
+    shared = tmp_path / "run-lock" / "insitu-daq"
+    shared.parent.mkdir()
+    monkeypatch.setattr(stationlock, "SHARED_LOCK_DIR", shared)
+    with _lock(_config()) as lock:
+        assert lock.folder == shared
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o1777  # sticky, like /tmp
+        assert {stat.S_IMODE(f.stat().st_mode) for f in shared.iterdir()} == {0o666}
+    # The station's config may name another (every daemon of the station reads it).
+    configured = _config().model_copy(update={"lock_dir": tmp_path / "station-locks"})
+    with StationLock.acquire(daemon_resources(configured), {}, configured.lock_dir) as lock:
+        assert lock.folder == tmp_path / "station-locks"
+
+
+def test_a_link_planted_for_the_shared_folder_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv(LOCK_DIR_ENV)
+    shared = tmp_path / "run-lock" / "insitu-daq"
+    shared.parent.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    shared.symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setattr(stationlock, "SHARED_LOCK_DIR", shared)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "runtime"))
+    with _lock(_config()) as lock:
+        assert lock.folder == tmp_path / "runtime" / "insitu-daq"  # this account's own
+    assert not list((tmp_path / "elsewhere").iterdir())
+    assert "a daemon of another account is not seen" in caplog.text
