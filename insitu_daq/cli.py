@@ -8,8 +8,13 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:  # imported where used: `insitu-daq --help` stays quick
+    from .sim.launch import StationPorts
+    from .stationlock import StationLock
 
 
 def _add_sim(sub: argparse._SubParsersAction) -> None:
@@ -36,13 +41,27 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
-    from .sim.launch import SimulatedInstruments, StationPorts
+    from dataclasses import asdict
+
+    from .sim.launch import StationPorts
+    from .stationlock import StationLock, sim_owner, sim_resources
+
+    ports = StationPorts(
+        args.source_meter_port, args.holder_port, args.microscope_port, args.camera_port
+    )
+    # Before binding anything: a second sim on these ports is refused, naming the first.
+    requested = {name: f"{args.host}:{port}" for name, port in asdict(ports).items()}
+    lock = StationLock.acquire(sim_resources(asdict(ports).values()), sim_owner(requested))
+    with lock:
+        return _serve_sim(args, lock, ports)
+
+
+def _serve_sim(args: argparse.Namespace, lock: StationLock, ports: StationPorts) -> int:
+    from .sim.launch import SimulatedInstruments
 
     sims = SimulatedInstruments.create(
         host=args.host,
-        ports=StationPorts(
-            args.source_meter_port, args.holder_port, args.microscope_port, args.camera_port
-        ),
+        ports=ports,
         time_scale=args.time_scale,
         seed=args.seed,
         frame_shape=(args.frame_size, args.frame_size),
@@ -54,6 +73,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     with sims:
         sims.camera.arm()
+        bound = {name: next(iter(e.values())) for name, e in sims.endpoints().items()}
+        lock.describe(endpoints=bound)
         print(f"insitu-daq {__version__}: simulated station running (time scale {args.time_scale})")
         for name, endpoints in sims.endpoints().items():
             for kind, address in endpoints.items():
@@ -102,8 +123,8 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     from .config import load_config
     from .daemon import Daemon
 
-    daemon = Daemon(load_config(args.config), time_scale=args.time_scale)
-    daemon.start()
+    daemon = Daemon(load_config(args.config), time_scale=args.time_scale, config_path=args.config)
+    daemon.start()  # refused first thing if another daemon serves this station
     print(f"insitu-daq {__version__}: daemon running", flush=True)
     for name, address in daemon.endpoints.items():
         print(f"  {name:<8} {address}", flush=True)

@@ -196,6 +196,9 @@ def _table_of(reflections: tuple[ReflectionConfig, ...]) -> ReflectionTable:
 class StationConfig(_Section):
     name: str = "station"
     data_dir: Path = Path("runs")
+    # Folder of the station locks (stationlock.py: one daemon per station). Unset:
+    # /run/lock/insitu-daq, shared by every account; $INSITU_DAQ_LOCK_DIR overrides both.
+    lock_dir: Path | None = None
     source_meter: SourceMeterConfig = SourceMeterConfig()
     holder: HolderConfig = HolderConfig()
     detector: DetectorConfig = DetectorConfig()
@@ -206,6 +209,14 @@ class StationConfig(_Section):
     api: ApiConfig = ApiConfig()
     sample: SampleConfig = SampleConfig()
     analysis: AnalysisConfig = AnalysisConfig()
+
+    @field_validator("lock_dir")
+    @classmethod
+    def _lock_dir_absolute(cls, lock_dir: Path | None) -> Path | None:
+        # Every daemon of the station must find the same folder, wherever it was started.
+        if lock_dir is not None and not lock_dir.is_absolute():
+            raise ValueError(f"{str(lock_dir)!r} is not an absolute path")
+        return lock_dir
 
 
 def one_line(error: ValidationError, prefix: str = "") -> str:

@@ -41,6 +41,7 @@ from .bias import BiasController
 from .clock import RunClock
 from .condition import LiveUpdate
 from .config import AnalysisConfig, StationConfig
+from .guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
 from .guardian import Guardian, bias_confirmed_safe
 from .imaging import ImagingState
 from .imaging_announcer import ImagingAnnouncer, unknown_state
@@ -53,6 +54,7 @@ from .records import Event, EventKind, level_change_mask
 from .runfile import RunMetadata
 from .runner import ProtocolRunner
 from .station import FROM_NOW, LimitError, StationError
+from .stationlock import StationLock, StationLockError, daemon_owner, daemon_resources
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,15 @@ def make_run_id(protocol_name: str, when: datetime | None = None) -> str:
 class Daemon:
     """The insitu-daq service. `start()`, then `wait()` (or serve until a signal), `stop()`."""
 
-    def __init__(self, config: StationConfig, time_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: StationConfig,
+        time_scale: float = 1.0,
+        config_path: str | Path | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path  # named in the station lock (stationlock.py)
+        self.station_lock: StationLock | None = None
         self.clock = RunClock(time_scale)
         self.guardian = Guardian(config, time_scale)
         self.metrics = DaemonMetrics(config.api.metrics_host, config.api.metrics_port)
@@ -153,12 +162,15 @@ class Daemon:
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        self._lock_station()
         try:
             # First: it makes the bias safe should this process die in a way stop() cannot see.
-            self.guardian.start()
+            # It keeps the source-meter's lock until it has done so (stationlock.py).
+            self.guardian.start(keep_locked=self._lock_fds("source-meter"))
             if self.analysis is not None:
                 self.analysis.start()  # spawns and returns: it starts while the ingest does
-            self.ingest.start()
+            # It keeps the detector's lock until it has left the detector (stationlock.py).
+            self.ingest.start(keep_locked=self._lock_fds("detector"))
             # After the ingest's own atexit hook, so at an abnormal exit this runs first
             # (atexit is last-in first-out): the ramp-down is recorded before ingest stops.
             atexit.register(self.stop)
@@ -178,6 +190,9 @@ class Daemon:
             self.metrics.start()
             self.publisher.start()
             self.control.start()
+            if self.station_lock is not None:  # as bound: a refused daemon names these
+                endpoints = {**self.endpoints, "detector": self.config.detector.endpoint}
+                self.station_lock.describe(endpoints=endpoints)
         except BaseException:
             self.stop()
             raise
@@ -186,6 +201,33 @@ class Daemon:
         )
         self._status_thread.start()
         log.info("insitu-daq %s daemon up: %s", __version__, self.endpoints)
+
+    def _lock_station(self) -> None:
+        """One daemon per station: before any process, socket or instrument, lock every
+        exclusive resource; StationBusyError (one line naming the running daemon) if another
+        process serves one of them."""
+        try:
+            self.station_lock = StationLock.acquire(
+                daemon_resources(self.config),
+                daemon_owner(
+                    self.config,
+                    self.endpoints,
+                    self.config_path,
+                    guardian_log=self.config.data_dir / GUARDIAN_LOG_FILE_NAME,
+                ),
+                self.config.lock_dir,
+            )
+        except StationLockError:
+            self._stop_analysis()  # nothing started: this removes its private temp folder
+            raise
+
+    def _lock_fds(self, kind: str) -> tuple[int, ...]:
+        fd = None if self.station_lock is None else self.station_lock.fd(kind)
+        return () if fd is None else (fd,)
+
+    def _release_station(self) -> None:
+        if self.station_lock is not None:
+            self.station_lock.release()
 
     def _wait_analysis(self) -> None:
         """The archive matters more than the live view: an analysis process that does not
@@ -228,6 +270,7 @@ class Daemon:
             self.metrics.stop,
             self.holder.close,
             self.microscope.close,
+            self._release_station,  # last: until here this daemon still used the station
         ):
             try:
                 step()

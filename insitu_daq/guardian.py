@@ -23,6 +23,12 @@ reparented. (Linux's PR_SET_PDEATHSIG is deliberately not used: it fires when th
 that started the child exits, which would be a false alarm whenever the daemon is started
 from a worker thread, and the pipe already wakes the guardian as promptly.)
 
+What it holds. The daemon passes it the descriptor of its source-meter lock (stationlock.py):
+flock locks belong to the open file, so the lock stays taken while the guardian lives, even
+after the daemon is gone. A daemon started while a guardian ramps the bias down is refused
+("still held after daemon PID N exited: its bias guardian is making the bias safe") instead
+of connecting to the instrument under it; once the guardian has exited it starts.
+
 What it never does. It holds no instrument connection while the daemon lives (the 2400 has
 one controller at a time; the driver is opened only after the daemon is gone), it never
 switches an output on, and it never keeps the daemon from exiting: the daemon does not wait
@@ -102,6 +108,7 @@ class Guardian:
         self._lock = threading.Lock()  # _process and _finished against the watcher's restart
         self._finished = threading.Event()  # told "clean" or to take over: no more restarts
         self._watcher: threading.Thread | None = None
+        self._keep_locked: tuple[int, ...] = ()
 
     @property
     def pid(self) -> int | None:
@@ -119,9 +126,13 @@ class Guardian:
         process = self._process
         return None if process is None else process.poll()
 
-    def start(self) -> None:
+    def start(self, keep_locked: tuple[int, ...] = ()) -> None:
+        """Spawn it. `keep_locked`: descriptors of station locks (stationlock.py) the guardian
+        and any replacement inherit, so that they stay locked until it exits: after a daemon
+        that died, until the bias is safe."""
         with self._lock:
             if self._process is None:
+                self._keep_locked = tuple(keep_locked)
                 self._process = self._fail_on_error(self._spawn)
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -166,6 +177,7 @@ class Guardian:
                 stdout=subprocess.PIPE,
                 start_new_session=True,  # the terminal's Ctrl-C and hang-up are the daemon's
                 close_fds=True,
+                pass_fds=self._keep_locked,
             )
         except OSError as exc:
             raise GuardianError(f"cannot run {sys.executable}: {exc}") from exc

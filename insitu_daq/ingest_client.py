@@ -50,6 +50,7 @@ from .ingest_wire import (
 )
 from .records import BIAS_SAMPLE_DTYPE, Event
 from .runfile import FrameGeometry, RunMetadata
+from .stationlock import InheritedFd
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,12 @@ class IngestClient:
         self._shut = False
 
     # ----- lifecycle -------------------------------------------------------------------------
-    def start(self) -> None:
-        """Spawn the process and wait until its sockets are up (IngestError if it fails)."""
+    def start(self, keep_locked: tuple[int, ...] = ()) -> None:
+        """Spawn the process and wait until its sockets are up (IngestError if it fails).
+
+        `keep_locked`: descriptors of station locks (stationlock.py) the process inherits and
+        so keeps locked until it exits (after a killed daemon, until it has left the detector).
+        """
         if self.process is not None:
             return
         self._tmpdir = tempfile.mkdtemp(prefix="insitu-ingest-")  # mode 0700
@@ -135,6 +140,7 @@ class IngestClient:
                 logging.getLogger().getEffectiveLevel(),
                 self.analysis_endpoint,
             ),
+            kwargs={"station_locks": tuple(InheritedFd(fd) for fd in keep_locked)},
             name="insitu-daq-ingest",
             daemon=True,
         )

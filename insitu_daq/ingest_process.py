@@ -869,8 +869,10 @@ def child_main(
     parent_pid: int,
     log_level: int,
     analysis_endpoint: str | None = None,
+    station_locks: tuple[object, ...] = (),
 ) -> None:
-    """Entry point of the spawned ingest process."""
+    """Entry point of the spawned ingest process. `station_locks` (stationlock.InheritedFd):
+    descriptors it keeps open, and so locked, until it exits; nothing else uses them."""
     start_worker_process("ingest", log_level)
     tune_malloc()
     IngestProcess(

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from testdata_paths import STREAM2_DIR
+
+from insitu_daq.stationlock import LOCK_DIR_ENV
+
+_LOCKS = pytest.StashKey[tuple[str, str | None]]()
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +21,24 @@ def stream2_testdata() -> Path:
     if STREAM2_DIR is None:
         pytest.skip("shared/testdata/dectris-stream2 not found (set INSITU_DAQ_TESTDATA)")
     return STREAM2_DIR
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The station locks (insitu_daq/stationlock.py) of this test session in a folder of its
+    own, apart from a real station's daemon on this machine and from other sessions running
+    at the same time. Set before any test module is imported: several copy os.environ for
+    the daemons they start at import time."""
+    folder = tempfile.mkdtemp(prefix="insitu-daq-test-locks-")
+    config.stash[_LOCKS] = (folder, os.environ.get(LOCK_DIR_ENV))
+    os.environ[LOCK_DIR_ENV] = folder
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder, before = config.stash.get(_LOCKS, (None, None))
+    if folder is None:
+        return
+    if before is None:
+        os.environ.pop(LOCK_DIR_ENV, None)
+    else:
+        os.environ[LOCK_DIR_ENV] = before
+    shutil.rmtree(folder, ignore_errors=True)

@@ -18,6 +18,7 @@ import yaml
 from insitu_daq.cli import build_parser
 from insitu_daq.config import load_config
 from insitu_daq.metrics import DaemonMetrics
+from insitu_daq.stationlock import SHARED_LOCK_DIR
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 METRIC_NAME = re.compile(r"\binsitu_daq_[a-z0-9_]+")
@@ -282,6 +283,14 @@ def test_unit_hardening_keeps_the_instruments_reachable() -> None:
     assert only("ProtectSystem") == "strict"
     assert only("StateDirectory") == "insitu-daq"  # the one writable place: run files
     assert only("User") != "root"
+
+
+def test_unit_shares_the_station_locks_with_a_daemon_started_by_hand() -> None:
+    # ProtectSystem=strict makes /run read-only; a lock folder the service cannot write would
+    # leave it blind to a second daemon (and a second daemon to it).
+    writable = " ".join(SERVICE.get("ReadWritePaths", [])).split()
+    assert str(SHARED_LOCK_DIR.parent) in writable
+    assert load_config(DEPLOY / "station.example.toml").lock_dir is None  # the shared default
 
 
 # ----- README --------------------------------------------------------------------------------
