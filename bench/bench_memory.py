@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from insitu_daq.api import ControlClient
-from insitu_daq.demo import child_process, free_ports, station_toml, wait_for_daemon
+from insitu_daq.children import check_children, child_process
+from insitu_daq.demo import free_ports, station_toml, wait_for_daemon
+from insitu_daq.module_command import module_command
 from insitu_daq.progress import FINAL_STATES
 from insitu_daq.report import RunSummary, summarize
 
@@ -78,12 +80,11 @@ def main() -> int:
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     config = workdir / "station.toml"
     config.write_text(station_toml(ports, workdir / "runs", 1.0))
-    exe = [sys.executable, "-m", "insitu_daq"]
-    sim_command = [
-        *exe, "sim", "--source-meter-port", str(ports["source_meter"]),
+    sim_command = module_command(
+        "insitu_daq", "sim", "--source-meter-port", str(ports["source_meter"]),
         "--holder-port", str(ports["holder"]), "--microscope-port", str(ports["microscope"]),
         "--camera-port", str(ports["camera"]), "--frame-size", "1024", "--frame-rate", "40",
-    ]  # fmt: skip
+    )  # fmt: skip
     control = f"tcp://127.0.0.1:{ports['control']}"
     print(f"bench_memory: {args.minutes:g} min hold at +1 V, camera 40 frames/s 1024x1024 HRTEM"
           f" bslz4, RSS every {args.every:g} s; work folder {workdir}", flush=True)  # fmt: skip
@@ -92,12 +93,14 @@ def main() -> int:
     after_close: tuple[float | None, float | None] = (None, None)
     try:
         with (
-            child_process(sim_command, workdir / "sim.log") as sim,
+            child_process("simulated station", sim_command, workdir / "sim.log") as sim,
             child_process(
-                [*exe, "daemon", "--config", str(config)], workdir / "daemon.log"
+                "daemon",
+                module_command("insitu_daq", "daemon", "--config", str(config)),
+                workdir / "daemon.log",
             ) as daemon,
         ):
-            wait_for_daemon(control, daemon)
+            wait_for_daemon(control, daemon, [sim])
             with ControlClient(control, timeout_s=10.0) as client:
                 protocol = PROTOCOL.format(hold_s=args.minutes * 60)
                 reply = client.request("run", protocol_text=protocol, format="yaml")
@@ -129,8 +132,7 @@ def main() -> int:
                         assert ingest_pid is not None
                         after_close = (rss_mb(daemon.pid), rss_mb(ingest_pid))
                         break
-                    if daemon.poll() is not None:
-                        raise RuntimeError("the daemon died")
+                    check_children([sim, daemon])
                     time.sleep(args.every)
             summary = summarize(run_file)
     finally:

@@ -15,6 +15,10 @@ the samples are saved next to the run file as RUN.truth.json (a JSON list of {"t
 s, ...the truth's fields}) so a run can be checked again later, and the demo ends with the
 issue-4 accuracy verdicts of accuracy.py (measured vs truth, within tolerance or not).
 `--protocol lno_control_0v.yaml` runs the no-bias control, judged on "no phase change seen".
+
+Both processes run the installed package (module_command.py), whatever the current folder.
+Their station config and logs stay in DATA_DIR/demo/; a process that dies is reported with
+its exit code, its log's path and the log's last lines (children.py).
 """
 
 from __future__ import annotations
@@ -22,15 +26,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -38,6 +37,15 @@ from pathlib import Path
 import h5py
 
 from .accuracy import accuracy_verdicts, format_verdicts
+from .children import (
+    EXIT_GRACE_S,
+    ChildProcess,
+    check_children,
+    child_process,
+    reporting_child_deaths,
+    wait_for_output,
+)
+from .module_command import module_command
 from .report import format_summary, hold_span, read_analysis, read_events, summarize
 from .truthcompare import TruthSample, format_comparison, save_truth, truth_path
 
@@ -51,6 +59,9 @@ REFERENCE_PROTOCOL = "lno_4v3.yaml"  # the fixed 120 s hold
 # MIN_TRUTH_POLL_S and at least every MAX_TRUTH_POLL_S of wall time.
 TRUTH_POLL_RUN_S = 0.5
 MIN_TRUTH_POLL_S, MAX_TRUTH_POLL_S = 0.02, 0.25
+DEMO_FILES_DIR = "demo"  # in the data dir: station.toml and the two logs
+SIM_LOG, DAEMON_LOG = "sim.log", "daemon.log"
+SIM_READY_TEXT = "simulated station running"  # `insitu-daq sim` prints it once it serves
 
 
 def free_ports(n: int) -> list[int]:
@@ -177,36 +188,19 @@ max_rate_hz = 40
 """
 
 
-@contextlib.contextmanager
-def child_process(command: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """Run `command` with its output in `log_path`; SIGTERM it (then SIGKILL) on the way out."""
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-
-def wait_for_daemon(control: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """Until the daemon answers a ping; RuntimeError if it exits or stays silent."""
+def wait_for_daemon(
+    control: str,
+    daemon: ChildProcess,
+    others: Sequence[ChildProcess] = (),
+    timeout_s: float = 60.0,
+) -> None:
+    """Until the daemon answers a ping; ChildExitedError if it or one of `others` exits first,
+    RuntimeError if it stays silent (both show the end of its log)."""
     from .api import ControlClient, ControlError
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the daemon exited with code {process.returncode}")
+        check_children([*others, daemon])
         with (
             contextlib.suppress(ControlError, TimeoutError),
             ControlClient(control, timeout_s=1.0) as client,
@@ -214,7 +208,9 @@ def wait_for_daemon(control: str, process: subprocess.Popen, timeout_s: float = 
             client.request("ping")
             return
         time.sleep(0.2)
-    raise RuntimeError(f"the daemon did not answer on {control} within {timeout_s:.0f} s")
+    raise RuntimeError(
+        f"the daemon did not answer on {control} within {timeout_s:.0f} s; {daemon.log_excerpt()}"
+    )
 
 
 def run_demo(
@@ -232,51 +228,63 @@ def run_demo(
     data_dir.mkdir(parents=True, exist_ok=True)
     names = ["source_meter", "holder", "microscope", "camera", "control", "events", "metrics"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
-    exe = [sys.executable, "-m", "insitu_daq"]
-    with tempfile.TemporaryDirectory(prefix="insitu-daq-demo-") as tmp:
-        workdir = Path(tmp)
-        config = workdir / "station.toml"
-        config.write_text(station_toml(ports, data_dir, time_scale))
-        sim_command = [
-            *exe, "sim", "--time-scale", str(time_scale),
-            "--source-meter-port", str(ports["source_meter"]),
-            "--holder-port", str(ports["holder"]),
-            "--microscope-port", str(ports["microscope"]),
-            "--camera-port", str(ports["camera"]),
-            "--frame-size", str(frame_size), "--frame-rate", str(frame_rate),
-        ]  # fmt: skip
-        daemon_command = [*exe, "daemon", "--config", str(config), "--time-scale", str(time_scale)]
-        print(f"insitu-daq demo: simulated station + daemon, time scale {time_scale:g}")
-        with (
-            child_process(sim_command, workdir / "sim.log"),
-            child_process(daemon_command, workdir / "daemon.log") as daemon,
-        ):
-            control = f"tcp://127.0.0.1:{ports['control']}"
-            events = f"tcp://127.0.0.1:{ports['events']}"
-            wait_for_daemon(control, daemon, timeout_s=30.0)
-            with ControlClient(control, timeout_s=10.0) as client:
-                reply = client.request(
-                    "run", protocol_text=reference_protocol(protocol), format="yaml",
-                    name=Path(protocol).stem,
-                )  # fmt: skip
-            run_file = Path(reply["run_file"])
-            print(f"run {reply['run_id']}: protocol {protocol}")
-            interval = truth_poll_interval(time_scale)
-            with TruthPoller("127.0.0.1", ports["microscope"], interval) as truth:
-                outcome = follow_run(control, events, reply["run_id"], timeout_s=10.0)
-        print()
-        if not run_file.exists():
-            print(f"no run file at {run_file}; daemon log:\n{(workdir / 'daemon.log').read_text()}")
-            return 1
-        summary = summarize(run_file)
-        print(format_summary(summary, events=40))
-        samples = truth.samples(run_start_ns(run_file), time_scale)
-        save_truth(truth_path(run_file), samples)
-        print(f"truth        {truth_path(run_file)} ({len(samples)} samples)")
-        print_analysis(run_file, samples)
-        if figure:
-            from .figure import draw_report_figure
+    # The station config and the two processes' logs, kept for the user (replaced by the next
+    # demo in this data dir): a child that dies is reported with the end of its log.
+    files = data_dir / DEMO_FILES_DIR
+    files.mkdir(exist_ok=True)
+    for stale in (SIM_LOG, DAEMON_LOG):
+        (files / stale).unlink(missing_ok=True)
+    config = files / "station.toml"
+    config.write_text(station_toml(ports, data_dir, time_scale))
+    sim_command = module_command(
+        "insitu_daq", "sim", "--time-scale", str(time_scale),
+        "--source-meter-port", str(ports["source_meter"]),
+        "--holder-port", str(ports["holder"]),
+        "--microscope-port", str(ports["microscope"]),
+        "--camera-port", str(ports["camera"]),
+        "--frame-size", str(frame_size), "--frame-rate", str(frame_rate),
+    )  # fmt: skip
+    daemon_command = module_command(
+        "insitu_daq", "daemon", "--config", str(config), "--time-scale", str(time_scale)
+    )
+    print(f"insitu-daq demo: simulated station + daemon, time scale {time_scale:g}")
+    with contextlib.ExitStack() as running:  # left in reverse: the daemon stops first
+        sim = running.enter_context(
+            child_process("simulated station", sim_command, files / SIM_LOG)
+        )
+        # The daemon only once the station is up: one that never comes up leaves no daemon
+        # (and no bias guardian) to stop in the middle of its start.
+        wait_for_output(sim, SIM_READY_TEXT, timeout_s=30.0)
+        daemon = running.enter_context(child_process("daemon", daemon_command, files / DAEMON_LOG))
+        running.enter_context(reporting_child_deaths([sim, daemon]))
+        control = f"tcp://127.0.0.1:{ports['control']}"
+        events = f"tcp://127.0.0.1:{ports['events']}"
+        wait_for_daemon(control, daemon, [sim], timeout_s=30.0)
+        with ControlClient(control, timeout_s=10.0) as client:
+            reply = client.request(
+                "run", protocol_text=reference_protocol(protocol), format="yaml",
+                name=Path(protocol).stem,
+            )  # fmt: skip
+        run_file = Path(reply["run_file"])
+        print(f"run {reply['run_id']}: protocol {protocol}")
+        interval = truth_poll_interval(time_scale)
+        with TruthPoller("127.0.0.1", ports["microscope"], interval) as truth:
+            outcome = follow_run(control, events, reply["run_id"], timeout_s=10.0)
+        if outcome != 0:  # the run failed, or the daemon fell silent: a child may be dead
+            check_children([sim, daemon], grace_s=EXIT_GRACE_S)
+    print()
+    if not run_file.exists():
+        print(f"no run file at {run_file}; the daemon's {daemon.log_excerpt()}")
+        return 1
+    summary = summarize(run_file)
+    print(format_summary(summary, events=40))
+    samples = truth.samples(run_start_ns(run_file), time_scale)
+    save_truth(truth_path(run_file), samples)
+    print(f"truth        {truth_path(run_file)} ({len(samples)} samples)")
+    print_analysis(run_file, samples)
+    if figure:
+        from .figure import draw_report_figure
 
-            drawn = draw_report_figure(run_file, run_file.with_suffix(".png"))
-            print(f"\nfigure       {drawn.path}")
-        return outcome
+        drawn = draw_report_figure(run_file, run_file.with_suffix(".png"))
+        print(f"\nfigure       {drawn.path}")
+    return outcome

@@ -64,6 +64,7 @@ import pyvisa
 from .bias import DRIVER_ERRORS, BiasController
 from .config import StationConfig
 from .drivers.sourcemeter import Keithley2400, SourceMeterError
+from .module_command import module_command
 from .retry import call_with_retries
 from .station import StationError
 
@@ -172,7 +173,7 @@ class Guardian:
         """A guardian process with its hello sent (GuardianError, and none left, on failure)."""
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "insitu_daq.guardian"],
+                module_command("insitu_daq.guardian"),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 start_new_session=True,  # the terminal's Ctrl-C and hang-up are the daemon's

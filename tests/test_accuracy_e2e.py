@@ -31,7 +31,6 @@ after the truth (it needs ~20-30 % of the field); the verdict line reports it.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from insitu_daq.accuracy import (
     measured_onset,
     true_onset,
 )
+from insitu_daq.module_command import module_command
 from insitu_daq.report import AnalysisRecord, HoldSpan, hold_span, read_analysis, read_events
 from insitu_daq.truthcompare import TruthSample, load_truth, truth_path
 
@@ -60,9 +60,9 @@ def run_demo(
 ) -> tuple[str, AnalysisRecord, HoldSpan | None, list[TruthSample]]:
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "insitu_daq", "demo", "--time-scale", str(time_scale),
-         "--frame-size", "1024", "--protocol", protocol, "--no-figure",
-         "--data-dir", str(data_dir)],
+        module_command("insitu_daq", "demo", "--time-scale", str(time_scale),
+                       "--frame-size", "1024", "--protocol", protocol, "--no-figure",
+                       "--data-dir", str(data_dir)),
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

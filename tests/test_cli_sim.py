@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,18 +14,19 @@ from insitu_daq.drivers.holder import OpenCellHolder
 from insitu_daq.drivers.microscope import RemoteMicroscope
 from insitu_daq.drivers.sourcemeter import Keithley2400
 from insitu_daq.drivers.stream2 import ImageMessage, Stream2Receiver
+from insitu_daq.module_command import module_command
 
 ENDPOINT_LINE = re.compile(r"^\s+(\w+)\s+(\w+)\s+(\S+)$")
 
 
 @pytest.fixture
 def sim_process():
-    command = [
-        sys.executable, "-m", "insitu_daq", "sim",
+    command = module_command(
+        "insitu_daq", "sim",
         "--source-meter-port", "0", "--holder-port", "0",
         "--microscope-port", "0", "--camera-port", "0",
         "--frame-size", "128", "--frame-rate", "20", "--time-scale", "50",
-    ]  # fmt: skip
+    )  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +20,9 @@ import numpy as np
 import pytest
 
 from insitu_daq.api import ControlClient, ControlError
+from insitu_daq.children import ChildProcess
 from insitu_daq.demo import free_ports, reference_protocol, station_toml, wait_for_daemon
+from insitu_daq.module_command import module_command
 from insitu_daq.protocol import Protocol
 from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
 
@@ -75,15 +76,16 @@ class LiveStation:
         self.control = f"tcp://127.0.0.1:{control}"
         self.log = (tmp_path / "daemon.log").open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "insitu_daq", "daemon", "--config", str(config),
-             "--time-scale", str(time_scale)],
+            module_command("insitu_daq", "daemon", "--config", str(config),
+                           "--time-scale", str(time_scale)),
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         self._wait_until_up()
 
     def _wait_until_up(self, timeout_s: float = 30.0) -> None:
         try:
-            wait_for_daemon(self.control, self.process, timeout_s)
+            daemon = ChildProcess("daemon", self.process, Path(self.log.name))
+            wait_for_daemon(self.control, daemon, timeout_s=timeout_s)
         except RuntimeError as exc:
             raise AssertionError(f"{exc}\n{self.daemon_log()}") from None
 
@@ -339,7 +341,7 @@ def test_cli_runs_a_protocol_with_live_progress_then_reports(
     protocol.write_text(SHORT)
     config = tmp_path / "station.toml"  # the daemon's: the CLI finds its endpoints there
     run = subprocess.run(
-        [sys.executable, "-m", "insitu_daq", "run", str(protocol), "--config", str(config)],
+        module_command("insitu_daq", "run", str(protocol), "--config", str(config)),
         capture_output=True, text=True, timeout=90,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
@@ -349,13 +351,13 @@ def test_cli_runs_a_protocol_with_live_progress_then_reports(
     assert lines[-1].endswith(": finished")
 
     status = subprocess.run(
-        [sys.executable, "-m", "insitu_daq", "status", "--config", str(config)],
+        module_command("insitu_daq", "status", "--config", str(config)),
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert status.returncode == 0 and '"state": "finished"' in status.stdout
 
     report = subprocess.run(
-        [sys.executable, "-m", "insitu_daq", "report", run_file],
+        module_command("insitu_daq", "report", run_file),
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert report.returncode == 0, report.stderr
@@ -367,8 +369,8 @@ def test_cli_refuses_an_invalid_protocol_with_one_line(live: LiveStation, tmp_pa
     protocol = tmp_path / "bad.yaml"
     protocol.write_text(SHORT.replace("volts: 1.0", "volts: 9.0"))
     result = subprocess.run(
-        [sys.executable, "-m", "insitu_daq", "run", str(protocol),
-         "--config", str(tmp_path / "station.toml")],
+        module_command("insitu_daq", "run", str(protocol),
+                       "--config", str(tmp_path / "station.toml")),
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode != 0

@@ -9,16 +9,17 @@ value and tests/test_accuracy_e2e.py the analysis's accuracy at full frame size.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 
+from insitu_daq.module_command import module_command
+
 
 def test_demo_runs_the_reference_experiment_and_prints_what_it_measured(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "insitu_daq", "demo", "--time-scale", "20",
-         "--frame-size", "256", "--data-dir", str(tmp_path)],
+        module_command("insitu_daq", "demo", "--time-scale", "20",
+                       "--frame-size", "256", "--data-dir", str(tmp_path)),
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

@@ -27,6 +27,7 @@ from insitu_daq.api import ControlClient
 from insitu_daq.config import StationConfig, parse_config
 from insitu_daq.drivers.sourcemeter import Keithley2400
 from insitu_daq.guardian import LOG_FILE_NAME
+from insitu_daq.module_command import module_command
 from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
 from insitu_daq.sim.sourcemeter import SimulatedSourceMeter
 from insitu_daq.sim.station import SimStation
@@ -376,8 +377,8 @@ def _daemon_holding_2v(tmp_path: Path) -> Iterator[HoldingDaemon]:
     with sims:
         config_path.write_text(_station_toml(sims, tmp_path / "runs"))
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "insitu_daq", "daemon", "--config", str(config_path),
-             "--time-scale", str(DAEMON_TIME_SCALE)],
+            module_command("insitu_daq", "daemon", "--config", str(config_path),
+                           "--time-scale", str(DAEMON_TIME_SCALE)),
             stdout=subprocess.PIPE,
             stderr=(tmp_path / "daemon.log").open("w"),
             text=True,
