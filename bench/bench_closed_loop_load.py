@@ -24,6 +24,7 @@ from pathlib import Path
 
 import h5py
 
+from insitu_daq.module_command import module_command
 from insitu_daq.report import hold_span, read_events
 from insitu_daq.truthcompare import first_reached, load_truth, truth_path
 
@@ -43,7 +44,7 @@ def one_run(hogs: int, time_scale: float) -> dict[str, float | str | None]:
     with tempfile.TemporaryDirectory(prefix="bench-closed-loop-") as tmp, cpu_hogs(hogs):
         started = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-m", "insitu_daq", "demo", "--time-scale", str(time_scale),
+            [*module_command("insitu_daq", "demo"), "--time-scale", str(time_scale),
              "--no-figure", "--data-dir", tmp],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip

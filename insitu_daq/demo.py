@@ -259,7 +259,7 @@ def run_demo(
         running.enter_context(reporting_child_deaths([sim, daemon]))
         control = f"tcp://127.0.0.1:{ports['control']}"
         events = f"tcp://127.0.0.1:{ports['events']}"
-        wait_for_daemon(control, daemon, [sim], timeout_s=30.0)
+        wait_for_daemon(control, daemon, [sim], timeout_s=60.0)
         with ControlClient(control, timeout_s=10.0) as client:
             reply = client.request(
                 "run", protocol_text=reference_protocol(protocol), format="yaml",

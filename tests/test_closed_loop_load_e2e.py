@@ -22,6 +22,7 @@ from pathlib import Path
 import h5py
 import pytest
 
+from insitu_daq.module_command import module_command
 from insitu_daq.report import hold_span, read_events
 from insitu_daq.truthcompare import first_reached, load_truth, truth_path
 
@@ -46,7 +47,7 @@ def cpu_hogs(count: int) -> Iterator[None]:
 def closed_loop_hold(data_dir: Path) -> tuple[float, float | None, str, str]:
     """Run the closed-loop demo; (hold end, truth's 90 % time, how the hold ended, output)."""
     result = subprocess.run(
-        [sys.executable, "-m", "insitu_daq", "demo", "--time-scale", str(TIME_SCALE),
+        [*module_command("insitu_daq", "demo"), "--time-scale", str(TIME_SCALE),
          "--no-figure", "--data-dir", str(data_dir)],
         capture_output=True, text=True, timeout=360,
     )  # fmt: skip

@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,9 +27,10 @@ from insitu_daq.api import ControlClient
 from insitu_daq.config import load_config
 from insitu_daq.demo import free_ports, station_toml, wait_for_daemon
 from insitu_daq.guardian import LOG_FILE_NAME
+from insitu_daq.module_command import module_command
 from insitu_daq.stationlock import LOCK_DIR_ENV, daemon_resources
 
-EXE = [sys.executable, "-m", "insitu_daq"]
+EXE = module_command("insitu_daq")
 FINAL = ("finished", "aborted", "failed")
 INSTRUMENTS = ("source_meter", "holder", "microscope", "camera")
 
