@@ -124,7 +124,15 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
     daemon = Daemon(load_config(args.config), time_scale=args.time_scale, config_path=args.config)
-    daemon.start()  # refused first thing if another daemon serves this station
+    # SIGTERM while starting (a demo or systemd giving up on it): unwind start() like Ctrl-C, so
+    # it stops what it began and the guardian stands down; without this the process would die
+    # on the spot and leave the guardian to take over the source-meter.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        daemon.start()  # refused first thing if another daemon serves this station
+    except KeyboardInterrupt:
+        print("daemon stopped while starting; bias output off", flush=True)
+        return 1
     print(f"insitu-daq {__version__}: daemon running", flush=True)
     for name, address in daemon.endpoints.items():
         print(f"  {name:<8} {address}", flush=True)

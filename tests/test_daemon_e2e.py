@@ -433,3 +433,44 @@ def test_lost_source_meter_aborts_and_is_made_safe_once_back(live: LiveStation) 
     with h5py.File(reply["run_file"], "r") as f:
         kinds = [k.decode() for k in f["/entry/events/kind"][:]]
     assert "instrument" in kinds
+
+
+class StartingStation(LiveStation):
+    """A LiveStation whose daemon is not waited for: the test acts while it starts."""
+
+    def _wait_until_up(self, timeout_s: float = 30.0) -> None:
+        return
+
+
+def test_sigterm_while_the_daemon_starts_stops_it_cleanly_and_the_guardian_stands_down(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM during start-up (after the guardian is up, before the API answers): the daemon
+    unwinds what it started, exits with one line, and its guardian stands down instead of
+    taking over the source-meter (it would retry an absent one for minutes)."""
+    station = StartingStation(tmp_path)
+    try:
+        guardian_log = station.data_dir / "guardian.log"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if guardian_log.exists() and "watching daemon pid" in guardian_log.read_text():
+                break
+            time.sleep(0.01)
+        assert station.process.poll() is None, station.daemon_log()
+        station.process.send_signal(signal.SIGTERM)
+        code = station.process.wait(timeout=30)
+        log = station.daemon_log()
+        assert "Traceback" not in log, log
+        if code == 1:  # caught while starting (the usual case)
+            assert "daemon stopped while starting; bias output off" in log
+        else:  # it had just come up: stopped as a running daemon
+            assert code == 0 and "daemon stopped; bias output off" in log, log
+        deadline = time.monotonic() + 10
+        while "standing down" not in guardian_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        guarded = guardian_log.read_text()
+        assert "standing down" in guarded and "making the source-meter safe" not in guarded
+        _, _, (volts, _, _) = station.model_state()
+        assert volts == 0.0
+    finally:
+        station.close()
