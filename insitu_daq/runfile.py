@@ -135,7 +135,13 @@ class RunWriter:
         self.meta = meta
         self.max_geometries = max_geometries
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.path, "w", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        # fs_strategy "none": HDF5 never reuses freed file space. Re-making the empty frame
+        # datasets for a late series (stack_for) frees their space, and HDF5 2.0 reusing it
+        # for the new datasets' chunk index failed the first chunk write ("duplicate entry in
+        # cache"). The run file only grows otherwise (20000 frames: the same size either way).
+        self._file = h5py.File(
+            self.path, "w", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES, fs_strategy="none"
+        )
         self._closed = False
         self._stacks: list[FrameStack] = []
         try:

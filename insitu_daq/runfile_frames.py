@@ -182,9 +182,8 @@ class FrameStack:
         if self.frames:
             raise RuntimeError(f"{self.path} holds frames: its geometry cannot change")
         detector = self._detector
-        # Close the old datasets before unlinking them: an object unlinked while open is
-        # freed when its last handle goes, and its cache entries then clash with the new
-        # datasets' ("duplicate entry in cache" on the first chunk written).
+        # Let go of the old datasets before unlinking them: an object unlinked while open
+        # lives on until its last handle goes (see also RunWriter's fs_strategy).
         self._data = {}
         for i, channel in enumerate(self.geometry.channels):
             del detector[data_name(i, channel)]

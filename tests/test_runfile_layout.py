@@ -227,9 +227,9 @@ def test_records_after_a_layout_change_land_in_the_reopened_file(
 def _empty_datasets(f: h5py.File) -> list[str]:
     empty: list[str] = []
     f.visititems(
-        lambda name, item: empty.append(name)
-        if isinstance(item, h5py.Dataset) and item.size == 0
-        else None
+        lambda name, item: (
+            empty.append(name) if isinstance(item, h5py.Dataset) and item.size == 0 else None
+        )
     )
     return empty
 
