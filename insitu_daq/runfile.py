@@ -10,7 +10,7 @@ Why it is shaped so:
   the run opens) and only grown afterwards.
 - The frames follow the stream (runfile_frames.py): a series that starts after the run
   opened with another geometry re-makes the still empty frame datasets; a new geometry once
-  frames are stored gets its own /entry/instrument/detector_<k> and /entry/data_<k>. Either
+  frames are stored gets its own /entry/instrument/detector_<k> and /entry/frames_<k>. Either
   briefly leaves SWMR (`_change_layout`: close, reopen without SWMR, create, SWMR again): a
   SWMR reader must reopen the file then (the ingest records a `file_layout` event).
 - Frames go in as received: a bslz4 or lz4 payload is already an HDF5 chunk of the matching
@@ -249,7 +249,9 @@ class RunWriter:
 
     def _add_stack(self, geometry: FrameGeometry) -> FrameStack:
         """A frame stack for `geometry`: /entry/instrument/detector for the first, then
-        detector_<k> with its /entry/data_<k> (the file must be writable, not SWMR)."""
+        detector_<k> with its NXdata /entry/frames_<k> (the file must be writable, not SWMR;
+        not "data_<k>": RosettaSciIO's use_default takes every NXdata path containing
+        the default's, /entry/data)."""
         index = len(self._stacks)
         meta = self.meta
         scalars: dict[str, tuple[Any, str | None]] = {}
@@ -263,7 +265,7 @@ class RunWriter:
         stack = FrameStack.create(group, geometry, self._start, meta.detector_description, scalars)
         self._stacks.append(stack)
         if index:
-            self._link_nxdata(self._file["entry"], f"data_{index}", path)
+            self._link_nxdata(self._file["entry"], f"frames_{index}", path)
         return stack
 
     def _change_layout(self, change: Callable[[], None]) -> None:

@@ -9,17 +9,22 @@ changes within a stack and /entry/data (the whole stack, DESIGN.md's contract) c
 one image calibration. Each (stack, imaging mode, pixel size) found in the per-frame
 `imaging_mode` and `pixel_size` columns (runfile_frames.py) gets an NXdata of its own:
 
-    /entry/data_<mode>[_<j>]   NXdata  @signal="data" @axes=["frame_time", "y", "x"]
+    /entry/images_<mode>[_<j>] NXdata  @signal="data" @axes=["frame_time", "y", "x"]
                                        @interpretation="image" @mode @detector
       data, data_<channel>     virtual datasets: that mode's frames of the stack, mapped
                                as slices of the stored frames (no copy; contiguous runs)
       frame_time, image_id     [k] of those frames
+      frame_index              [k] their rows in the detector group (and in /entry/data)
       y, x                     pixel positions from 0, nm (uniform steps: the pixel size)
       pixel_size               m
 
 (`_<j>`, j = 2, 3, ..., for a second pixel size of the same mode, or the same mode in
 another frame stack.) Settling and unknown frames are in no such group; they stay in
-/entry/data with the rest.
+/entry/data with the rest. The names do not begin with "data": RosettaSciIO's
+`use_default=True` takes every NXdata whose path contains the default's (/entry/data).
+nexusformat (2.1) takes any virtual dataset for a stack of one source file per frame and
+misreads these (shape (runs of frames, y, x)): its users read the axes here and the frames
+from /entry/data at `frame_index`.
 
 No empty datasets. NeXus readers (HyperSpy's RosettaSciIO reads every dataset as metadata)
 fail on zero-size datasets, so a log nobody wrote (no holder position, no analysis of that
@@ -73,7 +78,7 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _group_name(entry: h5py.Group, mode: str) -> str:
-    base = "data_" + (re.sub(r"[^a-z0-9]+", "_", mode.lower()).strip("_") or "mode")
+    base = "images_" + (re.sub(r"[^a-z0-9]+", "_", mode.lower()).strip("_") or "mode")
     if base not in entry:
         return base
     j = 2
@@ -147,6 +152,8 @@ def _imaging_group(
     time.attrs["units"] = "s"
     time.attrs["start"] = detector["frame_time"].attrs.get("start", "")
     group.create_dataset("image_id", data=image_id[rows])
+    index = group.create_dataset("frame_index", data=rows)
+    index.attrs["description"] = f"the frames' rows in {detector.name} (its data, its columns)"
     pixel_nm = pixel_m * 1e9
     rows_px, cols_px = detector[channels[0]].shape[1:]
     for axis, size in (("y", rows_px), ("x", cols_px)):

@@ -3,8 +3,9 @@
 A run's frames follow the stream: a detector may start its series any time after the run
 opened, or restart with another shape, channel set, pixel type or compression. Each geometry
 (channels, shape, dtype, stored compression) gets its own `FrameStack`: the first the
-contract's /entry/instrument/detector, later ones /entry/instrument/detector_<k> (k = 1, 2,
-...), each with the same datasets (runfile.py makes them and the layout changes):
+contract's /entry/instrument/detector (NXdata /entry/data), later ones
+/entry/instrument/detector_<k> (k = 1, 2, ...; NXdata /entry/frames_<k>), each with the same
+datasets (runfile.py makes them and the layout changes):
 
     data, data_<channel>   [n, y, x] per channel, one chunk per frame as received
     image_id, series_id, frame_time, detector_start_time, detector_stop_time,

@@ -163,7 +163,7 @@ def test_each_pixel_type_and_compression_mid_run_gets_datasets_of_its_own(
         for k, messages in enumerate(series):
             _assert_stored(f[DETECTOR if k == 0 else f"{DETECTOR}_{k}"], _images(messages))
         for k in (1, 2, 3):
-            assert f[f"/entry/data_{k}/data"].shape == (3, 514, 1030)
+            assert f[f"/entry/frames_{k}/data"].shape == (3, 514, 1030)
     layout = [m for kind, m in _events(path) if kind == EventKind.LAYOUT]
     assert len(layout) == 4  # the config geometry re-made, then detector_1, _2, _3
 
@@ -273,6 +273,6 @@ def test_each_frames_imaging_state_is_by_its_time_though_the_records_come_late(
     np.testing.assert_array_equal(pixel[before], 0.06e-9)
     np.testing.assert_array_equal(pixel[after], 1e-9)
     with h5py.File(path, "r") as f:
-        assert f["/entry/data_lm/x"].attrs["units"] == "nm"
-        assert f["/entry/data_lm/data"].shape[0] == after.sum()
-        assert f["/entry/data_hrtem/data"].shape[0] == before.sum()
+        assert f["/entry/images_lm/x"].attrs["units"] == "nm"
+        assert f["/entry/images_lm/data"].shape[0] == after.sum()
+        assert f["/entry/images_hrtem/data"].shape[0] == before.sum()

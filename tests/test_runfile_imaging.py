@@ -25,6 +25,7 @@ from insitu_daq.config import DetectorConfig
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
 from insitu_daq.imaging import ImagingState
 from insitu_daq.ingest_frames import chunks_for_file, geometry_of_image
+from insitu_daq.report import summarize
 from insitu_daq.runfile import RunMetadata, RunWriter
 
 DETECTOR = "/entry/instrument/detector"
@@ -132,6 +133,8 @@ def test_each_frames_mode_is_decided_by_its_time_in_any_arrival_order(
         assert dose[0] == 35.0 and dose[16] == 2.0 and np.isnan(dose[12])
         assert detector["pixel_size"].attrs["units"] == "m"
         assert detector["dose_rate"].attrs["units"] == "e/angstrom^2/s"
+    summary = summarize(run.path)
+    assert summary.imaging_frames == {"hrtem": 16, "lm": 7, "settling": 7}
 
 
 def test_frames_wait_for_the_watermark_and_are_unknown_if_it_never_passes_them(
@@ -180,14 +183,14 @@ def test_each_mode_and_pixel_size_gets_an_nxdata_with_calibrated_axes(
     run.writer.close(time.time_ns())
     assert run.writer.finished is not None
     assert run.writer.finished.imaging_groups == [
-        "/entry/data_hrtem",
-        "/entry/data_lm",
-        "/entry/data_hrtem_2",
+        "/entry/images_hrtem",
+        "/entry/images_lm",
+        "/entry/images_hrtem_2",
     ]
     expected_rows = {
-        "data_hrtem": (list(range(10)), 0.06),
-        "data_lm": (list(range(15, 22)), 1.0),
-        "data_hrtem_2": (list(range(24, 30)), 0.05),
+        "images_hrtem": (list(range(10)), 0.06),
+        "images_lm": (list(range(15, 22)), 1.0),
+        "images_hrtem_2": (list(range(24, 30)), 0.05),
     }
     with h5py.File(run.path, "r") as f:
         detector = f[DETECTOR]

@@ -23,6 +23,7 @@ import pytest
 from insitu_daq.config import DetectorConfig
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
 from insitu_daq.ingest_frames import chunks_for_file, default_geometry, geometry_of_image
+from insitu_daq.report import format_summary, summarize
 from insitu_daq.runfile import FrameGeometry, GeometryRefusedError, RunMetadata, RunWriter
 
 DETECTOR = "/entry/instrument/detector"
@@ -109,12 +110,19 @@ def test_a_new_geometry_mid_run_gets_its_own_detector_and_returns_to_its_first(
         plist = f[f"{DETECTOR}_2/data"].id.get_create_plist()
         assert plist.get_filter(0)[0] == 32004  # lz4 chunks, as the detector sent them
         for k in (1, 2):
-            group = f[f"/entry/data_{k}"]
+            group = f[f"/entry/frames_{k}"]
             assert group.attrs["NX_class"] == "NXdata" and group.attrs["signal"] == "data"
             assert group["data"].shape == (3, 514, 1030)
             assert group["frame_time"].shape == (3,)
         assert f[f"{DETECTOR}_1"].attrs["NX_class"] == "NXdetector"
         assert f["/entry/data/data"].shape[0] == 3  # /entry/data: the first geometry
+    summary = summarize(path)  # `insitu-daq report` counts every geometry's frames
+    assert summary.frames == 3 and summary.missing_image_ids == 0
+    assert [(p, n) for p, n, _ in summary.other_geometries] == [
+        (f"{DETECTOR}_1", 3),
+        (f"{DETECTOR}_2", 3),
+    ]
+    assert f"3 of 514x1030 in {DETECTOR}_2" in format_summary(summary)
 
 
 # A SWMR reader in another process (as a viewer would be): holds the file open, then on each
