@@ -795,6 +795,7 @@ class IngestProcess:
             "geometry_source": run.geometry_source,
             "geometries": [asdict(geometry) for geometry in run.writer.geometries],
             "file_layout_changes": run.writer.layout_changes,
+            "frames_without_imaging": run.writer.frames_without_imaging,
             "imaging_groups": [] if finished is None else finished.imaging_groups,
             "finish_error": run.writer.finish_error,
         }

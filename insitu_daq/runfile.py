@@ -309,6 +309,11 @@ class RunWriter:
     def frames_without_bias(self) -> int:
         return sum(stack.frames_without_bias for stack in self._stacks)
 
+    @property
+    def frames_without_imaging(self) -> int:
+        """Frames given up on ("unknown") before the run closed: no watermark passed them."""
+        return sum(stack.frames_without_imaging for stack in self._stacks)
+
     def frames_in(self, stack: int) -> int:
         return self._stacks[stack].frames
 

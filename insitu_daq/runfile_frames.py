@@ -46,6 +46,10 @@ UNDECIDED = ""  # imaging_mode of a frame not decided yet (while the run is writ
 SETTLING = "settling"
 UNKNOWN = "unknown"
 PERIOD_RANGE_S = (1e-5, 10.0)  # a frame period learnt outside this is not believed
+# A frame the imaging watermark has not passed this long (run s) after it is given up on
+# ("unknown"), as the per-frame bias is: what is pending stays bounded when the daemon sends
+# no watermark (no microscope) or stops sending one.
+IMAGING_KEEP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class FrameStack:
         self._imaging_times: list[float] = []
         self._imaging_halves: list[float] = []
         self._imaging_first = 0
+        self.frames_without_imaging = 0  # given up on: the watermark never passed them
         self._half_exposure = 0.0  # of the last frame (a series has one count time)
         self.period_s: float | None = None  # learnt from consecutive image_ids
         self._last: tuple[int, int, float] | None = None  # series_id, image_id, frame_time
@@ -340,19 +345,22 @@ class FrameStack:
     # ----- per-frame imaging -----------------------------------------------------------------
     def fill_imaging(self, timeline: ImagingTimeline, final: bool) -> int:
         """Decide the imaging state of the frames the watermark has passed, in frame order;
-        at close (`final`) the rest become "unknown". Returns how many were decided."""
+        at close (`final`) the rest become "unknown", as do frames IMAGING_KEEP_S behind the
+        newest that it has not passed. Returns how many were decided."""
         first = self._imaging_first
-        count = len(self._imaging_times)
-        if not count:
+        if not self._imaging_times:
             return 0
         settling = self.period_s if self.period_s is not None else 2 * self._half_exposure
+        oldest_kept = self._imaging_times[-1] - IMAGING_KEEP_S
         modes: list[bytes] = []
         pixels: list[float] = []
         doses: list[float] = []
         for frame_time, half in zip(self._imaging_times, self._imaging_halves, strict=True):
             verdict = timeline.classify(frame_time, half, settling)
             if verdict is Verdict.NOT_YET and not final:
-                break  # later frames end later: they wait too
+                if frame_time >= oldest_kept:
+                    break  # later frames end later: they wait too
+                self.frames_without_imaging += 1
             mode, pixel, dose = _imaging_columns(verdict)
             modes.append(fixed(mode, MODE_LENGTH))
             pixels.append(pixel)

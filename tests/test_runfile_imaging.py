@@ -213,3 +213,23 @@ def test_each_mode_and_pixel_size_gets_an_nxdata_with_calibrated_axes(
                 np.testing.assert_array_equal(group[channel][-1], detector[channel][rows[-1]])
         assert f["/entry"].attrs["default"] == "data"
         assert f["/entry/data/data"].shape[0] == N  # the contract: the whole stack
+
+
+def test_frames_the_watermark_leaves_behind_for_a_minute_are_given_up_on(
+    tmp_path: Path, stream2_testdata: Path
+) -> None:
+    # No watermark for 100 s (a daemon without a microscope, or one that stopped sending):
+    # what waits stays bounded; the frames more than IMAGING_KEEP_S behind become "unknown".
+    run = Run(tmp_path / "stalled.h5", stream2_testdata / "r500k_bm_bslz4_8bit")
+    writer = run.writer
+    writer.add_imaging_state(HRTEM)
+    for i in range(101):  # one frame a second, run time 0 to 100 s
+        image = run.images[i % len(run.images)]
+        chunks, _ = chunks_for_file(image, writer.geometry)
+        writer.write_frame(i, 1, chunks, float(i), 0, 0, 0, 0.0, 0.0, half_exposure=0.05)
+    writer.flush()
+    assert run.modes() == ["unknown"] * 40 + [""] * 61  # 0-39 s: more than 60 s behind
+    assert writer.frames_without_imaging == 40
+    writer.advance_imaging(200.0)
+    writer.close(time.time_ns())
+    assert run.modes() == ["unknown"] * 40 + ["hrtem"] * 61
