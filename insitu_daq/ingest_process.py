@@ -448,17 +448,8 @@ class IngestProcess:
         """Write one image into the frame stack of its geometry (made if new: the file's
         layout changes); its frame_time (None: dropped before the file was touched)."""
         writer = run.writer
-        try:
-            stack, change = writer.stack_for(geometry)
-        except GeometryRefusedError as exc:
-            self.dropped["geometry"] += 1
-            self._event(EventKind.ERROR, f"image {image.image_id} dropped: {exc}")
-            return None
-        if change is not None:
-            self.counts["file_layout_changes_total"] += 1
-            self._event(EventKind.LAYOUT, f"run file layout: {change}")
-        try:
-            chunks, refiltered = chunks_for_file(image, writer.geometries[stack])
+        try:  # first: an image whose channels disagree never makes datasets
+            chunks, refiltered = chunks_for_file(image, geometry)
         except GeometryMismatchError as exc:
             self.dropped["geometry"] += 1
             self._event(EventKind.ERROR, f"image {image.image_id} dropped: {exc}")
@@ -467,6 +458,15 @@ class IngestProcess:
             self.dropped["corrupt"] += 1
             self._event(EventKind.MALFORMED, f"image {image.image_id} dropped: {exc}")
             return None
+        try:
+            stack, change = writer.stack_for(geometry)  # its datasets hold `geometry`'s chunks
+        except GeometryRefusedError as exc:
+            self.dropped["geometry"] += 1
+            self._event(EventKind.ERROR, f"image {image.image_id} dropped: {exc}")
+            return None
+        if change is not None:
+            self.counts["file_layout_changes_total"] += 1
+            self._event(EventKind.LAYOUT, f"run file layout: {change}")
         rows = run.rows
         if rows is None or rows.key != key or rows.stack != stack:
             if rows is not None and rows.key == key:

@@ -276,3 +276,32 @@ def test_each_frames_imaging_state_is_by_its_time_though_the_records_come_late(
         assert f["/entry/images_lm/x"].attrs["units"] == "nm"
         assert f["/entry/images_lm/data"].shape[0] == after.sum()
         assert f["/entry/images_hrtem/data"].shape[0] == before.sum()
+
+
+def test_an_image_whose_channels_disagree_is_refused_without_touching_the_layout(
+    harness: Harness, stream2_testdata: Path
+) -> None:
+    recorded = _messages(stream2_testdata / "r500k_bm_bslz4_8bit")
+    # A recorded image of a new series whose first channel is another shape (64 x 64 raw
+    # uint8) than the others: no frame geometry holds it (and the first channel alone would
+    # describe one the file does not have).
+    fields = dict(cbor2.loads(recorded[0]))
+    fields["series_id"], fields["series_unique_id"] = 5, "ODD"
+    channels = dict(fields["data"])
+    channels["threshold_1"] = cbor2.CBORTag(40, [[64, 64], cbor2.CBORTag(64, bytes(64 * 64))])
+    fields["data"] = channels
+    odd = cbor2.dumps(cbor2.CBORTag(55799, fields))
+    path, _, _ = harness.open_run("odd", geometry=None)
+    harness.ingest.start_recording()
+    _send(harness, [*recorded, odd, s2.end_message(5, "ODD")])
+    _delivered(harness)
+    summary = harness.ingest.close_run()
+
+    assert summary["frames_written"] == 3
+    assert summary["dropped_by_reason"]["geometry"] == 1
+    assert summary["file_layout_changes"] == 1  # the config geometry re-made, nothing more
+    with h5py.File(path, "r") as f:
+        assert [name for name in f["/entry/instrument"] if name.startswith("detector")] == [
+            "detector"
+        ]
+    assert any("'threshold_2'" in m for kind, m in _events(path) if kind == EventKind.ERROR)
