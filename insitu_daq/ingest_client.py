@@ -5,9 +5,8 @@ to it over two ZeroMQ ipc sockets in a private temporary directory (mode 0700, s
 user can connect; both ends are this program, so messages are pickled; ingest_wire.py):
 one ordered channel daemon -> ingest for commands AND records (bias samples as raw bytes of
 `BIAS_SAMPLE_DTYPE`, events, holder positions, live-analysis results, imaging states and
-watermarks), so `close_run` is
-handled after the last record sent before it; one channel ingest -> daemon for replies, stats
-(every `STATS_INTERVAL_S`) and events (to a callback).
+watermarks), so `close_run` is handled after the last record sent before it; one channel
+ingest -> daemon for replies, stats (every `STATS_INTERVAL_S`) and events (to a callback).
 
 Spawning imports the main module of the daemon again in the child: a script that starts an
 IngestClient needs the usual `if __name__ == "__main__":` guard (the console script has it).
@@ -71,9 +70,9 @@ class IngestClient:
     """The daemon's handle on the ingest process. Thread-safe.
 
     Records (`write_samples`, `write_event`, `write_holder_position`, `write_analysis`,
-    `set_imaging`, `imaging_watermark`) never block: if the
-    process is not running or its queue is full they are dropped, counted in
-    `records_dropped_total` and logged. Commands wait for the process's answer.
+    `set_imaging`, `imaging_watermark`) never block: if the process is not running or its
+    queue is full they are dropped, counted in `records_dropped_total` and logged. Commands
+    wait for the process's answer.
     """
 
     def __init__(

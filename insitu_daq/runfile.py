@@ -285,7 +285,7 @@ class RunWriter:
         )
         try:
             rebind(slots, self._file)
-            del slots  # (it holds the holders: `change` may drop handles, they must close)
+            del slots  # (it keeps the old holders: handles `change` lets go of must close)
             change()
         finally:
             self._file.swmr_mode = True

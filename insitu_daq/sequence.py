@@ -297,7 +297,8 @@ class FrameSequencer:
             # A series this stream never sent, after the current one ended: the detector was
             # armed again (its `start` missed), with its numbers restarted or even the same
             # series_id (a restarted detector counts from 1 again: only series_unique_id
-            # tells). Stragglers of the ended series itself are in `_finished` (above).
+            # tells). Stragglers of series before are in `_finished`, and those of the
+            # ended one match it (both above): dropped as stale or late.
             return "new"
         return "stale"
 
