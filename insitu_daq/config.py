@@ -72,7 +72,8 @@ class DetectorConfig(_Section):
     reorder_window_frames: Annotated[int, Field(ge=1, le=4096)] = 16
     reorder_window_s: Annotated[float, Field(gt=0, le=10)] = 0.5
     # Frame geometry of a run opened before the detector sent a start or an image: wait this
-    # long for one, then use these defaults (frames that do not match are dropped, counted).
+    # long for one, then use these defaults (a series with another geometry re-makes or adds
+    # frame datasets when its first image arrives: runfile_frames.py).
     geometry_timeout_s: Annotated[float, Field(ge=0, le=60)] = 2.0
     default_channels: Annotated[tuple[str, ...], Field(min_length=1)] = ("threshold_1",)
     default_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1024, 1024)

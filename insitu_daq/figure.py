@@ -34,6 +34,7 @@ from .report import (
     imaging_modes,
     mode_at,
     read_analysis,
+    read_column,
     read_events,
 )
 
@@ -236,10 +237,9 @@ def draw_report_figure(run_file: str | Path, out: str | Path) -> DrawnFigure:
         changes = imaging_modes(events, initial)
         hold = hold_span(events)
         analysis = read_analysis(entry)
-        bias = entry["sample/bias_voltage"]
-        t = bias["time"][:]
-        volts = bias["value"][: len(t)]
-        amps = entry["sample/current/value"][: len(t)]
+        t = read_column(entry, "sample/bias_voltage/time")  # (absent: no reading in the run)
+        volts = read_column(entry, "sample/bias_voltage/value")[: len(t)]
+        amps = read_column(entry, "sample/current/value")[: len(t)]
         frame_time = entry["instrument/detector/frame_time"][:]
         frames = key_frames(f, hold, changes)
         title = f"{_text(entry.get('run_id'))}  ({_text(entry.get('title'))})"

@@ -20,14 +20,20 @@ Two halves, two OS processes (DESIGN.md: "ingest+write and analysis in separate 
   ipc sockets in a private temporary directory (mode 0700, so only this user can connect;
   both ends are this program, so messages are pickled): one ordered channel daemon -> ingest
   for commands AND records (bias samples as raw bytes of `BIAS_SAMPLE_DTYPE`, events, holder
-  positions), so `close_run` is handled after the last record sent before it; one channel
-  ingest -> daemon for replies, stats (every `STATS_INTERVAL_S`) and events (to a callback).
+  positions, imaging states and watermarks), so `close_run` is handled after the last record
+  sent before it; one channel ingest -> daemon for replies, stats (every `STATS_INTERVAL_S`)
+  and events (to a callback).
 
 The archive path moves bytes: a payload in the file's chunk format (bslz4 or lz4 as received,
 or raw) goes to `write_direct_chunk` unchanged. With `detector.archive_compression = "none"`
-compressed payloads are decompressed and stored raw. A payload whose compression differs from
-the file's (a detector reconfigured mid-run) is decompressed and written through the file's
-filter, and counted.
+compressed payloads are decompressed and stored raw. The frame datasets follow the stream:
+a series whose geometry (channels, shape, pixel type, compression) is not the run's gets
+datasets of its own when its first image arrives (RunWriter.stack_for: the empty datasets of
+a run opened before the detector spoke are re-made; later geometries get
+/entry/instrument/detector_<k>), recorded as a `file_layout` event (a SWMR reader reopens
+the file then); only geometries beyond RunWriter's limit are refused (dropped, counted).
+Each frame's imaging state (mode, pixel size, dose rate) is decided in the file by its own
+time once the daemon's imaging watermark has passed it (`set_imaging`, `imaging_watermark`).
 
 Frames pass the FrameSequencer (image_id order, gaps, duplicates, late and stale images,
 sequence.py) and the DetectorClockMap (run-clock `frame_time` of the exposure midpoint).

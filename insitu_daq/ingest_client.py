@@ -4,9 +4,9 @@
 to it over two ZeroMQ ipc sockets in a private temporary directory (mode 0700, so only this
 user can connect; both ends are this program, so messages are pickled; ingest_wire.py):
 one ordered channel daemon -> ingest for commands AND records (bias samples as raw bytes of
-`BIAS_SAMPLE_DTYPE`, events, holder positions, live-analysis results), so `close_run` is
-handled after the last record sent before it; one channel ingest -> daemon for replies, stats
-(every `STATS_INTERVAL_S`) and events (to a callback).
+`BIAS_SAMPLE_DTYPE`, events, holder positions, live-analysis results, imaging states and
+watermarks), so `close_run` is handled after the last record sent before it; one channel
+ingest -> daemon for replies, stats (every `STATS_INTERVAL_S`) and events (to a callback).
 
 Spawning imports the main module of the daemon again in the child: a script that starts an
 IngestClient needs the usual `if __name__ == "__main__":` guard (the console script has it).
@@ -36,16 +36,20 @@ import zmq
 from . import ingest_process
 from .clock import RunClock
 from .config import StationConfig
+from .imaging import ImagingState
 from .ingest_wire import (
     ANALYSIS,
     CMD,
     EVENT,
     HOLDER,
     HOLDER_RECORD,
+    IMAGING,
+    IMAGING_WATERMARK,
     READY,
     REPLY,
     SAMPLES,
     STATS,
+    WATERMARK_RECORD,
     IngestError,
 )
 from .records import BIAS_SAMPLE_DTYPE, Event
@@ -66,9 +70,10 @@ class _Waiter:
 class IngestClient:
     """The daemon's handle on the ingest process. Thread-safe.
 
-    Records (`write_samples`, `write_event`, `write_holder_position`) never block: if the
-    process is not running or its queue is full they are dropped, counted in
-    `records_dropped_total` and logged. Commands wait for the process's answer.
+    Records (`write_samples`, `write_event`, `write_holder_position`, `write_analysis`,
+    `set_imaging`, `imaging_watermark`) never block: if the process is not running or its
+    queue is full they are dropped, counted in `records_dropped_total` and logged. Commands
+    wait for the process's answer.
     """
 
     def __init__(
@@ -285,6 +290,19 @@ class IngestClient:
         """A live-analysis result for the open run's analysis log (JSON-serialisable;
         TypeError if not). Dropped and counted by the ingest process when no run is open."""
         self._send_record([ANALYSIS, json.dumps(result).encode()])
+
+    def set_imaging(self, state: ImagingState) -> None:
+        """The microscope's imaging state from `state.start` on (run-clock seconds): a switch
+        that took from `state.start` to `state.end`, or the state at run start (both -inf;
+        send it right after open_run, before any frame of the run can be decided). Each
+        frame's imaging_mode, pixel_size and dose_rate in the run file are decided by the
+        frame's time against these states, once `imaging_watermark` has passed the frame."""
+        self._send_record([IMAGING, json.dumps(state.to_message()).encode()])
+
+    def imaging_watermark(self, run_time_s: float) -> None:
+        """Every imaging switch begun at or before run time `run_time_s` has been sent with
+        `set_imaging` (on this same ordered channel, so the watermark never overtakes them)."""
+        self._send_record([IMAGING_WATERMARK, WATERMARK_RECORD.pack(run_time_s)])
 
     # ----- transport -------------------------------------------------------------------------
     def _send_record(self, parts: list[bytes]) -> None:

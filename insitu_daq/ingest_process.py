@@ -54,6 +54,7 @@ from .drivers.stream2 import (
     Stream2Receiver,
     decode_message,
 )
+from .imaging import ImagingState
 from .ingest_counters import EventLimiter, Histogram
 from .ingest_frames import (
     GeometryMismatchError,
@@ -72,15 +73,18 @@ from .ingest_wire import (
     HDF5_WRITE_BUCKETS_S,
     HOLDER,
     HOLDER_RECORD,
+    IMAGING,
+    IMAGING_WATERMARK,
     READY,
     REPLY,
     SAMPLES,
     STATS,
     STATS_INTERVAL_S,
+    WATERMARK_RECORD,
     IngestError,
 )
 from .records import BIAS_SAMPLE_DTYPE, Event, EventKind
-from .runfile import FrameGeometry, RunMetadata, RunWriter
+from .runfile import FrameGeometry, GeometryRefusedError, RunMetadata, RunWriter
 from .sequence import (
     DetectorClockMap,
     FrameSequencer,
@@ -141,9 +145,11 @@ def tune_malloc() -> dict[str, int]:
 # ----- the process side -----------------------------------------------------------------------
 @dataclass
 class _SeriesRows:
-    """The file rows of one series in the open run, and the clock mapping they hold."""
+    """The file rows of one series in one frame stack of the open run, and the clock
+    mapping they hold."""
 
     key: SeriesKey
+    stack: int  # the frame stack (RunWriter.stack_for) the rows are in
     first_row: int
     offset_ns: int  # wall ns of detector time zero the rows were written with
     error_ns: float
@@ -237,6 +243,9 @@ class IngestProcess:
                 "retimes_total",
                 "analysis_results_written_total",
                 "analysis_results_without_run_total",
+                "imaging_states_total",
+                "imaging_watermarks_total",
+                "file_layout_changes_total",
             ),
             0,
         )
@@ -382,6 +391,10 @@ class IngestProcess:
             self._holder(*HOLDER_RECORD.unpack(payload))
         elif kind == ANALYSIS:
             self._analysis(json.loads(payload))
+        elif kind == IMAGING:
+            self._imaging_state(ImagingState.from_message(json.loads(payload)))
+        elif kind == IMAGING_WATERMARK:
+            self._imaging_watermark(*WATERMARK_RECORD.unpack(payload))
         else:
             raise ValueError(f"unknown record kind {kind!r}")
 
@@ -397,11 +410,12 @@ class IngestProcess:
             self._clock_map, self._clock_key = DetectorClockMap(), key
         assert self._clock_map is not None and image.received_ns is not None
         self._clock_map.observe(image.start_time, image.stop_time, image.received_ns)
-        self._latest_geometry = geometry_of_image(image, self.detector)
+        geometry = geometry_of_image(image, self.detector)
+        self._latest_geometry = geometry
         self._latest_image_ns = image.received_ns
         run = self._run
         if run is not None and run.recording_at(image.received_ns):
-            frame_time = self._write_frame(run, image, key, self._clock_map)
+            frame_time = self._write_frame(run, image, key, self._clock_map, geometry)
         else:
             self.counts["frames_not_recording_total"] += 1
             if run is None:
@@ -424,12 +438,18 @@ class IngestProcess:
         return run.clock.from_wall_ns(offset_ns + fraction_ns(image.mid_time))
 
     def _write_frame(
-        self, run: _Run, image: ImageMessage, key: SeriesKey, clock_map: DetectorClockMap
+        self,
+        run: _Run,
+        image: ImageMessage,
+        key: SeriesKey,
+        clock_map: DetectorClockMap,
+        geometry: FrameGeometry,
     ) -> float | None:
-        """Write one image; its frame_time (None: dropped before the file was touched)."""
+        """Write one image into the frame stack of its geometry (made if new: the file's
+        layout changes); its frame_time (None: dropped before the file was touched)."""
         writer = run.writer
-        try:
-            chunks, refiltered = chunks_for_file(image, writer.geometry)
+        try:  # first: an image whose channels disagree never makes datasets
+            chunks, refiltered = chunks_for_file(image, geometry)
         except GeometryMismatchError as exc:
             self.dropped["geometry"] += 1
             self._event(EventKind.ERROR, f"image {image.image_id} dropped: {exc}")
@@ -438,18 +458,41 @@ class IngestProcess:
             self.dropped["corrupt"] += 1
             self._event(EventKind.MALFORMED, f"image {image.image_id} dropped: {exc}")
             return None
+        try:
+            stack, change = writer.stack_for(geometry)  # its datasets hold `geometry`'s chunks
+        except GeometryRefusedError as exc:
+            self.dropped["geometry"] += 1
+            self._event(EventKind.ERROR, f"image {image.image_id} dropped: {exc}")
+            return None
+        if change is not None:
+            self.counts["file_layout_changes_total"] += 1
+            self._event(EventKind.LAYOUT, f"run file layout: {change}")
         rows = run.rows
-        if rows is None or rows.key != key:
+        if rows is None or rows.key != key or rows.stack != stack:
+            if rows is not None and rows.key == key:
+                self._retime(force=True)  # the series goes on in another stack: these are done
             offset_ns = clock_map.offset_ns
             assert offset_ns is not None
             rows = _SeriesRows(
-                key, writer.frames_written, offset_ns, clock_map.error_ns, run.last_frame_time
+                key,
+                stack,
+                writer.frames_in(stack),
+                offset_ns,
+                clock_map.error_ns,
+                run.last_frame_time,
             )
             run.rows = rows
-            run.series.append({"series_id": key[0], "series_unique_id": key[1]})
+            run.series.append(
+                {
+                    "series_id": key[0],
+                    "series_unique_id": key[1],
+                    "detector": writer.detector_path(stack),
+                }
+            )
         clock = run.clock
         mid_ns = fraction_ns(image.mid_time)
         frame_time = max(clock.from_wall_ns(rows.offset_ns + mid_ns), run.last_frame_time)
+        half_exposure = fraction_ns(image.stop_time - image.start_time) * 0.5e-9 * clock.time_scale
         assert image.received_ns is not None
         started = time.perf_counter()
         try:
@@ -464,6 +507,8 @@ class IngestProcess:
                 clock.from_wall_ns(rows.offset_ns),
                 rows.error_ns * 1e-9 * clock.time_scale,
                 iso_date(image.series_date),
+                stack=stack,
+                half_exposure=max(half_exposure, 0.0),
             )
         except Exception as exc:
             self.dropped["write_error"] += 1
@@ -498,7 +543,9 @@ class IngestProcess:
         times = np.maximum.accumulate(np.maximum(times, rows.floor))
         error = clock_map.run_error(clock)
         started = time.perf_counter()
-        run.writer.retime_frames(rows.first_row, times, clock.from_wall_ns(offset_ns), error)
+        run.writer.retime_frames(
+            rows.first_row, times, clock.from_wall_ns(offset_ns), error, stack=rows.stack
+        )
         self.hdf5_write.observe(time.perf_counter() - started)
         rows.offset_ns, rows.error_ns = offset_ns, clock_map.error_ns
         run.last_frame_time = float(times[-1])
@@ -540,6 +587,24 @@ class IngestProcess:
             return
         run.writer.write_analysis(result)
         self.counts["analysis_results_written_total"] += 1
+        run.dirty = True
+
+    def _imaging_state(self, state: ImagingState) -> None:
+        run = self._run
+        if run is None:
+            self.counts["records_without_run_total"] += 1
+            return
+        run.writer.add_imaging_state(state)
+        self.counts["imaging_states_total"] += 1
+        run.dirty = True  # the next flush decides the frames it covers
+
+    def _imaging_watermark(self, run_time_s: float) -> None:
+        run = self._run
+        if run is None:
+            self.counts["records_without_run_total"] += 1
+            return
+        run.writer.advance_imaging(run_time_s)
+        self.counts["imaging_watermarks_total"] += 1
         run.dirty = True
 
     def _client_event(self, event: Event) -> None:
@@ -705,6 +770,7 @@ class IngestProcess:
         return summary
 
     def _summary(self, run: _Run) -> dict[str, Any]:
+        finished = run.writer.finished
         now, before = self._counters(), run.counters_at_open
         delta = {key: value - before.get(key, 0) for key, value in now.items()}
         dropped = {reason: delta[f"dropped_{reason}"] for reason in DROP_REASONS}
@@ -727,6 +793,11 @@ class IngestProcess:
             "series": run.series,
             "geometry": asdict(run.writer.geometry),
             "geometry_source": run.geometry_source,
+            "geometries": [asdict(geometry) for geometry in run.writer.geometries],
+            "file_layout_changes": run.writer.layout_changes,
+            "frames_without_imaging": run.writer.frames_without_imaging,
+            "imaging_groups": [] if finished is None else finished.imaging_groups,
+            "finish_error": run.writer.finish_error,
         }
 
     # ----- timed work ------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Both sides import this module and nothing else of each other, so what crosses th
 boundary is written down in one place. Messages are ZeroMQ multipart [kind, payload] over
 ipc sockets in a private directory (mode 0700): both ends are this program, so a payload is
 pickled, except the high-rate records, which are raw bytes (bias samples as
-`records.BIAS_SAMPLE_DTYPE`, holder positions as `HOLDER_RECORD`). The stats names that the
-daemon's metrics mirror (`DROP_REASONS`, `HDF5_WRITE_BUCKETS_S`) live here for the same reason.
+`records.BIAS_SAMPLE_DTYPE`, holder positions as `HOLDER_RECORD`, imaging watermarks as
+`WATERMARK_RECORD`). The stats names that the daemon's metrics mirror (`DROP_REASONS`,
+`HDF5_WRITE_BUCKETS_S`) live here for the same reason.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ SAMPLES = b"samples"  # raw bytes of a BIAS_SAMPLE_DTYPE batch
 EVENT = b"event"  # an Event, pickled; ingest -> daemon: Event.to_dict(), pickled
 HOLDER = b"holder"  # HOLDER_RECORD: (run time s, position nm)
 ANALYSIS = b"analysis"  # a live-analysis result: a JSON object (UTF-8), for the run file
+IMAGING = b"imaging"  # an imaging.ImagingState as its to_message() JSON object (UTF-8)
+IMAGING_WATERMARK = b"imaging_watermark"  # WATERMARK_RECORD: (run time s,)
 
 # ingest -> daemon
 READY = b"ready"  # once, when its sockets are up: {"pid": ..., "error"?: ...}
@@ -25,6 +28,7 @@ REPLY = b"reply"  # {"id": ..., "ok": bool, ...}
 STATS = b"stats"  # the stats dict, every STATS_INTERVAL_S
 
 HOLDER_RECORD = struct.Struct("<dd")
+WATERMARK_RECORD = struct.Struct("<d")
 
 STATS_INTERVAL_S = 0.25
 

@@ -62,6 +62,7 @@ class EventKind:
     OUT_OF_ORDER = "frame_out_of_order"
     STALE = "stale_series"
     MALFORMED = "malformed_message"
+    LAYOUT = "file_layout"  # the run file got new frame datasets: SWMR readers reopen it
     ERROR = "error"
 
 

@@ -59,6 +59,9 @@ class RunSummary:
     holds: list[HoldSummary]
     event_counts: dict[str, int]
     events: list[tuple[float, str, str]] = field(default_factory=list)
+    # Frames of later geometries (runfile_frames.py): (NXdetector path, frames, frame shape).
+    other_geometries: list[tuple[str, int, tuple[int, ...]]] = field(default_factory=list)
+    imaging_frames: dict[str, int] = field(default_factory=dict)  # per-frame imaging_mode
 
     @property
     def frame_rate_hz(self) -> float | None:
@@ -66,6 +69,13 @@ class RunSummary:
             return None
         span = self.last_frame_time_s - self.first_frame_time_s
         return (self.frames - 1) / span if span > 0 else None
+
+
+def read_column(group: h5py.Group, path: str, dtype: str = "<f8") -> np.ndarray:
+    """A dataset's values; empty when absent (a closed run file leaves out a log nobody
+    wrote: runfile_finish.py)."""
+    dataset = group.get(path)
+    return np.zeros(0, dtype=dtype) if dataset is None else dataset[:]
 
 
 def _text(dataset: h5py.Dataset) -> str:
@@ -111,18 +121,27 @@ def summarize(path: str | Path) -> RunSummary:
         frame_time = detector["frame_time"][:]
         image_id = detector["image_id"][:]
         series_id = detector["series_id"][:]
+        others = _other_geometries(entry["instrument"])
+        modes = Counter(
+            m.decode() or "undecided" for m in read_column(detector, "imaging_mode", "S1")
+        )
+        for group in others:
+            image_id = np.r_[image_id, group["image_id"][:]]
+            series_id = np.r_[series_id, group["series_id"][:]]
+            modes.update(
+                m.decode() or "undecided" for m in read_column(group, "imaging_mode", "S1")
+            )
         missing = 0
         for series in np.unique(series_id):
             ids = np.sort(image_id[series_id == series])
             missing += int(ids[-1] - ids[0] + 1 - len(np.unique(ids))) if len(ids) else 0
-        bias = entry["sample/bias_voltage"]
-        t = bias["time"][:]
-        volts = bias["value"][:]
-        setpoint = bias["setpoint"][:]
-        amps = entry["sample/current/value"][:]
-        event_time = entry["events/time"][:]
-        kinds = [k.decode() for k in entry["events/kind"][:]]
-        messages = [m.decode() for m in entry["events/message"][:]]
+        t = read_column(entry, "sample/bias_voltage/time")
+        volts = read_column(entry, "sample/bias_voltage/value")
+        setpoint = read_column(entry, "sample/bias_voltage/setpoint")
+        amps = read_column(entry, "sample/current/value")
+        event_time = read_column(entry, "events/time")
+        kinds = [k.decode() for k in read_column(entry, "events/kind", "S1")]
+        messages = [m.decode() for m in read_column(entry, "events/message", "S1")]
         return RunSummary(
             path=path,
             run_id=_text(entry["run_id"]),
@@ -144,7 +163,17 @@ def summarize(path: str | Path) -> RunSummary:
             holds=_holds(t, volts, setpoint, amps),
             event_counts=dict(Counter(kinds)),
             events=list(zip(event_time.tolist(), kinds, messages, strict=True)),
+            other_geometries=[
+                (g.name, len(g["frame_time"]), tuple(g["data"].shape[1:])) for g in others
+            ],
+            imaging_frames=dict(modes),
         )
+
+
+def _other_geometries(instrument: h5py.Group) -> list[h5py.Group]:
+    """The NXdetector groups of frame geometries after the first (detector_1, detector_2...)."""
+    names = [name for name in instrument if re.fullmatch(r"detector_\d+", name)]
+    return [instrument[name] for name in sorted(names, key=lambda n: int(n.split("_")[1]))]
 
 
 def format_summary(summary: RunSummary, events: int = 12) -> str:
@@ -161,6 +190,11 @@ def format_summary(summary: RunSummary, events: int = 12) -> str:
         span = summary.last_frame_time_s - summary.first_frame_time_s
         frames += f", {rate:.1f} frames/s over {span:.1f} s"
     lines.append(f"frames       {frames} written")
+    for path, count, shape in summary.other_geometries:
+        lines.append(f"             and {count} of {'x'.join(map(str, shape))} in {path}")
+    if summary.imaging_frames:
+        modes = ", ".join(f"{mode} {n}" for mode, n in sorted(summary.imaging_frames.items()))
+        lines.append(f"imaging      frames by mode: {modes}")
     lines.append(
         f"             lost (missing image ids) {summary.missing_image_ids}, frame_time "
         f"monotonic: {'yes' if summary.frame_time_monotonic else 'NO'}"
@@ -409,10 +443,9 @@ def hold_span(events: list[tuple[float, str, str]]) -> HoldSpan | None:
 
 
 def read_events(entry: h5py.Group) -> list[tuple[float, str, str]]:
-    events = entry["events"]
-    times = events["time"][:]
-    kinds = [k.decode() for k in events["kind"][:]]
-    messages = [m.decode() for m in events["message"][:]]
+    times = read_column(entry, "events/time")
+    kinds = [k.decode() for k in read_column(entry, "events/kind", "S1")]
+    messages = [m.decode() for m in read_column(entry, "events/message", "S1")]
     n = min(len(times), len(kinds), len(messages))
     return list(zip(times[:n].tolist(), kinds[:n], messages[:n], strict=True))
 

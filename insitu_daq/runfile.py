@@ -5,23 +5,33 @@ NXlogs, events, the protocol text and an NXdata link. Every group has @NX_class 
 dataset with a unit has @units. All times are seconds since /entry/start_time.
 
 Why it is shaped so:
-- SWMR forbids creating objects once readers may attach, so every group and dataset is made
-  in `__init__` (the detector's from a `FrameGeometry` known before the run starts) and only
-  grown afterwards.
+- SWMR forbids creating objects once readers may attach, so every group and dataset the run
+  is known to need is made in `__init__` (the detector's from the `FrameGeometry` known when
+  the run opens) and only grown afterwards.
+- The frames follow the stream (runfile_frames.py): a series that starts after the run
+  opened with another geometry re-makes the still empty frame datasets; a new geometry once
+  frames are stored gets its own /entry/instrument/detector_<k> and /entry/frames_<k>. Either
+  briefly leaves SWMR (`_change_layout`: close, reopen without SWMR, create, SWMR again): a
+  SWMR reader must reopen the file then (the ingest records a `file_layout` event).
 - Frames go in as received: a bslz4 or lz4 payload is already an HDF5 chunk of the matching
   filter, so `write_direct_chunk` stores it with no decompress/recompress.
 - The per-frame bias is interpolated from the bias log at frame_time. Bias samples arrive from
   another process and may lag the frames, so a frame's bias is written as NaN first and filled
   in once a sample later than its frame_time is known (or, at close, from the last sample).
+  The per-frame imaging state (mode, pixel size, dose rate) likewise waits for the daemon's
+  imaging watermark to pass the frame (imaging.py, runfile_frames.py).
 - Per-frame columns are written in batches (see `write_frame`): readers count frames by
   `frame_time`; `data` may hold more rows until the next flush.
 - Strings in growing datasets are fixed-length UTF-8: SWMR readers do not reliably see
   variable-length data appended by a writer.
+- At close the file is finished (runfile_finish.py): one NXdata per imaging mode and pixel
+  size with calibrated axes, and no empty dataset (a log nobody wrote is left out).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,38 +42,42 @@ import numpy as np
 
 from .analysis.reflections import DEFAULT_REFLECTIONS
 from .analysislog import AnalysisLog
-from .drivers.stream2 import hdf5_filter_options
 from .framebias import FrameBiasEstimator
+from .h5util import fixed as _fixed
+from .h5util import group as _group
+from .h5util import growing as _growing
+from .h5util import handle_paths, rebind
+from .h5util import put as _put
+from .h5util import scalar as _scalar
+from .imaging import ImagingState, ImagingTimeline
 from .records import STATUS_LEVEL_CHANGE
+from .runfile_finish import FinishResult, finish_run_file
+from .runfile_frames import FrameGeometry, FrameStack
+
+__all__ = ["FrameGeometry", "GeometryRefusedError", "RunMetadata", "RunWriter", "units_of"]
 
 log = logging.getLogger(__name__)
 
 KIND_LENGTH = 32
 MESSAGE_LENGTH = 256
-DATE_LENGTH = 40
-COLUMN_BATCH = 64  # frames whose per-frame columns are written together
 # HDF5's chunk cache per dataset. Its default (1 MB) keeps every appended column chunk until
 # the megabyte is full: ~25 growing datasets made the writer's memory grow for an hour of run
 # (~150 bytes a frame). Appends only need the chunk being filled (8 KB for 1024 float64);
 # frame chunks (one image each) are bigger than this and bypass the cache anyway.
 CHUNK_CACHE_BYTES = 64 * 1024
+# Frame geometries one run file takes (each its own NXdetector); a stream changing geometry
+# more often than this is refused (its frames dropped, counted and evented), not followed
+# with a reopen of the file every frame.
+MAX_GEOMETRIES = 8
+DETECTOR = "/entry/instrument/detector"
 
 
 def iso8601(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9, tz=timezone.utc).isoformat()
 
 
-@dataclass(frozen=True)
-class FrameGeometry:
-    """What the detector datasets must hold: channel names, (rows, cols), dtype, compression."""
-
-    channels: tuple[str, ...]
-    shape: tuple[int, int]
-    dtype: str  # numpy dtype string, e.g. "<u2"
-    compression: str | None  # "bslz4" | "lz4" | None: the chunk format stored
-
-    def filter_options(self) -> dict[str, Any]:
-        return hdf5_filter_options(self.compression)
+class GeometryRefusedError(RuntimeError):
+    """A frame geometry the run file does not take (MAX_GEOMETRIES reached)."""
 
 
 @dataclass(frozen=True)
@@ -107,89 +121,53 @@ def units_of(key: str) -> str | None:
     return next((unit for suffix, unit in _UNIT_SUFFIXES if key.endswith(suffix)), None)
 
 
-def _group(parent: h5py.Group, name: str, nx_class: str, **attrs: Any) -> h5py.Group:
-    group = parent.create_group(name)
-    group.attrs["NX_class"] = nx_class
-    for key, value in attrs.items():
-        group.attrs[key] = value
-    return group
-
-
-def _growing(
-    group: h5py.Group, name: str, dtype: Any, units: str | None = None, chunk: int = 1024
-) -> h5py.Dataset:
-    dataset = group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,))
-    if units:
-        dataset.attrs["units"] = units
-    return dataset
-
-
-def _scalar(group: h5py.Group, name: str, value: Any, units: str | None = None) -> None:
-    dataset = group.create_dataset(name, data=value)
-    if units:
-        dataset.attrs["units"] = units
-
-
-def _put(dataset: h5py.Dataset, index: int, values: np.ndarray) -> None:
-    """Write rows [index, index+len) (growing the dataset to exactly that length).
-
-    Writing at the row a record owns, rather than appending at the dataset's current end,
-    keeps the columns of a record aligned even when an earlier write failed halfway: the
-    record is simply written again at the same rows.
-    """
-    dataset.resize((index + len(values),))
-    dataset[index:] = values
-
-
-def _fixed(text: str, length: int) -> bytes:
-    return text.encode("utf-8")[:length]
-
-
 class RunWriter:
     """Owner of one run file. Not thread-safe: one thread (the ingest loop) calls it."""
 
-    def __init__(self, path: Path, meta: RunMetadata, geometry: FrameGeometry) -> None:
+    def __init__(
+        self,
+        path: Path,
+        meta: RunMetadata,
+        geometry: FrameGeometry,
+        max_geometries: int = MAX_GEOMETRIES,
+    ) -> None:
         self.path = Path(path)
         self.meta = meta
-        self.geometry = geometry
+        self.max_geometries = max_geometries
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.path, "w", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        # fs_strategy "none": HDF5 never reuses freed file space. Re-making the empty frame
+        # datasets for a late series (stack_for) frees their space, and HDF5 2.0 reusing it
+        # for the new datasets' chunk index failed the first chunk write ("duplicate entry in
+        # cache"). The run file only grows otherwise (20000 frames: the same size either way).
+        self._file = h5py.File(
+            self.path, "w", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES, fs_strategy="none"
+        )
         self._closed = False
+        self._stacks: list[FrameStack] = []
         try:
-            self._build()
+            self._build(geometry)
             self._file.swmr_mode = True
         except BaseException:
             self._file.close()
             raise
-        self.frames_written = 0
-        self._pending_rows: list[tuple[Any, ...]] = []  # columns of frames not yet written
-        self._row_datasets = (  # in the order of a pending row
-            self._image_id,
-            self._series_id,
-            self._frame_time_ds,
-            self._det_start,
-            self._det_stop,
-            self._series_date,
-            self._received,
-            self._clock_offset,
-            self._clock_offset_err,
-        )
         self.samples_written = 0
         self.level_changes_written = 0
         self.events_written = 0
         self.holder_positions_written = 0
         self.analysis_results_not_kept = 0  # write_analysis with no analysis log to keep them
-        # Per-frame bias: a window of the bias log, and the times of the frames whose bias is
-        # not filled in yet (frames from _first_pending_frame on).
+        self.layout_changes = 0  # times the file left SWMR to make datasets (_change_layout)
+        self.finished: FinishResult | None = None  # what close() did to finish the file
+        self.finish_error: str | None = None
+        # Per-frame bias: a window of the bias log (the frame stacks keep what is pending).
         self._frame_bias_estimator = FrameBiasEstimator()
-        self._pending_frame_times: list[float] = []
-        self._first_pending_frame = 0
-        self.frames_without_bias = 0  # given up on: no reading came within the window
+        # Per-frame imaging state: the microscope's states of this run and the watermark.
+        self.imaging = ImagingTimeline()
 
     # ----- layout ----------------------------------------------------------------------------
-    def _build(self) -> None:
-        meta, geometry, f = self.meta, self.geometry, self._file
+    def _build(self, geometry: FrameGeometry) -> None:
+        meta, f = self.meta, self._file
         start = iso8601(meta.start_time_ns)
+        self._start = start
         f.attrs["default"] = "entry"
         f.attrs["file_name"] = self.path.name
         f.attrs["file_time"] = start
@@ -203,47 +181,7 @@ class RunWriter:
         entry["program_name"].attrs["version"] = meta.program_version
 
         instrument = _group(entry, "instrument", "NXinstrument")
-        detector = _group(instrument, "detector", "NXdetector")
-        self._data = {}
-        rows, cols = geometry.shape
-        for i, channel in enumerate(geometry.channels):
-            name = "data" if i == 0 else f"data_{channel}"
-            dataset = detector.create_dataset(
-                name,
-                shape=(0, rows, cols),
-                maxshape=(None, rows, cols),
-                chunks=(1, rows, cols),
-                dtype=np.dtype(geometry.dtype),
-                **geometry.filter_options(),
-            )
-            dataset.attrs["units"] = "counts"
-            dataset.attrs["channel"] = channel
-            self._data[channel] = dataset
-        self._image_id = _growing(detector, "image_id", "<i8")
-        self._series_id = _growing(detector, "series_id", "<i8")
-        self._frame_time_ds = _growing(detector, "frame_time", "<f8", "s")
-        self._frame_time_ds.attrs["start"] = start
-        self._det_start = _growing(detector, "detector_start_time", "<f8", "s")
-        self._det_stop = _growing(detector, "detector_stop_time", "<f8", "s")
-        self._series_date = _growing(detector, "detector_series_date", f"S{DATE_LENGTH}")
-        self._series_date.attrs["description"] = (
-            "the detector's series_date (ISO 8601, its own clock): origin of its start/stop times"
-        )
-        self._received = _growing(detector, "received_time", "<f8", "s")
-        self._frame_bias = _growing(detector, "bias_voltage", "<f8", "V")
-        self._frame_current = _growing(detector, "current", "<f8", "A")
-        self._clock_offset = _growing(detector, "detector_clock_offset", "<f8", "s")
-        self._clock_offset.attrs["description"] = (
-            "run clock minus detector clock per frame's series (lower envelope of arrival delay)"
-        )
-        self._clock_offset_err = _growing(detector, "detector_clock_offset_errors", "<f8", "s")
-        if meta.pixel_size_m:
-            _scalar(detector, "x_pixel_size", meta.pixel_size_m[0], "m")
-            _scalar(detector, "y_pixel_size", meta.pixel_size_m[1], "m")
-        if meta.count_time_s is not None:
-            _scalar(detector, "count_time", meta.count_time_s, "s")
-        _scalar(detector, "detector_description", meta.detector_description or "unknown")
-        _scalar(detector, "compression", geometry.compression or "none")
+        self._add_stack(geometry)
 
         source_meter = _group(instrument, "source_meter", "NXsensor")
         _scalar(source_meter, "measurement", "current")
@@ -299,13 +237,117 @@ class RunWriter:
         _scalar(protocol, "file_name", meta.protocol_name)
         _scalar(protocol, "data", meta.protocol_text)
 
-        data = _group(entry, "data", "NXdata", signal="data")
+        self._link_nxdata(entry, "data", DETECTOR)
+
+    @staticmethod
+    def _link_nxdata(entry: h5py.Group, name: str, detector: str) -> None:
+        data = _group(entry, name, "NXdata", signal="data")
         data.attrs["axes"] = ["frame_time", ".", "."]
         data.attrs["frame_time_indices"] = 0
-        data["data"] = h5py.SoftLink("/entry/instrument/detector/data")
-        data["frame_time"] = h5py.SoftLink("/entry/instrument/detector/frame_time")
+        data["data"] = h5py.SoftLink(f"{detector}/data")
+        data["frame_time"] = h5py.SoftLink(f"{detector}/frame_time")
 
-    # ----- records ---------------------------------------------------------------------------
+    def _add_stack(self, geometry: FrameGeometry) -> FrameStack:
+        """A frame stack for `geometry`: /entry/instrument/detector for the first, then
+        detector_<k> with its NXdata /entry/frames_<k> (the file must be writable, not SWMR;
+        not "data_<k>": RosettaSciIO's use_default takes every NXdata path containing
+        the default's, /entry/data)."""
+        index = len(self._stacks)
+        meta = self.meta
+        scalars: dict[str, tuple[Any, str | None]] = {}
+        if meta.pixel_size_m:
+            scalars["x_pixel_size"] = (meta.pixel_size_m[0], "m")
+            scalars["y_pixel_size"] = (meta.pixel_size_m[1], "m")
+        if meta.count_time_s is not None:
+            scalars["count_time"] = (meta.count_time_s, "s")
+        path = DETECTOR if index == 0 else f"{DETECTOR}_{index}"
+        group = _group(self._file, path, "NXdetector")
+        stack = FrameStack.create(group, geometry, self._start, meta.detector_description, scalars)
+        self._stacks.append(stack)
+        if index:
+            self._link_nxdata(self._file["entry"], f"frames_{index}", path)
+        return stack
+
+    def _change_layout(self, change: Callable[[], None]) -> None:
+        """Leave SWMR to create objects: flush, close, reopen writable, `change`, SWMR again.
+
+        Every handle the writer holds is found again by its path (h5util.rebind). The file
+        is reopened without HDF5's file locking: a SWMR reader holds a shared lock that
+        would refuse the writer; such a reader must reopen the file afterwards (it sees the
+        new objects only then, and may read an inconsistent view during these milliseconds).
+        """
+        for stack in self._stacks:
+            stack.write_pending_rows()
+        slots = handle_paths(self)
+        self._file.close()
+        self._file = h5py.File(
+            self.path, "r+", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES, locking=False
+        )
+        try:
+            rebind(slots, self._file)
+            del slots  # (it keeps the old holders: handles `change` lets go of must close)
+            change()
+        finally:
+            self._file.swmr_mode = True
+            self.layout_changes += 1
+
+    # ----- frames ----------------------------------------------------------------------------
+    @property
+    def geometry(self) -> FrameGeometry:
+        """The first frame geometry (/entry/instrument/detector, /entry/data)."""
+        return self._stacks[0].geometry
+
+    @property
+    def geometries(self) -> list[FrameGeometry]:
+        return [stack.geometry for stack in self._stacks]
+
+    @property
+    def frames_written(self) -> int:
+        return sum(stack.frames for stack in self._stacks)
+
+    @property
+    def frames_without_bias(self) -> int:
+        return sum(stack.frames_without_bias for stack in self._stacks)
+
+    @property
+    def frames_without_imaging(self) -> int:
+        """Frames given up on ("unknown") before the run closed: no watermark passed them."""
+        return sum(stack.frames_without_imaging for stack in self._stacks)
+
+    def frames_in(self, stack: int) -> int:
+        return self._stacks[stack].frames
+
+    def detector_path(self, stack: int) -> str:
+        return self._stacks[stack].path
+
+    def stack_for(self, geometry: FrameGeometry) -> tuple[int, str | None]:
+        """The frame stack that takes frames of `geometry`, and what the file had to change
+        for it (None: nothing). The first stack's datasets are made anew while they hold no
+        frame (a series that began after the run opened); otherwise a geometry not seen in
+        this run gets a new stack. GeometryRefusedError past `max_geometries`."""
+        for index, stack in enumerate(self._stacks):
+            if stack.geometry.holds(geometry):
+                return index, None
+        first = self._stacks[0]
+        if len(self._stacks) == 1 and first.frames == 0:
+            before = first.geometry.describe()
+            self._change_layout(lambda: first.replace_geometry(geometry))
+            return 0, (
+                f"frames of {first.path} re-made for {geometry.describe()} (was {before}, "
+                "no frame stored): SWMR readers reopen the file"
+            )
+        if len(self._stacks) >= self.max_geometries:
+            raise GeometryRefusedError(
+                f"{geometry.describe()} would be frame geometry {len(self._stacks) + 1} of "
+                f"this run; at most {self.max_geometries} are taken"
+            )
+        made: list[FrameStack] = []
+        self._change_layout(lambda: made.append(self._add_stack(geometry)))
+        return len(self._stacks) - 1, (
+            f"{made[0].path} made for frames of {geometry.describe()} (a new geometry): "
+            "SWMR readers reopen the file"
+        )
+
     def write_frame(
         self,
         image_id: int,
@@ -318,8 +360,12 @@ class RunWriter:
         clock_offset: float,
         clock_offset_error: float,
         series_date: str = "",
+        stack: int = 0,
+        half_exposure: float | None = None,
     ) -> None:
-        """Append one frame. `chunks` maps channel -> stored chunk bytes or an array (raw).
+        """Append one frame to `stack` (stack_for). `chunks` maps channel -> stored chunk
+        bytes or an array (raw). `half_exposure`: half the exposure in run seconds (default
+        from the detector times, for a run clock at time_scale 1).
 
         The pixels go into the file now; the per-frame columns (image_id, frame_time, ...)
         are kept and written in batches (at `flush()` or every COLUMN_BATCH frames): ten
@@ -327,64 +373,40 @@ class RunWriter:
         A reader therefore counts frames by `frame_time`, not by `data`, whose rows may run
         ahead until the next flush.
         """
-        if len(self._pending_rows) >= COLUMN_BATCH:
-            self._write_pending_rows()  # before this frame: a failure leaves it unwritten
-        index = self.frames_written
-        for channel, dataset in self._data.items():
-            payload = chunks[channel]
-            dataset.resize((index + 1, *dataset.shape[1:]))
-            if isinstance(payload, np.ndarray):
-                dataset[index] = payload
-            else:
-                dataset.id.write_direct_chunk((index, 0, 0), payload)
-        self._pending_rows.append(
-            (
-                image_id,
-                series_id,
-                frame_time,
-                detector_start,
-                detector_stop,
-                _fixed(series_date, DATE_LENGTH),
-                received_time,
-                clock_offset,
-                clock_offset_error,
-            )
+        if half_exposure is None:
+            half_exposure = max(detector_stop - detector_start, 0.0) / 2
+        row = (
+            image_id,
+            series_id,
+            frame_time,
+            detector_start,
+            detector_stop,
+            series_date,
+            received_time,
+            clock_offset,
+            clock_offset_error,
         )
-        self._pending_frame_times.append(frame_time)
-        self.frames_written += 1
-
-    def _write_pending_rows(self) -> None:
-        """Write the per-frame columns of the frames whose pixels are already in."""
-        rows = self._pending_rows
-        if not rows:
-            return
-        first = self.frames_written - len(rows)
-        columns = list(zip(*rows, strict=True))
-        for dataset, values in zip(self._row_datasets, columns, strict=True):
-            _put(dataset, first, np.array(values))
-        nan = np.full(len(rows), np.nan)
-        _put(self._frame_bias, first, nan)
-        _put(self._frame_current, first, nan)
-        self._pending_rows = []
+        self._stacks[stack].write(chunks, row, half_exposure)
 
     def retime_frames(
-        self, first: int, frame_times: np.ndarray, offset: float, error: float
+        self, first: int, frame_times: np.ndarray, offset: float, error: float, stack: int = 0
     ) -> None:
-        """Rewrite frame_time of frames [first, first+len) after a better clock mapping."""
-        self._write_pending_rows()
-        last = first + len(frame_times)
-        self._frame_time_ds[first:last] = frame_times
-        self._clock_offset[first:last] = offset
-        self._clock_offset_err[first:last] = error
-        pending = self._first_pending_frame
-        if last > pending:  # not filled in yet: they will be, at their new times
-            start = max(first, pending)
-            self._pending_frame_times[start - pending : last - pending] = list(
-                frame_times[start - first :]
-            )
-        if first < pending:  # filled in already: again at the new times, if the log has them
-            self._refill_frame_bias(first, np.asarray(frame_times[: pending - first]))
+        """Rewrite frame_time of frames [first, first+len) of `stack` after a better clock
+        mapping (their bias and imaging are decided again at the new times)."""
+        self._stacks[stack].retime(
+            first, np.asarray(frame_times), offset, error, self._frame_bias_estimator
+        )
 
+    # ----- imaging ---------------------------------------------------------------------------
+    def add_imaging_state(self, state: ImagingState) -> None:
+        """The microscope's imaging state from `state.start` on (any order of arrival)."""
+        self.imaging.add(state)
+
+    def advance_imaging(self, watermark: float) -> None:
+        """Every switch begun at or before run time `watermark` has been announced."""
+        self.imaging.advance(watermark)
+
+    # ----- records ---------------------------------------------------------------------------
     def write_bias_samples(
         self,
         times: np.ndarray,
@@ -439,69 +461,36 @@ class RunWriter:
         _put(self._event_message, index, np.array([_fixed(message, MESSAGE_LENGTH)]))
         self.events_written += 1
 
-    # ----- per-frame bias --------------------------------------------------------------------
-    def _fill_frame_bias(self, final: bool) -> None:
-        """Estimate the bias at the frame times that readings now bracket (framebias.py)."""
-        first = self._first_pending_frame
-        if first >= self.frames_written:
-            return
-        frame_times = np.asarray(self._pending_frame_times)
-        last_reading = self._frame_bias_estimator.last_reading_time
-        if final:
-            ready = len(frame_times)
-        elif last_reading is None:
-            ready = 0
-        else:
-            ready = int(np.searchsorted(frame_times, last_reading))
-        # Frames no reading will ever bracket (no source-meter, or it stopped answering) are
-        # given up on, left NaN, once they fall out of the window: pending stays bounded.
-        stale = int(
-            np.searchsorted(frame_times, frame_times[-1] - self._frame_bias_estimator.keep_s)
-        )
-        if stale > ready:
-            self.frames_without_bias += stale - ready
-            self._pending_frame_times = self._pending_frame_times[stale:]
-            self._first_pending_frame = first + stale
-            self._fill_frame_bias(final)
-            return
-        if ready == 0:
-            return
-        self._estimate_frame_bias(first, frame_times[:ready])
-        self._pending_frame_times = self._pending_frame_times[ready:]
-        self._first_pending_frame = first + ready
-
-    def _refill_frame_bias(self, first: int, frame_times: np.ndarray) -> None:
-        """Frames [first, first+len) were filled in, then retimed: estimate them again."""
-        oldest = self._frame_bias_estimator.oldest_time
-        if oldest is None or not len(frame_times):
-            return
-        skip = int(np.searchsorted(frame_times, oldest))  # older than the window: keep
-        if skip >= len(frame_times):
-            return
-        self._estimate_frame_bias(first + skip, frame_times[skip:])
-
-    def _estimate_frame_bias(self, first: int, frame_times: np.ndarray) -> None:
-        """Bias and current of frames [first, first+len) at `frame_times`, into the file."""
-        volts, amps = self._frame_bias_estimator.estimate(frame_times)
-        self._frame_bias[first : first + len(volts)] = volts
-        self._frame_current[first : first + len(volts)] = amps
+    # ----- per-frame fills, flush, close ------------------------------------------------------
+    def _fill(self, final: bool) -> None:
+        for stack in self._stacks:
+            stack.write_pending_rows()
+            stack.fill_bias(self._frame_bias_estimator, final)
+            stack.fill_imaging(self.imaging, final)
 
     def flush(self) -> None:
-        self._write_pending_rows()
-        self._fill_frame_bias(final=False)
+        self._fill(final=False)
         self._file.flush()
 
     def close(self, end_time_ns: int) -> None:
+        """Write what is pending, close, then finish the file (runfile_finish.py: per-mode
+        NXdata, no empty datasets). A failure to finish is logged and kept in
+        `finish_error`: the file is complete without it."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._write_pending_rows()
-            self._fill_frame_bias(final=True)
+            self._fill(final=True)
             self._sort_events()
             self._end_time[()] = iso8601(end_time_ns)
         finally:
             self._file.close()
+        detectors = [(stack.path, stack.frames) for stack in self._stacks]
+        try:
+            self.finished = finish_run_file(self.path, detectors)
+        except Exception as exc:
+            self.finish_error = f"{type(exc).__name__}: {exc}"
+            log.exception("finishing the run file %s failed", self.path)
 
     def _sort_events(self) -> None:
         """Events come from several threads with their own stamps; the file keeps time order."""

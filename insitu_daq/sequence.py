@@ -17,7 +17,9 @@ series' straggler can arrive late; none of that may stop ingest, and all of it i
 - duplicate: an `image_id` already released or held is dropped and counted;
 - stale series: an image of an older series than the current one is dropped and counted
   (unless that series keeps coming alone for two windows: then the detector restarted its
-  numbering, its `start` was missed, and it becomes the current series);
+  numbering, its `start` was missed, and it becomes the current series); once the current
+  series has ended, a series not seen before is a new one whatever its series_id (a
+  re-armed detector whose `start` was missed);
 - no `start` (a receiver connecting mid-series, as in the recorded EIGER2 data): the series
   is taken from its first images, and its first `image_id` from the lowest one seen once the
   window fills;
@@ -291,8 +293,13 @@ class FrameSequencer:
             return "stale"
         if series is None or msg.series_id > series.series_id:
             return "new"
-        if series.ended and msg.series_id != series.series_id:
-            return "new"  # a detector restarted its series numbers after a finished series
+        if series.ended:
+            # A series this stream never sent, after the current one ended: the detector was
+            # armed again (its `start` missed), with its numbers restarted or even the same
+            # series_id (a restarted detector counts from 1 again: only series_unique_id
+            # tells). Stragglers of series before are in `_finished`, and those of the
+            # ended one match it (both above): dropped as stale or late.
+            return "new"
         return "stale"
 
     # ----- series ----------------------------------------------------------------------------

@@ -207,6 +207,14 @@ def test_reference_protocol_yields_a_complete_run_file(live: LiveStation) -> Non
         started = [re.match(rf"step (\d+)/{steps} \w+:", m) for m in messages]
         assert [int(m[1]) for m in started if m] == list(range(1, steps + 1))
         assert f["/entry/end_time"][()].decode()
+        # Finished at close: no empty dataset anywhere (NeXus readers fail on them).
+        sizes: dict[str, int] = {}
+        f.visititems(
+            lambda name, item: (
+                sizes.update({name: item.size}) if isinstance(item, h5py.Dataset) else None
+            )
+        )
+        assert [name for name, size in sizes.items() if size == 0] == []
 
 
 def test_control_protocol_changes_nothing(live: LiveStation) -> None:

@@ -82,6 +82,7 @@ def test_nexus_layout_has_classes_and_units(tmp_path: Path, stream2_testdata: Pa
     writer = _writer(path, images[0], "bslz4")
     _write_frames(writer, images[:1], raw=False)
     writer.write_event(0.05, "step", "approach")
+    writer.write_bias_samples(*_samples([0.0, 0.2], [0.0, 0.1]))  # (an empty log is left out)
     writer.close(time.time_ns())
     with h5py.File(path, "r") as f:
         assert f["/entry"].attrs["default"] == "data"

@@ -302,3 +302,19 @@ def test_an_occasional_stale_image_never_takes_over(feed: Feed) -> None:
             feed.push(image(i, 6, "OLD"))
     assert feed.ids == list(range(40))
     assert feed.sequencer.stale_total == 14
+
+
+def test_a_series_reusing_the_ended_series_id_is_a_new_series_not_stale(feed: Feed) -> None:
+    # A detector re-armed after an `end` (its `start` missed) may send the same series_id
+    # again (as the recorded EIGER2 series all are series 1): only series_unique_id differs.
+    feed.push(image(0, 1, "A"), image(1, 1, "A"), end(1, "A"))
+    feed.push(image(0, 1, "B"), image(1, 1, "B"), end(1, "B"))
+    feed.push(image(2, 1, "A"))  # a straggler of the first series is still stale
+    assert [(m.series_unique_id, m.image_id) for m in feed.out.frames] == [
+        ("A", 0),
+        ("A", 1),
+        ("B", 0),
+        ("B", 1),
+    ]
+    assert feed.sequencer.stale_total == 1
+    assert feed.sequencer.series_total == 2
