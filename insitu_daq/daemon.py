@@ -149,6 +149,7 @@ class Daemon:
             clock=self.clock,
             analysis_endpoint=None if self.analysis is None else self.analysis.frame_endpoint,
         )
+        self.imaging.add_sink(self.ingest)  # every frame's mode etc. in the run file
         self.runner = ProtocolRunner(DaemonStation(self))
         self.control = ControlServer.from_config(config.api, self)
         self.metrics.watch_control(self.control.stats)

@@ -291,18 +291,20 @@ class IngestClient:
         TypeError if not). Dropped and counted by the ingest process when no run is open."""
         self._send_record([ANALYSIS, json.dumps(result).encode()])
 
-    def set_imaging(self, state: ImagingState) -> None:
+    def set_imaging(self, state: ImagingState, seq: int) -> None:
         """The microscope's imaging state from `state.start` on (run-clock seconds): a switch
         that took from `state.start` to `state.end`, or the state at run start (both -inf;
         send it right after open_run, before any frame of the run can be decided). Each
         frame's imaging_mode, pixel_size and dose_rate in the run file are decided by the
-        frame's time against these states, once `imaging_watermark` has passed the frame."""
-        self._send_record([IMAGING, json.dumps(state.to_message()).encode()])
+        frame's time against these states, once `imaging_watermark` has passed the frame.
+        `seq`: the how-many-th state of the run this is (1 first), so a lost one is seen."""
+        self._send_record([IMAGING, json.dumps({**state.to_message(), "seq": seq}).encode()])
 
-    def imaging_watermark(self, run_time_s: float) -> None:
+    def imaging_watermark(self, run_time_s: float, announced: int) -> None:
         """Every imaging switch begun at or before run time `run_time_s` has been sent with
-        `set_imaging` (on this same ordered channel, so the watermark never overtakes them)."""
-        self._send_record([IMAGING_WATERMARK, WATERMARK_RECORD.pack(run_time_s)])
+        `set_imaging` (on this same ordered channel, so the watermark never overtakes them),
+        `announced` states in all since the run opened."""
+        self._send_record([IMAGING_WATERMARK, WATERMARK_RECORD.pack(run_time_s, announced)])
 
     # ----- transport -------------------------------------------------------------------------
     def _send_record(self, parts: list[bytes]) -> None:

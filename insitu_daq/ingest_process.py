@@ -392,7 +392,8 @@ class IngestProcess:
         elif kind == ANALYSIS:
             self._analysis(json.loads(payload))
         elif kind == IMAGING:
-            self._imaging_state(ImagingState.from_message(json.loads(payload)))
+            message = json.loads(payload)
+            self._imaging_state(ImagingState.from_message(message), int(message["seq"]))
         elif kind == IMAGING_WATERMARK:
             self._imaging_watermark(*WATERMARK_RECORD.unpack(payload))
         else:
@@ -589,21 +590,21 @@ class IngestProcess:
         self.counts["analysis_results_written_total"] += 1
         run.dirty = True
 
-    def _imaging_state(self, state: ImagingState) -> None:
+    def _imaging_state(self, state: ImagingState, seq: int) -> None:
         run = self._run
         if run is None:
             self.counts["records_without_run_total"] += 1
             return
-        run.writer.add_imaging_state(state)
+        run.writer.add_imaging_state(state, seq)
         self.counts["imaging_states_total"] += 1
         run.dirty = True  # the next flush decides the frames it covers
 
-    def _imaging_watermark(self, run_time_s: float) -> None:
+    def _imaging_watermark(self, run_time_s: float, announced: int) -> None:
         run = self._run
         if run is None:
             self.counts["records_without_run_total"] += 1
             return
-        run.writer.advance_imaging(run_time_s)
+        run.writer.advance_imaging(run_time_s, announced)
         self.counts["imaging_watermarks_total"] += 1
         run.dirty = True
 

@@ -20,7 +20,7 @@ EVENT = b"event"  # an Event, pickled; ingest -> daemon: Event.to_dict(), pickle
 HOLDER = b"holder"  # HOLDER_RECORD: (run time s, position nm)
 ANALYSIS = b"analysis"  # a live-analysis result: a JSON object (UTF-8), for the run file
 IMAGING = b"imaging"  # an imaging.ImagingState as its to_message() JSON object (UTF-8)
-IMAGING_WATERMARK = b"imaging_watermark"  # WATERMARK_RECORD: (run time s,)
+IMAGING_WATERMARK = b"imaging_watermark"  # WATERMARK_RECORD: (run time s, states announced)
 
 # ingest -> daemon
 READY = b"ready"  # once, when its sockets are up: {"pid": ..., "error"?: ...}
@@ -28,7 +28,7 @@ REPLY = b"reply"  # {"id": ..., "ok": bool, ...}
 STATS = b"stats"  # the stats dict, every STATS_INTERVAL_S
 
 HOLDER_RECORD = struct.Struct("<dd")
-WATERMARK_RECORD = struct.Struct("<d")
+WATERMARK_RECORD = struct.Struct("<dq")
 
 STATS_INTERVAL_S = 0.25
 

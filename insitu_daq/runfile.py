@@ -398,13 +398,15 @@ class RunWriter:
         )
 
     # ----- imaging ---------------------------------------------------------------------------
-    def add_imaging_state(self, state: ImagingState) -> None:
-        """The microscope's imaging state from `state.start` on (any order of arrival)."""
-        self.imaging.add(state)
+    def add_imaging_state(self, state: ImagingState, seq: int | None = None) -> None:
+        """The microscope's imaging state from `state.start` on (any order of arrival), the
+        `seq`-th of the run (None: not checked for lost ones; imaging.py)."""
+        self.imaging.add(state, seq)
 
-    def advance_imaging(self, watermark: float) -> None:
-        """Every switch begun at or before run time `watermark` has been announced."""
-        self.imaging.advance(watermark)
+    def advance_imaging(self, watermark: float, announced: int | None = None) -> None:
+        """Every switch begun at or before run time `watermark` has been announced,
+        `announced` states in all (None: not checked)."""
+        self.imaging.advance(watermark, announced)
 
     # ----- records ---------------------------------------------------------------------------
     def write_bias_samples(

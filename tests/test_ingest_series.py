@@ -240,7 +240,7 @@ def test_each_frames_imaging_state_is_by_its_time_though_the_records_come_late(
 ) -> None:
     camera, ingest = harness.camera, harness.ingest
     path, clock, _ = harness.open_run("imaging", geometry=GEOMETRY)
-    ingest.set_imaging(ImagingState(-math.inf, -math.inf, "hrtem", 0.06e-9, 35.0))
+    ingest.set_imaging(ImagingState(-math.inf, -math.inf, "hrtem", 0.06e-9, 35.0), 1)
     ingest.start_recording()
     camera.arm(n_images=60)  # 0.6 s at 100 frames/s
     deadline = time.monotonic() + 10.0
@@ -253,8 +253,8 @@ def test_each_frames_imaging_state_is_by_its_time_though_the_records_come_late(
     assert camera.wait(5.0)
     _delivered(harness)
     ingest.sync()  # every frame is in the file before the switch is announced
-    ingest.set_imaging(ImagingState(switch_start, switch_end, "lm", 1e-9, 2.0))
-    ingest.imaging_watermark(clock.now())
+    ingest.set_imaging(ImagingState(switch_start, switch_end, "lm", 1e-9, 2.0), 2)
+    ingest.imaging_watermark(clock.now(), 2)
     summary = ingest.close_run()
 
     assert summary["frames_written"] == 60
