@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from .analysis.reflections import DEFAULT_REFLECTIONS, ReflectionTable
+from .uniquekeys import toml_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -235,7 +236,9 @@ def load_config(path: str | Path) -> StationConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        # tomllib refuses a key given twice, saying where: its line's text names the key.
+        text = path.read_text(encoding="utf-8", errors="replace")
+        raise ConfigError(f"{path}: not valid TOML: {toml_error(exc, text)}") from None
     config = parse_config(data)
     if not config.data_dir.is_absolute():
         config = config.model_copy(update={"data_dir": (path.parent / config.data_dir)})
