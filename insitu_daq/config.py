@@ -75,6 +75,9 @@ class DetectorConfig(_Section):
     # Frame geometry of a run opened before the detector sent a start or an image: wait this
     # long for one, then use these defaults (frames that do not match are dropped, counted).
     geometry_timeout_s: Annotated[float, Field(ge=0, le=60)] = 2.0
+    # A recording run that gets no image for this long (wall seconds) records a `detector
+    # silent` event, and a `detector back` one when images come again (detector_silence.py).
+    silent_after_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
     default_channels: Annotated[tuple[str, ...], Field(min_length=1)] = ("threshold_1",)
     default_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1024, 1024)
     default_dtype: Literal["uint8", "uint16", "uint32"] = "uint16"  # little-endian
