@@ -793,6 +793,12 @@ class IngestProcess:
             self._next_parent_check = now + 0.5
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.error("ingest: the daemon (pid %d) is gone; closing the run", self.parent_pid)
+                # The run's last word: the daemon could not record how (or that) it ended.
+                self._event(
+                    EventKind.ERROR,
+                    f"the daemon (pid {self.parent_pid}) is gone: run closed by the ingest"
+                    " process; the bias is left to its guardian (guardian.log), if one is alive",
+                )
                 self._done = True
         if self._term_at is not None and now - self._term_at >= TERM_GRACE_S:
             log.error("ingest: no shutdown %.0f s after SIGTERM; closing the run", TERM_GRACE_S)

@@ -488,7 +488,13 @@ def test_sigkill_of_the_daemon_the_guardian_ramps_down_and_the_file_keeps_every_
     fault = _first(events, "fault: SIGKILL of the daemon", "mark")
     assert frames.frame_time[-1] > fault.time  # frames up to the kill, closed by the ingest
     ended = [e for e in events if e.kind == "state" and "protocol fault_hold " in e.message]
-    assert [e.message for e in ended] == ["protocol fault_hold started (7 steps)"]  # no end
+    assert [e.message for e in ended] == ["protocol fault_hold started (7 steps)"]  # no end...
+    gone = events[-1]  # ...but the ingest process closing the file says why it ended
+    assert (gone.kind, gone.message) == (
+        "error",
+        f"the daemon (pid {live.process.pid}) is gone: run closed by the ingest process;"
+        " the bias is left to its guardian (guardian.log), if one is alive",
+    )
     with h5py.File(run_file, "r") as f:
         assert f["/entry/end_time"][()].decode()
     assert runner.returncode == 1 and output.splitlines()[-1] == "no status from the daemon"
@@ -537,6 +543,8 @@ def test_sigkill_of_daemon_and_guardian_leaves_the_bias_on_until_insitu_daq_safe
     assert again.returncode == 0 and "output already off" in again.stderr
     frames = _frames(reply["run_file"])
     assert _contiguous(frames.image_id)
+    last = _events(reply["run_file"])[-1]
+    assert last.message.startswith(f"the daemon (pid {live.process.pid}) is gone: run closed")
     print(
         f"\nSIGKILL daemon + guardian: output still on at +{volts:g} V 2 s later;"
         f" `insitu-daq safe` ramped it down and off in {took:.2f} wall s (a new process);"
