@@ -448,6 +448,9 @@ def test_lost_source_meter_aborts_and_is_made_safe_once_back(live: LiveStation) 
         assert np.abs(np.diff([v for _, v in history])).max() <= 0.01 + 1e-9  # ramped
         live.wait_closed(reply["run_id"])
     finally:
+        # The daemon stops while the instrument answers: otherwise it cannot confirm the bias
+        # safe, and its guardian keeps trying to reach a closed port for 10 minutes.
+        live.close()
         back.stop()
     with h5py.File(reply["run_file"], "r") as f:
         kinds = [k.decode() for k in f["/entry/events/kind"][:]]

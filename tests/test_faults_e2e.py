@@ -208,6 +208,9 @@ def test_source_meter_lost_aborts_the_run_and_is_ramped_down_once_it_answers(
         _assert_ramped_and_off(live)
         zero_at = live.model_state()[1][-1][0]
     finally:
+        # The daemon stops while the instrument answers: otherwise it cannot confirm the bias
+        # safe, and its guardian keeps trying to reach a closed port for 10 minutes.
+        live.close()
         back.stop()
     events = _events(reply["run_file"])
     fault = _first(events, "fault: source-meter lost", "mark")
