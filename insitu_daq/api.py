@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from zmq.auth.thread import ThreadAuthenticator
 
 from .config import ApiConfig, ConfigError, one_line
+from .uniquekeys import DuplicateKeyError, refuse_duplicate_pairs
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,9 @@ def parse_request(raw: bytes) -> _Request:
     if len(raw) > MAX_REQUEST_BYTES:
         raise RequestError(f"request of {len(raw)} bytes exceeds {MAX_REQUEST_BYTES} bytes")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, object_pairs_hook=refuse_duplicate_pairs)
+    except DuplicateKeyError as exc:  # json would keep the last one without a word
+        raise RequestError(f"request refused: {exc}") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise RequestError(_squash(f"not JSON: {exc}")) from None
     expected = ", ".join(COMMANDS)

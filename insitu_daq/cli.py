@@ -141,6 +141,53 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_safe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "safe",
+        help="no daemon running and the bias may be on: ramp the source-meter to 0 V, output off",
+    )
+    p.add_argument("--config", required=True, help="station TOML (source-meter, limits, retry)")
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="simulated stations only: station seconds per wall second (match `sim`)",
+    )
+    p.set_defaults(func=_cmd_safe)
+
+
+def _cmd_safe(args: argparse.Namespace) -> int:
+    """The operator's recovery when nothing is left to make the bias safe (the daemon and its
+    guardian both killed): the guardian's own ramp-down, from the station config."""
+    import zmq
+
+    from .api import ControlClient, ControlError, ControlTimeoutError
+    from .config import load_config
+    from .guardian import make_source_meter_safe
+
+    config = load_config(args.config)
+    # A running daemon drives the source-meter itself (one controller at a time): ask it.
+    try:
+        with ControlClient(config.api.control, timeout_s=1.0) as client:
+            client.request("ping")
+        daemon_answers = True
+    except ControlError:  # it answered, refusing: still a daemon
+        daemon_answers = True
+    except (ControlTimeoutError, zmq.ZMQError):
+        daemon_answers = False  # nobody answers: nobody else drives the bias
+    if daemon_answers:
+        raise RuntimeError(
+            f"a daemon answers on {config.api.control}: `insitu-daq abort` makes the bias safe"
+            " through it (`safe` is for when no daemon runs)"
+        )
+    logging.getLogger("insitu_daq.guardian").setLevel(logging.INFO)  # say what it found and did
+    resource = config.source_meter.resource
+    if not make_source_meter_safe(config, args.time_scale, persist_s=0.0):
+        raise RuntimeError(f"source-meter {resource} not reached: its output may still be on")
+    print(f"source-meter {resource}: at 0 V, output off", flush=True)
+    return 0
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a protocol on the daemon and show its progress")
     p.add_argument("protocol", help="protocol file (YAML or TOML)")
@@ -271,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simple(sub, "resume", "resume a paused protocol")
     _add_simple(sub, "abort", "abort the protocol (bias made safe first)", **{"--reason": {}})
     _add_simple(sub, "mark", "annotate the run", text={"nargs": "+"})
+    _add_safe(sub)
     _add_report(sub)
     _add_demo(sub)
     return parser

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from .analysis.reflections import DEFAULT_REFLECTIONS, ReflectionTable
+from .uniquekeys import toml_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,6 +76,9 @@ class DetectorConfig(_Section):
     # long for one, then use these defaults (a series with another geometry re-makes or adds
     # frame datasets when its first image arrives: runfile_frames.py).
     geometry_timeout_s: Annotated[float, Field(ge=0, le=60)] = 2.0
+    # A recording run that gets no image for this long (wall seconds) records a `detector
+    # silent` event, and a `detector back` one when images come again (detector_silence.py).
+    silent_after_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
     default_channels: Annotated[tuple[str, ...], Field(min_length=1)] = ("threshold_1",)
     default_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1024, 1024)
     default_dtype: Literal["uint8", "uint16", "uint32"] = "uint16"  # little-endian
@@ -247,7 +251,9 @@ def load_config(path: str | Path) -> StationConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        # tomllib refuses a key given twice, saying where: its line's text names the key.
+        text = path.read_text(encoding="utf-8", errors="replace")
+        raise ConfigError(f"{path}: not valid TOML: {toml_error(exc, text)}") from None
     config = parse_config(data)
     if not config.data_dir.is_absolute():
         config = config.model_copy(update={"data_dir": (path.parent / config.data_dir)})

@@ -264,6 +264,7 @@ class Daemon:
             lambda: self.runner.wait(10.0),
             self._close_run,
             self.imaging.stop,
+            self._publish_last_status,
             self.ingest.shutdown,
             self._stop_analysis,
             self.control.stop,
@@ -278,6 +279,11 @@ class Daemon:
             except Exception:
                 log.exception("while stopping")
         log.info("daemon stopped")
+
+    def _publish_last_status(self) -> None:
+        """The run is closed and the status thread gone: one last status, so a follower
+        (`insitu-daq run`) sees how the run ended rather than the daemon falling silent."""
+        self.publisher.publish("status", self.status())
 
     def _stop_analysis(self) -> None:
         if self.analysis is not None:

@@ -48,8 +48,11 @@ once per flush) so each series ends with one consistent mapping; frame_time neve
 
 It never dies on bad input: a malformed message, an image that does not fit the file, or an
 exception while writing is counted, logged and reported as an event (rate-limited per kind),
-and the loop goes on. Payloads stay views into the received ZeroMQ frames (no copy) from
-the socket to `write_direct_chunk` and the tap. The file is flushed at least every
+and the loop goes on. A detector that stops sending while a run records is an `instrument` event
+after `detector.silent_after_s`, and its return another (detector_silence.py); a new series
+in a run (a detector restarted or re-armed) is one too; a run closed because the daemon died
+ends with an `error` event saying so. Payloads stay views into the received ZeroMQ frames (no
+copy) from the socket to `write_direct_chunk` and the tap. The file is flushed at least every
 `sampling.flush_interval_s`, so it survives a crash up to the last flush (SWMR). SIGINT is
 ignored (the daemon handles Ctrl-C and then closes the run through this process); SIGTERM, or
 the daemon's death, closes the run cleanly (after a grace period for SIGTERM, since the daemon

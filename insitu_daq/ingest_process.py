@@ -46,6 +46,7 @@ import zmq
 from .childproc import start_worker_process
 from .clock import RunClock
 from .config import StationConfig
+from .detector_silence import DetectorSilence
 from .drivers.stream2 import (
     ImageMessage,
     MalformedMessage,
@@ -220,6 +221,7 @@ class IngestProcess:
         self._latest_start: StartMessage | None = None
         self._latest_geometry: FrameGeometry | None = None  # of the last image released
         self._latest_image_ns = 0
+        self._silence = DetectorSilence(self.detector.silent_after_s)
         self._run: _Run | None = None
         self._pending_open: _PendingOpen | None = None
         self._limiter = EventLimiter(EVENTS_PER_KIND_PER_S)
@@ -369,6 +371,7 @@ class IngestProcess:
             self._latest_start = message
         elif isinstance(message, ImageMessage):
             self.counts["frames_received_total"] += 1
+            self._detector_heard(received_ns)
         self._take(self.sequencer.push(message, time.monotonic()))
 
     def _take(self, released: Released) -> None:
@@ -424,6 +427,32 @@ class IngestProcess:
             frame_time = self._frame_time_unrecorded(run, image, self._clock_map)
         if frame_time is not None and self._tap is not None:
             self._tap.offer(image, frame_time, behind=more_released or self._detector_waiting())
+
+    def _check_detector_silence(self) -> None:
+        """A recording run without an image for detector.silent_after_s: say so, once."""
+        run = self._run
+        if run is None or not run.is_recording or self._detector_waiting():
+            return  # (images queued on the socket: the ingest is behind, not the detector)
+        began = self._silence.check(time.time_ns(), run.recording[-1][0])
+        if began is not None:
+            since = run.clock.from_wall_ns(began)
+            self._event(
+                EventKind.INSTRUMENT,
+                f"detector silent: no image since {since:.3f} s while recording",
+                {"silent_since": since},
+            )
+
+    def _detector_heard(self, received_ns: int) -> None:
+        """An image arrived: the end of a silence declared in this run is an event too."""
+        began = self._silence.image(received_ns)
+        run = self._run
+        if began is not None and run is not None:
+            start, end = run.clock.from_wall_ns(began), run.clock.from_wall_ns(received_ns)
+            self._event(
+                EventKind.INSTRUMENT,
+                f"detector back: no image from {start:.3f} s to {end:.3f} s",
+                {"silent_since": start, "silent_until": end},
+            )
 
     def _detector_waiting(self) -> bool:
         """A detector message is already queued on the receiver socket (the ingest is behind)."""
@@ -490,6 +519,14 @@ class IngestProcess:
                     "detector": writer.detector_path(stack),
                 }
             )
+            if len(run.series) > 1:  # a detector restarted or re-armed mid-run
+                before = run.series[-2]
+                self._event(
+                    EventKind.INSTRUMENT,
+                    f"new detector series {key[0]} ({key[1]}) from image_id {image.image_id};"
+                    f" the previous one was {before['series_id']} ({before['series_unique_id']})",
+                    {"series_id": key[0], "series_unique_id": key[1]},
+                )
         clock = run.clock
         mid_ns = fraction_ns(image.mid_time)
         frame_time = max(clock.from_wall_ns(rows.offset_ns + mid_ns), run.last_frame_time)
@@ -755,6 +792,7 @@ class IngestProcess:
             self._end_series_timing()
         finally:
             self._run = None
+            self._silence.forget()
             if self._tap is not None:
                 self._tap.discard_held()  # never a frame of a closed run to the next one
             if run.is_recording:
@@ -806,6 +844,7 @@ class IngestProcess:
         now = time.monotonic()
         self._take(self.sequencer.poll(now))
         self._check_pending_open()
+        self._check_detector_silence()
         for kind, count in self._limiter.take_suppressed(now):
             self._event(kind, f"{count} more {kind} events in the last second (not listed)")
         run = self._run
@@ -826,6 +865,12 @@ class IngestProcess:
             self._next_parent_check = now + 0.5
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.error("ingest: the daemon (pid %d) is gone; closing the run", self.parent_pid)
+                # The run's last word: the daemon could not record how (or that) it ended.
+                self._event(
+                    EventKind.ERROR,
+                    f"the daemon (pid {self.parent_pid}) is gone: run closed by the ingest"
+                    " process; the bias is left to its guardian (guardian.log), if one is alive",
+                )
                 self._done = True
         if self._term_at is not None and now - self._term_at >= TERM_GRACE_S:
             log.error("ingest: no shutdown %.0f s after SIGTERM; closing the run", TERM_GRACE_S)
@@ -848,6 +893,7 @@ class IngestProcess:
             "out_of_order_total": seq.out_of_order_total,
             "series_total": seq.series_total,
             "series_without_start_total": seq.series_without_start_total,
+            "detector_silences_total": self._silence.silences_total,
             "frames_held": seq.held,
         }
 

@@ -18,7 +18,9 @@ both the lattice (HRTEM) and the particle's size and front (LM).
 
 Every error is one line naming the step (1-based, as an operator counts) and the field:
 `step 3 (bias): volts: Input should be a valid number`. Safety limits are checked against the
-station's limits by `validate_against` before a run starts.
+station's limits by `validate_against` before a run starts. A key given twice (`hold:
+{duration_s: 600, duration_s: 6}`, or two `steps:`) is refused, naming the key and its line
+(uniquekeys.py): a YAML reader would silently keep the last one.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from pydantic_core import PydanticCustomError
 
 from .condition import ConditionError, Until, parse_until
 from .config import ConfigError, SafetyLimits
+from .uniquekeys import load_yaml, toml_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -463,11 +466,11 @@ def _decode(text: str, fmt: str | None, label: str) -> dict[str, Any]:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             if fmt == "toml":
-                raise ProtocolError(f"{label}not valid TOML: {exc}") from None
+                raise ProtocolError(f"{label}not valid TOML: {toml_error(exc, text)}") from None
             fmt = "yaml"  # not TOML: try YAML
     if fmt in ("yaml", "yml"):
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)  # a key given twice is refused, naming it and its line
         except yaml.YAMLError as exc:
             raise ProtocolError(f"{label}not valid YAML: {_yaml_reason(exc)}") from None
     if not isinstance(data, dict):

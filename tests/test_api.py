@@ -173,6 +173,9 @@ def test_commands_listed_are_the_design_commands() -> None:
         ([b'{"cmd": "mark", "text": ""}'], "mark.text"),
         ([b'{"cmd": "pause", "reason": ["a"]}'], "pause.reason"),
         ([b'{"cmd": "ping"}', b"second frame"], "one message frame"),
+        # json keeps the last of two equal keys; a request naming one twice is refused
+        ([b'{"cmd": "abort", "cmd": "ping"}'], "duplicate key 'cmd'"),
+        ([b'{"cmd": "pause", "reason": "a", "reason": "b"}'], "duplicate key 'reason'"),
     ],
 )
 def test_bad_request_gets_a_one_line_error_and_the_server_keeps_serving(

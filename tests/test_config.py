@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from insitu_daq.config import ConfigError, load_config, parse_config
+from insitu_daq.module_command import module_command
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -70,3 +72,40 @@ def test_shipped_station_configs_are_valid() -> None:
     example = load_config(deploy / "station.example.toml")
     assert example.limits.max_bias_volts == 5.0
     assert example.holder.port == "/dev/ttyUSB0"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (  # the same key twice in a table
+            "[limits]\nmax_bias_volts = 5.0\nramp_step_volts = 0.01\nmax_bias_volts = 50.0\n",
+            "Cannot overwrite a value (at line 4, column 22): max_bias_volts = 50.0",
+        ),
+        (  # the same table twice
+            "[limits]\nmax_bias_volts = 5.0\n[retry]\nattempts = 3\n[limits]\n",
+            "Cannot declare ('limits',) twice (at line 5, column 8): [limits]",
+        ),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_its_line_and_key(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    # tomllib refuses duplicates itself; the message quotes the line so it names the key
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    assert str(excinfo.value) == f"{path}: not valid TOML: {expected}"
+
+
+def test_the_daemon_refuses_a_config_with_a_duplicate_key_in_one_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[limits]\nmax_bias_volts = 5.0\nmax_bias_volts = 50.0\n")
+    result = subprocess.run(
+        [*module_command("insitu_daq"), "daemon", "--config", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"insitu-daq: error: {path}: not valid TOML: Cannot overwrite a value"
+        " (at line 3, column 22): max_bias_volts = 50.0\n"
+    )
+    assert not (tmp_path / "runs").exists()  # refused before anything was started

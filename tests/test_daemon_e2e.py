@@ -385,6 +385,27 @@ def test_cli_refuses_an_invalid_protocol_with_one_line(live: LiveStation, tmp_pa
     assert result.stderr.count("\n") == 1 and "step 3 (bias)" in result.stderr
 
 
+def test_cli_refuses_a_protocol_with_a_key_given_twice_naming_it_and_its_line(
+    live: LiveStation, tmp_path: Path
+) -> None:
+    # YAML readers keep the last of two equal keys: this would have been a 6 s hold.
+    protocol = tmp_path / "dup.yaml"
+    protocol.write_text(SHORT.replace("{duration_s: 20}", "{duration_s: 600, duration_s: 6}"))
+    _, history_before, _ = live.model_state()
+    result = subprocess.run(
+        [*module_command("insitu_daq"), "run", str(protocol),
+         "--config", str(tmp_path / "station.toml")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        "insitu-daq: error: dup: not valid YAML: line 7, column 29: duplicate key 'duration_s'"
+        " (first on line 7)\n"
+    )
+    assert live.model_state()[1] == history_before  # nothing moved
+    assert not list(live.data_dir.glob("*.h5"))  # no run file
+
+
 def test_python_scripted_protocol_runs_on_the_daemon(live: LiveStation) -> None:
     from insitu_daq.client import DaemonClient
     from insitu_daq.protocol import Acquire, Approach, Bias, Hold, Mark, Protocol
@@ -437,6 +458,9 @@ def test_lost_source_meter_aborts_and_is_made_safe_once_back(live: LiveStation) 
         assert np.abs(np.diff([v for _, v in history])).max() <= 0.01 + 1e-9  # ramped
         live.wait_closed(reply["run_id"])
     finally:
+        # The daemon stops while the instrument answers: otherwise it cannot confirm the bias
+        # safe, and its guardian keeps trying to reach a closed port for 10 minutes.
+        live.close()
         back.stop()
     with h5py.File(reply["run_file"], "r") as f:
         kinds = [k.decode() for k in f["/entry/events/kind"][:]]

@@ -360,3 +360,90 @@ def test_hold_condition_is_stored_normalised_and_parsed() -> None:
     assert hold.condition is not None
     assert hold.condition.quantities == {"expansion", "rock_salt_fraction"}
     assert "at most 60 s" in hold.describe()
+
+
+# A key given twice: YAML and JSON readers keep the last one without a word (a 6 s hold for a
+# 600 s one, the first `steps:` list dropped); the file is refused, naming the key and line.
+@pytest.mark.parametrize(
+    ("name", "text", "fmt", "expected"),
+    [
+        (
+            "block.yaml",
+            "name: t\nsteps:\n  - hold:\n      duration_s: 600\n      duration_s: 6\n",
+            None,
+            "block.yaml: not valid YAML: line 5, column 7: duplicate key 'duration_s'"
+            " (first on line 4)",
+        ),
+        (
+            "flow.yaml",
+            "name: t\nsteps:\n  - hold: {duration_s: 600, duration_s: 6}\n",
+            None,
+            "flow.yaml: not valid YAML: line 3, column 29: duplicate key 'duration_s'"
+            " (first on line 3)",
+        ),
+        (  # inside a step's nested settings
+            "nested.yaml",
+            "name: t\nsteps:\n  - microscope: {mode: hrtem}\n"
+            "  - hold:\n      duration_s: 60\n      interleave: {mode: lm, every_s: 5,\n"
+            "                   dwell_s: 1, every_s: 50}\n",
+            None,
+            "nested.yaml: not valid YAML: line 7, column 32: duplicate key 'every_s'"
+            " (first on line 6)",
+        ),
+        (
+            "steps_twice.yaml",
+            "name: t\nsteps:\n  - bias: 1\n  - hold: 600\nsteps:\n  - hold: 6\n",
+            None,
+            "steps_twice.yaml: not valid YAML: line 5, column 1: duplicate key 'steps'"
+            " (first on line 2)",
+        ),
+        (  # JSON is read as YAML: the same loader, with the line
+            "dup.json",
+            '{\n  "name": "t",\n  "steps": [\n    {"hold": {"duration_s": 600}},\n'
+            '    {"bias": {"volts": 1.0, "volts": 4.3}}\n  ]\n}\n',
+            None,
+            "dup.json: not valid YAML: line 5, column 29: duplicate key 'volts' (first on line 5)",
+        ),
+        (  # TOML refuses it itself, saying where; the line's text says what
+            "dup.toml",
+            'name = "t"\n[[steps]]\nhold = { duration_s = 600, duration_s = 6 }\n',
+            "toml",
+            "dup.toml: not valid TOML: Duplicate inline table key 'duration_s'"
+            " (at line 3, column 42): hold = { duration_s = 600, duration_s = 6 }",
+        ),
+        (
+            "name_twice.toml",
+            'name = "t"\nname = "u"\n[[steps]]\nhold = 6\n',
+            "toml",
+            "name_twice.toml: not valid TOML: Cannot overwrite a value (at line 2, column 11):"
+            ' name = "u"',
+        ),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_the_key_and_its_line(
+    tmp_path: Path, name: str, text: str, fmt: str | None, expected: str
+) -> None:
+    with pytest.raises(ProtocolError) as parsed:
+        Protocol.parse(text, fmt, name=name)
+    assert str(parsed.value) == expected
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ProtocolError) as loaded:
+        Protocol.load(path)
+    assert str(loaded.value) == expected
+
+
+def test_equal_values_under_different_keys_and_yaml_merge_keys_still_load() -> None:
+    # the same key in different mappings is no duplicate: each hold has its own duration_s
+    two_holds = Protocol.parse(
+        "name: t\nsteps:\n  - hold: {duration_s: 5}\n  - hold: {duration_s: 5}\n"
+    )
+    assert two_holds.steps == (Hold(duration_s=5), Hold(duration_s=5))
+    as_json = Protocol.parse('{"name": "t", "steps": [{"hold": {"duration_s": 5}}, {"hold": 5}]}')
+    assert as_json == two_holds
+    # a merge key's values may be overridden on purpose (YAML's `<<`): not a duplicate
+    merged = Protocol.parse(
+        "name: t\nsteps:\n  - hold: &slow {duration_s: 600}\n  - hold: {<<: *slow, duration_s: 6}\n"
+    )
+    assert merged.steps == (Hold(duration_s=600), Hold(duration_s=6))
+    assert Protocol.parse(SMALL_YAML, "yaml") == SMALL_PYTHON
