@@ -1,8 +1,10 @@
-"""Counters of the ingest process: a Prometheus-style histogram and an event rate limiter."""
+"""Counters of the ingest process: a Prometheus-style histogram, an event rate limiter and
+the detector stream's rate."""
 
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 from typing import Any
 
@@ -57,3 +59,35 @@ class EventLimiter:
                 over.append((kind, held))
                 self._window[kind] = (start, sent, 0)
         return over
+
+
+class StreamRate:
+    """Frames per second and stored bytes per frame of the detector stream, over its last
+    `window_s` seconds of frames (kept when the stream stops: the rate of the last series
+    seen, which is what the next run will record). For planning a run's recording."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_ns = int(window_s * 1e9)
+        self._frames: collections.deque[tuple[int, int]] = collections.deque()  # (ns, bytes)
+        self._bytes = 0
+
+    def add(self, received_ns: int, stored_bytes: int) -> None:
+        frames = self._frames
+        if frames and received_ns < frames[-1][0]:  # a new stream whose clock is behind
+            frames.clear()
+            self._bytes = 0
+        frames.append((received_ns, stored_bytes))
+        self._bytes += stored_bytes
+        while received_ns - frames[0][0] > self.window_ns:
+            self._bytes -= frames.popleft()[1]
+
+    def to_dict(self) -> dict[str, float] | None:
+        """{"frames_per_s", "bytes_per_frame"}; None until two frames were seen."""
+        frames = self._frames
+        if len(frames) < 2 or frames[-1][0] <= frames[0][0]:
+            return None
+        span_s = (frames[-1][0] - frames[0][0]) * 1e-9
+        return {
+            "frames_per_s": (len(frames) - 1) / span_s,
+            "bytes_per_frame": self._bytes / len(frames),
+        }

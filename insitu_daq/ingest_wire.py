@@ -23,6 +23,8 @@ ANALYSIS = b"analysis"  # a live-analysis result: a JSON object (UTF-8), for the
 READY = b"ready"  # once, when its sockets are up: {"pid": ..., "error"?: ...}
 REPLY = b"reply"  # {"id": ..., "ok": bool, ...}
 STATS = b"stats"  # the stats dict, every STATS_INTERVAL_S
+# once per run, when the run file stops taking writes: {"run_id", "kind", "reason", ...}
+RECORDING_FAILED = b"recording_failed"
 
 HOLDER_RECORD = struct.Struct("<dd")
 

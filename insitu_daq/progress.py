@@ -37,11 +37,12 @@ def follow_run(
 ) -> int:
     """Print status until the run ends; Ctrl-C aborts the run (the bias is made safe first).
 
-    Returns 0 when the protocol finished, 1 when it was aborted or failed.
+    Returns 0 when the protocol finished, 1 when it was aborted or failed; the last line says
+    how it ended, and why when it did not finish (`run <id>: failed: disk full in /data (...)`).
     """
     from .api import ControlClient, EventSubscriber
 
-    state = "?"
+    state, reason = "?", None
     with EventSubscriber(events, topics=["status"]) as subscriber:
         last_heard = time.monotonic()
         try:
@@ -56,6 +57,7 @@ def follow_run(
                 _, status = message
                 print(format_status(status), file=out, flush=True)
                 state = status.get("protocol", {}).get("state", "?")
+                reason = status.get("protocol", {}).get("reason")
                 # Done once the protocol ended and the daemon closed the run file.
                 closed = status.get("last_run_id") == run_id and status.get("run_id") is None
                 if closed and state in FINAL_STATES:
@@ -65,5 +67,6 @@ def follow_run(
             with ControlClient(control, timeout_s=timeout_s) as client:
                 client.request("abort", reason="operator interrupted `insitu-daq run`")
             return 1
-    print(f"run {run_id}: {state}", file=out, flush=True)
+    why = f": {reason}" if reason and state != "finished" else ""
+    print(f"run {run_id}: {state}{why}", file=out, flush=True)
     return 0 if state == "finished" else 1

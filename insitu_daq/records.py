@@ -63,6 +63,7 @@ class EventKind:
     STALE = "stale_series"
     MALFORMED = "malformed_message"
     ERROR = "error"
+    RECORDING_FAILED = "recording_failed"  # the run file stopped taking writes (disk full...)
 
 
 @dataclass(frozen=True)
