@@ -293,6 +293,7 @@ class Daemon:
             self.ingest.open_run(metadata, path, run_clock)
             self._run = run
             self._last_run_id = run_id
+            self._last_recording_failure = None
         try:
             self.runner.start(protocol, on_done=self._on_protocol_done)
         except BaseException:
@@ -302,10 +303,13 @@ class Daemon:
             self.runner.fail(run.recording_failure)
         return run
 
-    def recording_plan(self, protocol: Protocol) -> RecordingPlan:
-        """What the protocol will write at most, at the detector's measured (or planned) rate."""
+    def recording_plan(self, protocol: Protocol, from_step: int = 0) -> RecordingPlan:
+        """What the protocol will write at most (from step `from_step` on, 0-based), at the
+        detector's measured (or planned) rate."""
         rate = RecordingRate.of_stream(self.ingest.stats().get("stream_rate"), self.config)
-        return RecordingPlan.of(protocol, self.config.limits, rate, self.clock.time_scale)
+        return RecordingPlan.of(
+            protocol, self.config.limits, rate, self.clock.time_scale, from_step
+        )
 
     def _metadata(self, run: ActiveRun) -> RunMetadata:
         limits = self.config.limits
@@ -651,12 +655,22 @@ class Daemon:
             and run.recording_failure is not None
             and self.runner.progress.state is RunState.PAUSED
         ):
-            try:  # no run goes on unrecorded: the file must take writes again first
+            # No run goes on unrecorded: there must be room for the rest of it, and the file
+            # must take writes again.
+            step = self.runner.progress.step_index or 0
+            plan = self.recording_plan(run.protocol, from_step=step)
+            try:
+                check_room(
+                    self.config.data_dir,
+                    plan,
+                    self.config.recording.min_free_bytes,
+                    what=f"the rest of this run (from step {step + 1})",
+                )
                 self.ingest.retry_recording()
-            except IngestError as exc:
+            except (StationError, IngestError) as exc:
                 raise RuntimeError(f"not resumed: {exc}") from None
             log.warning("recording again after: %s", run.recording_failure)
-            run.recording_failure = None
+            run.recording_failure = self._last_recording_failure = None
         self.runner.resume()
         return {}
 

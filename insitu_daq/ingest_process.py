@@ -859,13 +859,18 @@ class IngestProcess:
         source: str,
     ) -> dict[str, Any]:
         # The reserve first: a disk without room for it has none for the run either.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        reserve = SpaceReserve(reserve_path(path))
+        reserve = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            reserve = SpaceReserve(reserve_path(path))
             writer = RunWriter(path, meta, geometry)
-        except BaseException:
-            reserve.release()
-            raise
+        except Exception as exc:
+            if reserve is not None:
+                reserve.release()
+            failure = classify_write_error(exc, path, "creating the run file")
+            if failure is None:
+                raise
+            raise IngestError(failure.reason) from None
         run = _Run(writer, clock, source, self._counters(), reserve=reserve)
         run.identity = file_identity(path)
         self._run = run
@@ -909,7 +914,8 @@ class IngestProcess:
         return summary
 
     def _close_failed(self, run: _Run) -> None:
-        """Close a run file that stopped taking writes: as much as it still takes."""
+        """Close a run file that stopped taking writes: as much as it still takes (RunWriter
+        closes it without writing more if it takes nothing)."""
         try:
             run.writer.close(time.time_ns())
         except Exception as exc:
@@ -1033,7 +1039,13 @@ class IngestProcess:
                 "frames_not_written": run.frames_not_written,
             }
         )
-        stats["stream_rate"] = self._stream_rate.to_dict()
+        stream_rate = self._stream_rate.to_dict()
+        geometry = self._latest_geometry
+        if stream_rate is not None and geometry is not None:  # for recording_plan.py
+            pixels = geometry.shape[0] * geometry.shape[1] * np.dtype(geometry.dtype).itemsize
+            stream_rate["raw_bytes_per_frame"] = pixels * len(geometry.channels)
+            stream_rate["compression"] = geometry.compression or "none"
+        stats["stream_rate"] = stream_rate if geometry is not None else None
         stats["opening_run"] = self._pending_open is not None
         return stats
 

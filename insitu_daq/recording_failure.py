@@ -167,7 +167,7 @@ class SpaceReserve:
         self.held = False
         try:
             os.unlink(self.path)
-        except FileNotFoundError:
+        except OSError:  # gone with its folder, or on a file system now read-only
             return 0
         return self.size
 

@@ -1,24 +1,31 @@
 """Before a run starts: is the data folder there, writable, and big enough for the recording?
 
+Writable means a test write and sync succeed: a file system can refuse writes it does not
+report as read-only (ext4's emergency read-only after a disk error).
+
 The daemon refuses a run (one line, with the figures) rather than start one that would fill
 the disk halfway through, with the particle biased and nothing recorded after that point.
 
 The planned recording is the protocol's longest duration with recording on (holds and waits
 at their full `duration_s`, ramps at their rate, approaches over their whole travel, the
 ramp-down the runner ends every run with) x the bytes per second the run file grows by:
-- measured: the detector stream's frames per second and stored bytes per frame over its last
-  10 s (the ingest process measures every frame it receives, recorded or not; when the stream
-  has stopped, those of the last series seen), or
-- planned from the config before the detector was heard: `[detector] default_shape` and
-  `default_dtype` at `default_frame_rate_hz`, compressed by ASSUMED_COMPRESSION (bslz4 keeps
-  about a quarter or less of counting-detector frames; assuming half errs on refusing a run).
-Plus the per-frame columns and the bias log, small next to the pixels. Run-clock seconds are
-wall seconds x the daemon's time scale (a simulated station run faster than real time).
+frames per second x bytes per frame. Frames per second: measured from the detector stream
+over its last 10 s (the ingest process sees every frame, recorded or not;
+ingest_counters.StreamRate), or `[detector] default_frame_rate_hz` before it was heard.
+Bytes per frame: the larger of the stored size measured (the largest 10 s mean of the last
+hour) and the raw size x ASSUMED_COMPRESSION: frames of a blanked beam or an empty field
+compress to almost nothing, a run's do not. bslz4 keeps a quarter or less of typical
+counting-detector frames and half of the simulator's; assuming half errs on refusing a run
+rather than failing it halfway.
+Plus the per-frame columns and the bias log, small next to the pixels, and the reserve the
+ingest holds to close the file (recording_failure.py). Run-clock seconds are wall seconds x the
+daemon's time scale (a simulated station run faster than real time).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ import numpy as np
 
 from .config import SafetyLimits, StationConfig
 from .protocol import Acquire, Approach, Bias, Hold, Protocol, Retract, Step, Wait
+from .recording_failure import RESERVE_BYTES, classify_write_error
 from .records import BIAS_SAMPLE_DTYPE
 from .station import StationError
 
@@ -47,27 +55,38 @@ class RecordingRate:
 
     @classmethod
     def of_stream(cls, stream_rate: dict[str, Any] | None, config: StationConfig) -> RecordingRate:
-        """From the ingest's measured `stream_rate` ({frames_per_s, bytes_per_frame}), or
-        the config's defaults when the detector has not been heard."""
+        """From the ingest's `stream_rate` (frames_per_s, peak_bytes_per_frame,
+        raw_bytes_per_frame, compression), or the config's defaults when the detector has
+        not been heard. A frame is planned at its measured size or at its raw size x
+        ASSUMED_COMPRESSION, whichever is larger: frames of a blanked beam or an empty field
+        compress to almost nothing, the run's will not."""
         bias_bytes_per_s = config.sampling.bias_rate_hz * BIAS_SAMPLE_DTYPE.itemsize
+        detector = config.detector
         if stream_rate:
             fps = float(stream_rate["frames_per_s"])
-            per_frame = float(stream_rate["bytes_per_frame"]) + PER_FRAME_COLUMN_BYTES
-            source = f"{fps:.3g} frames/s of {_size(per_frame)} measured from the detector"
+            measured = float(stream_rate["peak_bytes_per_frame"])
+            raw = float(stream_rate["raw_bytes_per_frame"])
+            compression = str(stream_rate["compression"])
+            heard = f"{fps:.3g} frames/s measured from the detector"
         else:
-            detector = config.detector
-            raw = int(np.prod(detector.default_shape)) * _DTYPE_BYTES[detector.default_dtype]
+            fps = detector.default_frame_rate_hz
+            measured = 0.0
+            pixels = int(np.prod(detector.default_shape)) * _DTYPE_BYTES[detector.default_dtype]
+            raw = float(pixels * len(detector.default_channels))
             compression = (
                 "none" if detector.archive_compression == "none" else detector.default_compression
             )
-            ratio = ASSUMED_COMPRESSION[compression]
-            fps = detector.default_frame_rate_hz
-            per_frame = raw * len(detector.default_channels) * ratio + PER_FRAME_COLUMN_BYTES
-            source = (
-                f"detector not heard yet: {fps:g} frames/s of {_size(per_frame)} assumed from"
-                f" [detector] defaults, {compression} at {ratio:g} of raw"
-            )
-        return cls(fps * per_frame + bias_bytes_per_s, source)
+            heard = f"detector not heard yet: {fps:g} frames/s from [detector] defaults"
+        ratio = ASSUMED_COMPRESSION.get(compression, 1.0)
+        per_frame = max(measured, raw * ratio)
+        if measured >= raw * ratio:
+            size = f"{_size(per_frame)} a frame measured"
+        else:
+            size = f"{_size(per_frame)} a frame: {_size(raw)} raw, {compression} assumed {ratio:g}"
+            if stream_rate:
+                size += f"; measured {_size(measured)}"
+        per_frame += PER_FRAME_COLUMN_BYTES
+        return cls(fps * per_frame + bias_bytes_per_s, f"{heard}, {size}")
 
 
 @dataclass(frozen=True)
@@ -79,9 +98,16 @@ class RecordingPlan:
 
     @classmethod
     def of(
-        cls, protocol: Protocol, limits: SafetyLimits, rate: RecordingRate, time_scale: float
+        cls,
+        protocol: Protocol,
+        limits: SafetyLimits,
+        rate: RecordingRate,
+        time_scale: float,
+        from_step: int = 0,
     ) -> RecordingPlan:
-        run_s, recorded_s = protocol_seconds(protocol, limits)
+        """The plan of the whole protocol, or of what is left from step `from_step` (0-based:
+        that step at its full length) when a paused run is resumed."""
+        run_s, recorded_s = protocol_seconds(protocol, limits, from_step)
         planned = rate.bytes_per_s * recorded_s / time_scale
         return cls(run_s, recorded_s, int(planned), rate)
 
@@ -106,11 +132,14 @@ def step_seconds(step: Step, bias_volts: float, limits: SafetyLimits) -> float:
     return 0.0  # acquire, microscope, mark: instant next to these
 
 
-def protocol_seconds(protocol: Protocol, limits: SafetyLimits) -> tuple[float, float]:
-    """(whole run, with recording on) at most, in run-clock seconds."""
+def protocol_seconds(
+    protocol: Protocol, limits: SafetyLimits, from_step: int = 0
+) -> tuple[float, float]:
+    """(whole run, with recording on) at most, in run-clock seconds; from step `from_step`
+    (0-based) on if given."""
     bias, recording, total, recorded = 0.0, False, 0.0, 0.0
-    for step in protocol.steps:
-        seconds = step_seconds(step, bias, limits)
+    for index, step in enumerate(protocol.steps):
+        seconds = step_seconds(step, bias, limits) if index >= from_step else 0.0
         total += seconds
         recorded += seconds if recording else 0.0
         if isinstance(step, Bias):
@@ -148,24 +177,43 @@ def data_disk(data_dir: Path) -> DataDisk:
     return DataDisk(free, size, True, None)
 
 
-def check_room(data_dir: Path, plan: RecordingPlan, min_free_bytes: int) -> DataDisk:
+def check_room(
+    data_dir: Path, plan: RecordingPlan, min_free_bytes: int, what: str = "this run"
+) -> DataDisk:
     """The data disk, if it can take the planned run; DataFolderError (one line) if not."""
     disk = data_disk(data_dir)
     if disk.problem is not None:
         raise DataFolderError(f"{disk.problem}: run refused")
     assert disk.free_bytes is not None
-    if disk.free_bytes < plan.bytes + min_free_bytes:
+    _probe_write(data_dir)
+    if disk.free_bytes < plan.bytes + RESERVE_BYTES + min_free_bytes:
         raise DataFolderError(
-            f"not enough space in {data_dir} for this run: {_size(disk.free_bytes)} free,"
-            f" {plan.describe()}, + {_size(min_free_bytes)} to keep free"
-            " (recording.min_free_bytes)"
+            f"not enough space in {data_dir} for {what}: {_size(disk.free_bytes)} free,"
+            f" {plan.describe()}, + {_size(RESERVE_BYTES)} held to close the file"
+            f" + {_size(min_free_bytes)} to keep free (recording.min_free_bytes)"
         )
     return disk
+
+
+def _probe_write(data_dir: Path) -> None:
+    """Write and sync a byte in the folder: the file system may refuse writes it does not
+    report as read-only (ext4's emergency read-only after a disk error)."""
+    try:
+        with tempfile.TemporaryFile(dir=data_dir, prefix=".insitu-daq-probe-") as probe:
+            probe.write(b"\0")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        failure = classify_write_error(exc, data_dir / "probe", "a test write before the run")
+        raise DataFolderError(
+            f"{failure.reason if failure else f'data folder {data_dir}: {exc}'}: run refused"
+        ) from None
 
 
 def _size(nbytes: float) -> str:
     """Bytes in binary units: `512 B`, `3.2 MiB`, `1.50 GiB`."""
     for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
+            value = nbytes / scale
+            return f"{value:.3g} {unit}" if abs(value) < 100 else f"{value:.0f} {unit}"
     return f"{nbytes:.0f} B"

@@ -22,6 +22,7 @@ Why it is shaped so:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -492,6 +493,8 @@ class RunWriter:
         self._file.flush()
 
     def close(self, end_time_ns: int) -> None:
+        """Write what is pending and close. If the file does not take it (disk full, read-only:
+        the exception propagates), it is closed without writing more (`_abandon`)."""
         if self._closed:
             return
         self._closed = True
@@ -500,8 +503,30 @@ class RunWriter:
             self._fill_frame_bias(final=True)
             self._sort_events()
             self._end_time[()] = iso8601(end_time_ns)
-        finally:
-            self._file.close()
+            self._file.flush()  # a failure here, not in close, leaves HDF5 able to close
+        except BaseException:
+            self._abandon()
+            raise
+        self._file.close()
+
+    def _abandon(self) -> None:
+        """Close a file that does not take writes, writing nothing more.
+
+        HDF5 flushes at close; when that fails it leaves its objects half-closed, and freeing
+        them later crashed the process (HDF5 2.0, a read-only disk). So the file's descriptor
+        is pointed at /dev/null first: the close succeeds and the file keeps what its last
+        successful flush wrote, as after a crash (SWMR keeps that readable).
+        """
+        try:
+            fd = self._file.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+        except Exception:  # not the sec2 driver, or already closed: close as it is
+            log.exception("run file %s: could not detach it before closing", self.path)
+        self._file.close()
 
     def _sort_events(self) -> None:
         """Events come from several threads with their own stamps; the file keeps time order."""
