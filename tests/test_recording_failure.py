@@ -427,9 +427,10 @@ def test_a_run_that_cannot_fit_or_has_nowhere_to_go_is_refused_untouched(
                 message,
             ), message
             with read_only_view(disk / "runs"):
-                with pytest.raises(
-                    ControlError, match="is on a read-only file system: run refused"
-                ):
+                read_only = (
+                    f"data folder {disk / 'runs'} is on a read-only file system: run refused"
+                )
+                with pytest.raises(ControlError, match=read_only):
                     live.run(SHORT, "short")
                 live.wait_for(lambda s: s["data_disk"]["writable"] is False, timeout_s=10)
             _, history_after, _ = live.model_state()
