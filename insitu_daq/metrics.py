@@ -264,15 +264,14 @@ class DaemonMetrics:
         self.data_disk_size = Gauge(
             f"{PREFIX}data_disk_size_bytes", "size of the data folder's file system", registry=r
         )
-        self.data_dir_writable = Gauge(
-            f"{PREFIX}data_dir_writable",
+        self.data_dir_up = Gauge(
+            f"{PREFIX}data_dir_up",
             "1 if the data folder exists and is writable, 0 if a run would be refused",
             registry=r,
         )
-        self.recording_rate = Gauge(
-            f"{PREFIX}recording_bytes_per_second",
-            "bytes per second a run file grows by while recording (measured from the detector"
-            " stream, else planned from the config)",
+        self.data_disk_recording_capacity = Gauge(
+            f"{PREFIX}data_disk_recording_capacity_seconds",
+            "how long the free space holds a recording at the detector's current rate",
             registry=r,
         )
         self.recording_failures = Counter(
@@ -456,11 +455,13 @@ class DaemonMetrics:
     def observe_data_disk(
         self, free_bytes: int | None, size_bytes: int | None, writable: bool, bytes_per_s: float
     ) -> None:
-        """The data folder's file system (None figures: the folder is not there: NaN)."""
+        """The data folder's file system (None figures: the folder is not there: NaN) and the
+        recording's bytes per second (recording_plan.RecordingRate)."""
         self.data_disk_free.set(math.nan if free_bytes is None else free_bytes)
         self.data_disk_size.set(math.nan if size_bytes is None else size_bytes)
-        self.data_dir_writable.set(1 if writable else 0)
-        self.recording_rate.set(bytes_per_s)
+        self.data_dir_up.set(1 if writable else 0)
+        capacity = math.nan if free_bytes is None or bytes_per_s <= 0 else free_bytes / bytes_per_s
+        self.data_disk_recording_capacity.set(capacity)
 
     def count_recording_failure(self, kind: str) -> None:
         self.recording_failures.labels(kind).inc()

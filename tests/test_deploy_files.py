@@ -127,7 +127,7 @@ def test_required_alerts_are_there() -> None:
         'up{job="insitu-daq"}': "the daemon down",
         "recording_failures_total": "a recording that failed",
         "data_disk_free_bytes": "a data disk running out of space",
-        "data_dir_writable": "a data folder missing or read-only",
+        "data_dir_up": "a data folder missing or read-only",
     }
     for fragment, what in required.items():
         assert any(fragment in expr for expr in exprs.values()), f"no alert for {what}"
