@@ -914,10 +914,15 @@ class IngestProcess:
         return summary
 
     def _close_failed(self, run: _Run) -> None:
-        """Close a run file that stopped taking writes: as much as it still takes (RunWriter
-        closes it without writing more if it takes nothing)."""
+        """Close a run file that stopped taking writes: as much as it still takes when the disk
+        was full (the reserve is free now), nothing more when it is read-only or failing (each
+        further write would fail again; RunWriter.abandon)."""
+        assert run.failure is not None
         try:
-            run.writer.close(time.time_ns())
+            if run.failure.kind in ("disk_full", "folder_gone"):
+                run.writer.close(time.time_ns())
+            else:
+                run.writer.abandon()
         except Exception as exc:
             log.error(
                 "ingest: run %s file not closed cleanly (%s): it holds what the last flush wrote",

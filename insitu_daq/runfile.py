@@ -494,7 +494,7 @@ class RunWriter:
 
     def close(self, end_time_ns: int) -> None:
         """Write what is pending and close. If the file does not take it (disk full, read-only:
-        the exception propagates), it is closed without writing more (`_abandon`)."""
+        the exception propagates), it is closed without writing more (`abandon`)."""
         if self._closed:
             return
         self._closed = True
@@ -505,18 +505,23 @@ class RunWriter:
             self._end_time[()] = iso8601(end_time_ns)
             self._file.flush()  # a failure here, not in close, leaves HDF5 able to close
         except BaseException:
-            self._abandon()
+            self._detach_and_close()
             raise
         self._file.close()
 
-    def _abandon(self) -> None:
-        """Close a file that does not take writes, writing nothing more.
+    def abandon(self) -> None:
+        """Close a file that does not take writes (read-only, I/O errors), writing nothing
+        more: it keeps what its last successful flush wrote, as after a crash."""
+        if self._closed:
+            return
+        self._closed = True
+        self._detach_and_close()
 
-        HDF5 flushes at close; when that fails it leaves its objects half-closed, and freeing
+    def _detach_and_close(self) -> None:
+        """HDF5 flushes at close; when that fails it leaves its objects half-closed, and freeing
         them later crashed the process (HDF5 2.0, a read-only disk). So the file's descriptor
         is pointed at /dev/null first: the close succeeds and the file keeps what its last
-        successful flush wrote, as after a crash (SWMR keeps that readable).
-        """
+        successful flush wrote (SWMR keeps that readable)."""
         try:
             fd = self._file.id.get_vfd_handle()
             null = os.open(os.devnull, os.O_RDWR)

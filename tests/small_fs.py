@@ -6,19 +6,26 @@ Why ext4 for "read-only mid-run": `mount -o remount,ro` is refused (EBUSY) while
 file system is open for writing, which the run file is; a disk that goes read-only under a
 running program is the kernel's emergency read-only after a file-system error
 (errors=remount-ro), which ext4 can be told to raise (/sys/fs/ext4/<dev>/trigger_fs_error).
+A disk that stops answering (EIO) is ext4's shutdown ioctl.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
+import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+_EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
+_EXT4_GOING_FLAGS_NOLOGFLUSH = 0x2
 
 
 def _need_root(what: str) -> None:
@@ -30,9 +37,15 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
-def unmount(path: Path) -> None:
-    if _run("umount", str(path)).returncode != 0:
-        _run("umount", "-l", str(path))  # something still holds it: detach all the same
+def unmount(path: Path, patience_s: float = 10.0) -> None:
+    """Unmount, waiting for processes that still hold it to let go (a daemon's guardian stops
+    just after it), else detach it all the same."""
+    deadline = time.monotonic() + patience_s
+    while _run("umount", str(path)).returncode != 0:
+        if time.monotonic() > deadline:
+            _run("umount", "-l", str(path))
+            return
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -67,7 +80,8 @@ def read_only_view(folder: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def ext4(path: Path, image: Path, size_bytes: int) -> Iterator[str]:
-    """An ext4 image on a loop device, mounted errors=remount-ro at `path`; yields the
+    """An ext4 image on a loop device, mounted errors=remount-ro at `path` (journal committed
+    every second); yields the
     device's name (e.g. "loop3") for `make_read_only`."""
     _need_root("an ext4 loop mount")
     if shutil.which("mkfs.ext4") is None:
@@ -78,7 +92,9 @@ def ext4(path: Path, image: Path, size_bytes: int) -> Iterator[str]:
     made = _run("mkfs.ext4", "-q", "-F", str(image))
     if made.returncode != 0:
         pytest.skip(f"mkfs.ext4 failed: {made.stderr.strip()}")
-    mounted = _run("mount", "-o", "loop,errors=remount-ro", str(image), str(path))
+    # commit=1: the journal commits every second (default 5), so what a test wrote a couple
+    # of seconds before a fault is on the disk.
+    mounted = _run("mount", "-o", "loop,errors=remount-ro,commit=1", str(image), str(path))
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount an ext4 image on a loop device: {mounted.stderr.strip()}")
     try:
@@ -95,6 +111,24 @@ def make_read_only(device: str) -> None:
     if not trigger.exists():
         pytest.skip(f"{trigger} not there: this kernel cannot be told to raise an ext4 error")
     trigger.write_text("1\n")
+
+
+def shut_down(path: Path) -> None:
+    """ext4's shutdown (EXT4_IOC_SHUTDOWN, no log flush): every later read and write of the
+    file system fails with EIO, as on a disk that stopped answering."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, _EXT4_IOC_SHUTDOWN, struct.pack("I", _EXT4_GOING_FLAGS_NOLOGFLUSH))
+    finally:
+        os.close(fd)
+
+
+def mount_again(path: Path, image: Path) -> None:
+    """Unmount the image and mount it again: what its disk really kept (the journal
+    replayed, as at the next boot)."""
+    unmount(path)
+    mounted = _run("mount", "-o", "loop", str(image), str(path))
+    assert mounted.returncode == 0, mounted.stderr
 
 
 def fill(folder: Path) -> Path:

@@ -21,12 +21,21 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the bitshuffle/LZ4 filters for reading)
 import numpy as np
 import pytest
-from small_fs import ext4, fill, make_read_only, read_only_view, tmpfs
+from small_fs import (
+    ext4,
+    fill,
+    make_read_only,
+    mount_again,
+    read_only_view,
+    shut_down,
+    tmpfs,
+)
 from test_daemon_e2e import LiveStation
 
 from insitu_daq.api import ControlError, EventSubscriber
 from insitu_daq.config import ConfigError, StationConfig, parse_config
 from insitu_daq.ingest_counters import StreamRate
+from insitu_daq.metrics import DaemonMetrics
 from insitu_daq.protocol import Protocol
 from insitu_daq.recording_failure import (
     SpaceReserve,
@@ -319,47 +328,65 @@ def test_data_folder_removed_mid_run_fails_the_run_safely(tmp_path: Path) -> Non
         live.close()
 
 
-def test_disk_turned_read_only_mid_run_fails_the_run_safely(tmp_path: Path) -> None:
-    with ext4(tmp_path / "disk", tmp_path / "disk.img", 64 * MiB) as device:
-        disk = tmp_path / "disk"
-        live = LiveStation(tmp_path, data_dir=disk / "runs", extra_config=ROOMY)
+@pytest.mark.parametrize(
+    ("fault", "failure"),
+    [
+        ("read_only", "data folder {runs} is read-only (EROFS: Read-only file system; "),
+        ("io_error", "write error in {runs} (EIO: Input/output error; "),
+    ],
+)
+def test_a_disk_error_mid_run_fails_the_run_safely(
+    tmp_path: Path, fault: str, failure: str
+) -> None:
+    """An ext4 image turned read-only by the kernel (as after a disk error), or shut down (every
+    I/O then fails with EIO, as a disk that stopped answering).
+
+    What the disk itself keeps of the file is measured, not asserted: HDF5's flush hands the
+    data to the kernel, which writes it back within ~30 s (delayed allocation); a disk lost
+    before that keeps the file's name, not its contents (the report says so)."""
+    image, disk = tmp_path / "disk.img", tmp_path / "disk"
+    with ext4(disk, image, 64 * MiB) as device:
+        runs = disk / "runs"
+        live = LiveStation(tmp_path, data_dir=runs, extra_config=ROOMY)
         try:
             reply = live.run(HOLD, "fill_hold")
             _recording(live)
-            time.sleep(1.0)  # a few flushes: what they wrote is what the file keeps
+            time.sleep(1.0)  # a few flushes
             before = live.request("status")["ingest"]
             flushed = before["run"]["frames_flushed"]
             watch = FailureWatch(live)
-            make_read_only(device)
+            make_read_only(device) if fault == "read_only" else shut_down(disk)
             event, seconds_to_off = watch.wait()
             status = live.wait_closed(reply["run_id"])
             assert status["protocol"]["state"] == "failed"
             reason = status["protocol"]["reason"]
-            assert reason.startswith(
-                f"data folder {disk / 'runs'} is read-only (EROFS: Read-only file system;"
-            ), reason
+            assert reason.startswith(failure.format(runs=runs)), reason
             assert _output_off_at_0v(live)
             assert live.request("ping")["version"]
-            refusal = (
-                rf"data folder {disk / 'runs'} is read-only"
-                r" \(EROFS: Read-only file system; a test write before the run\)"
-            )
-            with pytest.raises(ControlError, match=refusal):
-                live.run(SHORT, "short")
-            with h5py.File(reply["run_file"], "r", libver="latest", swmr=True) as f:
-                frames = f[f"{DETECTOR}/frame_time"].shape[0]
-            assert frames >= flushed > 20  # what the last flush before the failure wrote
             ingest = live.request("status")["ingest"]
             assert ingest["alive"] and ingest["pid"] == before["pid"]  # the same process
-            lines = _failure_lines(live.daemon_log(), "Read-only")
-            print(
-                f"\nMEASURED read-only: output off {seconds_to_off:.2f} s after the first failed"
-                f" write; {event['frames_recorded']} frames recorded, {frames} in the file;"
-                f" {len(lines)} log lines"
-            )
-            assert 1 <= len(lines) <= 6, "\n".join(lines)
+            refusal = re.escape(failure.format(runs=runs) + "a test write before the run)")
+            with pytest.raises(ControlError, match=refusal):
+                live.run(SHORT, "short")
+            if fault == "read_only":  # readable as the kernel holds it (a shut-down disk: not)
+                with h5py.File(reply["run_file"], "r", libver="latest", swmr=True) as f:
+                    frames = f[f"{DETECTOR}/frame_time"].shape[0]
+                assert frames >= flushed > 20  # what the last flush before the failure wrote
+            lines = _failure_lines(live.daemon_log(), failure.split("(")[1].split(";")[0])
         finally:
             live.close()
+        mount_again(disk, image)
+        try:
+            with h5py.File(reply["run_file"], "r", libver="latest", swmr=True) as f:
+                kept = f"{f[f'{DETECTOR}/frame_time'].shape[0]} frames"
+        except OSError as exc:
+            kept = f"not readable ({exc})"
+        print(
+            f"\nMEASURED {fault}: output off {seconds_to_off:.2f} s after the first failed write;"
+            f" {event['frames_recorded']} frames recorded; {len(lines)} log lines about it;"
+            f" after a remount the disk's file: {kept}"
+        )
+        assert 1 <= len(lines) <= 6, "\n".join(lines)
 
 
 def test_pause_on_failure_makes_the_bias_safe_and_resumes_once_there_is_room(
@@ -457,3 +484,18 @@ def test_the_stream_rate_plans_with_the_bigger_frames_of_the_last_hour() -> None
     for i in range(3700 * 40, 3700 * 40 + 400):  # an hour later: the bright frames are old
         rate.add(i * s // 40, 300)
     assert rate.to_dict()["peak_bytes_per_frame"] == pytest.approx(300.0)
+
+
+def test_the_data_disk_metrics_show_free_space_and_recording_time_left() -> None:
+    metrics = DaemonMetrics("127.0.0.1", 0)  # never started: read from its registry
+    metrics.observe_data_disk(10 * MiB, 100 * MiB, True, bytes_per_s=MiB / 2)
+    read = metrics.registry.get_sample_value
+    assert read("insitu_daq_data_disk_free_bytes") == 10 * MiB
+    assert read("insitu_daq_data_disk_size_bytes") == 100 * MiB
+    assert read("insitu_daq_data_dir_up") == 1
+    assert read("insitu_daq_data_disk_recording_capacity_seconds") == pytest.approx(20.0)
+    metrics.observe_data_disk(None, None, False, bytes_per_s=MiB / 2)  # the folder is gone
+    assert read("insitu_daq_data_dir_up") == 0
+    assert np.isnan(read("insitu_daq_data_disk_free_bytes"))
+    metrics.count_recording_failure("disk_full")
+    assert read("insitu_daq_recording_failures_total", {"kind": "disk_full"}) == 1
