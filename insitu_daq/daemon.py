@@ -194,8 +194,8 @@ class Daemon:
         try:
             self.config.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            log.error("data folder %s: %s; runs are refused until it exists", self.config.data_dir,
-                      exc.strerror)  # fmt: skip
+            folder = self.config.data_dir
+            log.error("data folder %s: %s; runs are refused until it exists", folder, exc.strerror)
 
     def _wait_analysis(self) -> None:
         """The archive matters more than the live view: an analysis process that does not
