@@ -413,6 +413,12 @@ def test_pause_on_failure_makes_the_bias_safe_and_resumes_once_there_is_room(
             with pytest.raises(ControlError, match=refusal):
                 live.request("resume")  # no run goes on unrecorded
             assert live.request("status")["protocol"]["state"] == "paused"
+            time.sleep(6.0)  # paused on a full disk, frames still coming: the log stays quiet
+            seconds = time.time() - event["failed_at_ns"] * 1e-9
+            lines = _failure_lines(live.daemon_log(), "No space left")
+            assert len(lines) <= seconds + 2, "\n".join(lines)
+            assert any(re.search(r"not recording \(disk_full\): \d+ frames", x) for x in lines)
+            print(f"MEASURED pause: {len(lines)} log lines about it in {seconds:.1f} s")
 
             filler.unlink()
             live.request("resume")
