@@ -83,6 +83,9 @@ class DetectorConfig(_Section):
     default_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1024, 1024)
     default_dtype: Literal["uint8", "uint16", "uint32"] = "uint16"  # little-endian
     default_compression: Literal["bslz4", "lz4", "none"] = "bslz4"
+    # Frames per second the detector is assumed to send before it has been heard: only for
+    # planning a run's recording (the rate measured from the stream replaces it).
+    default_frame_rate_hz: Annotated[float, Field(gt=0, le=100_000)] = 40.0
 
 
 class MicroscopeConfig(_Section):
@@ -108,6 +111,16 @@ class RetryConfig(_Section):
     attempts: Annotated[int, Field(ge=1, le=100)] = 5
     first_delay_s: Positive = 0.1
     max_delay_s: Positive = 2.0
+
+
+class RecordingConfig(_Section):
+    """What happens when the run file stops taking writes, and the room a run must have."""
+
+    # "abort": the run ends `failed` (bias ramped to 0 V, output off); "pause": the bias is
+    # made safe the same way and the protocol paused, so `resume` can go on once there is room.
+    on_failure: Literal["abort", "pause"] = "abort"
+    # A run starts only if the data disk would still have this much free at its planned end.
+    min_free_bytes: Annotated[int, Field(ge=0)] = 1 << 30
 
 
 class ApiConfig(_Section):
@@ -211,6 +224,7 @@ class StationConfig(_Section):
     limits: SafetyLimits = SafetyLimits()
     sampling: SamplingConfig = SamplingConfig()
     retry: RetryConfig = RetryConfig()
+    recording: RecordingConfig = RecordingConfig()
     api: ApiConfig = ApiConfig()
     sample: SampleConfig = SampleConfig()
     analysis: AnalysisConfig = AnalysisConfig()

@@ -15,6 +15,12 @@ and when the bias first leaves 0 V (the end of the expansion reference). Each re
 published on the `analysis` topic, turned into metrics, sent to the run file (/entry/analysis,
 through the ingest) and kept as the latest value per quantity for `hold ... until` conditions
 (`live_updates`).
+
+A recording that fails fails the run safely (issue 9): before a run starts the data folder
+must be there, writable, and have room for the protocol's planned recording
+(recording_plan.py); when the run file stops taking writes mid-run the ingest process says so
+once (recording_failure.py) and the runner aborts with the run `failed` (or pauses, per
+`[recording] on_failure`), which ramps the bias to 0 V and turns the output off.
 """
 
 from __future__ import annotations
@@ -45,20 +51,22 @@ from .guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
 from .guardian import Guardian, bias_confirmed_safe
 from .imaging import ImagingState
 from .imaging_announcer import ImagingAnnouncer, unknown_state
-from .ingest import IngestClient
+from .ingest import IngestClient, IngestError
 from .liveanalysis import AnalysisError, LiveAnalysis
 from .metrics import DaemonMetrics
 from .positioner import HolderControl, MicroscopeControl
 from .protocol import Protocol, ProtocolError
+from .recording_plan import DataDisk, RecordingPlan, RecordingRate, check_room, data_disk
 from .records import Event, EventKind, level_change_mask
 from .runfile import RunMetadata
-from .runner import ProtocolRunner
+from .runner import ProtocolRunner, RunState
 from .station import FROM_NOW, LimitError, StationError
 from .stationlock import StationLock, StationLockError, daemon_owner, daemon_resources
 
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 0.5
+DATA_DISK_INTERVAL_S = 2.0  # the data disk's free space, for status and metrics
 BIAS_OFF_VOLTS = 1e-6  # a setpoint above this is "the bias left 0 V"
 # Keys of an analysis result forwarded to the run file and the event stream.
 RESULT_KEYS = ("time", "image_id", "mode", "latency_s", "skipped", "settling",
@@ -79,6 +87,7 @@ class ActiveRun:
     bias_started: bool = False  # the setpoint has left 0 V in this run
     charge_coulombs: float = 0.0  # integral of the measured current since the run started
     last_reading: tuple[float, float] | None = None  # (daemon time, current) for the integral
+    recording_failure: str | None = None  # why the run file stopped taking writes
 
 
 def pipeline_settings(config: AnalysisConfig) -> PipelineSettings:
@@ -148,6 +157,7 @@ class Daemon:
             on_event=self._on_ingest_event,
             clock=self.clock,
             analysis_endpoint=None if self.analysis is None else self.analysis.frame_endpoint,
+            on_recording_failed=self._on_recording_failed,
         )
         self.imaging.add_sink(self.ingest)  # every frame's mode etc. in the run file
         self.runner = ProtocolRunner(DaemonStation(self))
@@ -160,6 +170,9 @@ class Daemon:
         self._status_thread: threading.Thread | None = None
         self._identities: dict[str, str] = {}
         self._last_run_id: str | None = None
+        self._last_recording_failure: str | None = None
+        self._data_disk: DataDisk | None = None
+        self._data_disk_checked = -math.inf  # monotonic
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -170,6 +183,7 @@ class Daemon:
             self.guardian.start(keep_locked=self._lock_fds("source-meter"))
             if self.analysis is not None:
                 self.analysis.start()  # spawns and returns: it starts while the ingest does
+            self._make_data_dir()
             # It keeps the detector's lock until it has left the detector (stationlock.py).
             self.ingest.start(keep_locked=self._lock_fds("detector"))
             # After the ingest's own atexit hook, so at an abnormal exit this runs first
@@ -229,6 +243,14 @@ class Daemon:
     def _release_station(self) -> None:
         if self.station_lock is not None:
             self.station_lock.release()
+
+    def _make_data_dir(self) -> None:
+        """Create the data folder if it is not there yet (a run is refused while it is not)."""
+        try:
+            self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            folder = self.config.data_dir
+            log.error("data folder %s: %s; runs are refused until it exists", folder, exc.strerror)
 
     def _wait_analysis(self) -> None:
         """The archive matters more than the live view: an analysis process that does not
@@ -315,6 +337,11 @@ class Daemon:
         with self._run_lock:
             if self.runner.busy:
                 raise RuntimeError("a protocol is already running")
+            plan = self.recording_plan(protocol)
+            self._data_disk = check_room(
+                self.config.data_dir, plan, self.config.recording.min_free_bytes
+            )
+            log.info("run of %s: %s", protocol.name, plan.describe())
             run_id = make_run_id(protocol.name)
             path = self.config.data_dir / f"{run_id}.h5"
             run_clock = RunClock(
@@ -330,12 +357,23 @@ class Daemon:
             self.imaging.open_run(run_clock.now, self._imaging_at_start(metadata.microscope))
             self._run = run
             self._last_run_id = run_id
+            self._last_recording_failure = None
         try:
             self.runner.start(protocol, on_done=self._on_protocol_done)
         except BaseException:
             self._close_run()
             raise
+        if run.recording_failure is not None:  # it failed before the runner could be told
+            self.runner.fail(run.recording_failure)
         return run
+
+    def recording_plan(self, protocol: Protocol, from_step: int = 0) -> RecordingPlan:
+        """What the protocol will write at most (from step `from_step` on, 0-based), at the
+        detector's measured (or planned) rate."""
+        rate = RecordingRate.of_stream(self.ingest.stats().get("stream_rate"), self.config)
+        return RecordingPlan.of(
+            protocol, self.config.limits, rate, self.clock.time_scale, from_step
+        )
 
     def _metadata(self, run: ActiveRun) -> RunMetadata:
         limits = self.config.limits
@@ -541,6 +579,33 @@ class Daemon:
     def _on_ingest_event(self, event: dict[str, Any]) -> None:
         self.publisher.publish("event", event)
 
+    def _on_recording_failed(self, report: dict[str, Any]) -> None:
+        """The run file stopped taking writes (ingest listener thread: must not block): the run
+        fails, or pauses per [recording] on_failure; either way the bias is made safe."""
+        reason = str(report.get("reason", "the run file stopped taking writes"))
+        with self._run_lock:
+            run = self._run
+            current = run is not None and run.run_id == report.get("run_id")
+            if current:
+                assert run is not None
+                if run.recording_failure is not None:
+                    return
+                run.recording_failure = reason
+            self._last_recording_failure = reason
+        self.metrics.count_recording_failure(str(report.get("kind", "write_error")))
+        log.error("recording failed: %s", reason)
+        self.publisher.publish("event", {**report, "kind": EventKind.RECORDING_FAILED})
+        if not current:
+            return  # the run was closing: its protocol has ended and the bias with it
+        if self.config.recording.on_failure == "pause":
+            self.runner.pause(f"recording failed: {reason}")
+            if self.runner.busy:  # paused (now or by the operator before): bias off all the same
+                threading.Thread(
+                    target=self.bias.make_safe, name="recording-failed-safe", daemon=True
+                ).start()
+        else:
+            self.runner.fail(reason)
+
     def _on_retry(self, message: str) -> None:
         self.event(EventKind.INSTRUMENT, message)
 
@@ -588,6 +653,8 @@ class Daemon:
             "run_id": run.run_id if run else None,
             "last_run_id": self._last_run_id,
             "run_file": str(run.path) if run else None,
+            "recording_failure": run.recording_failure if run else self._last_recording_failure,
+            "data_disk": self._data_disk_status(),
             "bias": {
                 "setpoint": bias.setpoint,
                 "voltage": bias.voltage,
@@ -609,6 +676,28 @@ class Daemon:
                 "results_after_run_total": self.analysis_results_after_run_total,
             },
             "time_scale": self.clock.time_scale,
+        }
+
+    def _data_disk_status(self) -> dict[str, Any]:
+        """The data folder's disk, measured again every DATA_DISK_INTERVAL_S."""
+        now = time.monotonic()
+        if self._data_disk is None or now - self._data_disk_checked >= DATA_DISK_INTERVAL_S:
+            self._data_disk_checked = now
+            self._data_disk = data_disk(self.config.data_dir)
+            rate = RecordingRate.of_stream(self.ingest.stats().get("stream_rate"), self.config)
+            self.metrics.observe_data_disk(
+                self._data_disk.free_bytes,
+                self._data_disk.size_bytes,
+                self._data_disk.writable,
+                rate.bytes_per_s,
+            )
+        disk = self._data_disk
+        return {
+            "path": str(self.config.data_dir),
+            "free_bytes": disk.free_bytes,
+            "size_bytes": disk.size_bytes,
+            "writable": disk.writable,
+            "problem": disk.problem,
         }
 
     def _publish_status(self) -> None:
@@ -644,6 +733,28 @@ class Daemon:
         return {}
 
     def handle_resume(self) -> dict[str, Any]:
+        run = self._run
+        if (
+            run is not None
+            and run.recording_failure is not None
+            and self.runner.progress.state is RunState.PAUSED
+        ):
+            # No run goes on unrecorded: there must be room for the rest of it, and the file
+            # must take writes again.
+            step = self.runner.progress.step_index or 0
+            plan = self.recording_plan(run.protocol, from_step=step)
+            try:
+                check_room(
+                    self.config.data_dir,
+                    plan,
+                    self.config.recording.min_free_bytes,
+                    what=f"the rest of this run (from step {step + 1})",
+                )
+                self.ingest.retry_recording()
+            except (StationError, IngestError) as exc:
+                raise RuntimeError(f"not resumed: {exc}") from None
+            log.warning("recording again after: %s", run.recording_failure)
+            run.recording_failure = self._last_recording_failure = None
         self.runner.resume()
         return {}
 

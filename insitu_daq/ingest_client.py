@@ -6,7 +6,9 @@ user can connect; both ends are this program, so messages are pickled; ingest_wi
 one ordered channel daemon -> ingest for commands AND records (bias samples as raw bytes of
 `BIAS_SAMPLE_DTYPE`, events, holder positions, live-analysis results, imaging states and
 watermarks), so `close_run` is handled after the last record sent before it; one channel
-ingest -> daemon for replies, stats (every `STATS_INTERVAL_S`) and events (to a callback).
+ingest -> daemon for replies, stats (every `STATS_INTERVAL_S`), events (to a callback) and,
+once per run, a recording failure (to another callback: the run file stopped taking writes,
+recording_failure.py).
 
 Spawning imports the main module of the daemon again in the child: a script that starts an
 IngestClient needs the usual `if __name__ == "__main__":` guard (the console script has it).
@@ -46,6 +48,7 @@ from .ingest_wire import (
     IMAGING,
     IMAGING_WATERMARK,
     READY,
+    RECORDING_FAILED,
     REPLY,
     SAMPLES,
     STATS,
@@ -83,10 +86,15 @@ class IngestClient:
         clock: RunClock | None = None,
         start_timeout_s: float = 30.0,
         analysis_endpoint: str | None = None,
+        on_recording_failed: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """`analysis_endpoint`: where the ingest process binds its frame tap for the live
-        analysis (ingest_tap.py; e.g. "tcp://127.0.0.1:0"); None: no tap."""
+        analysis (ingest_tap.py; e.g. "tcp://127.0.0.1:0"); None: no tap.
+        `on_recording_failed(report)`: the open run's file stopped taking writes (called once
+        per failure from the listener thread; report: run_id, kind, reason, errno,
+        failed_at_ns, frames_recorded, time)."""
         self.config = config
+        self.on_recording_failed = on_recording_failed
         self.analysis_endpoint = analysis_endpoint
         self.bound_analysis_endpoint: str | None = None  # as bound (the port of a ":0")
         self.on_event = on_event
@@ -237,6 +245,11 @@ class IngestClient:
     def stop_recording(self) -> dict[str, Any]:
         return self._request("stop_recording", 10.0)
 
+    def retry_recording(self) -> dict[str, Any]:
+        """After a recording failure: write into the run file again, if it takes writes now
+        (IngestError with the reason if not)."""
+        return self._request("retry_recording", 10.0)
+
     def close_run(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Close the run file after every record sent before; returns its summary.
 
@@ -385,6 +398,12 @@ class IngestClient:
                         self.on_event(obj)
                     except Exception:
                         log.exception("ingest event callback")
+            elif kind == RECORDING_FAILED:
+                if self.on_recording_failed is not None:
+                    try:
+                        self.on_recording_failed(obj)
+                    except Exception:
+                        log.exception("recording failure callback")
             elif kind == READY:
                 self._start_error = obj.get("error")
                 self.bound_analysis_endpoint = obj.get("analysis_endpoint")

@@ -56,7 +56,7 @@ from .drivers.stream2 import (
     decode_message,
 )
 from .imaging import ImagingState
-from .ingest_counters import EventLimiter, Histogram
+from .ingest_counters import EventLimiter, Histogram, StreamRate
 from .ingest_frames import (
     GeometryMismatchError,
     chunks_for_file,
@@ -77,12 +77,22 @@ from .ingest_wire import (
     IMAGING,
     IMAGING_WATERMARK,
     READY,
+    RECORDING_FAILED,
     REPLY,
     SAMPLES,
     STATS,
     STATS_INTERVAL_S,
     WATERMARK_RECORD,
     IngestError,
+)
+from .recording_failure import (
+    RESERVE_BYTES,
+    RecordingFailure,
+    SpaceReserve,
+    classify_write_error,
+    file_identity,
+    file_moved,
+    reserve_path,
 )
 from .records import BIAS_SAMPLE_DTYPE, Event, EventKind
 from .runfile import FrameGeometry, GeometryRefusedError, RunMetadata, RunWriter
@@ -102,6 +112,12 @@ POLL_MS = 20  # loop wake-up when idle: the reorder window's time resolution
 EVENTS_PER_KIND_PER_S = 20  # beyond this an event kind is counted, not reported, until next s
 TERM_GRACE_S = 30.0  # after SIGTERM, wait this long for the daemon's shutdown
 REPORT_SEND_TIMEOUT_MS = 2000
+# After a recording failure: at most one log line this often about what is not written, and
+# the small records (events, bias samples, positions) still tried while they fit in half the
+# freed reserve (the other half is for the close), so the ramp-down and the end are in the file.
+FAILURE_LOG_INTERVAL_S = 5.0
+AFTER_FAILURE_BUDGET_BYTES = RESERVE_BYTES // 2
+EVENT_BYTES = 300  # what an event costs in the file (time, kind S32, message S256, chunking)
 
 _STATE_CHANGES = ("open_run", "start_recording", "stop_recording", "close_run", "shutdown")
 
@@ -172,6 +188,15 @@ class _Run:
     frames_flushed: int = 0
     samples_flushed: int = 0
     dirty: bool = False
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file as opened
+    reserve: SpaceReserve | None = None  # space kept for the end of the run (recording_failure)
+    # Once the file stops taking writes (recording_failure.py): why, and what is not written.
+    failure: RecordingFailure | None = None
+    budget_left: int = 0  # bytes of small records still tried after the failure
+    frames_not_written: int = 0
+    records_not_written: int = 0
+    lost_logged: tuple[int, int] = (0, 0)
+    next_failure_log: float = 0.0  # monotonic
 
     @property
     def is_recording(self) -> bool:
@@ -225,6 +250,7 @@ class IngestProcess:
         self._run: _Run | None = None
         self._pending_open: _PendingOpen | None = None
         self._limiter = EventLimiter(EVENTS_PER_KIND_PER_S)
+        self._stream_rate = StreamRate()
         self.hdf5_write = Histogram(HDF5_WRITE_BUCKETS_S)
         self.hdf5_flush = Histogram(())
         self.counts: dict[str, int] = dict.fromkeys(
@@ -239,6 +265,8 @@ class IngestProcess:
                 "holder_positions_written_total",
                 "records_without_run_total",
                 "write_errors_total",
+                "recording_failures_total",
+                "records_not_written_total",
                 "errors_total",
                 "events_suppressed_total",
                 "reports_dropped_total",
@@ -417,6 +445,11 @@ class IngestProcess:
         geometry = geometry_of_image(image, self.detector)
         self._latest_geometry = geometry
         self._latest_image_ns = image.received_ns
+        stored = sum(
+            channel.nbytes if geometry.compression is None else memoryview(channel.payload).nbytes
+            for channel in image.channels.values()
+        )
+        self._stream_rate.add(image.received_ns, stored)
         run = self._run
         if run is not None and run.recording_at(image.received_ns):
             frame_time = self._write_frame(run, image, key, self._clock_map, geometry)
@@ -478,6 +511,10 @@ class IngestProcess:
         """Write one image into the frame stack of its geometry (made if new: the file's
         layout changes); its frame_time (None: dropped before the file was touched)."""
         writer = run.writer
+        if run.failure is not None:  # the file takes no more frames (counted, not logged)
+            self.dropped["write_error"] += 1
+            run.frames_not_written += 1
+            return self._frame_time_unrecorded(run, image, clock_map)
         try:  # first: an image whose channels disagree never makes datasets
             chunks, refiltered = chunks_for_file(image, geometry)
         except GeometryMismatchError as exc:
@@ -551,6 +588,11 @@ class IngestProcess:
         except Exception as exc:
             self.dropped["write_error"] += 1
             self.counts["write_errors_total"] += 1
+            failure = self._classify(run, exc, f"image {image.image_id}")
+            if failure is not None:
+                run.frames_not_written += 1
+                self._recording_failed(run, failure)
+                return frame_time
             log.exception("writing image %d failed", image.image_id)
             self._event(EventKind.ERROR, f"writing image {image.image_id} failed: {exc}")
             return frame_time
@@ -567,7 +609,7 @@ class IngestProcess:
     def _retime(self, force: bool) -> None:
         """Rewrite the current series' frame_time with the improved clock mapping."""
         run, clock_map = self._run, self._clock_map
-        if run is None or clock_map is None or run.rows is None:
+        if run is None or clock_map is None or run.rows is None or run.failure is not None:
             return
         rows = run.rows
         offset_ns = clock_map.offset_ns
@@ -605,8 +647,13 @@ class IngestProcess:
         if run is None:
             self.counts["records_without_run_total"] += 1
             return
+        if not self._recordable(run, batch.nbytes):
+            return
         started = time.perf_counter()
-        run.writer.write_bias_samples(
+        written = self._file_write(
+            run,
+            "bias samples",
+            run.writer.write_bias_samples,
             np.ascontiguousarray(batch["time"]),
             np.ascontiguousarray(batch["time_error"]),
             np.ascontiguousarray(batch["voltage"]),
@@ -615,6 +662,8 @@ class IngestProcess:
             np.ascontiguousarray(batch["status"]),
         )
         self.hdf5_write.observe(time.perf_counter() - started)
+        if not written:
+            return
         self.counts["samples_written_total"] += len(batch)
         run.dirty = True
 
@@ -623,7 +672,10 @@ class IngestProcess:
         if run is None:
             self.counts["analysis_results_without_run_total"] += 1
             return
-        run.writer.write_analysis(result)
+        if not self._recordable(run, EVENT_BYTES):
+            return
+        if not self._file_write(run, "an analysis result", run.writer.write_analysis, result):
+            return
         self.counts["analysis_results_written_total"] += 1
         run.dirty = True
 
@@ -657,18 +709,130 @@ class IngestProcess:
         if run is None:
             self.counts["records_without_run_total"] += 1
             return
+        if not self._recordable(run, HOLDER_RECORD.size):
+            return
         started = time.perf_counter()
-        run.writer.write_holder_position(time_s, position_nm)
+        written = self._file_write(
+            run, "a holder position", run.writer.write_holder_position, time_s, position_nm
+        )
         self.hdf5_write.observe(time.perf_counter() - started)
+        if not written:
+            return
         self.counts["holder_positions_written_total"] += 1
         run.dirty = True
 
     def _write_event(self, run: _Run, time_s: float, kind: str, message: str) -> None:
+        if not self._recordable(run, EVENT_BYTES):
+            return
         started = time.perf_counter()
-        run.writer.write_event(time_s, kind, message)
+        written = self._file_write(run, "an event", run.writer.write_event, time_s, kind, message)
         self.hdf5_write.observe(time.perf_counter() - started)
+        if not written:
+            return
         self.counts["events_written_total"] += 1
         run.dirty = True
+
+    # ----- when the file stops taking writes -------------------------------------------------
+    def _classify(self, run: _Run, exc: BaseException, what: str) -> RecordingFailure | None:
+        """The recording failure a write's exception is (None: not an I/O error)."""
+        context = f"writing {what}; {run.writer.frames_written} frames recorded"
+        return classify_write_error(exc, run.writer.path, context)
+
+    def _file_write(self, run: _Run, what: str, write: Callable[..., Any], *args: Any) -> bool:
+        """One write into the run file; False if the file did not take it (an I/O error: the
+        recording has failed). Exceptions that are not I/O errors propagate as before."""
+        try:
+            write(*args)
+        except Exception as exc:
+            failure = self._classify(run, exc, what)
+            if failure is None:
+                raise
+            self.counts["write_errors_total"] += 1
+            self._recording_failed(run, failure)
+            return False
+        return True
+
+    def _recordable(self, run: _Run, nbytes: int) -> bool:
+        """Whether a small record may still go to the file: always before a failure; after
+        it, while the budget lasts (then counted, not written)."""
+        if run.failure is None:
+            return True
+        if run.budget_left >= nbytes:
+            run.budget_left -= nbytes
+            return True
+        run.records_not_written += 1
+        self.counts["records_not_written_total"] += 1
+        return False
+
+    def _recording_failed(self, run: _Run, failure: RecordingFailure) -> None:
+        """The run file stopped taking writes: tell the daemon once (it makes the bias safe),
+        then free the reserve and try to leave the event and a last flush in the file."""
+        if run.failure is not None:  # a write after the failure failed too: stop trying
+            run.budget_left = 0
+            return
+        run.failure = failure
+        self.counts["recording_failures_total"] += 1
+        run_id = run.writer.meta.run_id
+        log.error("ingest: run %s: recording failed: %s", run_id, failure.reason)
+        self._report(
+            RECORDING_FAILED,
+            {
+                "run_id": run_id,
+                "kind": failure.kind,
+                "reason": failure.reason,
+                "errno": failure.errno,
+                "failed_at_ns": time.time_ns(),
+                "frames_recorded": run.writer.frames_written,
+                "time": self.clock.now(),
+            },
+            reliable=True,
+        )
+        if run.reserve is not None:
+            run.reserve.release()
+        run.budget_left = AFTER_FAILURE_BUDGET_BYTES
+        run.next_failure_log = time.monotonic() + FAILURE_LOG_INTERVAL_S
+        if run.writer.closed:  # it failed closing: nothing more goes in
+            return
+        self._write_event(
+            run, run.clock.now(), EventKind.RECORDING_FAILED, f"recording failed: {failure.reason}"
+        )
+        self._flush(run)
+
+    def _log_failure(self, run: _Run, now: float) -> None:
+        """While a run is not recording: one line every FAILURE_LOG_INTERVAL_S at most."""
+        if run.failure is None or now < run.next_failure_log:
+            return
+        run.next_failure_log = now + FAILURE_LOG_INTERVAL_S
+        lost = (run.frames_not_written, run.records_not_written)
+        if lost != run.lost_logged:
+            run.lost_logged = lost
+            log.warning(
+                "ingest: run %s not recording (%s): %d frames and %d records not written since",
+                run.writer.meta.run_id,
+                run.failure.kind,
+                *lost,
+            )
+
+    def _flush(self, run: _Run) -> None:
+        """Flush the run file (a failed flush is a recording failure)."""
+        if run.failure is not None and run.budget_left <= 0:
+            return
+        started = time.perf_counter()
+        flushed = self._file_write(run, "a flush", run.writer.flush)
+        self.hdf5_flush.observe(time.perf_counter() - started)
+        if flushed:
+            run.dirty = False
+            run.frames_flushed = run.writer.frames_written
+            run.samples_flushed = run.writer.samples_written
+
+    def _check_in_place(self, run: _Run) -> None:
+        """The run file is still where it was opened (its folder may have been removed)."""
+        if run.failure is not None or run.identity is None:
+            return
+        context = f"{run.writer.frames_written} frames recorded went with it"
+        failure = file_moved(run.writer.path, run.identity, context)
+        if failure is not None:
+            self._recording_failed(run, failure)
 
     # ----- commands --------------------------------------------------------------------------
     def _command(self, command: dict[str, Any]) -> None:
@@ -722,6 +886,33 @@ class IngestProcess:
             run.recording[-1][1] = time.time_ns()
         return {"recording": False, "time": run.clock.now()}
 
+    def _op_retry_recording(self, request_id: int, command: dict[str, Any]) -> dict[str, Any]:
+        """After a recording failure, write into the run file again if it takes writes now
+        (the operator made room); IngestError with the reason if it does not."""
+        run = self._require_run()
+        failure = run.failure
+        if failure is None:
+            return {"recording": run.is_recording}
+        if failure.kind == "folder_gone":
+            raise IngestError(f"cannot record again: {failure.reason}")
+        try:
+            reserve = SpaceReserve(reserve_path(run.writer.path))
+        except OSError as exc:
+            context = f"{run.writer.frames_written} frames recorded"
+            again = classify_write_error(exc, run.writer.path, context)
+            raise IngestError(f"cannot record again: {again.reason if again else exc}") from None
+        run.reserve = reserve
+        run.failure = None
+        if not self._file_write(run, "a flush", run.writer.flush):
+            reason = run.failure.reason if run.failure is not None else "flush failed"
+            raise IngestError(f"cannot record again: {reason}")
+        lost = f"{run.frames_not_written} frames and {run.records_not_written} records"
+        log.warning("ingest: run %s recording again (%s not written)", run.writer.meta.run_id, lost)
+        self._write_event(
+            run, run.clock.now(), EventKind.STATE, f"recording again ({lost} not written)"
+        )
+        return {"recording": run.is_recording, "frames_not_written": run.frames_not_written}
+
     def _op_close_run(self, request_id: int, command: dict[str, Any]) -> dict[str, Any]:
         self._require_run()
         return {"summary": self._close_run()}
@@ -770,8 +961,21 @@ class IngestProcess:
         geometry: FrameGeometry,
         source: str,
     ) -> dict[str, Any]:
-        writer = RunWriter(path, meta, geometry)
-        run = _Run(writer, clock, source, self._counters())
+        # The reserve first: a disk without room for it has none for the run either.
+        reserve = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            reserve = SpaceReserve(reserve_path(path))
+            writer = RunWriter(path, meta, geometry)
+        except Exception as exc:
+            if reserve is not None:
+                reserve.release()
+            failure = classify_write_error(exc, path, "creating the run file")
+            if failure is None:
+                raise
+            raise IngestError(failure.reason) from None
+        run = _Run(writer, clock, source, self._counters(), reserve=reserve)
+        run.identity = file_identity(path)
         self._run = run
         compression = geometry.compression or "raw"
         text = (
@@ -789,7 +993,7 @@ class IngestProcess:
         assert run is not None
         try:
             self._take(self.sequencer.flush())  # frames received in the run, held for a gap
-            self._end_series_timing()
+            self._file_write(run, "the frame times", self._end_series_timing)
         finally:
             self._run = None
             self._silence.forget()
@@ -797,7 +1001,12 @@ class IngestProcess:
                 self._tap.discard_held()  # never a frame of a closed run to the next one
             if run.is_recording:
                 run.recording[-1][1] = time.time_ns()
-            run.writer.close(time.time_ns())
+            if run.reserve is not None:
+                run.reserve.release()  # the close may need its space
+            if run.failure is None:
+                self._file_write(run, "the end of the run", run.writer.close, time.time_ns())
+            if run.failure is not None:
+                self._close_failed(run)
         summary = self._summary(run)
         log.info(
             "ingest: run %s closed: %d frames written, %d dropped, %d missing",
@@ -807,6 +1016,23 @@ class IngestProcess:
             summary["frames_missing"],
         )
         return summary
+
+    def _close_failed(self, run: _Run) -> None:
+        """Close a run file that stopped taking writes: as much as it still takes when the disk
+        was full (the reserve is free now), nothing more when it is read-only or failing (each
+        further write would fail again; RunWriter.abandon)."""
+        assert run.failure is not None
+        try:
+            if run.failure.kind in ("disk_full", "folder_gone"):
+                run.writer.close(time.time_ns())
+            else:
+                run.writer.abandon()
+        except Exception as exc:
+            log.error(
+                "ingest: run %s file not closed cleanly (%s): it holds what the last flush wrote",
+                run.writer.meta.run_id,
+                exc,
+            )
 
     def _summary(self, run: _Run) -> dict[str, Any]:
         finished = run.writer.finished
@@ -829,6 +1055,9 @@ class IngestProcess:
             "samples_written": run.writer.samples_written,
             "events_written": run.writer.events_written,
             "write_errors": delta["write_errors_total"],
+            "recording_failure": None if run.failure is None else run.failure.reason,
+            "frames_not_written": run.frames_not_written,
+            "records_not_written": run.records_not_written,
             "series": run.series,
             "geometry": asdict(run.writer.geometry),
             "geometry_source": run.geometry_source,
@@ -850,14 +1079,12 @@ class IngestProcess:
         run = self._run
         if run is not None and now >= self._next_flush:
             self._next_flush = now + self.config.sampling.flush_interval_s
-            self._retime(force=False)
+            self._check_in_place(run)
+            if run.failure is None:
+                self._file_write(run, "the frame times", self._retime, False)
             if run.dirty:
-                started = time.perf_counter()
-                run.writer.flush()
-                self.hdf5_flush.observe(time.perf_counter() - started)
-                run.dirty = False
-                run.frames_flushed = run.writer.frames_written
-                run.samples_flushed = run.writer.samples_written
+                self._flush(run)
+            self._log_failure(run, now)
         if now >= self._next_stats:
             self._next_stats = now + STATS_INTERVAL_S
             self._report(STATS, self.stats())
@@ -931,8 +1158,17 @@ class IngestProcess:
                 "frames_flushed": run.frames_flushed,
                 "samples_written": run.writer.samples_written,
                 "samples_flushed": run.samples_flushed,
+                "recording_failure": None if run.failure is None else run.failure.reason,
+                "frames_not_written": run.frames_not_written,
             }
         )
+        stream_rate = self._stream_rate.to_dict()
+        geometry = self._latest_geometry
+        if stream_rate is not None and geometry is not None:  # for recording_plan.py
+            pixels = geometry.shape[0] * geometry.shape[1] * np.dtype(geometry.dtype).itemsize
+            stream_rate["raw_bytes_per_frame"] = pixels * len(geometry.channels)
+            stream_rate["compression"] = geometry.compression or "none"
+        stats["stream_rate"] = stream_rate if geometry is not None else None
         stats["opening_run"] = self._pending_open is not None
         return stats
 

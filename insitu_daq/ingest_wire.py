@@ -26,6 +26,8 @@ IMAGING_WATERMARK = b"imaging_watermark"  # WATERMARK_RECORD: (run time s, state
 READY = b"ready"  # once, when its sockets are up: {"pid": ..., "error"?: ...}
 REPLY = b"reply"  # {"id": ..., "ok": bool, ...}
 STATS = b"stats"  # the stats dict, every STATS_INTERVAL_S
+# once per run, when the run file stops taking writes: {"run_id", "kind", "reason", ...}
+RECORDING_FAILED = b"recording_failed"
 
 HOLDER_RECORD = struct.Struct("<dd")
 WATERMARK_RECORD = struct.Struct("<dq")

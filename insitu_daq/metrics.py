@@ -83,6 +83,8 @@ INGEST_TAP_COUNTERS = {
     "analysis_offers_skipped": "tap_full",
     "analysis_offers_withheld": "ingest_busy",
 }
+# Why the run file stopped taking writes (recording_failure.KINDS).
+RECORDING_FAILURE_KINDS = ("disk_full", "read_only", "folder_gone", "write_error")
 # Phase names of the live analysis (analysis/reflections.py PHASES).
 ANALYSIS_PHASES = ("layered", "disordered", "rock_salt")
 
@@ -255,6 +257,33 @@ class DaemonMetrics:
             registry=r,
         )
         self._guardian_restarts_seen = 0
+        # The data disk (issue 9): room left, and what a recording fails of.
+        self.data_disk_free = Gauge(
+            f"{PREFIX}data_disk_free_bytes",
+            "free space on the data folder's file system (for this user)",
+            registry=r,
+        )
+        self.data_disk_size = Gauge(
+            f"{PREFIX}data_disk_size_bytes", "size of the data folder's file system", registry=r
+        )
+        self.data_dir_up = Gauge(
+            f"{PREFIX}data_dir_up",
+            "1 if the data folder exists and is writable, 0 if a run would be refused",
+            registry=r,
+        )
+        self.data_disk_recording_capacity = Gauge(
+            f"{PREFIX}data_disk_recording_capacity_seconds",
+            "how long the free space holds a recording at the detector's current rate",
+            registry=r,
+        )
+        self.recording_failures = Counter(
+            f"{PREFIX}recording_failures_total",
+            "runs whose file stopped taking writes mid-run, by kind",
+            ["kind"],
+            registry=r,
+        )
+        for kind in RECORDING_FAILURE_KINDS:
+            self.recording_failures.labels(kind)
         # Bias.
         self.bias_voltage = Gauge(
             f"{PREFIX}bias_voltage_volts", "measured bias voltage (newest sample)", registry=r
@@ -423,6 +452,21 @@ class DaemonMetrics:
 
     def count_trip(self) -> None:
         self.compliance_trips.inc()
+
+    # ----- data disk -------------------------------------------------------------------------
+    def observe_data_disk(
+        self, free_bytes: int | None, size_bytes: int | None, writable: bool, bytes_per_s: float
+    ) -> None:
+        """The data folder's file system (None figures: the folder is not there: NaN) and the
+        recording's bytes per second (recording_plan.RecordingRate)."""
+        self.data_disk_free.set(math.nan if free_bytes is None else free_bytes)
+        self.data_disk_size.set(math.nan if size_bytes is None else size_bytes)
+        self.data_dir_up.set(1 if writable else 0)
+        capacity = math.nan if free_bytes is None or bytes_per_s <= 0 else free_bytes / bytes_per_s
+        self.data_disk_recording_capacity.set(capacity)
+
+    def count_recording_failure(self, kind: str) -> None:
+        self.recording_failures.labels(kind).inc()
 
     # ----- instruments and protocol ----------------------------------------------------------
     def observe_guardian(self, guardian: dict[str, Any]) -> None:

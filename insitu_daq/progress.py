@@ -37,7 +37,8 @@ def follow_run(
 ) -> int:
     """Print status until the run ends; Ctrl-C aborts the run (the bias is made safe first).
 
-    Returns 0 when the protocol finished, 1 when it was aborted or failed.
+    Returns 0 when the protocol finished, 1 when it was aborted or failed; the last line says
+    how it ended, and why when it did not finish (`run <id>: failed: disk full in /data (...)`).
     """
     from .api import ControlClient, EventSubscriber
 

@@ -64,6 +64,7 @@ class EventKind:
     MALFORMED = "malformed_message"
     LAYOUT = "file_layout"  # the run file got new frame datasets: SWMR readers reopen it
     ERROR = "error"
+    RECORDING_FAILED = "recording_failed"  # the run file stopped taking writes (disk full...)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ Why it is shaped so:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -477,7 +478,9 @@ class RunWriter:
     def close(self, end_time_ns: int) -> None:
         """Write what is pending, close, then finish the file (runfile_finish.py: per-mode
         NXdata, no empty datasets). A failure to finish is logged and kept in
-        `finish_error`: the file is complete without it."""
+        `finish_error`: the file is complete without it. If the file does not take what is
+        pending (disk full, read-only: the exception propagates), it is closed without writing
+        more (`abandon`) and not finished."""
         if self._closed:
             return
         self._closed = True
@@ -485,14 +488,41 @@ class RunWriter:
             self._fill(final=True)
             self._sort_events()
             self._end_time[()] = iso8601(end_time_ns)
-        finally:
-            self._file.close()
+            self._file.flush()  # a failure here, not in close, leaves HDF5 able to close
+        except BaseException:
+            self._detach_and_close()
+            raise
+        self._file.close()
         detectors = [(stack.path, stack.frames) for stack in self._stacks]
         try:
             self.finished = finish_run_file(self.path, detectors)
         except Exception as exc:
             self.finish_error = f"{type(exc).__name__}: {exc}"
             log.exception("finishing the run file %s failed", self.path)
+
+    def abandon(self) -> None:
+        """Close a file that does not take writes (read-only, I/O errors), writing nothing
+        more: it keeps what its last successful flush wrote, as after a crash."""
+        if self._closed:
+            return
+        self._closed = True
+        self._detach_and_close()
+
+    def _detach_and_close(self) -> None:
+        """HDF5 flushes at close; when that fails it leaves its objects half-closed, and freeing
+        them later crashed the process (HDF5 2.0, a read-only disk). So the file's descriptor
+        is pointed at /dev/null first: the close succeeds and the file keeps what its last
+        successful flush wrote (SWMR keeps that readable)."""
+        try:
+            fd = self._file.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+        except Exception:  # not the sec2 driver, or already closed: close as it is
+            log.exception("run file %s: could not detach it before closing", self.path)
+        self._file.close()
 
     def _sort_events(self) -> None:
         """Events come from several threads with their own stamps; the file keeps time order."""

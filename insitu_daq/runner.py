@@ -13,6 +13,8 @@ Control, callable from any thread at any time:
   runner first ramps back to that setpoint, and only then lets the step's clock run again.
 - `abort(reason)`: the verb in progress is stopped, then the bias is made safe FIRST, then
   recording stops, then the state is `aborted`.
+- `fail(reason)`: the same, for a failure outside the protocol that makes going on pointless
+  (the run file stopped taking writes): the state is `failed`, with `reason`.
 Any exception in a step makes the bias safe, records an `error` event, and the run `failed`.
 Whatever the outcome (finished, aborted, failed) the run ends with `station.make_safe()` (it is
 idempotent) and, if recording is still on, `station.stop_recording()` - in that order, so the
@@ -158,6 +160,7 @@ class ProtocolRunner:
         self._cond = threading.Condition()
         self._state = RunState.IDLE
         self._reason: str | None = None
+        self._abort_state = RunState.ABORTED  # what an abort ends in: aborted, or failed (fail)
         self._protocol: Protocol | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -196,6 +199,7 @@ class ProtocolRunner:
             self._protocol = protocol
             self._state = RunState.RUNNING
             self._reason = None
+            self._abort_state = RunState.ABORTED
             self._stop = threading.Event()
             self._pauses = self._pauses_seen = 0
             self._step_index = None
@@ -259,16 +263,28 @@ class ProtocolRunner:
 
     def abort(self, reason: str = "aborted") -> bool:
         """Abort the run (from any thread); returns at once, `wait()` for the end."""
+        return self._abort(reason, RunState.ABORTED)
+
+    def fail(self, reason: str) -> bool:
+        """Abort the run because something outside it failed (from any thread): as `abort`,
+        but the run ends `failed` with `reason`. False if nothing is running or it is
+        already aborting (the first reason stands)."""
+        return self._abort(reason, RunState.FAILED)
+
+    def _abort(self, reason: str, final: RunState) -> bool:
         with self._cond:
             if self._state not in (RunState.RUNNING, RunState.PAUSED):
                 return False
             self._freeze_step_clock()
             self._state = RunState.ABORTING
+            self._abort_state = final
             self._reason = reason
             self._stop.set()
             self._cond.notify_all()
         self._emit_quietly(
-            EventKind.STATE, f"aborting: {reason}", {"state": "aborting", "reason": reason}
+            EventKind.STATE,
+            f"aborting: {reason}",
+            {"state": "aborting", "reason": reason, "ends": final.value},
         )
         return True
 
@@ -337,13 +353,15 @@ class ProtocolRunner:
                 self._run_step(index, count, step)
             final = RunState.FINISHED
         except _Aborted:
-            final = RunState.ABORTED
+            with self._cond:
+                final = self._abort_state
         except Exception as exc:
             self._make_safe()  # before anything else, even the record of the error
             safe = True
             log.exception("protocol %s failed", protocol.name)
             with self._cond:
                 aborting = self._state is RunState.ABORTING
+                abort_state = self._abort_state
                 index = self._step_index
             where = (
                 f"step {index + 1} ({protocol.steps[index].kind}): " if index is not None else ""
@@ -353,7 +371,7 @@ class ProtocolRunner:
                 f"{where}{type(exc).__name__}: {exc}",
                 {"step": None if index is None else index + 1, "error": type(exc).__name__},
             )
-            final = RunState.ABORTED if aborting else RunState.FAILED
+            final = abort_state if aborting else RunState.FAILED
             if not aborting:
                 with self._cond:
                     self._reason = f"{where}{exc}"
@@ -369,7 +387,7 @@ class ProtocolRunner:
     ) -> None:
         with self._cond:
             if final is RunState.FINISHED and self._state is RunState.ABORTING:
-                final = RunState.ABORTED  # aborted after the last step: still an abort
+                final = self._abort_state  # aborted after the last step: still an abort
             self._freeze_step_clock()
         if not safe:
             self._make_safe()

@@ -50,7 +50,11 @@ class LiveStation:
         tmp_path: Path,
         time_scale: float = TIME_SCALE,
         frame_shape: tuple[int, int] = (128, 128),
+        data_dir: Path | None = None,
+        extra_config: str = "",
     ) -> None:
+        """`data_dir`: where run files go (default tmp_path/runs); `extra_config`: TOML
+        appended to the station config (sections the demo's config does not have)."""
         self.time_scale = time_scale
         self.sims = SimulatedInstruments.create(
             ports=StationPorts(0, 0, 0, 0),
@@ -70,9 +74,9 @@ class LiveStation:
             "events": events,
             "metrics": metrics,
         }
-        self.data_dir = tmp_path / "runs"
-        config = tmp_path / "station.toml"
-        config.write_text(station_toml(ports, self.data_dir, time_scale))
+        self.data_dir = data_dir or tmp_path / "runs"
+        config = self.config_path = tmp_path / "station.toml"
+        config.write_text(station_toml(ports, self.data_dir, time_scale) + extra_config)
         self.control = f"tcp://127.0.0.1:{control}"
         self.log = (tmp_path / "daemon.log").open("w")
         self.process = subprocess.Popen(

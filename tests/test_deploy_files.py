@@ -126,6 +126,9 @@ def test_required_alerts_are_there() -> None:
         "frames_dropped_total": "frames dropped",
         "bias_last_sample_timestamp_seconds": "no bias samples",
         'up{job="insitu-daq"}': "the daemon down",
+        "recording_failures_total": "a recording that failed",
+        "data_disk_free_bytes": "a data disk running out of space",
+        "data_dir_up": "a data folder missing or read-only",
     }
     for fragment, what in required.items():
         assert any(fragment in expr for expr in exprs.values()), f"no alert for {what}"
@@ -179,6 +182,8 @@ def test_dashboard_shows_what_the_operator_needs() -> None:
         "insitu_daq_d_spacing_meters",
         "insitu_daq_phase_fraction_ratio",
         "insitu_daq_phase_presence_ratio",
+        "insitu_daq_data_disk_free_bytes",
+        "insitu_daq_recording_failures_total",
     }
     assert required <= used, f"missing from the dashboard: {sorted(required - used)}"
     # Each panel says what it shows (a copied description misleads whoever hovers over it).

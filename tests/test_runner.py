@@ -431,6 +431,31 @@ def test_abort_makes_the_bias_safe_before_recording_stops(
     )
 
 
+@pytest.mark.parametrize("while_paused", [False, True])
+def test_fail_ends_the_run_failed_with_the_bias_safe_first(
+    station: RecordingStation, make_runner: Callable[..., ProtocolRunner], while_paused: bool
+) -> None:
+    """A failure outside the protocol (the run file stopped taking writes): abort's safe end,
+    but the run is `failed` with that reason, and a later abort does not change it."""
+    runner = make_runner()
+    runner.start(biased_hold(600.0))
+    wait_for(in_hold(runner, after_s=10.0))
+    if while_paused:
+        runner.pause("look")
+    assert runner.fail("disk full in /data (ENOSPC)")
+    assert not runner.abort("operator")  # the first reason stands
+    assert runner.wait(5.0)
+
+    assert runner.progress.state is RunState.FAILED
+    assert runner.progress.reason == "disk full in /data (ENOSPC)"
+    after_hold = [c.name for c in station.log if c.time >= station.step_event("hold", "start").time]
+    assert [name for name in after_hold if name in HARDWARE] == ["make_safe", "stop_recording"]
+    assert not station.output_on and not station.recording
+    messages = [c.args[1] for c in station.events(EventKind.STATE)]
+    assert messages[-1] == "protocol biased_hold failed: disk full in /data (ENOSPC)"
+    assert not runner.fail("again")  # nothing running
+
+
 @pytest.mark.parametrize(
     ("failure", "error"),
     [
