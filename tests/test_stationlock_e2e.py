@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from insitu_daq.api import ControlClient
+from insitu_daq.children import ChildProcess
 from insitu_daq.config import load_config
 from insitu_daq.demo import free_ports, station_toml, wait_for_daemon
 from insitu_daq.guardian import LOG_FILE_NAME
@@ -131,7 +132,9 @@ def _daemon(station: Station, log: Path) -> Iterator[subprocess.Popen[str]]:
         )
         try:
             try:
-                wait_for_daemon(station.control, daemon, timeout_s=60.0)
+                wait_for_daemon(
+                    station.control, ChildProcess("daemon", daemon, log), timeout_s=60.0
+                )
             except RuntimeError as exc:
                 raise AssertionError(f"{exc}\n{log.read_text()}") from None
             yield daemon
