@@ -78,13 +78,19 @@ def child_process(name: str, command: list[str], log_path: Path) -> Iterator[Chi
         try:
             yield ChildProcess(name, process, log_path)
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            terminate(process)
+
+
+def terminate(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM a child that still runs (it stops in order: the daemon ramps the bias down),
+    SIGKILL it if it has not exited after `timeout_s`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def check_children(children: Sequence[ChildProcess], grace_s: float = 0.0) -> None:

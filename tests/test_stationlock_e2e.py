@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from insitu_daq.api import ControlClient
-from insitu_daq.children import ChildProcess
+from insitu_daq.children import ChildProcess, terminate
 from insitu_daq.config import load_config
 from insitu_daq.demo import free_ports, station_toml, wait_for_daemon
 from insitu_daq.guardian import LOG_FILE_NAME
@@ -87,16 +87,6 @@ class Station:
         return [*EXE, "daemon", "--config", str(self.config), "--time-scale", str(self.time_scale)]
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def _wait_printed(process: subprocess.Popen[str], text: str, timeout_s: float = 30.0) -> None:
     assert process.stdout is not None
     deadline = time.monotonic() + timeout_s
@@ -120,7 +110,7 @@ def _station(tmp_path: Path, time_scale: float, limits: str = "") -> Iterator[St
         _wait_printed(station.sim, "Ctrl-C to stop.")
         yield station
     finally:
-        _stop(station.sim)
+        terminate(station.sim)
         station.sim.stdout.close()  # type: ignore[union-attr]
 
 
@@ -139,7 +129,7 @@ def _daemon(station: Station, log: Path) -> Iterator[subprocess.Popen[str]]:
                 raise AssertionError(f"{exc}\n{log.read_text()}") from None
             yield daemon
         finally:
-            _stop(daemon)
+            terminate(daemon)
 
 
 def _status(station: Station) -> dict:
@@ -293,7 +283,7 @@ def test_sims_on_free_ports_never_conflict(tmp_path: Path) -> None:
         assert all(sim.poll() is None for sim in sims)
     finally:
         for sim in sims:
-            _stop(sim)
+            terminate(sim)
             sim.stdout.close()  # type: ignore[union-attr]
 
 
