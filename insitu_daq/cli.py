@@ -107,15 +107,19 @@ def _request(args: argparse.Namespace, cmd: str, **fields: object) -> dict:
         return client.request(cmd, **fields)
 
 
-def _add_daemon(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("daemon", help="run the acquisition service")
-    p.add_argument("--config", required=True, help="station TOML (deploy/station.*.toml)")
+def _add_station_time_scale(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--time-scale",
         type=float,
         default=1.0,
         help="simulated stations only: station seconds per wall second (match `sim`)",
     )
+
+
+def _add_daemon(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("daemon", help="run the acquisition service")
+    p.add_argument("--config", required=True, help="station TOML (deploy/station.*.toml)")
+    _add_station_time_scale(p)
     p.set_defaults(func=_cmd_daemon)
 
 
@@ -147,12 +151,7 @@ def _add_safe(sub: argparse._SubParsersAction) -> None:
         help="no daemon running and the bias may be on: ramp the source-meter to 0 V, output off",
     )
     p.add_argument("--config", required=True, help="station TOML (source-meter, limits, retry)")
-    p.add_argument(
-        "--time-scale",
-        type=float,
-        default=1.0,
-        help="simulated stations only: station seconds per wall second (match `sim`)",
-    )
+    _add_station_time_scale(p)
     p.set_defaults(func=_cmd_safe)
 
 

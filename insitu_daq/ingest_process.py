@@ -642,10 +642,15 @@ class IngestProcess:
         self._retime(force=True)
 
     # ----- records from the daemon -----------------------------------------------------------
-    def _samples(self, batch: np.ndarray) -> None:
-        run = self._run
-        if run is None:
+    def _run_for_record(self) -> _Run | None:
+        """The open run a record belongs to; None (the record counted, then dropped) if none."""
+        if self._run is None:
             self.counts["records_without_run_total"] += 1
+        return self._run
+
+    def _samples(self, batch: np.ndarray) -> None:
+        run = self._run_for_record()
+        if run is None:
             return
         if not self._recordable(run, batch.nbytes):
             return
@@ -680,34 +685,30 @@ class IngestProcess:
         run.dirty = True
 
     def _imaging_state(self, state: ImagingState, seq: int) -> None:
-        run = self._run
+        run = self._run_for_record()
         if run is None:
-            self.counts["records_without_run_total"] += 1
             return
         run.writer.add_imaging_state(state, seq)
         self.counts["imaging_states_total"] += 1
         run.dirty = True  # the next flush decides the frames it covers
 
     def _imaging_watermark(self, run_time_s: float, announced: int) -> None:
-        run = self._run
+        run = self._run_for_record()
         if run is None:
-            self.counts["records_without_run_total"] += 1
             return
         run.writer.advance_imaging(run_time_s, announced)
         self.counts["imaging_watermarks_total"] += 1
         run.dirty = True
 
     def _client_event(self, event: Event) -> None:
-        run = self._run
+        run = self._run_for_record()
         if run is None:
-            self.counts["records_without_run_total"] += 1
             return
         self._write_event(run, event.time, event.kind, event.message)
 
     def _holder(self, time_s: float, position_nm: float) -> None:
-        run = self._run
+        run = self._run_for_record()
         if run is None:
-            self.counts["records_without_run_total"] += 1
             return
         if not self._recordable(run, HOLDER_RECORD.size):
             return
