@@ -118,10 +118,6 @@ class ImagingTimeline:
         self.received = 0
         self.lost = 0
 
-    @property
-    def states(self) -> tuple[ImagingState, ...]:
-        return tuple(self._states)
-
     def add(self, state: ImagingState, seq: int | None = None) -> None:
         """A switch was done (or the state at run start), the `seq`-th announced in the run
         (1 first; None: not checked). States before it that never came: unknown from where
@@ -160,9 +156,6 @@ class ImagingTimeline:
         if watermark > self.watermark:
             self.watermark = watermark
 
-    def decidable(self, exposure_end: float) -> bool:
-        return exposure_end <= self.watermark
-
     def classify(
         self, frame_time: float, half_exposure_s: float, settling_s: float
     ) -> ImagingState | Verdict:
@@ -174,7 +167,7 @@ class ImagingTimeline:
         """
         exposure_start = frame_time - half_exposure_s
         exposure_end = frame_time + half_exposure_s
-        if not self.decidable(exposure_end):
+        if exposure_end > self.watermark:
             return Verdict.NOT_YET
         # The last state that began before the exposure ended covers it (or is switching).
         index = bisect.bisect_left(self._starts, exposure_end) - 1
