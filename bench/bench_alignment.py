@@ -38,18 +38,18 @@ import h5py
 import numpy as np
 from simproc import ImageTruth, StationProcess
 
-from insitu_daq.bias import BiasController
-from insitu_daq.clock import RunClock
-from insitu_daq.config import (
+from insitu_daq.control.bias import BiasController
+from insitu_daq.core.clock import RunClock
+from insitu_daq.core.config import (
     DetectorConfig,
     SafetyLimits,
     SamplingConfig,
     SourceMeterConfig,
     StationConfig,
 )
+from insitu_daq.core.records import Event
 from insitu_daq.ingest import IngestClient
-from insitu_daq.records import Event
-from insitu_daq.runfile import RunMetadata
+from insitu_daq.runfile.writer import RunMetadata
 
 BASELINE_S = 1.0  # at each end of a ramp, so every ramp has frames before and after it
 EXPOSURE_S = 0.025  # the camera's count time at 40 frames/s (less 100 ns)

@@ -62,14 +62,14 @@ from bench_ingest import check_file, chunk_payload, cpu_seconds, drop_file
 from simproc import SHAPE, StationProcess, render_frames
 
 from insitu_daq.analysis.keys import PHASE_KEYS
-from insitu_daq.config import AnalysisConfig, DetectorConfig, StationConfig
-from insitu_daq.daemon import RESULT_KEYS, pipeline_settings
+from insitu_daq.core.config import AnalysisConfig, DetectorConfig, StationConfig
+from insitu_daq.core.imaging import ImagingState
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
-from insitu_daq.imaging import ImagingState
 from insitu_daq.ingest import IngestClient
-from insitu_daq.ingest_tap import AnalysisTap
-from insitu_daq.liveanalysis import LiveAnalysis
-from insitu_daq.runfile import FrameGeometry, RunMetadata
+from insitu_daq.ingest.tap import AnalysisTap
+from insitu_daq.live.client import LiveAnalysis
+from insitu_daq.runfile.writer import FrameGeometry, RunMetadata
+from insitu_daq.service.daemon import RESULT_KEYS, pipeline_settings
 from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.camera import DEFAULT_CHANNEL, SimulatedCamera
 from insitu_daq.sim.optics import DEFAULT_MODES, ImagingMode

@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 from simproc import StationProcess
 
-from insitu_daq.bias import BiasController
-from insitu_daq.clock import RunClock
-from insitu_daq.config import DetectorConfig, SamplingConfig, SourceMeterConfig, StationConfig
+from insitu_daq.control.bias import BiasController
+from insitu_daq.core.clock import RunClock
+from insitu_daq.core.config import DetectorConfig, SamplingConfig, SourceMeterConfig, StationConfig
+from insitu_daq.core.records import Event, level_change_mask
 from insitu_daq.ingest import IngestClient
-from insitu_daq.records import Event, level_change_mask
-from insitu_daq.runfile import RunMetadata
+from insitu_daq.runfile.writer import RunMetadata
 
 HOLD_VOLTS = 1.0
 SETTLE_S = 2.0  # after ingest starts, before phase B is measured (the camera's queue fills)

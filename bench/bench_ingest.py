@@ -55,11 +55,11 @@ import numpy as np
 import zmq
 from simproc import REPLAY_FRAMES, SHAPE, render_frames
 
-from insitu_daq import ingest_process
-from insitu_daq.config import DetectorConfig, StationConfig
+from insitu_daq.core.config import DetectorConfig, StationConfig
 from insitu_daq.drivers.stream2 import check_bslz4_framing, decode_message
 from insitu_daq.ingest import IngestClient, chunks_for_file
-from insitu_daq.runfile import FrameGeometry, RunMetadata, RunWriter
+from insitu_daq.ingest import process as ingest_process
+from insitu_daq.runfile.writer import FrameGeometry, RunMetadata, RunWriter
 from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.camera import DEFAULT_CHANNEL, SimulatedCamera
 from insitu_daq.sim.station import SimStation

@@ -1,3 +1,3 @@
-from .cli import main
+from insitu_daq.app.cli import main
 
 raise SystemExit(main())

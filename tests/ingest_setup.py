@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from insitu_daq.config import StationConfig, parse_config
-from insitu_daq.runfile import FrameGeometry
+from insitu_daq.core.config import StationConfig, parse_config
+from insitu_daq.runfile.writer import FrameGeometry
 
 SHAPE = (128, 128)
 GEOMETRY = FrameGeometry(("threshold_1",), SHAPE, "<u2", "bslz4")

@@ -3,7 +3,7 @@
 Each test runs `python -m insitu_daq demo` as a user does (simulated station and daemon as
 real processes over their real sockets, 1024 x 1024 frames, live analysis in the daemon),
 then reads the run file (/entry/analysis) and the truth the demo polled from the simulated
-microscope during the run (RUN.truth.json), and judges them with insitu_daq/accuracy.py
+microscope during the run (RUN.truth.json), and judges them with insitu_daq/verify/accuracy.py
 (definitions there). Nothing is mocked.
 
 Time scales, measured on the 2-core machine shared with other work (2026-11-24):
@@ -38,16 +38,22 @@ import h5py
 import numpy as np
 import pytest
 
-from insitu_daq.accuracy import (
+from insitu_daq.app.module_command import module_command
+from insitu_daq.report.summary import (
+    AnalysisRecord,
+    HoldSpan,
+    hold_span,
+    read_analysis,
+    read_events,
+)
+from insitu_daq.verify.accuracy import (
     Verdict,
     accuracy_verdicts,
     format_verdicts,
     measured_onset,
     true_onset,
 )
-from insitu_daq.module_command import module_command
-from insitu_daq.report import AnalysisRecord, HoldSpan, hold_span, read_analysis, read_events
-from insitu_daq.truthcompare import TruthSample, load_truth, truth_path
+from insitu_daq.verify.truth import TruthSample, load_truth, truth_path
 
 pytestmark = pytest.mark.timeout(300)
 

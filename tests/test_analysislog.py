@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS
-from insitu_daq.runfile import FrameGeometry, RunMetadata, RunWriter
+from insitu_daq.runfile.writer import FrameGeometry, RunMetadata, RunWriter
 
 NAMES = DEFAULT_REFLECTIONS.names
 

@@ -18,7 +18,8 @@ import pytest
 import zmq
 import zmq.auth
 
-from insitu_daq.api import (
+from insitu_daq.core.config import ConfigError, parse_config
+from insitu_daq.service.api import (
     COMMANDS,
     ControlClient,
     ControlError,
@@ -28,7 +29,6 @@ from insitu_daq.api import (
     EventSubscriber,
     is_loopback,
 )
-from insitu_daq.config import ConfigError, parse_config
 
 ANY_PORT = "tcp://127.0.0.1:*"
 

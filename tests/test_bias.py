@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from insitu_daq.bias import BiasController
-from insitu_daq.clock import RunClock
-from insitu_daq.config import StationConfig, parse_config
+from insitu_daq.control.bias import BiasController
+from insitu_daq.control.station import LimitError, StationError, Stopped
+from insitu_daq.core.clock import RunClock
+from insitu_daq.core.config import StationConfig, parse_config
+from insitu_daq.core.records import Event, EventKind, bias_samples, level_change_mask
 from insitu_daq.drivers.sourcemeter import Keithley2400
-from insitu_daq.records import Event, EventKind, bias_samples, level_change_mask
 from insitu_daq.sim.lineserver import TcpLineServer
 from insitu_daq.sim.sourcemeter import MAX_LINE, SimulatedSourceMeter
 from insitu_daq.sim.station import SimStation
-from insitu_daq.station import LimitError, StationError, Stopped
 
 COMPLIANCE_A = 100e-9
 STEP_V = 0.02

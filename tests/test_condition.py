@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from insitu_daq.condition import (
+from insitu_daq.control.conditions import (
     AllOf,
     AnyOf,
     Comparison,

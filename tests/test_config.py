@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from insitu_daq.config import ConfigError, load_config, parse_config
-from insitu_daq.module_command import module_command
+from insitu_daq.app.module_command import module_command
+from insitu_daq.core.config import ConfigError, load_config, parse_config
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -19,11 +19,11 @@ import h5py
 import numpy as np
 import pytest
 
-from insitu_daq.api import ControlClient, ControlError
-from insitu_daq.children import ChildProcess
-from insitu_daq.demo import free_ports, reference_protocol, station_toml, wait_for_daemon
-from insitu_daq.module_command import module_command
-from insitu_daq.protocol import Protocol
+from insitu_daq.app.children import ChildProcess
+from insitu_daq.app.demo import free_ports, reference_protocol, station_toml, wait_for_daemon
+from insitu_daq.app.module_command import module_command
+from insitu_daq.control.protocol import Protocol
+from insitu_daq.service.api import ControlClient, ControlError
 from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
 
 TIME_SCALE = 20.0
@@ -411,8 +411,8 @@ def test_cli_refuses_a_protocol_with_a_key_given_twice_naming_it_and_its_line(
 
 
 def test_python_scripted_protocol_runs_on_the_daemon(live: LiveStation) -> None:
-    from insitu_daq.client import DaemonClient
-    from insitu_daq.protocol import Acquire, Approach, Bias, Hold, Mark, Protocol
+    from insitu_daq.control.protocol import Acquire, Approach, Bias, Hold, Mark, Protocol
+    from insitu_daq.service.client import DaemonClient
 
     staircase = Protocol(
         name="staircase",

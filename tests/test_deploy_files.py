@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from insitu_daq.cli import build_parser
-from insitu_daq.config import load_config
-from insitu_daq.metrics import DaemonMetrics
-from insitu_daq.stationlock import SHARED_LOCK_DIR
+from insitu_daq.app.cli import build_parser
+from insitu_daq.core.config import load_config
+from insitu_daq.service.metrics import DaemonMetrics
+from insitu_daq.service.stationlock import SHARED_LOCK_DIR
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 METRIC_NAME = re.compile(r"\binsitu_daq_[a-z0-9_]+")
@@ -89,7 +89,7 @@ def check_promql(expr: str, exported: dict[str, set[str]], target_labels: set[st
     """Assert every metric and selector label in `expr` exists; the labels the result can have."""
     names = set(METRIC_NAME.findall(expr))
     unknown = names - exported.keys()
-    assert not unknown, f"{sorted(unknown)} not exported by insitu_daq/metrics.py: {expr}"
+    assert not unknown, f"{sorted(unknown)} not exported by insitu_daq/service/metrics.py: {expr}"
     for metric, matchers in SELECTOR.findall(expr):
         for label in LABEL_MATCHER.findall(matchers):
             assert label in exported[metric] | target_labels, f"{metric} has no label {label}"

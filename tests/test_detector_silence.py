@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from insitu_daq.detector_silence import DetectorSilence
+from insitu_daq.ingest.silence import DetectorSilence
 
 S = 1_000_000_000  # ns per second
 

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from test_daemon_e2e import TIME_SCALE, LiveStation
 
-from insitu_daq.config import RetryConfig
-from insitu_daq.guardian import LOG_FILE_NAME
-from insitu_daq.module_command import module_command
+from insitu_daq.app.module_command import module_command
+from insitu_daq.control.guardian import LOG_FILE_NAME
+from insitu_daq.core.config import RetryConfig
 from insitu_daq.sim.camera import SimulatedCamera
 
 FRAME_SHAPE = (128, 128)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from insitu_daq.framebias import FrameBiasEstimator
+from insitu_daq.runfile.framebias import FrameBiasEstimator
 
 STEP_V = 0.01
 STEP_S = 0.01  # a 1 V/s ramp in 10 mV steps

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from insitu_daq.api import ControlClient
-from insitu_daq.config import StationConfig, parse_config
+from insitu_daq.app.module_command import module_command
+from insitu_daq.control.guardian import LOG_FILE_NAME
+from insitu_daq.core.config import StationConfig, parse_config
 from insitu_daq.drivers.sourcemeter import Keithley2400
-from insitu_daq.guardian import LOG_FILE_NAME
-from insitu_daq.module_command import module_command
+from insitu_daq.service.api import ControlClient
 from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
 from insitu_daq.sim.sourcemeter import SimulatedSourceMeter
 from insitu_daq.sim.station import SimStation
@@ -42,8 +42,8 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 # report its pid, stand it down on "clean" (from the test, on stdin), otherwise just live.
 STAND_IN_PARENT = """
 import sys, time
-from insitu_daq.config import StationConfig
-from insitu_daq.guardian import Guardian
+from insitu_daq.core.config import StationConfig
+from insitu_daq.control.guardian import Guardian
 
 guardian = Guardian(StationConfig.model_validate_json(sys.argv[1]), float(sys.argv[2]))
 guardian.start()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from insitu_daq.imaging import ImagingState, ImagingTimeline, Verdict
-from insitu_daq.imaging_announcer import ImagingAnnouncer, unknown_state
+from insitu_daq.core.imaging import ImagingState, ImagingTimeline, Verdict
+from insitu_daq.service.imaging_announcer import ImagingAnnouncer, unknown_state
 
 PERIOD = 0.025
 HALF = PERIOD / 2

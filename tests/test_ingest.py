@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from ingest_setup import DETECTOR, GEOMETRY, SHAPE, ingest_config
 
-from insitu_daq.clock import RunClock
+from insitu_daq.core.clock import RunClock
+from insitu_daq.core.records import Event, EventKind, bias_samples
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
 from insitu_daq.ingest import IngestClient, IngestError, geometry_of_image
-from insitu_daq.records import Event, EventKind, bias_samples
-from insitu_daq.runfile import FrameGeometry, RunMetadata
+from insitu_daq.runfile.writer import FrameGeometry, RunMetadata
 from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.camera import SimulatedCamera
 from insitu_daq.sim.station import SimStation

@@ -9,7 +9,7 @@ import platform
 
 import pytest
 
-from insitu_daq.ingest_process import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD, tune_malloc
+from insitu_daq.ingest.process import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD, tune_malloc
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc")
 

@@ -28,9 +28,9 @@ import pytest
 from ingest_setup import DETECTOR, GEOMETRY, SHAPE
 from test_ingest import Harness, _delivered
 
+from insitu_daq.core.imaging import ImagingState
+from insitu_daq.core.records import EventKind
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
-from insitu_daq.imaging import ImagingState
-from insitu_daq.records import EventKind
 from insitu_daq.sim import stream2_encode as s2
 
 FOLDERS = ("r500k_bm_bslz4_8bit", "r500k_bm_bslz4_16bit", "r500k_bm_bslz4_32bit")

@@ -21,12 +21,12 @@ import pytest
 import zmq
 from ingest_setup import DETECTOR, GEOMETRY, SHAPE, ingest_config
 
-from insitu_daq.clock import RunClock
-from insitu_daq.config import AnalysisConfig
+from insitu_daq.core.clock import RunClock
+from insitu_daq.core.config import AnalysisConfig
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
 from insitu_daq.ingest import AnalysisTap, IngestClient, IngestError
-from insitu_daq.metrics import DaemonMetrics
-from insitu_daq.runfile import RunMetadata
+from insitu_daq.runfile.writer import RunMetadata
+from insitu_daq.service.metrics import DaemonMetrics
 from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.camera import SimulatedCamera
 from insitu_daq.sim.station import SimStation

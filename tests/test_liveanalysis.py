@@ -21,8 +21,8 @@ import zmq
 from sim_frames import cell, hrtem_optics
 
 from insitu_daq.analysis.pipeline import PipelineSettings
-from insitu_daq.imaging import ImagingState
-from insitu_daq.liveanalysis import LiveAnalysis
+from insitu_daq.core.imaging import ImagingState
+from insitu_daq.live.client import LiveAnalysis
 from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.optics import Optics
 from insitu_daq.sim.render import FrameRenderer, Scene

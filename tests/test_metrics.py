@@ -12,10 +12,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from insitu_daq.api import ControlClient, ControlError, ControlServer
-from insitu_daq.metrics import DROP_REASONS, HDF5_WRITE_BUCKETS, DaemonMetrics
-from insitu_daq.records import bias_samples
-from insitu_daq.runner import RunState
+from insitu_daq.control.runner import RunState
+from insitu_daq.core.records import bias_samples
+from insitu_daq.service.api import ControlClient, ControlError, ControlServer
+from insitu_daq.service.metrics import DROP_REASONS, HDF5_WRITE_BUCKETS, DaemonMetrics
 
 # DESIGN.md and the issue name these; other programs (dashboards, alerts) rely on them.
 CONTRACT_METRICS = {

@@ -6,12 +6,12 @@ import threading
 
 import pytest
 
-from insitu_daq.config import HolderConfig, MicroscopeConfig, RetryConfig
-from insitu_daq.positioner import HolderControl, MicroscopeControl
+from insitu_daq.control.instruments.positioner import HolderControl, MicroscopeControl
+from insitu_daq.control.station import StationError, Stopped
+from insitu_daq.core.config import HolderConfig, MicroscopeConfig, RetryConfig
 from insitu_daq.sim.holder import SimulatedHolder
 from insitu_daq.sim.microscope import SimulatedMicroscope
 from insitu_daq.sim.station import SimStation
-from insitu_daq.station import StationError, Stopped
 
 FAST_RETRY = RetryConfig(attempts=3, first_delay_s=0.05, max_delay_s=0.1)
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from insitu_daq.config import ConfigError, SafetyLimits
-from insitu_daq.protocol import (
+from insitu_daq.control.protocol import (
     Acquire,
     Approach,
     Bias,
@@ -20,6 +19,7 @@ from insitu_daq.protocol import (
     Retract,
     Wait,
 )
+from insitu_daq.core.config import ConfigError, SafetyLimits
 
 PROTOCOLS = Path(__file__).resolve().parents[1] / "deploy" / "protocols"
 

@@ -32,19 +32,19 @@ from small_fs import (
 )
 from test_daemon_e2e import LiveStation
 
-from insitu_daq.api import ControlError, EventSubscriber
-from insitu_daq.config import ConfigError, StationConfig, parse_config
-from insitu_daq.ingest_counters import StreamRate
-from insitu_daq.metrics import DaemonMetrics
-from insitu_daq.protocol import Protocol
-from insitu_daq.recording_failure import (
+from insitu_daq.control.protocol import Protocol
+from insitu_daq.core.config import ConfigError, StationConfig, parse_config
+from insitu_daq.core.records import BIAS_SAMPLE_DTYPE
+from insitu_daq.ingest.counters import StreamRate
+from insitu_daq.ingest.failure import (
     SpaceReserve,
     classify_write_error,
     reserve_path,
 )
-from insitu_daq.recording_plan import RecordingPlan, RecordingRate, protocol_seconds
-from insitu_daq.records import BIAS_SAMPLE_DTYPE
-from insitu_daq.runfile import FrameGeometry, RunMetadata, RunWriter
+from insitu_daq.runfile.writer import FrameGeometry, RunMetadata, RunWriter
+from insitu_daq.service.api import ControlError, EventSubscriber
+from insitu_daq.service.metrics import DaemonMetrics
+from insitu_daq.service.recording_plan import RecordingPlan, RecordingRate, protocol_seconds
 
 MiB = 1 << 20
 DETECTOR = "/entry/instrument/detector"

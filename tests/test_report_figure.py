@@ -20,19 +20,19 @@ import pytest
 from test_runner import RecordingStation
 
 from insitu_daq.analysis.keys import d_spacing_key, intensity_key
-from insitu_daq.cli import main
-from insitu_daq.figure import DPI, FIGURE_SIZE_IN, KEY_IMAGE_SPAN_S, draw_report_figure
-from insitu_daq.protocol import Acquire, Bias, Hold, Interleave, Microscope, Protocol
-from insitu_daq.records import EventKind
-from insitu_daq.report import (
+from insitu_daq.app.cli import main
+from insitu_daq.control.protocol import Acquire, Bias, Hold, Interleave, Microscope, Protocol
+from insitu_daq.control.runner import ProtocolRunner, RunState
+from insitu_daq.core.records import EventKind
+from insitu_daq.report.figure import DPI, FIGURE_SIZE_IN, KEY_IMAGE_SPAN_S, draw_report_figure
+from insitu_daq.report.summary import (
     format_analysis,
     hold_span,
     imaging_modes,
     read_analysis,
     read_events,
 )
-from insitu_daq.runfile import FrameGeometry, RunMetadata, RunWriter
-from insitu_daq.runner import ProtocolRunner, RunState
+from insitu_daq.runfile.writer import FrameGeometry, RunMetadata, RunWriter
 
 SHAPE = (64, 64)
 FRAME_RATE_HZ = 5.0  # run-clock frames per second (enough to find frames in 1 s bursts)

@@ -9,9 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
+from insitu_daq.core.records import STATUS_LEVEL_CHANGE
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
-from insitu_daq.records import STATUS_LEVEL_CHANGE
-from insitu_daq.runfile import FrameGeometry, RunMetadata, RunWriter
+from insitu_daq.runfile.writer import FrameGeometry, RunMetadata, RunWriter
 
 
 def _images(folder: Path) -> list[ImageMessage]:

@@ -21,12 +21,12 @@ import hdf5plugin  # noqa: F401  (registers the bitshuffle/LZ4 filters for readi
 import numpy as np
 import pytest
 
-from insitu_daq.config import DetectorConfig
+from insitu_daq.core.config import DetectorConfig
+from insitu_daq.core.imaging import ImagingState
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
-from insitu_daq.imaging import ImagingState
-from insitu_daq.ingest_frames import chunks_for_file, geometry_of_image
-from insitu_daq.report import summarize
-from insitu_daq.runfile import RunMetadata, RunWriter
+from insitu_daq.ingest.frames import chunks_for_file, geometry_of_image
+from insitu_daq.report.summary import summarize
+from insitu_daq.runfile.writer import RunMetadata, RunWriter
 
 DETECTOR = "/entry/instrument/detector"
 N, PERIOD = 30, 0.1

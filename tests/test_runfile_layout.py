@@ -20,11 +20,11 @@ import hdf5plugin  # noqa: F401  (registers the bitshuffle/LZ4 filters for readi
 import numpy as np
 import pytest
 
-from insitu_daq.config import DetectorConfig
+from insitu_daq.core.config import DetectorConfig
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
-from insitu_daq.ingest_frames import chunks_for_file, default_geometry, geometry_of_image
-from insitu_daq.report import format_summary, summarize
-from insitu_daq.runfile import FrameGeometry, GeometryRefusedError, RunMetadata, RunWriter
+from insitu_daq.ingest.frames import chunks_for_file, default_geometry, geometry_of_image
+from insitu_daq.report.summary import format_summary, summarize
+from insitu_daq.runfile.writer import FrameGeometry, GeometryRefusedError, RunMetadata, RunWriter
 
 DETECTOR = "/entry/instrument/detector"
 CONFIG = DetectorConfig()

@@ -18,13 +18,22 @@ from typing import Any
 
 import pytest
 
-from insitu_daq import runner as runner_module
-from insitu_daq.clock import RunClock
-from insitu_daq.condition import LiveUpdate
-from insitu_daq.protocol import Acquire, Approach, Bias, Hold, Mark, Microscope, Protocol, Wait
-from insitu_daq.records import Event, EventKind
-from insitu_daq.runner import ProtocolRunner, RunnerBusy, RunState
-from insitu_daq.station import FROM_NOW, LimitError, StationError, Stopped
+from insitu_daq.control import runner as runner_module
+from insitu_daq.control.conditions import LiveUpdate
+from insitu_daq.control.protocol import (
+    Acquire,
+    Approach,
+    Bias,
+    Hold,
+    Mark,
+    Microscope,
+    Protocol,
+    Wait,
+)
+from insitu_daq.control.runner import ProtocolRunner, RunnerBusy, RunState
+from insitu_daq.control.station import FROM_NOW, LimitError, StationError, Stopped
+from insitu_daq.core.clock import RunClock
+from insitu_daq.core.records import Event, EventKind
 
 PROTOCOLS = Path(__file__).resolve().parents[1] / "deploy" / "protocols"
 TIME_SCALE = 1000.0

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from test_runner import PROTOCOLS, Call, RecordingStation, wait_for
 
-from insitu_daq.protocol import Acquire, Bias, Hold, Interleave, Microscope, Protocol, Wait
-from insitu_daq.records import EventKind
-from insitu_daq.runner import ProtocolRunner, RunState
+from insitu_daq.control.protocol import Acquire, Bias, Hold, Interleave, Microscope, Protocol, Wait
+from insitu_daq.control.runner import ProtocolRunner, RunState
+from insitu_daq.core.records import EventKind
 
 LM_DOSE, HRTEM_DOSE = 2.0, 35.0
 

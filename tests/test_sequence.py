@@ -1,4 +1,4 @@
-"""Frame sequencing and detector clock mapping (insitu_daq/sequence.py): pure logic.
+"""Frame sequencing and detector clock mapping (insitu_daq/ingest/sequence.py): pure logic.
 
 Messages are the decoder's own dataclasses built directly (no sockets needed: the
 sequencer only reads their identity fields); the ingest tests run the same logic over
@@ -12,10 +12,10 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from insitu_daq.clock import RunClock
+from insitu_daq.core.clock import RunClock
+from insitu_daq.core.records import EventKind
 from insitu_daq.drivers.stream2 import EndMessage, ImageMessage, StartMessage
-from insitu_daq.records import EventKind
-from insitu_daq.sequence import DetectorClockMap, FrameSequencer, Released
+from insitu_daq.ingest.sequence import DetectorClockMap, FrameSequencer, Released
 
 FRAME = Fraction(1, 100)  # 100 frames/s
 EXPOSURE = FRAME - Fraction(5, 50_000_000)

@@ -1,4 +1,5 @@
-"""Station locks (insitu_daq/stationlock.py): what "the same station" is, and who holds a lock.
+"""Station locks (insitu_daq/service/stationlock.py): what "the same station" is, and who holds a
+lock.
 
 Real flock(2) locks on real files in the session's lock folder (conftest.py), held by this
 process or by real child processes that are killed with SIGKILL; no instrument is needed:
@@ -19,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from insitu_daq import stationlock
-from insitu_daq.config import ConfigError, StationConfig, parse_config
-from insitu_daq.stationlock import (
+from insitu_daq.core.config import ConfigError, StationConfig, parse_config
+from insitu_daq.service import stationlock
+from insitu_daq.service.stationlock import (
     LOCK_DIR_ENV,
     InheritedFd,
     Resource,
@@ -37,8 +38,8 @@ from insitu_daq.stationlock import (
 # it is allowed to) and waits: the test kills it and looks at who keeps the lock.
 HOLDER = """
 import subprocess, sys, time
-from insitu_daq.config import StationConfig
-from insitu_daq.stationlock import StationLock, daemon_owner, daemon_resources
+from insitu_daq.core.config import StationConfig
+from insitu_daq.service.stationlock import StationLock, daemon_owner, daemon_resources
 
 config = StationConfig.model_validate_json(sys.argv[1])
 lock = StationLock.acquire(daemon_resources(config), daemon_owner(config, {}, None))

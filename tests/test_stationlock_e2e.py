@@ -23,13 +23,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from insitu_daq.api import ControlClient
-from insitu_daq.children import ChildProcess, terminate
-from insitu_daq.config import load_config
-from insitu_daq.demo import free_ports, station_toml, wait_for_daemon
-from insitu_daq.guardian import LOG_FILE_NAME
-from insitu_daq.module_command import module_command
-from insitu_daq.stationlock import LOCK_DIR_ENV, daemon_resources
+from insitu_daq.app.children import ChildProcess, terminate
+from insitu_daq.app.demo import free_ports, station_toml, wait_for_daemon
+from insitu_daq.app.module_command import module_command
+from insitu_daq.control.guardian import LOG_FILE_NAME
+from insitu_daq.core.config import load_config
+from insitu_daq.service.api import ControlClient
+from insitu_daq.service.stationlock import LOCK_DIR_ENV, daemon_resources
 
 EXE = module_command("insitu_daq")
 FINAL = ("finished", "aborted", "failed")

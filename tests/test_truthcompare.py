@@ -15,8 +15,14 @@ import numpy as np
 import pytest
 from test_report_figure import write_run
 
-from insitu_daq.report import AnalysisRecord, HoldSpan, hold_span, read_analysis, read_events
-from insitu_daq.truthcompare import TruthSample, format_comparison
+from insitu_daq.report.summary import (
+    AnalysisRecord,
+    HoldSpan,
+    hold_span,
+    read_analysis,
+    read_events,
+)
+from insitu_daq.verify.truth import TruthSample, format_comparison
 
 
 def truth_samples(start: float, stop: float, end: float) -> list[TruthSample]:
@@ -96,7 +102,7 @@ def test_missing_analysis_says_not_measured_and_still_gives_the_truth(tmp_path: 
 
 # ----- accuracy.py: the issue-4 figures from an analysis record and truth samples -----------
 def reflection(name: str, d_angstrom: float, times: np.ndarray, d_m: np.ndarray):
-    from insitu_daq.report import ReflectionSeries
+    from insitu_daq.report.summary import ReflectionSeries
 
     return ReflectionSeries(name, name, d_angstrom, None, times, d_m, np.ones(len(times)))
 
@@ -108,7 +114,7 @@ def synthetic_run(
     20 s; the expansion ramps 0 -> 0.3 over 20-60 s. The "measured" side sees (200) from
     `onset_s` (in the phase map's rock-salt presence; the whole-field (200) ring 3 s later),
     (003) at `d_003_m`, the speed x `speed_scale`, the expansion + `expansion_bias`."""
-    from insitu_daq.report import Series
+    from insitu_daq.report.summary import Series
 
     truth = []
     for t in np.arange(0.0, 100.0, 0.5):
@@ -153,7 +159,7 @@ def verdict(verdicts: list, starts_with: str):
 
 
 def test_an_accurate_run_meets_every_figure_and_says_so() -> None:
-    from insitu_daq.accuracy import accuracy_verdicts, format_verdicts
+    from insitu_daq.verify.accuracy import accuracy_verdicts, format_verdicts
 
     analysis, truth, hold = synthetic_run(onset_s=51.0)
     verdicts = accuracy_verdicts(analysis, truth, hold)
@@ -169,7 +175,7 @@ def test_an_accurate_run_meets_every_figure_and_says_so() -> None:
 
 
 def test_each_figure_fails_outside_its_tolerance() -> None:
-    from insitu_daq.accuracy import accuracy_verdicts
+    from insitu_daq.verify.accuracy import accuracy_verdicts
 
     late = accuracy_verdicts(*synthetic_run(onset_s=52.5))
     assert not verdict(late, "rock-salt onset").ok
@@ -184,7 +190,7 @@ def test_each_figure_fails_outside_its_tolerance() -> None:
 
 
 def test_a_single_noise_detection_is_not_an_onset() -> None:
-    from insitu_daq.accuracy import persistent_onset
+    from insitu_daq.verify.accuracy import persistent_onset
 
     times = np.arange(10.0)
     blip = np.array([0, 1, 0, 0, 1, 1, 0, 1, 1, 1], dtype=bool)
@@ -193,7 +199,7 @@ def test_a_single_noise_detection_is_not_an_onset() -> None:
 
 
 def test_front_speed_truth_is_the_mean_over_the_fit_window() -> None:
-    from insitu_daq.accuracy import true_mean_speed
+    from insitu_daq.verify.accuracy import true_mean_speed
 
     _, truth, _ = synthetic_run(onset_s=51.0)
     # The front starts at 20 s: at 25 s the 10 s window holds 5 s of motion at 4 nm/s.
@@ -204,7 +210,7 @@ def test_front_speed_truth_is_the_mean_over_the_fit_window() -> None:
 def control_run(
     rock_salt_at: float | None,
 ) -> tuple[AnalysisRecord, list[TruthSample]]:
-    from insitu_daq.report import Series
+    from insitu_daq.report.summary import Series
 
     truth = [
         TruthSample(float(t), {"bias_volts": 0.0, "expansion": 0.0, "field_d_spacings": []})
@@ -240,7 +246,7 @@ def control_run(
 
 
 def test_the_control_passes_without_a_phase_change_and_fails_on_a_false_one() -> None:
-    from insitu_daq.accuracy import accuracy_verdicts, format_verdicts
+    from insitu_daq.verify.accuracy import accuracy_verdicts, format_verdicts
 
     analysis, truth = control_run(rock_salt_at=None)
     verdicts = accuracy_verdicts(analysis, truth, None)
@@ -257,7 +263,7 @@ def test_the_control_passes_without_a_phase_change_and_fails_on_a_false_one() ->
 
 
 def test_no_truth_or_nothing_measured_is_never_a_pass(tmp_path: Path) -> None:
-    from insitu_daq.accuracy import accuracy_verdicts
+    from insitu_daq.verify.accuracy import accuracy_verdicts
 
     analysis, truth, hold = synthetic_run(onset_s=51.0)
     assert not any(v.ok for v in accuracy_verdicts(analysis, [], hold))
@@ -267,7 +273,7 @@ def test_no_truth_or_nothing_measured_is_never_a_pass(tmp_path: Path) -> None:
 
 
 def test_truth_samples_survive_the_truth_file(tmp_path: Path) -> None:
-    from insitu_daq.truthcompare import load_truth, save_truth
+    from insitu_daq.verify.truth import load_truth, save_truth
 
     samples = truth_samples(10.0, 20.0, 25.0)
     path = tmp_path / "run.truth.json"

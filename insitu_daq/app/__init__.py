@@ -1,0 +1,1 @@
+"""The command line: argument parsing, the demo, progress lines and child-process helpers."""

@@ -1,0 +1,296 @@
+"""`insitu-daq demo`: the reference experiment end to end on simulated hardware.
+
+Starts the simulated station and the daemon as two real processes talking over their real
+sockets (exactly as on a microscope PC, with the simulator in place of the instruments), runs
+the +4.3 V experiment time-scaled so it completes in under a minute, follows it live, then
+prints where the run file is, what was recorded, and what live analysis measured next to the
+simulator's truth; it also draws the report figure next to the run file.
+
+By default the closed-loop protocol (lno_4v3_until_rocksalt.yaml: the hold ends when live
+analysis sees the HRTEM field 90 % rock salt, at most 120 s); `--protocol lno_4v3.yaml` runs the
+fixed 120 s reference hold. The truth comes from the simulated microscope's simulator-only
+`truth` request (drivers/MICROSCOPE_PROTOCOL.md), polled during the run by `TruthPoller` and
+stamped with the run clock, so measured and true values are compared at the same run time;
+the samples are saved next to the run file as RUN.truth.json (a JSON list of {"time": run-clock
+s, ...the truth's fields}) so a run can be checked again later, and the demo ends with the
+issue-4 accuracy verdicts of accuracy.py (measured vs truth, within tolerance or not).
+`--protocol lno_control_0v.yaml` runs the no-bias control, judged on "no phase change seen".
+
+Both processes run the installed package (module_command.py), whatever the current folder.
+Their station config and logs stay in DATA_DIR/demo/; a process that dies is reported with
+its exit code, its log's path and the log's last lines (children.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+import h5py
+
+from insitu_daq.app.children import (
+    EXIT_GRACE_S,
+    ChildProcess,
+    check_children,
+    child_process,
+    reporting_child_deaths,
+    wait_for_output,
+)
+from insitu_daq.app.module_command import module_command
+from insitu_daq.report.summary import (
+    format_summary,
+    hold_span,
+    read_analysis,
+    read_events,
+    summarize,
+)
+from insitu_daq.verify.accuracy import accuracy_verdicts, format_verdicts
+from insitu_daq.verify.truth import TruthSample, format_comparison, save_truth, truth_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIME_SCALE = 5.0  # the ~170 s protocol in ~35 s
+DEFAULT_PROTOCOL = "lno_4v3_until_rocksalt.yaml"  # closed loop: the hold ends on rock salt
+REFERENCE_PROTOCOL = "lno_4v3.yaml"  # the fixed 120 s hold
+# Truth requests every TRUTH_POLL_RUN_S of run time (so the truth resolves a rock-salt onset
+# well within the 2 s it is checked to, whatever the time scale), but at most every
+# MIN_TRUTH_POLL_S and at least every MAX_TRUTH_POLL_S of wall time.
+TRUTH_POLL_RUN_S = 0.5
+MIN_TRUTH_POLL_S, MAX_TRUTH_POLL_S = 0.02, 0.25
+DEMO_FILES_DIR = "demo"  # in the data dir: station.toml and the two logs
+SIM_LOG, DAEMON_LOG = "sim.log", "daemon.log"
+SIM_READY_TEXT = "simulated station running"  # `insitu-daq sim` prints it once it serves
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback (bound and released; fine for a demo)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def truth_poll_interval(time_scale: float) -> float:
+    """Wall seconds between truth requests at `time_scale`."""
+    return min(MAX_TRUTH_POLL_S, max(MIN_TRUTH_POLL_S, TRUTH_POLL_RUN_S / time_scale))
+
+
+class TruthPoller:
+    """Asks the simulated microscope for its `truth` every `interval_s` in a thread.
+
+    Each answer is stamped with the wall clock (ns) at the request's midpoint; `samples()`
+    turns the stamps into run-clock seconds once the run's start is known (its file says).
+    Failures are counted and logged, never fatal: the demo runs without truth if it must.
+    """
+
+    def __init__(self, host: str, port: int, interval_s: float = MAX_TRUTH_POLL_S) -> None:
+        self._address = (host, port)
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._answers: list[tuple[int, dict]] = []
+        self._thread = threading.Thread(target=self._poll, name="truth-poller", daemon=True)
+        self.errors_total = 0
+
+    def __enter__(self) -> TruthPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    def _poll(self) -> None:
+        connection: socket.socket | None = None
+        reader = None
+        while not self._stop.is_set():
+            try:
+                if connection is None:
+                    connection = socket.create_connection(self._address, timeout=2.0)
+                    reader = connection.makefile("rb")
+                before = time.time_ns()
+                connection.sendall(b'{"cmd": "truth"}\n')
+                reply = json.loads(reader.readline())
+                stamp = (before + time.time_ns()) // 2
+                if reply.get("ok") and isinstance(reply.get("truth"), dict):
+                    self._answers.append((stamp, reply["truth"]))
+                else:
+                    self.errors_total += 1
+                    log.warning("truth request refused: %s", reply.get("error"))
+            except (OSError, ValueError) as exc:
+                self.errors_total += 1
+                log.warning("truth request failed: %s", exc)
+                if connection is not None:
+                    connection.close()
+                connection = None
+            self._stop.wait(self._interval_s)
+        if connection is not None:
+            connection.close()
+
+    def samples(self, run_start_ns: int, time_scale: float) -> list[TruthSample]:
+        """The answers on the run clock (run seconds = wall seconds since start x time scale)."""
+        return [
+            TruthSample((stamp - run_start_ns) / 1e9 * time_scale, truth)
+            for stamp, truth in list(self._answers)
+            if stamp >= run_start_ns
+        ]
+
+
+def run_start_ns(run_file: Path) -> int:
+    """The run clock's origin: /entry/start_time (ISO 8601, microseconds) in ns."""
+    with h5py.File(run_file, "r", libver="latest", swmr=True) as f:
+        raw = f["entry/start_time"][()]
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    moment = datetime.fromisoformat(text)
+    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+
+
+def print_analysis(run_file: Path, truth: list[TruthSample]) -> None:
+    """Measured next to truth, then the accuracy verdicts."""
+    with h5py.File(run_file, "r", libver="latest", swmr=True) as f:
+        entry = f["entry"]
+        analysis = read_analysis(entry)
+        hold = hold_span(read_events(entry))
+    print(format_comparison(analysis, truth, hold))
+    print()
+    print(format_verdicts(accuracy_verdicts(analysis, truth, hold)))
+
+
+def reference_protocol(name: str = REFERENCE_PROTOCOL) -> str:
+    return resources.files("insitu_daq.protocols").joinpath(name).read_text()
+
+
+def station_toml(ports: dict[str, int], data_dir: Path, time_scale: float) -> str:
+    # Ramp steps scale with the time scale so the staircase keeps its shape on the wall clock.
+    return f"""name = "demo (simulated station, time scale {time_scale:g})"
+data_dir = "{data_dir}"
+[source_meter]
+resource = "TCPIP::127.0.0.1::{ports["source_meter"]}::SOCKET"
+[holder]
+port = "socket://127.0.0.1:{ports["holder"]}"
+[detector]
+endpoint = "tcp://127.0.0.1:{ports["camera"]}"
+[microscope]
+port = {ports["microscope"]}
+[api]
+control = "tcp://127.0.0.1:{ports["control"]}"
+events = "tcp://127.0.0.1:{ports["events"]}"
+metrics_port = {ports["metrics"]}
+[analysis]
+# The simulated camera's 40 frames/s: at a time scale of {time_scale:g} a run second has
+# {time_scale:g}x fewer frames, so analyse every one (a real station keeps the default cap).
+max_rate_hz = 40
+"""
+
+
+def wait_for_daemon(
+    control: str,
+    daemon: ChildProcess,
+    others: Sequence[ChildProcess] = (),
+    timeout_s: float = 60.0,
+) -> None:
+    """Until the daemon answers a ping; ChildExitedError if it or one of `others` exits first,
+    RuntimeError if it stays silent (both show the end of its log)."""
+    from insitu_daq.service.api import ControlClient, ControlError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        check_children([*others, daemon])
+        with (
+            contextlib.suppress(ControlError, TimeoutError),
+            ControlClient(control, timeout_s=1.0) as client,
+        ):
+            client.request("ping")
+            return
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"the daemon did not answer on {control} within {timeout_s:.0f} s; {daemon.log_excerpt()}"
+    )
+
+
+def run_demo(
+    time_scale: float = DEFAULT_TIME_SCALE,
+    data_dir: Path = Path("runs"),
+    frame_size: int = 1024,
+    frame_rate: float = 40.0,
+    protocol: str = DEFAULT_PROTOCOL,
+    figure: bool = True,
+) -> int:
+    from insitu_daq.app.progress import follow_run
+    from insitu_daq.service.api import ControlClient
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    names = ["source_meter", "holder", "microscope", "camera", "control", "events", "metrics"]
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    # The station config and the two processes' logs, kept for the user (replaced by the next
+    # demo in this data dir): a child that dies is reported with the end of its log.
+    files = data_dir / DEMO_FILES_DIR
+    files.mkdir(exist_ok=True)
+    for stale in (SIM_LOG, DAEMON_LOG):
+        (files / stale).unlink(missing_ok=True)
+    config = files / "station.toml"
+    config.write_text(station_toml(ports, data_dir, time_scale))
+    sim_command = module_command(
+        "insitu_daq", "sim", "--time-scale", str(time_scale),
+        "--source-meter-port", str(ports["source_meter"]),
+        "--holder-port", str(ports["holder"]),
+        "--microscope-port", str(ports["microscope"]),
+        "--camera-port", str(ports["camera"]),
+        "--frame-size", str(frame_size), "--frame-rate", str(frame_rate),
+    )  # fmt: skip
+    daemon_command = module_command(
+        "insitu_daq", "daemon", "--config", str(config), "--time-scale", str(time_scale)
+    )
+    print(f"insitu-daq demo: simulated station + daemon, time scale {time_scale:g}")
+    with contextlib.ExitStack() as running:  # left in reverse: the daemon stops first
+        sim = running.enter_context(
+            child_process("simulated station", sim_command, files / SIM_LOG)
+        )
+        # The daemon only once the station is up: one that never comes up leaves no daemon
+        # (and no bias guardian) to stop in the middle of its start.
+        wait_for_output(sim, SIM_READY_TEXT, timeout_s=30.0)
+        daemon = running.enter_context(child_process("daemon", daemon_command, files / DAEMON_LOG))
+        running.enter_context(reporting_child_deaths([sim, daemon]))
+        control = f"tcp://127.0.0.1:{ports['control']}"
+        events = f"tcp://127.0.0.1:{ports['events']}"
+        wait_for_daemon(control, daemon, [sim], timeout_s=60.0)
+        with ControlClient(control, timeout_s=10.0) as client:
+            reply = client.request(
+                "run", protocol_text=reference_protocol(protocol), format="yaml",
+                name=Path(protocol).stem,
+            )  # fmt: skip
+        run_file = Path(reply["run_file"])
+        print(f"run {reply['run_id']}: protocol {protocol}")
+        interval = truth_poll_interval(time_scale)
+        with TruthPoller("127.0.0.1", ports["microscope"], interval) as truth:
+            outcome = follow_run(control, events, reply["run_id"], timeout_s=10.0)
+        if outcome != 0:  # the run failed, or the daemon fell silent: a child may be dead
+            check_children([sim, daemon], grace_s=EXIT_GRACE_S)
+    print()
+    if not run_file.exists():
+        print(f"no run file at {run_file}; the daemon's {daemon.log_excerpt()}")
+        return 1
+    summary = summarize(run_file)
+    print(format_summary(summary, events=40))
+    samples = truth.samples(run_start_ns(run_file), time_scale)
+    save_truth(truth_path(run_file), samples)
+    print(f"truth        {truth_path(run_file)} ({len(samples)} samples)")
+    print_analysis(run_file, samples)
+    if figure:
+        from insitu_daq.report.figure import draw_report_figure
+
+        drawn = draw_report_figure(run_file, run_file.with_suffix(".png"))
+        print(f"\nfigure       {drawn.path}")
+    return outcome

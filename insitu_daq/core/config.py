@@ -1,0 +1,274 @@
+"""Station configuration: a TOML file validated with pydantic before anything is touched.
+
+Only this file changes between the simulated station and a real one. A wrong value is refused
+at start with one line naming the field (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS, ReflectionTable
+from insitu_daq.core.uniquekeys import toml_error
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+Positive = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A station config or protocol that cannot be used; the message is one line."""
+
+
+def _is_loopback(endpoint: str) -> bool:
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0]
+    return endpoint.startswith(("ipc://", "inproc://")) or host in (
+        "127.0.0.1",
+        "localhost",
+        "[::1]",
+        "::1",
+    )
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceMeterConfig(_Section):
+    resource: str = "TCPIP::127.0.0.1::5025::SOCKET"
+    visa_library: str = "@py"
+    timeout_s: Positive = 2.0
+    nplc: Annotated[float, Field(ge=0.01, le=10)] = 0.1
+    line_frequency_hz: Literal[50, 60] = 50
+
+
+class HolderConfig(_Section):
+    port: str = "socket://127.0.0.1:5026"
+    baudrate: int = 115200
+    timeout_s: Positive = 2.0
+
+
+class DetectorConfig(_Section):
+    endpoint: str = "tcp://127.0.0.1:31001"
+    # Store payloads as received (bslz4/lz4 kept) or decompressed and written raw.
+    archive_compression: Literal["as_received", "none"] = "as_received"
+    receive_hwm: Annotated[int, Field(ge=1)] = 1000
+    # Reorder window of the ingest: images held while an earlier image_id is missing, until
+    # this many are held or the oldest waited this long (then the gap is recorded).
+    reorder_window_frames: Annotated[int, Field(ge=1, le=4096)] = 16
+    reorder_window_s: Annotated[float, Field(gt=0, le=10)] = 0.5
+    # Frame geometry of a run opened before the detector sent a start or an image: wait this
+    # long for one, then use these defaults (a series with another geometry re-makes or adds
+    # frame datasets when its first image arrives: runfile_frames.py).
+    geometry_timeout_s: Annotated[float, Field(ge=0, le=60)] = 2.0
+    # A recording run that gets no image for this long (wall seconds) records a `detector
+    # silent` event, and a `detector back` one when images come again (detector_silence.py).
+    silent_after_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    default_channels: Annotated[tuple[str, ...], Field(min_length=1)] = ("threshold_1",)
+    default_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1024, 1024)
+    default_dtype: Literal["uint8", "uint16", "uint32"] = "uint16"  # little-endian
+    default_compression: Literal["bslz4", "lz4", "none"] = "bslz4"
+    # Frames per second the detector is assumed to send before it has been heard: only for
+    # planning a run's recording (the rate measured from the stream replaces it).
+    default_frame_rate_hz: Annotated[float, Field(gt=0, le=100_000)] = 40.0
+
+
+class MicroscopeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 5027
+    timeout_s: Positive = 2.0
+
+
+class SafetyLimits(_Section):
+    max_bias_volts: Annotated[float, Field(gt=0, le=210)] = 5.0
+    compliance_amperes: Annotated[float, Field(ge=1e-9, le=1.05)] = 100e-9
+    max_ramp_rate_volts_per_s: Annotated[float, Field(gt=0, le=100)] = 1.0
+    # Largest single level change while ramping: the ramp is a staircase of these.
+    ramp_step_volts: Annotated[float, Field(gt=0, le=1)] = 0.01
+
+
+class SamplingConfig(_Section):
+    bias_rate_hz: Annotated[float, Field(ge=1, le=1000)] = 50.0
+    flush_interval_s: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+
+class RetryConfig(_Section):
+    attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    first_delay_s: Positive = 0.1
+    max_delay_s: Positive = 2.0
+
+
+class RecordingConfig(_Section):
+    """What happens when the run file stops taking writes, and the room a run must have."""
+
+    # "abort": the run ends `failed` (bias ramped to 0 V, output off); "pause": the bias is
+    # made safe the same way and the protocol paused, so `resume` can go on once there is room.
+    on_failure: Literal["abort", "pause"] = "abort"
+    # A run starts only if the data disk would still have this much free at its planned end.
+    min_free_bytes: Annotated[int, Field(ge=0)] = 1 << 30
+
+
+class ApiConfig(_Section):
+    control: str = "tcp://127.0.0.1:5555"
+    events: str = "tcp://127.0.0.1:5556"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9105
+    curve_secret_key_file: Path | None = None
+    # Folder of the client public keys (zmq.auth certificates) let in; unset: any CURVE client.
+    curve_clients_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _curve_off_loopback(self) -> ApiConfig:
+        for name in ("control", "events"):
+            endpoint = getattr(self, name)
+            if not _is_loopback(endpoint) and self.curve_secret_key_file is None:
+                raise ValueError(f"{name}={endpoint!r} is not loopback: set curve_secret_key_file")
+        return self
+
+
+class SampleConfig(_Section):
+    name: str = "LiNiO2 particle"
+    chemical_formula: str = "LiNiO2"
+
+
+class ReflectionConfig(_Section):
+    """One tracked reflection (analysis/reflections.py); label defaults to the name."""
+
+    name: str
+    d_angstrom: float
+    phase: str
+    marks: bool = False
+    label: str | None = None
+
+
+class AnalysisConfig(_Section):
+    """Live analysis (issue 4): what it tracks and how often it runs the costlier parts."""
+
+    enabled: bool = True
+    # Default: SCIENCE.md's table of spacings (analysis/reflections.py DEFAULT_REFLECTIONS).
+    reflections: tuple[ReflectionConfig, ...] = tuple(
+        ReflectionConfig(**record) for record in DEFAULT_REFLECTIONS.to_records()
+    )
+    # Frames are summed to a dose before they are analysed (one low-dose HRTEM frame is not
+    # enough for the rock-salt rings; analysis/pipeline.py): mean counts per pixel wanted, and
+    # the oldest frame (run-clock s) a sum may hold.
+    hrtem_counts_per_px: Annotated[float, Field(ge=0, le=1e6)] = 5.0
+    hrtem_integration_s: Annotated[float, Field(ge=0, le=60)] = 4.0
+    lm_counts_per_px: Annotated[float, Field(ge=0, le=1e6)] = 40.0
+    lm_integration_s: Annotated[float, Field(ge=0, le=60)] = 0.5
+    phase_map_interval_s: Annotated[float, Field(ge=0, le=60)] = 0.125  # run s between maps
+    # At most this many results a second (the sum measured at its newest frame when one is
+    # due): the CPU the analysis may take from the ingest on a 2-core PC. Every frame received
+    # is summed all the same, so the sums above do not depend on it (liveanalysis.py).
+    max_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 20.0
+    # The ingest has priority: while it is behind the detector it offers the analysis no
+    # frames but one every 1/min_rate_hz s, so the analysis is never starved (ingest_tap.py).
+    min_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 2.0
+    reference_frames: Annotated[int, Field(ge=1, le=1000)] = 10  # LM frames before the bias
+    front_window_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    # A live value older than this (wall seconds) is no longer "live": hold-until sees None.
+    live_value_max_age_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+
+    @field_validator("reflections")
+    @classmethod
+    def _table_is_valid(
+        cls, reflections: tuple[ReflectionConfig, ...]
+    ) -> tuple[ReflectionConfig, ...]:
+        _table_of(reflections)
+        return reflections
+
+    @field_validator("min_rate_hz")
+    @classmethod
+    def _floor_within_cap(cls, min_rate_hz: float, info: ValidationInfo) -> float:
+        max_rate_hz = info.data.get("max_rate_hz")
+        if max_rate_hz is not None and min_rate_hz > max_rate_hz:
+            raise ValueError(f"{min_rate_hz} is above max_rate_hz ({max_rate_hz})")
+        return min_rate_hz
+
+    def table(self) -> ReflectionTable:
+        """The reflections as an analysis ReflectionTable (ValueError naming the problem)."""
+        return _table_of(self.reflections)
+
+
+def _table_of(reflections: tuple[ReflectionConfig, ...]) -> ReflectionTable:
+    if not reflections:
+        raise ValueError("at least one reflection is needed")
+    return ReflectionTable.from_records(r.model_dump(exclude_none=True) for r in reflections)
+
+
+class StationConfig(_Section):
+    name: str = "station"
+    data_dir: Path = Path("runs")
+    # Folder of the station locks (stationlock.py: one daemon per station). Unset:
+    # /run/lock/insitu-daq, shared by every account; $INSITU_DAQ_LOCK_DIR overrides both.
+    lock_dir: Path | None = None
+    source_meter: SourceMeterConfig = SourceMeterConfig()
+    holder: HolderConfig = HolderConfig()
+    detector: DetectorConfig = DetectorConfig()
+    microscope: MicroscopeConfig = MicroscopeConfig()
+    limits: SafetyLimits = SafetyLimits()
+    sampling: SamplingConfig = SamplingConfig()
+    retry: RetryConfig = RetryConfig()
+    recording: RecordingConfig = RecordingConfig()
+    api: ApiConfig = ApiConfig()
+    sample: SampleConfig = SampleConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
+
+    @field_validator("lock_dir")
+    @classmethod
+    def _lock_dir_absolute(cls, lock_dir: Path | None) -> Path | None:
+        # Every daemon of the station must find the same folder, wherever it was started.
+        if lock_dir is not None and not lock_dir.is_absolute():
+            raise ValueError(f"{str(lock_dir)!r} is not an absolute path")
+        return lock_dir
+
+
+def one_line(error: ValidationError, prefix: str = "") -> str:
+    """The first validation error as `field.path: message` on one line."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    where = ".".join(part for part in (prefix, location) if part)
+    message = first["msg"].replace("Value error, ", "")
+    more = len(error.errors()) - 1
+    suffix = f" (+{more} more)" if more else ""
+    return f"{where}: {message}{suffix}"
+
+
+def parse_config(data: dict) -> StationConfig:
+    try:
+        return StationConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(one_line(exc)) from None
+
+
+def load_config(path: str | Path) -> StationConfig:
+    """Read and validate a station TOML file; raises ConfigError with a one-line reason."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib refuses a key given twice, saying where: its line's text names the key.
+        text = path.read_text(encoding="utf-8", errors="replace")
+        raise ConfigError(f"{path}: not valid TOML: {toml_error(exc, text)}") from None
+    config = parse_config(data)
+    if not config.data_dir.is_absolute():
+        config = config.model_copy(update={"data_dir": (path.parent / config.data_dir)})
+    return config

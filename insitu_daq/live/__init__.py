@@ -1,0 +1,1 @@
+"""The live-analysis worker process and the daemon's handle on it."""

@@ -1,0 +1,374 @@
+"""The report figure (`insitu-daq report RUN.h5` -> RUN.png): a run at a glance, from its file.
+
+Left, against run time (s since /entry/start_time), sharing one axis: bias and current; the
+tracked reflections' intensities; the phase fractions; the reaction front's position; the
+expansion. The hold is marked (dashed lines) and the low-magnification stretches of the
+recording are shaded, so an LM-only quantity (front, expansion) is seen to come from those and
+the HRTEM ones (reflections, phases) from between them. Right, key HRTEM images (just after the
+hold starts, its middle, just before it ends) with their FFT power spectra (log scale): what the
+numbers on the left were measured from. A single low-dose frame is mostly shot noise, so each
+key image is the sum of the settled HRTEM frames within KEY_IMAGE_SPAN_S of its time (as live
+analysis integrates them), at most MAX_FRAMES_SUMMED.
+
+Only the run file is read (analysis groups may be missing: the panel then says "not
+measured"). matplotlib with the Agg backend: no display needed, safe in a daemon or over ssh.
+The figure's pixel size is fixed (FIGURE_SIZE_IN x DPI) so that it is the same for every run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import h5py
+import numpy as np
+
+from insitu_daq.report.summary import (
+    AnalysisRecord,
+    HoldSpan,
+    Series,
+    hold_span,
+    imaging_modes,
+    mode_at,
+    read_analysis,
+    read_column,
+    read_events,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+log = logging.getLogger(__name__)
+
+FIGURE_SIZE_IN = (16.0, 11.0)
+DPI = 100  # -> 1600 x 1100 px
+# A frame this soon after an imaging-mode switch may still show the previous mode (the camera
+# integrates across the switch; live analysis skips it as settling too): run seconds.
+SETTLE_S = 0.3
+KEY_FRAME_EDGE_S = 2.0  # key frames this far inside the hold's ends
+KEY_IMAGE_SPAN_S = 1.0  # run seconds of frames summed into one key image
+MAX_FRAMES_SUMMED = 40  # one second at the camera's 40 fps
+TITLE_LENGTH = 110
+CROP_PX = 256  # the key image shows its centre at about one screen pixel per frame pixel
+PHASE_COLOURS = {"layered": "tab:blue", "disordered": "tab:orange", "rock_salt": "tab:red"}
+
+
+@dataclass(frozen=True)
+class DrawnFigure:
+    """What was drawn: the PNG, which panels had data ("not measured" if not), the key frames."""
+
+    path: Path
+    panels: dict[str, bool]  # panel -> measured
+    key_frames: list[KeyFrame]
+
+
+@dataclass(frozen=True)
+class KeyFrame:
+    """A key image: the sum of `frames` frames from `index` (the one nearest `time_s`) on."""
+
+    label: str
+    index: int
+    time_s: float
+    mode: str | None
+    image: np.ndarray  # float64 sum
+    frames: int
+
+
+def _text(dataset: h5py.Dataset | None) -> str:
+    if dataset is None:
+        return ""
+    value = dataset[()]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _centre_crop(image: np.ndarray, edge: int) -> np.ndarray:
+    rows, cols = image.shape
+    top, left = max(0, (rows - edge) // 2), max(0, (cols - edge) // 2)
+    return image[top : top + edge, left : left + edge]
+
+
+def power_spectrum(frame: np.ndarray) -> np.ndarray:
+    """log10 of the Hann-windowed FFT power, zero frequency centred (display only)."""
+    image = frame.astype(np.float32)
+    image -= image.mean()
+    rows, cols = image.shape
+    window = np.outer(np.hanning(rows), np.hanning(cols)).astype(np.float32)
+    power = np.abs(np.fft.fftshift(np.fft.fft2(image * window))) ** 2
+    return np.log10(power + 1e-12 + np.percentile(power, 1.0))
+
+
+def _key_frame_times(hold: HoldSpan | None, frame_time: np.ndarray) -> list[tuple[str, float]]:
+    if hold is not None:
+        end = hold.end_s if hold.end_s is not None else float(frame_time[-1])
+        edge = min(KEY_FRAME_EDGE_S, max(0.0, (end - hold.start_s) / 4))
+        start, stop = hold.start_s + edge, end - edge
+        return [("hold start", start), ("hold middle", 0.5 * (start + stop)), ("hold end", stop)]
+    first, last = float(frame_time[0]), float(frame_time[-1])
+    return [
+        ("first frames", first),
+        ("middle", 0.5 * (first + last)),
+        ("last frames", last),
+    ]
+
+
+def _settled_in(changes: list[tuple[float, str]], frame_time: np.ndarray, mode: str) -> np.ndarray:
+    """Frames taken in `mode` at least SETTLE_S after the switch into it."""
+    if not changes:
+        return np.ones(len(frame_time), dtype=bool)
+    times = np.array([t for t, _ in changes])
+    modes = [m for _, m in changes]
+    which = np.searchsorted(times, frame_time, side="right") - 1
+    ok = np.zeros(len(frame_time), dtype=bool)
+    for i, change in enumerate(which):
+        if change >= 0 and modes[change] == mode:
+            ok[i] = frame_time[i] - times[change] >= SETTLE_S
+    return ok
+
+
+def _stretch(candidates: np.ndarray, frame_time: np.ndarray, centre: int) -> list[int]:
+    """Consecutive candidate frames around `centre` spanning at most KEY_IMAGE_SPAN_S and
+    MAX_FRAMES_SUMMED frames: one uninterrupted stretch of one mode."""
+    first = last = centre
+    while last - first + 1 < MAX_FRAMES_SUMMED:
+        after, before = last + 1, first - 1
+        if (
+            after < len(frame_time)
+            and candidates[after]
+            and frame_time[after] - frame_time[first] < KEY_IMAGE_SPAN_S
+        ):
+            last = after
+        elif (
+            before >= 0
+            and candidates[before]
+            and frame_time[last] - frame_time[before] < KEY_IMAGE_SPAN_S
+        ):
+            first = before
+        else:
+            break
+    return list(range(first, last + 1))
+
+
+def key_frames(
+    f: h5py.File, hold: HoldSpan | None, changes: list[tuple[float, str]]
+) -> list[KeyFrame]:
+    """Up to three HRTEM frames (any frames if no HRTEM frame is known) at the hold's key times."""
+    detector = f["entry/instrument/detector"]
+    frame_time = detector["frame_time"][:]
+    n = min(len(frame_time), detector["data"].shape[0])
+    if n == 0:
+        return []
+    frame_time = frame_time[:n]
+    candidates = _settled_in(changes, frame_time, "hrtem")
+    if not candidates.any():
+        candidates = np.ones(n, dtype=bool)
+    indices = np.flatnonzero(candidates)
+    frames = []
+    for label, wanted in _key_frame_times(hold, frame_time):
+        index = int(indices[np.argmin(np.abs(frame_time[indices] - wanted))])
+        run = _stretch(candidates, frame_time, index)
+        try:
+            image = np.zeros(detector["data"].shape[1:], dtype=np.float64)
+            for i in run:
+                image += detector["data"][i]
+        except OSError as exc:  # a compression filter this h5py lacks (hdf5plugin missing)
+            log.warning("frame %d unreadable: %s", index, exc)
+            continue
+        mode = mode_at(changes, frame_time[index])
+        frames.append(KeyFrame(label, run[0], float(frame_time[index]), mode, image, len(run)))
+    return frames
+
+
+# ----- drawing ---------------------------------------------------------------------------------
+def _not_measured(ax: Axes, what: str) -> None:
+    ax.text(
+        0.5, 0.5, f"{what}: not measured", transform=ax.transAxes,
+        ha="center", va="center", color="0.4", fontsize=11,
+    )  # fmt: skip
+
+
+def _mark_run(ax: Axes, hold: HoldSpan | None, bursts: list[tuple[float, float]]) -> None:
+    for start, stop in bursts:
+        ax.axvspan(start, stop, color="0.85", lw=0, zorder=0)
+    if hold is not None:
+        ax.axvline(hold.start_s, color="k", ls="--", lw=0.8)
+        if hold.end_s is not None:
+            ax.axvline(hold.end_s, color="k", ls="--", lw=0.8)
+
+
+def lm_spans(
+    changes: list[tuple[float, str]], start_s: float, end_s: float
+) -> list[tuple[float, float]]:
+    """The stretches of [start_s, end_s] (the recording) the microscope spent in LM."""
+    spans = []
+    for i, (time, mode) in enumerate(changes):
+        if mode != "lm":
+            continue
+        stop = changes[i + 1][0] if i + 1 < len(changes) else end_s
+        low, high = max(time, start_s), min(stop, end_s)
+        if high > low:
+            spans.append((low, high))
+    return spans
+
+
+def _plot_series(ax: Axes, series: Series | None, scale: float, **style: Any) -> bool:
+    if series is None or not series.measured:
+        return False
+    ax.plot(series.time, series.value * scale, **style)
+    return True
+
+
+def draw_report_figure(run_file: str | Path, out: str | Path) -> DrawnFigure:
+    """Draw the report figure of `run_file` into the PNG `out`."""
+    import hdf5plugin  # noqa: F401 - registers bslz4/lz4 so compressed frames can be read
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.gridspec import GridSpec
+
+    run_file, out = Path(run_file), Path(out)
+    with h5py.File(run_file, "r", libver="latest", swmr=True) as f:
+        entry = f["entry"]
+        events = read_events(entry)
+        initial = _text(entry.get("instrument/microscope/mode")) or None
+        changes = imaging_modes(events, initial)
+        hold = hold_span(events)
+        analysis = read_analysis(entry)
+        t = read_column(entry, "sample/bias_voltage/time")  # (absent: no reading in the run)
+        volts = read_column(entry, "sample/bias_voltage/value")[: len(t)]
+        amps = read_column(entry, "sample/current/value")[: len(t)]
+        frame_time = entry["instrument/detector/frame_time"][:]
+        frames = key_frames(f, hold, changes)
+        title = f"{_text(entry.get('run_id'))}  ({_text(entry.get('title'))})"
+    if len(title) > TITLE_LENGTH:
+        title = title[: TITLE_LENGTH - 4] + "...)"
+
+    ends = [x[-1] for x in (t, frame_time) if len(x)]
+    run_end = float(max(ends)) if ends else 0.0
+    first_frame = float(frame_time[0]) if len(frame_time) else 0.0
+    bursts = lm_spans(changes, first_frame, run_end)
+
+    fig = plt.figure(figsize=FIGURE_SIZE_IN, dpi=DPI)
+    grid = GridSpec(5, 3, figure=fig, width_ratios=(2.3, 1, 1), hspace=0.35, wspace=0.25,
+                    left=0.06, right=0.97, top=0.93, bottom=0.06)  # fmt: skip
+    fig.suptitle(title, fontsize=12)
+    axes = [fig.add_subplot(grid[0, 0])]
+    axes += [fig.add_subplot(grid[i, 0], sharex=axes[0]) for i in range(1, 5)]
+    panels = {
+        "bias": _draw_bias(axes[0], t, volts, amps),
+        "reflections": _draw_reflections(axes[1], analysis),
+        "phase_fractions": _draw_phases(axes[2], analysis),
+        "front_position": _draw_front(axes[3], analysis),
+        "expansion": _draw_expansion(axes[4], analysis),
+    }
+    for ax in axes:
+        _mark_run(ax, hold, bursts)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[:-1]:
+        ax.tick_params(labelbottom=False)
+    axes[-1].set_xlabel("run time (s)")
+    if hold is not None:
+        axes[0].set_title(f"hold ended by: {hold.ended_by}    (grey: LM frames)", fontsize=9)
+
+    right = grid[:, 1:].subgridspec(3, 2, hspace=0.25, wspace=0.08)
+    for row in range(3):
+        image_ax, fft_ax = fig.add_subplot(right[row, 0]), fig.add_subplot(right[row, 1])
+        for ax in (image_ax, fft_ax):
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if row >= len(frames):
+            _not_measured(image_ax, "frame")
+            continue
+        frame = frames[row]
+        crop = _centre_crop(frame.image, CROP_PX)  # fringes a few px apart: show them 1:1-ish
+        low, high = np.percentile(crop, (1.0, 99.0))
+        image_ax.imshow(crop, cmap="gray", vmin=low, vmax=max(high, low + 1))
+        mode = f", {frame.mode.upper()}" if frame.mode else ""
+        summed = f" (+{frame.frames - 1})" if frame.frames > 1 else ""
+        image_ax.set_title(
+            f"{frame.label}: frame {frame.index}{summed}, {frame.time_s:.1f} s{mode}", fontsize=9
+        )
+        if crop.shape != frame.image.shape:
+            image_ax.set_xlabel(f"centre {crop.shape[1]} x {crop.shape[0]} px", fontsize=8)
+        spectrum = power_spectrum(frame.image)
+        low, high = np.percentile(spectrum, (50.0, 99.95))
+        fft_ax.imshow(spectrum, cmap="magma", vmin=low, vmax=high)
+        fft_ax.set_title("FFT power (log), whole frame", fontsize=9)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI, format="png")
+    plt.close(fig)
+    return DrawnFigure(out, panels, frames)
+
+
+def _draw_bias(ax: Axes, t: np.ndarray, volts: np.ndarray, amps: np.ndarray) -> bool:
+    if not len(t):
+        _not_measured(ax, "bias")
+        return False
+    ax.plot(t, volts, color="tab:blue", lw=1)
+    ax.set_ylabel("bias (V)", color="tab:blue")
+    current = ax.twinx()
+    current.plot(t, amps * 1e9, color="tab:green", lw=0.8)
+    current.set_ylabel("current (nA)", color="tab:green")
+    return True
+
+
+def _draw_reflections(ax: Axes, analysis: AnalysisRecord) -> bool:
+    drawn = False
+    for reflection in analysis.reflections.values():
+        if not np.any(np.isfinite(reflection.intensity)):
+            continue
+        ax.plot(reflection.time, reflection.intensity, ".-", ms=2, lw=0.8, label=reflection.title)
+        drawn = True
+    if drawn:
+        ax.legend(fontsize=7, ncol=3, loc="upper left")
+    else:
+        _not_measured(ax, "reflection intensities")
+    ax.set_ylabel("reflection\nintensity")
+    return drawn
+
+
+def _draw_phases(ax: Axes, analysis: AnalysisRecord) -> bool:
+    drawn = False
+    for phase, series in analysis.phase_fractions.items():
+        colour = PHASE_COLOURS.get(phase)
+        drawn |= _plot_series(ax, series, 1.0, color=colour, label=phase.replace("_", " "), lw=1)
+    # Where rock salt is seen at all (first in tiles it does not yet win): the onset, earlier.
+    seen = analysis.phase_presence.get("rock_salt")
+    if drawn and seen is not None:
+        _plot_series(ax, seen, 1.0, color=PHASE_COLOURS.get("rock_salt"), ls=":", lw=1,
+                     label="rock salt seen")  # fmt: skip
+    if drawn:
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=7, loc="center left")
+    else:
+        _not_measured(ax, "phase fractions")
+    ax.set_ylabel("phase fraction\n(HRTEM field)")
+    return drawn
+
+
+def _draw_front(ax: Axes, analysis: AnalysisRecord) -> bool:
+    drawn = _plot_series(
+        ax, analysis.front_position_nm, 1.0, color="tab:purple", marker=".", lw=0.8
+    )
+    if drawn:
+        velocity = analysis.front_velocity_nm_s
+        speed = velocity.last() if velocity is not None else None
+        if speed is not None and math.isfinite(speed):
+            ax.text(0.01, 0.9, f"latest speed {speed:.2f} nm/s", transform=ax.transAxes,
+                    fontsize=8, va="top")  # fmt: skip
+    else:
+        _not_measured(ax, "front position")
+    ax.set_ylabel("front from\ncontact (nm)")
+    return drawn
+
+
+def _draw_expansion(ax: Axes, analysis: AnalysisRecord) -> bool:
+    drawn = _plot_series(ax, analysis.expansion, 100.0, color="tab:brown", marker=".", lw=0.8)
+    if not drawn:
+        _not_measured(ax, "expansion")
+    ax.set_ylabel("expansion (%)")
+    return drawn

@@ -1,0 +1,3 @@
+"""The daemon and what it serves: control API, event stream, metrics, station locks, scripted-run
+client.
+"""

@@ -1,0 +1,838 @@
+"""The acquisition daemon: assembles the controllers, the ingest process, the runner and the
+outward interfaces, and guarantees the bias is made safe however it stops.
+
+Threads in this process: the bias I/O thread (BiasController), the protocol runner, the
+control API server, the metrics HTTP server, a status publisher and the analysis results
+listener. Frames never enter this process: the ingest process receives and writes them and
+offers each to the live-analysis process over its frame tap (DESIGN.md, data flow).
+
+Live analysis (issue 4, liveanalysis.py): the daemon picks the tap's endpoint (a private ipc
+path) and hands it to both processes; it tells the analysis what the frames show, because it
+drives the microscope: the imaging state at run start, then every mode, pixel-size or
+dose-rate switch with the run-clock interval it took, and a watermark every 10 ms, so that each
+frame is judged by its own time, however late either message arrives (imaging_announcer.py);
+and when the bias first leaves 0 V (the end of the expansion reference). Each result is
+published on the `analysis` topic, turned into metrics, sent to the run file (/entry/analysis,
+through the ingest) and kept as the latest value per quantity for `hold ... until` conditions
+(`live_updates`).
+
+A recording that fails fails the run safely (issue 9): before a run starts the data folder
+must be there, writable, and have room for the protocol's planned recording
+(recording_plan.py); when the run file stops taking writes mid-run the ingest process says so
+once (recording_failure.py) and the runner aborts with the run `failed` (or pauses, per
+`[recording] on_failure`), which ramps the bias to 0 V and turns the output off.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import re
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from insitu_daq import __version__
+from insitu_daq.analysis.pipeline import PipelineSettings
+from insitu_daq.control.bias import BiasController
+from insitu_daq.control.conditions import LiveUpdate
+from insitu_daq.control.guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
+from insitu_daq.control.guardian import Guardian, bias_confirmed_safe
+from insitu_daq.control.instruments.positioner import HolderControl, MicroscopeControl
+from insitu_daq.control.protocol import Protocol, ProtocolError
+from insitu_daq.control.runner import ProtocolRunner, RunState
+from insitu_daq.control.station import FROM_NOW, LimitError, StationError
+from insitu_daq.core.clock import RunClock
+from insitu_daq.core.config import AnalysisConfig, StationConfig
+from insitu_daq.core.imaging import ImagingState
+from insitu_daq.core.records import Event, EventKind, level_change_mask
+from insitu_daq.ingest import IngestClient, IngestError
+from insitu_daq.live.client import AnalysisError, LiveAnalysis
+from insitu_daq.runfile.writer import RunMetadata
+from insitu_daq.service.api import ControlServer, EventPublisher
+from insitu_daq.service.imaging_announcer import ImagingAnnouncer, unknown_state
+from insitu_daq.service.metrics import DaemonMetrics
+from insitu_daq.service.recording_plan import (
+    DataDisk,
+    RecordingPlan,
+    RecordingRate,
+    check_room,
+    data_disk,
+)
+from insitu_daq.service.stationlock import (
+    StationLock,
+    StationLockError,
+    daemon_owner,
+    daemon_resources,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL_S = 0.5
+DATA_DISK_INTERVAL_S = 2.0  # the data disk's free space, for status and metrics
+BIAS_OFF_VOLTS = 1e-6  # a setpoint above this is "the bias left 0 V"
+# Keys of an analysis result forwarded to the run file and the event stream.
+RESULT_KEYS = ("time", "image_id", "mode", "latency_s", "skipped", "settling",
+               "integrated_frames", "values", "received_ns")  # fmt: skip
+FINAL_STATES = ("finished", "aborted", "failed")
+# Live updates kept for the runner's conditions: ~80 s of analysis results and bias batches;
+# the runner takes them every 0.1 s.
+LIVE_UPDATES_KEPT = 4096
+
+
+@dataclass
+class ActiveRun:
+    run_id: str
+    path: Path
+    clock: RunClock  # the run's clock: the daemon clock shifted to the run's start
+    offset_s: float  # daemon-clock seconds at the run's start
+    protocol: Protocol
+    bias_started: bool = False  # the setpoint has left 0 V in this run
+    charge_coulombs: float = 0.0  # integral of the measured current since the run started
+    last_reading: tuple[float, float] | None = None  # (daemon time, current) for the integral
+    recording_failure: str | None = None  # why the run file stopped taking writes
+
+
+def pipeline_settings(config: AnalysisConfig) -> PipelineSettings:
+    """The live analysis's settings from the station config's [analysis] section."""
+    return PipelineSettings(
+        table=config.table(),
+        hrtem_counts_per_px=config.hrtem_counts_per_px,
+        hrtem_integration_s=config.hrtem_integration_s,
+        lm_counts_per_px=config.lm_counts_per_px,
+        lm_integration_s=config.lm_integration_s,
+        phase_map_interval_s=config.phase_map_interval_s,
+        reference_frames=config.reference_frames,
+        front_window_s=config.front_window_s,
+    )
+
+
+def make_run_id(protocol_name: str, when: datetime | None = None) -> str:
+    stamp = (when or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", protocol_name).strip("-") or "run"
+    return f"{stamp}_{safe}"
+
+
+class Daemon:
+    """The insitu-daq service. `start()`, then `wait()` (or serve until a signal), `stop()`."""
+
+    def __init__(
+        self,
+        config: StationConfig,
+        time_scale: float = 1.0,
+        config_path: str | Path | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path  # named in the station lock (stationlock.py)
+        self.station_lock: StationLock | None = None
+        self.clock = RunClock(time_scale)
+        self.guardian = Guardian(config, time_scale)
+        self.metrics = DaemonMetrics(config.api.metrics_host, config.api.metrics_port)
+        self.publisher = EventPublisher.from_config(config.api)
+        self.bias = BiasController(
+            config,
+            self.clock,
+            on_samples=self._on_samples,
+            on_event=self._on_controller_event,
+            on_trip=self._on_trip,
+            on_lost=self._on_lost,
+        )
+        self.holder = HolderControl(config.holder, config.retry, on_retry=self._on_retry)
+        self.microscope = MicroscopeControl(
+            config.microscope, config.retry, on_retry=self._on_retry
+        )
+        self.analysis: LiveAnalysis | None = None
+        self._analysis_settings: PipelineSettings | None = None
+        if config.analysis.enabled:
+            self._analysis_settings = pipeline_settings(config.analysis)
+            self.analysis = LiveAnalysis(
+                self._analysis_settings,
+                on_result=self._on_analysis,
+                max_rate_hz=config.analysis.max_rate_hz,
+            )
+        self.imaging = ImagingAnnouncer([] if self.analysis is None else [self.analysis])
+        self._live: deque[tuple[int, LiveUpdate]] = deque(maxlen=LIVE_UPDATES_KEPT)
+        self._live_seq = 0
+        self.analysis_results_after_run_total = 0
+        self._live_lock = threading.Lock()
+        self.ingest = IngestClient(
+            config,
+            on_event=self._on_ingest_event,
+            clock=self.clock,
+            analysis_endpoint=None if self.analysis is None else self.analysis.frame_endpoint,
+            on_recording_failed=self._on_recording_failed,
+        )
+        self.imaging.add_sink(self.ingest)  # every frame's mode etc. in the run file
+        self.runner = ProtocolRunner(DaemonStation(self))
+        self.control = ControlServer.from_config(config.api, self)
+        self.metrics.watch_control(self.control.stats)
+        self._run: ActiveRun | None = None
+        self._run_lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._stopped = False
+        self._status_thread: threading.Thread | None = None
+        self._identities: dict[str, str] = {}
+        self._last_run_id: str | None = None
+        self._last_recording_failure: str | None = None
+        self._data_disk: DataDisk | None = None
+        self._data_disk_checked = -math.inf  # monotonic
+
+    # ----- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._lock_station()
+        try:
+            # First: it makes the bias safe should this process die in a way stop() cannot see.
+            # It keeps the source-meter's lock until it has done so (stationlock.py).
+            self.guardian.start(keep_locked=self._lock_fds("source-meter"))
+            if self.analysis is not None:
+                self.analysis.start()  # spawns and returns: it starts while the ingest does
+            self._make_data_dir()
+            # It keeps the detector's lock until it has left the detector (stationlock.py).
+            self.ingest.start(keep_locked=self._lock_fds("detector"))
+            # After the ingest's own atexit hook, so at an abnormal exit this runs first
+            # (atexit is last-in first-out): the ramp-down is recorded before ingest stops.
+            atexit.register(self.stop)
+            self.guardian.wait_ready()  # it started while the ingest process did
+            self._wait_analysis()
+            self.imaging.start()
+            self.bias.start()
+            identity = self.bias.identity
+            if identity is not None:
+                self._identities["source_meter"] = (
+                    f"{identity.manufacturer} {identity.model} serial {identity.serial}"
+                )
+            self._identities["holder"] = self.holder.connect()
+            self._identities["microscope"] = self.microscope.connect()
+            for name in ("source_meter", "holder", "microscope"):
+                self.metrics.set_instrument_up(name, True)
+            self.metrics.start()
+            self.publisher.start()
+            self.control.start()
+            if self.station_lock is not None:  # as bound: a refused daemon names these
+                endpoints = {**self.endpoints, "detector": self.config.detector.endpoint}
+                self.station_lock.describe(endpoints=endpoints)
+        except BaseException:
+            self.stop()
+            raise
+        self._status_thread = threading.Thread(
+            target=self._publish_status, name="status", daemon=True
+        )
+        self._status_thread.start()
+        log.info("insitu-daq %s daemon up: %s", __version__, self.endpoints)
+
+    def _lock_station(self) -> None:
+        """One daemon per station: before any process, socket or instrument, lock every
+        exclusive resource; StationBusyError (one line naming the running daemon) if another
+        process serves one of them."""
+        try:
+            self.station_lock = StationLock.acquire(
+                daemon_resources(self.config),
+                daemon_owner(
+                    self.config,
+                    self.endpoints,
+                    self.config_path,
+                    guardian_log=self.config.data_dir / GUARDIAN_LOG_FILE_NAME,
+                ),
+                self.config.lock_dir,
+            )
+        except StationLockError:
+            self._stop_analysis()  # nothing started: this removes its private temp folder
+            raise
+
+    def _lock_fds(self, kind: str) -> tuple[int, ...]:
+        fd = None if self.station_lock is None else self.station_lock.fd(kind)
+        return () if fd is None else (fd,)
+
+    def _release_station(self) -> None:
+        if self.station_lock is not None:
+            self.station_lock.release()
+
+    def _make_data_dir(self) -> None:
+        """Create the data folder if it is not there yet (a run is refused while it is not)."""
+        try:
+            self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            folder = self.config.data_dir
+            log.error("data folder %s: %s; runs are refused until it exists", folder, exc.strerror)
+
+    def _wait_analysis(self) -> None:
+        """The archive matters more than the live view: an analysis process that does not
+        come up is an error event and a 0 on insitu_daq_analysis_up, not a daemon that
+        refuses to record."""
+        if self.analysis is None:
+            return
+        try:
+            self.analysis.wait_ready()
+        except AnalysisError as exc:
+            log.error("live analysis unavailable: %s", exc)
+            self.metrics.analysis_up.set(0)
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "control": self.control.endpoint,
+            "events": self.publisher.endpoint,
+            "metrics": self.metrics.url,
+        }
+
+    def stop(self) -> None:
+        """Make the bias safe, close the run, stop everything. Idempotent, never raises."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        # The bias first: whatever else fails below, the output is off.
+        for step in (
+            lambda: self.runner.abort("daemon stopping"),
+            self._stop_bias,
+            self.holder.halt,
+            lambda: self.runner.wait(10.0),
+            self._close_run,
+            self.imaging.stop,
+            self._publish_last_status,
+            self.ingest.shutdown,
+            self._stop_analysis,
+            self.control.stop,
+            self.publisher.stop,
+            self.metrics.stop,
+            self.holder.close,
+            self.microscope.close,
+            self._release_station,  # last: until here this daemon still used the station
+        ):
+            try:
+                step()
+            except Exception:
+                log.exception("while stopping")
+        log.info("daemon stopped")
+
+    def _publish_last_status(self) -> None:
+        """The run is closed and the status thread gone: one last status, so a follower
+        (`insitu-daq run`) sees how the run ended rather than the daemon falling silent."""
+        self.publisher.publish("status", self.status())
+
+    def _stop_analysis(self) -> None:
+        if self.analysis is not None:
+            self.analysis.stop()
+
+    def _stop_bias(self) -> None:
+        """Bias safe; the guardian then stands down, or takes over if that is not confirmed."""
+        try:
+            self.bias.stop()
+        finally:
+            if bias_confirmed_safe(self.bias):
+                self.guardian.stand_down()
+            else:
+                self.guardian.take_over()
+
+    def serve_until_signal(self) -> None:
+        """Block until SIGINT/SIGTERM (main thread only), then stop safely."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: self._stopping.set())
+        try:
+            while not self._stopping.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    # ----- runs ------------------------------------------------------------------------------
+    def start_protocol(self, protocol: Protocol) -> ActiveRun:
+        protocol.validate_against(self.config.limits)
+        with self._run_lock:
+            if self.runner.busy:
+                raise RuntimeError("a protocol is already running")
+            plan = self.recording_plan(protocol)
+            self._data_disk = check_room(
+                self.config.data_dir, plan, self.config.recording.min_free_bytes
+            )
+            log.info("run of %s: %s", protocol.name, plan.describe())
+            run_id = make_run_id(protocol.name)
+            path = self.config.data_dir / f"{run_id}.h5"
+            run_clock = RunClock(
+                self.clock.time_scale,
+                start_ns=time.time_ns(),
+                start_monotonic_ns=time.monotonic_ns(),
+            )
+            offset = self.clock.from_monotonic_ns(run_clock.start_monotonic_ns)
+            run = ActiveRun(run_id, path, run_clock, offset, protocol)
+            metadata = self._metadata(run)
+            self._start_analysis_run()
+            self.ingest.open_run(metadata, path, run_clock)
+            self.imaging.open_run(run_clock.now, self._imaging_at_start(metadata.microscope))
+            self._run = run
+            self._last_run_id = run_id
+            self._last_recording_failure = None
+        try:
+            self.runner.start(protocol, on_done=self._on_protocol_done)
+        except BaseException:
+            self._close_run()
+            raise
+        if run.recording_failure is not None:  # it failed before the runner could be told
+            self.runner.fail(run.recording_failure)
+        return run
+
+    def recording_plan(self, protocol: Protocol, from_step: int = 0) -> RecordingPlan:
+        """What the protocol will write at most (from step `from_step` on, 0-based), at the
+        detector's measured (or planned) rate."""
+        rate = RecordingRate.of_stream(self.ingest.stats().get("stream_rate"), self.config)
+        return RecordingPlan.of(
+            protocol, self.config.limits, rate, self.clock.time_scale, from_step
+        )
+
+    def _metadata(self, run: ActiveRun) -> RunMetadata:
+        limits = self.config.limits
+        return RunMetadata(
+            run_id=run.run_id,
+            title=run.protocol.description or run.protocol.name,
+            start_time_ns=run.clock.start_ns,
+            sample_name=self.config.sample.name,
+            chemical_formula=self.config.sample.chemical_formula,
+            protocol_text=run.protocol.text,
+            protocol_name=run.protocol.name,
+            source_meter={
+                "identity": self._identities.get("source_meter", ""),
+                "resource": self.config.source_meter.resource,
+                "compliance_amperes": limits.compliance_amperes,
+                "max_bias_volts": limits.max_bias_volts,
+                "max_ramp_rate_volts_per_s": limits.max_ramp_rate_volts_per_s,
+                "nplc": self.config.source_meter.nplc,
+            },
+            holder={
+                "identity": self._identities.get("holder", ""),
+                "port": self.config.holder.port,
+            },
+            microscope=self._microscope_metadata(),
+            program_version=__version__,
+            **self._analysis_metadata(),
+        )
+
+    def _analysis_metadata(self) -> dict[str, Any]:
+        settings = self._analysis_settings
+        if settings is None:
+            return {"reflections": (), "analysis_parameters": {"enabled": False}}
+        return {"reflections": settings.table.names, "analysis_parameters": settings.to_record()}
+
+    # ----- live analysis ---------------------------------------------------------------------
+    def _start_analysis_run(self) -> None:
+        """A new run: the analysis forgets the last one (its imaging state comes next)."""
+        with self._live_lock:
+            self._live.clear()
+        if self.analysis is not None:
+            self.analysis.new_run()
+
+    @staticmethod
+    def _imaging_at_start(microscope: dict[str, Any]) -> ImagingState:
+        """The imaging state the run starts in (the run file's microscope metadata, read from
+        the microscope just now); unknown if it could not be read."""
+        try:
+            return ImagingState(
+                start=-math.inf,
+                end=-math.inf,
+                mode=str(microscope["mode"]),
+                pixel_size_m=float(microscope["pixel_size_nm"]) * 1e-9,
+                dose_rate_e_per_a2_s=float(microscope.get("dose_rate_e_per_a2_s", math.nan)),
+            )
+        except (KeyError, TypeError, ValueError):
+            log.warning("imaging state unknown at run start: frames wait for a mode change")
+            return unknown_state(-math.inf, -math.inf)
+
+    def imaging_switched(self, started_s: float, ended_s: float) -> None:
+        """The switch begun (ImagingAnnouncer.begin_switch) at run time `started_s` was done by
+        `ended_s`: announce what the microscope shows now (unknown if it does not say)."""
+        try:
+            state = self.microscope.state()
+            current = ImagingState(
+                start=started_s,
+                end=ended_s,
+                mode=str(getattr(state.mode, "value", state.mode)),
+                pixel_size_m=state.pixel_size_nm * 1e-9,
+                dose_rate_e_per_a2_s=state.dose_rate_e_per_a2_s,
+            )
+        except (StationError, ValueError) as exc:
+            log.warning("imaging state after a switch unknown: %s", exc)
+            current = unknown_state(started_s, ended_s)
+        self.imaging.end_switch(current)
+
+    def _on_analysis(self, result: dict[str, Any]) -> None:
+        """A live result (analysis results thread): keep, measure, publish, record."""
+        values = result.get("values")
+        if not isinstance(values, dict):
+            return
+        frame_time = result.get("time")
+        if isinstance(frame_time, (int, float)) and self._run is not None:
+            self._add_live(float(frame_time), values)
+        self.metrics.observe_analysis(values, result.get("latency_s"))
+        totals = result.get("totals")
+        if isinstance(totals, dict):
+            self.metrics.observe_analysis_stats(totals)
+        record = {key: result[key] for key in RESULT_KEYS if key in result}
+        self.publisher.publish("analysis", record)
+        if self._run is not None:
+            self.ingest.write_analysis(record)
+        else:  # a frame of a run that has closed since: published, not in any file
+            self.analysis_results_after_run_total += 1
+
+    def _microscope_metadata(self) -> dict[str, Any]:
+        """The microscope's state at the run's start (later changes are events)."""
+        metadata: dict[str, Any] = {"identity": self._identities.get("microscope", "")}
+        try:
+            state = self.microscope.state()
+        except StationError as exc:
+            log.warning("microscope state unavailable for the run file: %s", exc)
+            return metadata
+        metadata.update(
+            mode=str(getattr(state.mode, "value", state.mode)),
+            pixel_size_nm=state.pixel_size_nm,
+            beam_on=state.beam_on,
+            dose_rate_e_per_a2_s=state.dose_rate_e_per_a2_s,
+            cumulative_dose_e_per_a2=state.cumulative_dose_e_per_a2,
+        )
+        return metadata
+
+    def _on_protocol_done(self, state: str) -> None:
+        self._close_run()
+
+    def _close_run(self) -> dict[str, Any] | None:
+        if self._run is not None and self.analysis is not None:
+            # The results of the run's last frames are still on their way: let them land.
+            self.analysis.wait_caught_up(time.time_ns())
+        self.imaging.close_run()
+        with self._run_lock:
+            run, self._run = self._run, None
+        if run is None:
+            return None
+        summary = self.ingest.close_run()
+        self.publisher.publish("event", {"kind": "run_closed", "run_id": run.run_id, **summary})
+        return summary
+
+    # ----- records in ------------------------------------------------------------------------
+    def _on_samples(self, batch: np.ndarray) -> None:
+        run = self._run
+        if run is not None:  # readings and commanded level changes: the run file keeps both
+            shifted = batch.copy()
+            shifted["time"] -= run.offset_s
+            self.ingest.write_samples(shifted)
+            if not run.bias_started:
+                self._check_bias_start(run, batch)
+        readings = batch[~level_change_mask(batch)]
+        if not len(readings):
+            return
+        if run is not None:
+            self._integrate_charge(run, readings)
+            connected = self.bias.state.connected
+            self._add_live(
+                float(readings["time"][-1]) - run.offset_s,
+                {
+                    "current_amperes": float(readings["current"][-1]) if connected else None,
+                    "charge_coulombs": run.charge_coulombs,
+                },
+            )
+        self.metrics.observe_samples(readings)
+        last = readings[-1]
+        self.publisher.publish(
+            "bias",
+            {
+                "time": float(last["time"]),
+                "voltage": float(last["voltage"]),
+                "setpoint": float(last["setpoint"]),
+                "current": float(last["current"]),
+                "samples": len(readings),
+            },
+        )
+
+    def _check_bias_start(self, run: ActiveRun, batch: np.ndarray) -> None:
+        """The first sample (commanded level or reading) whose setpoint leaves 0 V ends the
+        analysis's expansion reference."""
+        away = np.flatnonzero(np.abs(batch["setpoint"]) > BIAS_OFF_VOLTS)
+        if not len(away):
+            return
+        run.bias_started = True
+        if self.analysis is not None:
+            self.analysis.bias_started(float(batch["time"][away[0]]) - run.offset_s)
+
+    @staticmethod
+    def _integrate_charge(run: ActiveRun, readings: np.ndarray) -> None:
+        """Charge since the run started: trapezoid over the readings' currents."""
+        times = readings["time"].astype(float)
+        currents = readings["current"].astype(float)
+        if run.last_reading is not None:
+            times = np.concatenate(([run.last_reading[0]], times))
+            currents = np.concatenate(([run.last_reading[1]], currents))
+        if len(times) > 1:
+            dt = np.diff(times)
+            ok = dt > 0
+            run.charge_coulombs += float(np.sum(0.5 * (currents[1:] + currents[:-1])[ok] * dt[ok]))
+        run.last_reading = (float(times[-1]), float(currents[-1]))
+
+    def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self._record(Event(self.clock.now(), kind, message, data))
+
+    def _record(self, event: Event) -> None:
+        """An event on the daemon clock: to the run file (run time), event stream and log."""
+        log.info("event %s: %s", event.kind, event.message)
+        run = self._run
+        if run is not None:
+            self.ingest.write_event(
+                Event(event.time - run.offset_s, event.kind, event.message, event.data)
+            )
+        self.publisher.publish("event", event.to_dict())
+
+    def _on_controller_event(self, event: Event) -> None:
+        self._record(event)
+
+    def _on_ingest_event(self, event: dict[str, Any]) -> None:
+        self.publisher.publish("event", event)
+
+    def _on_recording_failed(self, report: dict[str, Any]) -> None:
+        """The run file stopped taking writes (ingest listener thread: must not block): the run
+        fails, or pauses per [recording] on_failure; either way the bias is made safe."""
+        reason = str(report.get("reason", "the run file stopped taking writes"))
+        with self._run_lock:
+            run = self._run
+            current = run is not None and run.run_id == report.get("run_id")
+            if current:
+                assert run is not None
+                if run.recording_failure is not None:
+                    return
+                run.recording_failure = reason
+            self._last_recording_failure = reason
+        self.metrics.count_recording_failure(str(report.get("kind", "write_error")))
+        log.error("recording failed: %s", reason)
+        self.publisher.publish("event", {**report, "kind": EventKind.RECORDING_FAILED})
+        if not current:
+            return  # the run was closing: its protocol has ended and the bias with it
+        if self.config.recording.on_failure == "pause":
+            self.runner.pause(f"recording failed: {reason}")
+            if self.runner.busy:  # paused (now or by the operator before): bias off all the same
+                threading.Thread(
+                    target=self.bias.make_safe, name="recording-failed-safe", daemon=True
+                ).start()
+        else:
+            self.runner.fail(reason)
+
+    def _on_retry(self, message: str) -> None:
+        self.event(EventKind.INSTRUMENT, message)
+
+    def _on_trip(self, reason: str) -> None:
+        self.metrics.count_trip()
+        self.runner.pause(f"compliance trip: {reason}")
+
+    def _on_lost(self, reason: str) -> None:
+        self.metrics.set_instrument_up("source_meter", False)
+        self.runner.abort(f"source-meter lost: {reason}")
+
+    def _add_live(self, time_s: float, values: dict[str, Any]) -> None:
+        """One live update (run-clock event time) for the runner's conditions."""
+        numbers = {
+            key: float(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else None
+            for key, value in values.items()
+        }
+        with self._live_lock:
+            self._live_seq += 1
+            self._live.append((self._live_seq, LiveUpdate(time_s, numbers)))
+
+    def live_updates(self, names: frozenset[str], after: int) -> tuple[int, list[LiveUpdate]]:
+        """The live updates since cursor `after` that carry any of `names` (Station)."""
+        with self._live_lock:
+            cursor = self._live_seq
+            if after == FROM_NOW:
+                return cursor, []
+            if self._live and self._live[0][0] > after + 1:
+                log.warning("%d live updates were dropped before the runner took them",
+                            self._live[0][0] - after - 1)  # fmt: skip
+            updates = [
+                update for seq, update in self._live
+                if seq > after and not names.isdisjoint(update.values)
+            ]  # fmt: skip
+        return cursor, updates
+
+    # ----- status ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        bias = self.bias.state
+        run = self._run
+        return {
+            "protocol": self.runner.progress.to_dict(),
+            "run_id": run.run_id if run else None,
+            "last_run_id": self._last_run_id,
+            "run_file": str(run.path) if run else None,
+            "recording_failure": run.recording_failure if run else self._last_recording_failure,
+            "data_disk": self._data_disk_status(),
+            "bias": {
+                "setpoint": bias.setpoint,
+                "voltage": bias.voltage,
+                "current": bias.current,
+                "output_on": bias.output_on,
+                "tripped": bias.tripped,
+                "connected": bias.connected,
+            },
+            "ingest": self.ingest.stats(),
+            "guardian": {
+                "alive": self.guardian.alive,
+                "pid": self.guardian.pid,
+                "restarts_total": self.guardian.restarts_total,
+            },
+            "analysis": None
+            if self.analysis is None
+            else {
+                **self.analysis.stats(),
+                "results_after_run_total": self.analysis_results_after_run_total,
+            },
+            "time_scale": self.clock.time_scale,
+        }
+
+    def _data_disk_status(self) -> dict[str, Any]:
+        """The data folder's disk, measured again every DATA_DISK_INTERVAL_S."""
+        now = time.monotonic()
+        if self._data_disk is None or now - self._data_disk_checked >= DATA_DISK_INTERVAL_S:
+            self._data_disk_checked = now
+            self._data_disk = data_disk(self.config.data_dir)
+            rate = RecordingRate.of_stream(self.ingest.stats().get("stream_rate"), self.config)
+            self.metrics.observe_data_disk(
+                self._data_disk.free_bytes,
+                self._data_disk.size_bytes,
+                self._data_disk.writable,
+                rate.bytes_per_s,
+            )
+        disk = self._data_disk
+        return {
+            "path": str(self.config.data_dir),
+            "free_bytes": disk.free_bytes,
+            "size_bytes": disk.size_bytes,
+            "writable": disk.writable,
+            "problem": disk.problem,
+        }
+
+    def _publish_status(self) -> None:
+        while not self._stopping.wait(STATUS_INTERVAL_S):
+            try:
+                status = self.status()
+                self.metrics.observe_ingest_stats(status["ingest"])
+                self.metrics.observe_progress(status["protocol"])
+                self.metrics.observe_guardian(status["guardian"])
+                if status["analysis"] is not None:
+                    self.metrics.observe_analysis_stats(status["analysis"])
+                self.publisher.publish("status", status)
+            except Exception:
+                log.exception("status publisher")
+
+    # ----- control API handler ---------------------------------------------------------------
+    def handle_ping(self) -> dict[str, Any]:
+        return {"version": __version__}
+
+    def handle_status(self) -> dict[str, Any]:
+        return self.status()
+
+    def handle_run(self, protocol_text: str, fmt: str, name: str | None) -> dict[str, Any]:
+        try:
+            protocol = Protocol.parse(protocol_text, fmt, name=name)
+            run = self.start_protocol(protocol)
+        except (ProtocolError, LimitError, StationError) as exc:
+            raise ValueError(str(exc)) from None
+        return {"run_id": run.run_id, "run_file": str(run.path)}
+
+    def handle_pause(self, reason: str | None) -> dict[str, Any]:
+        self.runner.pause(reason or "paused by operator")
+        return {}
+
+    def handle_resume(self) -> dict[str, Any]:
+        run = self._run
+        if (
+            run is not None
+            and run.recording_failure is not None
+            and self.runner.progress.state is RunState.PAUSED
+        ):
+            # No run goes on unrecorded: there must be room for the rest of it, and the file
+            # must take writes again.
+            step = self.runner.progress.step_index or 0
+            plan = self.recording_plan(run.protocol, from_step=step)
+            try:
+                check_room(
+                    self.config.data_dir,
+                    plan,
+                    self.config.recording.min_free_bytes,
+                    what=f"the rest of this run (from step {step + 1})",
+                )
+                self.ingest.retry_recording()
+            except (StationError, IngestError) as exc:
+                raise RuntimeError(f"not resumed: {exc}") from None
+            log.warning("recording again after: %s", run.recording_failure)
+            run.recording_failure = self._last_recording_failure = None
+        self.runner.resume()
+        return {}
+
+    def handle_abort(self, reason: str | None) -> dict[str, Any]:
+        self.runner.abort(reason or "aborted by operator")
+        return {}
+
+    def handle_mark(self, text: str) -> dict[str, Any]:
+        self.event(EventKind.MARK, text)
+        return {}
+
+
+class DaemonStation:
+    """The Station the protocol runner drives, over the daemon's controllers."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self.clock = daemon.clock
+
+    def approach(self, speed_nm_s: float, max_travel_nm: float, stop: threading.Event) -> float:
+        return self._daemon.holder.approach(speed_nm_s, max_travel_nm, stop)
+
+    def retract(self, distance_nm: float, speed_nm_s: float, stop: threading.Event) -> None:
+        self._daemon.holder.retract(distance_nm, speed_nm_s, stop)
+
+    def check_bias(self, volts: float, rate_volts_per_s: float | None) -> None:
+        self._daemon.bias.check(volts, rate_volts_per_s)
+
+    def ramp_bias(
+        self, volts: float, rate_volts_per_s: float | None, stop: threading.Event
+    ) -> None:
+        self._daemon.bias.ramp_to(volts, rate_volts_per_s, stop)
+
+    def bias_setpoint(self) -> float:
+        return self._daemon.bias.state.setpoint
+
+    def make_safe(self) -> None:
+        self._daemon.bias.make_safe()
+
+    def start_recording(self) -> None:
+        self._daemon.ingest.start_recording()
+
+    def stop_recording(self) -> None:
+        self._daemon.ingest.stop_recording()
+
+    def set_microscope(
+        self,
+        mode: str | None = None,
+        beam: bool | None = None,
+        dose_rate_e_per_a2_s: float | None = None,
+        pixel_size_nm: float | None = None,
+    ) -> None:
+        if mode is None and pixel_size_nm is None and dose_rate_e_per_a2_s is None:
+            self._daemon.microscope.apply(mode, beam, dose_rate_e_per_a2_s, pixel_size_nm)
+            return
+        # What frames show changes: frames from here on wait until the new state is announced.
+        imaging = self._daemon.imaging
+        started = imaging.begin_switch()
+        try:
+            self._daemon.microscope.apply(mode, beam, dose_rate_e_per_a2_s, pixel_size_nm)
+        finally:
+            ended = imaging.now()
+            if started is not None and ended is not None:
+                self._daemon.imaging_switched(started, ended)
+
+    def live_updates(self, names: frozenset[str], after: int) -> tuple[int, list[LiveUpdate]]:
+        return self._daemon.live_updates(names, after)
+
+    def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self._daemon.event(kind, message, data)
