@@ -24,14 +24,9 @@ from insitu_daq.app.cli import main
 from insitu_daq.control.protocol import Acquire, Bias, Hold, Interleave, Microscope, Protocol
 from insitu_daq.control.runner import ProtocolRunner, RunState
 from insitu_daq.core.records import EventKind
+from insitu_daq.report.analysis import format_analysis, read_analysis
+from insitu_daq.report.events import hold_span, imaging_modes, read_events
 from insitu_daq.report.figure import DPI, FIGURE_SIZE_IN, KEY_IMAGE_SPAN_S, draw_report_figure
-from insitu_daq.report.summary import (
-    format_analysis,
-    hold_span,
-    imaging_modes,
-    read_analysis,
-    read_events,
-)
 from insitu_daq.runfile.writer import FrameGeometry, RunMetadata, RunWriter
 
 SHAPE = (64, 64)

@@ -15,13 +15,8 @@ import numpy as np
 import pytest
 from test_report_figure import write_run
 
-from insitu_daq.report.summary import (
-    AnalysisRecord,
-    HoldSpan,
-    hold_span,
-    read_analysis,
-    read_events,
-)
+from insitu_daq.report.analysis import AnalysisRecord, read_analysis
+from insitu_daq.report.events import HoldSpan, hold_span, read_events
 from insitu_daq.verify.truth import TruthSample, format_comparison
 
 
@@ -102,7 +97,7 @@ def test_missing_analysis_says_not_measured_and_still_gives_the_truth(tmp_path: 
 
 # ----- accuracy.py: the issue-4 figures from an analysis record and truth samples -----------
 def reflection(name: str, d_angstrom: float, times: np.ndarray, d_m: np.ndarray):
-    from insitu_daq.report.summary import ReflectionSeries
+    from insitu_daq.report.analysis import ReflectionSeries
 
     return ReflectionSeries(name, name, d_angstrom, None, times, d_m, np.ones(len(times)))
 
@@ -114,7 +109,7 @@ def synthetic_run(
     20 s; the expansion ramps 0 -> 0.3 over 20-60 s. The "measured" side sees (200) from
     `onset_s` (in the phase map's rock-salt presence; the whole-field (200) ring 3 s later),
     (003) at `d_003_m`, the speed x `speed_scale`, the expansion + `expansion_bias`."""
-    from insitu_daq.report.summary import Series
+    from insitu_daq.report.analysis import Series
 
     truth = []
     for t in np.arange(0.0, 100.0, 0.5):
@@ -210,7 +205,7 @@ def test_front_speed_truth_is_the_mean_over_the_fit_window() -> None:
 def control_run(
     rock_salt_at: float | None,
 ) -> tuple[AnalysisRecord, list[TruthSample]]:
-    from insitu_daq.report.summary import Series
+    from insitu_daq.report.analysis import Series
 
     truth = [
         TruthSample(float(t), {"bias_volts": 0.0, "expansion": 0.0, "field_d_spacings": []})

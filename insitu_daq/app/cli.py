@@ -254,7 +254,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     import h5py
 
-    from insitu_daq.report.summary import format_analysis, format_summary, read_analysis, summarize
+    from insitu_daq.report.analysis import format_analysis, read_analysis
+    from insitu_daq.report.summary import format_summary, summarize
 
     print(format_summary(summarize(args.run_file), events=args.events), flush=True)
     with h5py.File(args.run_file, "r", libver="latest", swmr=True) as f:

@@ -45,13 +45,9 @@ from insitu_daq.app.children import (
     wait_for_output,
 )
 from insitu_daq.app.module_command import module_command
-from insitu_daq.report.summary import (
-    format_summary,
-    hold_span,
-    read_analysis,
-    read_events,
-    summarize,
-)
+from insitu_daq.report.analysis import read_analysis
+from insitu_daq.report.events import hold_span, read_events
+from insitu_daq.report.summary import format_summary, summarize
 from insitu_daq.verify.accuracy import accuracy_verdicts, format_verdicts
 from insitu_daq.verify.truth import TruthSample, format_comparison, save_truth, truth_path
 

@@ -26,17 +26,9 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from insitu_daq.report.summary import (
-    AnalysisRecord,
-    HoldSpan,
-    Series,
-    hold_span,
-    imaging_modes,
-    mode_at,
-    read_analysis,
-    read_column,
-    read_events,
-)
+from insitu_daq.report.analysis import AnalysisRecord, Series, read_analysis
+from insitu_daq.report.events import HoldSpan, hold_span, imaging_modes, mode_at, read_events
+from insitu_daq.runfile.h5util import read_column
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

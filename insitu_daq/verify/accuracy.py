@@ -40,7 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from insitu_daq.report.summary import AnalysisRecord, HoldSpan, ReflectionSeries, Series
+from insitu_daq.report.analysis import AnalysisRecord, ReflectionSeries, Series
+from insitu_daq.report.events import HoldSpan
 from insitu_daq.verify.truth import TruthSample
 
 D_TOLERANCE = 0.01  # relative

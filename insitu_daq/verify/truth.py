@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from insitu_daq.report.summary import AnalysisRecord, HoldSpan, ReflectionSeries, Series
+from insitu_daq.report.analysis import AnalysisRecord, ReflectionSeries, Series
+from insitu_daq.report.events import HoldSpan
 
 # Measured values near a compared time: the median over this many run seconds before it.
 WINDOW_S = 4.0
