@@ -14,6 +14,15 @@ from typing import Any
 import h5py
 import numpy as np
 
+from insitu_daq.analysis.quantities import (
+    D_SPACING,
+    INTENSITY,
+    PHASE_FRACTION,
+    PHASE_PRESENCE,
+    Quantity,
+    registered,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -78,17 +87,28 @@ class ReflectionSeries:
 
 @dataclass(frozen=True)
 class AnalysisRecord:
-    """What live analysis wrote into a run file; absent or empty logs are None / empty."""
+    """What live analysis wrote into a run file; absent or empty logs are left out."""
 
     present: bool  # /entry/analysis exists
     results: int  # analysed frames
     reflections: dict[str, ReflectionSeries]
-    phase_fractions: dict[str, Series]  # phase -> fraction over the particle (HRTEM)
-    front_position_nm: Series | None
-    front_velocity_nm_s: Series | None
-    expansion: Series | None
+    # Every other declared quantity's log by its result key (analysis/quantities.py), a
+    # family's members each under their own key ("rock_salt_fraction").
+    series: dict[str, Series]
     parameters: dict[str, Any] = field(default_factory=dict)
-    phase_presence: dict[str, Series] = field(default_factory=dict)  # phase -> share seen
+
+    def members(self, quantity: Quantity) -> dict[str, Series]:
+        """A family's logs by member, e.g. phase -> fraction over the particle (HRTEM)."""
+        found = ((quantity.member_of(key), series) for key, series in self.series.items())
+        return {member: series for member, series in found if member}
+
+    @property
+    def phase_fractions(self) -> dict[str, Series]:
+        return self.members(PHASE_FRACTION)
+
+    @property
+    def phase_presence(self) -> dict[str, Series]:  # phase -> share of the tiles it is seen in
+        return self.members(PHASE_PRESENCE)
 
 
 def _series(group: h5py.Group | None, column: str = "value") -> Series | None:
@@ -126,13 +146,16 @@ def read_analysis(entry: h5py.Group) -> AnalysisRecord:
         if isinstance(record, dict) and "name" in record:
             table[str(record["name"])] = record
     reflections: dict[str, ReflectionSeries] = {}
-    d_spacing = _child(process, "d_spacing")
+    d_spacing = _child(process, D_SPACING.group)
     for name in d_spacing or ():
         group = d_spacing[name]
-        if not {"time", "value"} <= set(group):
+        if not {"time", D_SPACING.column} <= set(group):
             continue
-        time, d_m = group["time"][:], group["value"][:]
-        intensity = group["intensity"][:] if "intensity" in group else np.full(len(d_m), np.nan)
+        time, d_m = group["time"][:], group[D_SPACING.column][:]
+        if INTENSITY.column in group:
+            intensity = group[INTENSITY.column][:]
+        else:
+            intensity = np.full(len(d_m), np.nan)
         n = min(len(time), len(d_m), len(intensity))
         entry_of_table = table.get(name, {})
         d_ref = entry_of_table.get("d_angstrom")
@@ -145,25 +168,25 @@ def read_analysis(entry: h5py.Group) -> AnalysisRecord:
             d_m=d_m[:n].astype(float),
             intensity=intensity[:n].astype(float),
         )
-    fractions_group = _child(process, "phase_fraction")
-    fractions, presence = {}, {}
-    for phase in fractions_group or ():
-        series = _series(fractions_group[phase])
-        if series is not None:
-            fractions[phase] = series
-        seen = _series(fractions_group[phase], "presence")
-        if seen is not None:
-            presence[phase] = seen
+    series: dict[str, Series] = {}
+    for quantity in registered():
+        if quantity.per == "reflection":  # read above, with the table's labels
+            continue
+        group = _child(process, quantity.group)
+        if quantity.per:  # an NXcollection of one NXlog per member
+            logs = [(member, _child(group, member)) for member in group or ()]
+        else:
+            logs = [("", group)]
+        for member, log_group in logs:
+            found = _series(log_group, quantity.column)
+            if found is not None:
+                series[quantity.key_for(member)] = found
     results = _child(_child(process, "results"), "time")
     return AnalysisRecord(
         present=process is not None,
         results=len(results) if results is not None else 0,
         reflections=reflections,
-        phase_fractions=fractions,
-        phase_presence=presence,
-        front_position_nm=_series(_child(process, "front_position")),
-        front_velocity_nm_s=_series(_child(process, "front_velocity")),
-        expansion=_series(_child(process, "expansion")),
+        series=series,
         parameters=parameters if isinstance(parameters, dict) else {},
     )
 
@@ -191,17 +214,24 @@ def format_analysis(analysis: AnalysisRecord) -> str:
             f"  {reflection.title:<32} d {d:.3f} A, detected in {detected.mean():.0%} of results"
             f" (at the start {'yes' if first else 'no'}, at the end {'yes' if last else 'no'})"
         )
-    quantities = [
-        *((f"{phase.replace('_', ' ')} fraction", series, 1.0, "")
-          for phase, series in analysis.phase_fractions.items()),
-        ("front position", analysis.front_position_nm, 1.0, " nm"),
-        ("front speed", analysis.front_velocity_nm_s, 1.0, " nm/s"),
-        ("expansion", analysis.expansion, 100.0, " %"),
-    ]  # fmt: skip
-    for name, series, scale, unit in quantities:
-        if series is None or not series.measured:
-            lines.append(f"  {name:<32} not measured")
+    for quantity in registered():
+        text = quantity.text
+        if text is None:
             continue
-        first, last = series.first(), series.last()
-        lines.append(f"  {name:<32} first {first * scale:.3g}{unit}, last {last * scale:.3g}{unit}")
+        if quantity.per:  # a line per member measured, e.g. "rock salt fraction"
+            lines_of = [
+                (text.label.format(member.replace("_", " ")), series)
+                for member, series in analysis.members(quantity).items()
+            ]
+        else:
+            lines_of = [(text.label, analysis.series.get(quantity.key))]
+        for name, series in lines_of:
+            if series is None or not series.measured:
+                lines.append(f"  {name:<32} not measured")
+                continue
+            first, last = series.first(), series.last()
+            scale, unit = text.scale, text.unit
+            lines.append(
+                f"  {name:<32} first {first * scale:.3g}{unit}, last {last * scale:.3g}{unit}"
+            )
     return "\n".join(lines)
