@@ -22,6 +22,7 @@ from insitu_daq.analysis.quantities import (
     Quantity,
     registered,
 )
+from insitu_daq.runfile import layout
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def _child(group: h5py.Group | None, name: str) -> Any:
 
 def read_analysis(entry: h5py.Group) -> AnalysisRecord:
     """The /entry/analysis logs of an open run file (missing pieces become None / empty)."""
-    process = _child(entry, "analysis")
+    process = _child(entry, layout.ANALYSIS)
     parameters: dict[str, Any] = {}
     note = _child(_child(process, "parameters"), "data")
     if note is not None:

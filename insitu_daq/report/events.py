@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import h5py
 
 from insitu_daq.runfile.h5util import read_column
+from insitu_daq.runfile.layout import EVENTS
 
 # The runner's microscope events: "microscope: mode hrtem -> lm, dose rate 2 e/A^2/s (interleave)"
 # or "microscope: mode lm, beam on, ... (step)"; a setting without a mode changes no mode.
@@ -83,8 +84,8 @@ def hold_span(events: list[tuple[float, str, str]]) -> HoldSpan | None:
 
 
 def read_events(entry: h5py.Group) -> list[tuple[float, str, str]]:
-    times = read_column(entry, "events/time")
-    kinds = [k.decode() for k in read_column(entry, "events/kind", "S1")]
-    messages = [m.decode() for m in read_column(entry, "events/message", "S1")]
+    times = read_column(entry, EVENTS.time)
+    kinds = [k.decode() for k in read_column(entry, EVENTS.column("kind"), "S1")]
+    messages = [m.decode() for m in read_column(entry, EVENTS.column("message"), "S1")]
     n = min(len(times), len(kinds), len(messages))
     return list(zip(times[:n].tolist(), kinds[:n], messages[:n], strict=True))

@@ -30,6 +30,7 @@ import numpy as np
 from insitu_daq.analysis.quantities import Quantity, registered
 from insitu_daq.report.analysis import AnalysisRecord, Series, read_analysis
 from insitu_daq.report.events import HoldSpan, hold_span, imaging_modes, mode_at, read_events
+from insitu_daq.runfile import layout
 from insitu_daq.runfile.h5util import read_column
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ def key_frames(
     f: h5py.File, hold: HoldSpan | None, changes: list[tuple[float, str]]
 ) -> list[KeyFrame]:
     """Up to three HRTEM frames (any frames if no HRTEM frame is known) at the hold's key times."""
-    detector = f["entry/instrument/detector"]
+    detector = f[layout.DETECTOR]
     frame_time = detector["frame_time"][:]
     n = min(len(frame_time), detector["data"].shape[0])
     if n == 0:
@@ -225,18 +226,18 @@ def draw_report_figure(run_file: str | Path, out: str | Path) -> DrawnFigure:
 
     run_file, out = Path(run_file), Path(out)
     with h5py.File(run_file, "r", libver="latest", swmr=True) as f:
-        entry = f["entry"]
+        entry = f[layout.ENTRY]
         events = read_events(entry)
-        initial = _text(entry.get("instrument/microscope/mode")) or None
+        initial = _text(f.get(layout.MICROSCOPE_MODE)) or None
         changes = imaging_modes(events, initial)
         hold = hold_span(events)
         analysis = read_analysis(entry)
-        t = read_column(entry, "sample/bias_voltage/time")  # (absent: no reading in the run)
-        volts = read_column(entry, "sample/bias_voltage/value")[: len(t)]
-        amps = read_column(entry, "sample/current/value")[: len(t)]
-        frame_time = entry["instrument/detector/frame_time"][:]
+        t = read_column(f, layout.BIAS_VOLTAGE.time)  # (absent: no reading in the run)
+        volts = read_column(f, layout.BIAS_VOLTAGE.column("value"))[: len(t)]
+        amps = read_column(f, layout.CURRENT.column("value"))[: len(t)]
+        frame_time = f[layout.DETECTOR]["frame_time"][:]
         frames = key_frames(f, hold, changes)
-        title = f"{_text(entry.get('run_id'))}  ({_text(entry.get('title'))})"
+        title = f"{_text(f.get(layout.RUN_ID))}  ({_text(f.get(layout.TITLE))})"
     if len(title) > TITLE_LENGTH:
         title = title[: TITLE_LENGTH - 4] + "...)"
 

@@ -7,7 +7,6 @@ events' story (modes, the hold) by report/events.py; the figure is drawn by figu
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import h5py
 import numpy as np
 
 from insitu_daq.report.events import read_events
+from insitu_daq.runfile import layout
 from insitu_daq.runfile.h5util import read_column
 
 
@@ -102,12 +102,11 @@ def _holds(time: np.ndarray, volts: np.ndarray, setpoint: np.ndarray, amps: np.n
 def summarize(path: str | Path) -> RunSummary:
     path = Path(path)
     with h5py.File(path, "r", libver="latest", swmr=True) as f:
-        entry = f["entry"]
-        detector = entry["instrument/detector"]
+        detector = f[layout.DETECTOR]
         frame_time = detector["frame_time"][:]
         image_id = detector["image_id"][:]
         series_id = detector["series_id"][:]
-        others = _other_geometries(entry["instrument"])
+        others = _other_geometries(f)
         modes = Counter(
             m.decode() or "undecided" for m in read_column(detector, "imaging_mode", "S1")
         )
@@ -121,18 +120,18 @@ def summarize(path: str | Path) -> RunSummary:
         for series in np.unique(series_id):
             ids = np.sort(image_id[series_id == series])
             missing += int(ids[-1] - ids[0] + 1 - len(np.unique(ids))) if len(ids) else 0
-        t = read_column(entry, "sample/bias_voltage/time")
-        volts = read_column(entry, "sample/bias_voltage/value")
-        setpoint = read_column(entry, "sample/bias_voltage/setpoint")
-        amps = read_column(entry, "sample/current/value")
-        events = read_events(entry)
+        t = read_column(f, layout.BIAS_VOLTAGE.time)
+        volts = read_column(f, layout.BIAS_VOLTAGE.column("value"))
+        setpoint = read_column(f, layout.BIAS_VOLTAGE.column("setpoint"))
+        amps = read_column(f, layout.CURRENT.column("value"))
+        events = read_events(f[layout.ENTRY])
         return RunSummary(
             path=path,
-            run_id=_text(entry["run_id"]),
-            title=_text(entry["title"]),
-            start_time=_text(entry["start_time"]),
-            end_time=_text(entry["end_time"]),
-            protocol_name=_text(entry["protocol/file_name"]),
+            run_id=_text(f[layout.RUN_ID]),
+            title=_text(f[layout.TITLE]),
+            start_time=_text(f[layout.START_TIME]),
+            end_time=_text(f[layout.END_TIME]),
+            protocol_name=_text(f[layout.PROTOCOL_FILE_NAME]),
             # frame_time, not data: per-frame columns trail the pixel data until a flush.
             frames=len(frame_time),
             frame_shape=tuple(detector["data"].shape[1:]),
@@ -154,10 +153,11 @@ def summarize(path: str | Path) -> RunSummary:
         )
 
 
-def _other_geometries(instrument: h5py.Group) -> list[h5py.Group]:
+def _other_geometries(file: h5py.File) -> list[h5py.Group]:
     """The NXdetector groups of frame geometries after the first (detector_1, detector_2...)."""
-    names = [name for name in instrument if re.fullmatch(r"detector_\d+", name)]
-    return [instrument[name] for name in sorted(names, key=lambda n: int(n.split("_")[1]))]
+    instrument = file[layout.INSTRUMENT]
+    stacks = {layout.stack_of(name): name for name in instrument}
+    return [instrument[stacks[k]] for k in sorted(k for k in stacks if k)]
 
 
 def format_summary(summary: RunSummary, events: int = 12) -> str:

@@ -40,6 +40,7 @@ import numpy as np
 
 from insitu_daq import __version__
 from insitu_daq.analysis.quantities import Quantity, members, registered
+from insitu_daq.runfile.layout import ANALYSIS
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class AnalysisLog:
         self.reflections = tuple(reflections)
         self.results_appended = 0
         self.malformed_total = 0  # results refused (no usable time), logged
-        process = _group(entry, "analysis", "NXprocess")
+        process = _group(entry, ANALYSIS, "NXprocess")
         process.create_dataset("program", data=PROGRAM)
         process.create_dataset("version", data=__version__)
         note = _group(process, "parameters", "NXnote")
