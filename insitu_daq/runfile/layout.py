@@ -83,6 +83,12 @@ class Log:
     def time(self) -> str:
         return f"{self.path}/time"
 
+    def row_fields(self) -> list[tuple[str, str]]:
+        """The fields of one row as a generic series sends it: time (and time_errors), then
+        the columns (a numpy structured dtype's description)."""
+        times = [("time", "<f8"), *([("time_errors", "<f8")] if self.time_errors else [])]
+        return [*times, *((column.name, column.dtype) for column in self.columns)]
+
     def column(self, name: str) -> str:
         """A column's path (`time` and `time_errors` included)."""
         if name not in ("time", "time_errors") and name not in (c.name for c in self.columns):

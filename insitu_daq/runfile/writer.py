@@ -63,15 +63,19 @@ from insitu_daq.runfile.layout import (
     END_TIME,
     ENTRY,
     EVENTS,
-    HOLDER_POSITION,
+    HOLDER,
     INSTRUMENT,
     KIND_LENGTH,
     LOGS,
     MESSAGE_LENGTH,
+    MICROSCOPE,
     OUTPUT_LEVEL,
     PROTOCOL,
     PROTOCOL_FILE_NAME,
     RUN_ID,
+    SAMPLE,
+    SERIES,
+    SOURCE_METER,
     START_TIME,
     TITLE,
     Log,
@@ -175,7 +179,7 @@ class RunWriter:
         self.samples_written = 0
         self.level_changes_written = 0
         self.events_written = 0
-        self.holder_positions_written = 0
+        self.series_written = dict.fromkeys(SERIES, 0)  # rows of each generic series
         self.analysis_results_not_kept = 0  # write_analysis with no analysis log to keep them
         self.layout_changes = 0  # times the file left SWMR to make datasets (_change_layout)
         self.finished: FinishResult | None = None  # what close() did to finish the file
@@ -202,21 +206,21 @@ class RunWriter:
         _scalar(entry, "program_name", "insitu-daq")
         entry["program_name"].attrs["version"] = meta.program_version
 
-        instrument = _group(f, INSTRUMENT, "NXinstrument")
+        _group(f, INSTRUMENT, "NXinstrument")
         self._add_stack(geometry)
 
-        source_meter = _group(instrument, "source_meter", "NXsensor")
+        source_meter = _group(f, SOURCE_METER, "NXsensor")
         _scalar(source_meter, "measurement", "current")
         for key, value in meta.source_meter.items():
             _scalar(source_meter, key, value, units_of(key))
-        holder = _group(instrument, "holder", "NXpositioner")
+        holder = _group(f, HOLDER, "NXpositioner")
         for key, value in meta.holder.items():
             _scalar(holder, key, value, units_of(key))
-        microscope = _group(instrument, "microscope", "NXcollection")
+        microscope = _group(f, MICROSCOPE, "NXcollection")
         for key, value in meta.microscope.items():
             _scalar(microscope, key, value, units_of(key))
 
-        sample = _group(entry, "sample", "NXsample")
+        sample = _group(f, SAMPLE, "NXsample")
         _scalar(sample, "name", meta.sample_name)
         _scalar(sample, "chemical_formula", meta.chemical_formula)
         # The growing logs (layout.LOGS): their datasets by path, for the write_* below.
@@ -463,10 +467,13 @@ class RunWriter:
         self._frame_bias_estimator.add_readings(times, volts, amps)
         self.samples_written += len(times)
 
-    def write_holder_position(self, time: float, position_nm: float) -> None:
-        index = self.holder_positions_written
-        self._append(HOLDER_POSITION, index, time=np.array([time]), value=np.array([position_nm]))
-        self.holder_positions_written += 1
+    def write_series(self, name: str, rows: np.ndarray) -> None:
+        """Rows of a generic time series (layout.SERIES[name]): a structured array with a field
+        per column of its log (`Log.row_fields`)."""
+        declared = SERIES[name]
+        fields = {field: rows[field] for field in rows.dtype.names or ()}
+        self._append(declared, self.series_written[name], **fields)
+        self.series_written[name] += len(rows)
 
     def write_analysis(self, result: dict[str, Any]) -> None:
         """A live-analysis result (from the analysis process, through the ingest), kept by
