@@ -61,7 +61,8 @@ import zmq
 from bench_ingest import check_file, chunk_payload, cpu_seconds, drop_file
 from simproc import SHAPE, StationProcess, render_frames
 
-from insitu_daq.analysis.keys import PHASE_KEYS
+from insitu_daq.analysis.quantities import PHASE_FRACTION, RESULT_KEYS
+from insitu_daq.analysis.reflections import PHASES
 from insitu_daq.core.config import AnalysisConfig, DetectorConfig, StationConfig
 from insitu_daq.core.imaging import ImagingState
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
@@ -69,7 +70,7 @@ from insitu_daq.ingest import IngestClient
 from insitu_daq.ingest.tap import AnalysisTap
 from insitu_daq.live.client import LiveAnalysis
 from insitu_daq.runfile.writer import FrameGeometry, RunMetadata
-from insitu_daq.service.daemon import RESULT_KEYS, pipeline_settings
+from insitu_daq.service.daemon import pipeline_settings
 from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.camera import DEFAULT_CHANNEL, SimulatedCamera
 from insitu_daq.sim.optics import DEFAULT_MODES, ImagingMode
@@ -79,7 +80,7 @@ ANALYSIS_DEFAULTS = AnalysisConfig()
 
 WARMUP_S = 2.0  # results of frames that arrived this soon after the camera started: left out
 POLL_S = 0.02
-PHASE_KEY = next(iter(PHASE_KEYS.values()))  # present in a result only when it has a phase map
+PHASE_KEY = PHASE_FRACTION.key_for(PHASES[0])  # present in a result only when it has a phase map
 
 
 def pixel_size_m(mode: str) -> float:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from sim_frames import cell, hrtem_optics
 
-from insitu_daq.analysis.keys import value_keys
 from insitu_daq.analysis.pipeline import FrameAnalyzer, PipelineSettings
+from insitu_daq.analysis.quantities import value_keys
 from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS
 from insitu_daq.sim.model import NanobatteryModel
 from insitu_daq.sim.optics import Optics

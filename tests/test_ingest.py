@@ -154,7 +154,10 @@ def test_every_frame_sent_is_in_the_file_in_order_on_one_clock_with_its_bias(
     ingest.write_samples(_sample(clock))
     samples_sent += 1
     ingest.write_event(Event(clock.now(), EventKind.MARK, "hello from the daemon"))
-    ingest.write_holder_position(clock.now(), 1234.5)
+    positions_before = ingest.sync()["holder_positions_written_total"]
+    ingest.write_series("holder_position", [(clock.now(), 1234.5)])
+    with pytest.raises(ValueError, match="unknown time series 'temperature'; known: holder_pos"):
+        ingest.write_series("temperature", [(clock.now(), 300.0)])  # no log declares it
     ingest.sync()
     ingest.stop_recording()
     summary = ingest.close_run()
@@ -190,7 +193,9 @@ def test_every_frame_sent_is_in_the_file_in_order_on_one_clock_with_its_bias(
         data = f[f"{DETECTOR}/data"]
         assert data.shape == (60, *SHAPE)
         assert data[59].max() > 0  # stored bslz4 chunks decompress through the filter
-    histogram = ingest.sync()["hdf5_write_seconds"]  # one observation per write into HDF5
+    stats = ingest.sync()
+    assert stats["holder_positions_written_total"] == positions_before + 1
+    histogram = stats["hdf5_write_seconds"]  # one observation per write into HDF5
     assert histogram["count"] >= 60 + samples_sent + 2  # frames, sample batches, event, holder
     assert histogram["sum"] > 0
     assert histogram["cumulative_counts"] == sorted(histogram["cumulative_counts"])

@@ -16,7 +16,7 @@ import hdf5plugin  # noqa: F401 - registers the bslz4 filter the frames are stor
 import numpy as np
 from test_daemon_e2e import LiveStation
 
-from insitu_daq.report.summary import hold_span, imaging_modes, read_events
+from insitu_daq.report.events import hold_span, imaging_modes, read_events
 from insitu_daq.sim.optics import ImagingMode
 
 TIME_SCALE = 10.0

@@ -14,8 +14,9 @@ from prometheus_client.samples import Sample
 
 from insitu_daq.control.runner import RunState
 from insitu_daq.core.records import bias_samples
+from insitu_daq.ingest.wire import DROP_REASONS, HDF5_WRITE_BUCKETS_S
 from insitu_daq.service.api import ControlClient, ControlError, ControlServer
-from insitu_daq.service.metrics import DROP_REASONS, HDF5_WRITE_BUCKETS, DaemonMetrics
+from insitu_daq.service.metrics import DaemonMetrics
 
 # DESIGN.md and the issue name these; other programs (dashboards, alerts) rely on them.
 CONTRACT_METRICS = {
@@ -132,9 +133,9 @@ def test_bias_samples_show_the_newest_values_and_count_all(metrics: DaemonMetric
 
 def write_histogram(*durations: float) -> dict:
     """The ingest process's `hdf5_write_seconds` stats entry for these write durations."""
-    cumulative = [sum(d <= bound for d in durations) for bound in HDF5_WRITE_BUCKETS]
+    cumulative = [sum(d <= bound for d in durations) for bound in HDF5_WRITE_BUCKETS_S]
     return {
-        "le": list(HDF5_WRITE_BUCKETS),
+        "le": list(HDF5_WRITE_BUCKETS_S),
         "cumulative_counts": cumulative,
         "sum": sum(durations),
         "count": len(durations),
@@ -253,17 +254,22 @@ def test_write_latency_histogram_mirrors_the_ingest_process(metrics: DaemonMetri
     assert value(samples, family, family + "_bucket", le="1.0") == 4
     assert value(samples, family, family + "_bucket", le="+Inf") == 5
     buckets = [s.value for s in samples[family] if s.name.endswith("_bucket")]
-    assert buckets == sorted(buckets) and len(buckets) == len(HDF5_WRITE_BUCKETS) + 1
+    assert buckets == sorted(buckets) and len(buckets) == len(HDF5_WRITE_BUCKETS_S) + 1
     # A new ingest process: its first snapshot is all new.
     metrics.observe_ingest_stats({"pid": 2, "hdf5_write_seconds": write_histogram(0.002)})
     assert value(scrape(metrics), family, family + "_count") == 6
 
 
-def test_metrics_follow_the_ingest_process_names() -> None:
-    from insitu_daq import ingest
-
-    assert set(ingest.DROP_REASONS) <= set(DROP_REASONS)
-    assert tuple(ingest.HDF5_WRITE_BUCKETS_S) == HDF5_WRITE_BUCKETS
+def test_every_ingest_drop_reason_and_write_bucket_is_exposed_from_the_start(
+    metrics: DaemonMetrics,
+) -> None:
+    """The ingest wire's names, exposed before any frame: rate() sees the first increase."""
+    samples = scrape(metrics)
+    dropped = {s.labels["reason"]: s.value for s in samples["insitu_daq_frames_dropped"]}
+    assert dropped == dict.fromkeys(DROP_REASONS, 0.0)
+    family = "insitu_daq_hdf5_write_seconds"
+    bounds = [s.labels["le"] for s in samples[family] if s.name.endswith("_bucket")]
+    assert [float(b) for b in bounds[:-1]] == list(HDF5_WRITE_BUCKETS_S) and bounds[-1] == "+Inf"
 
 
 def test_protocol_state_is_one_hot(metrics: DaemonMetrics) -> None:

@@ -19,19 +19,14 @@ import numpy as np
 import pytest
 from test_runner import RecordingStation
 
-from insitu_daq.analysis.keys import d_spacing_key, intensity_key
+from insitu_daq.analysis.quantities import D_SPACING, INTENSITY
 from insitu_daq.app.cli import main
 from insitu_daq.control.protocol import Acquire, Bias, Hold, Interleave, Microscope, Protocol
 from insitu_daq.control.runner import ProtocolRunner, RunState
 from insitu_daq.core.records import EventKind
+from insitu_daq.report.analysis import format_analysis, read_analysis
+from insitu_daq.report.events import hold_span, imaging_modes, read_events
 from insitu_daq.report.figure import DPI, FIGURE_SIZE_IN, KEY_IMAGE_SPAN_S, draw_report_figure
-from insitu_daq.report.summary import (
-    format_analysis,
-    hold_span,
-    imaging_modes,
-    read_analysis,
-    read_events,
-)
 from insitu_daq.runfile.writer import FrameGeometry, RunMetadata, RunWriter
 
 SHAPE = (64, 64)
@@ -118,10 +113,10 @@ def result_at(t: float, mode: str, image_id: int, start: float, stop: float) -> 
     progress = (t - start) / (stop - start)
     if mode == "hrtem":
         values: dict[str, Any] = {
-            d_spacing_key("lno_003"): 4.8e-10 if progress < 0.7 else None,
-            intensity_key("lno_003"): 10.0 * (1 - progress),
-            d_spacing_key("nio_200"): 2.1e-10 if progress > 0.3 else None,
-            intensity_key("nio_200"): 10.0 * progress,
+            D_SPACING.key_for("lno_003"): 4.8e-10 if progress < 0.7 else None,
+            INTENSITY.key_for("lno_003"): 10.0 * (1 - progress),
+            D_SPACING.key_for("nio_200"): 2.1e-10 if progress > 0.3 else None,
+            INTENSITY.key_for("nio_200"): 10.0 * progress,
             "layered_fraction": 1 - progress,
             "disordered_fraction": 0.0,
             "rock_salt_fraction": progress,
@@ -187,10 +182,9 @@ def test_the_reader_sees_the_hold_s_end_the_bursts_and_the_analysis(tmp_path: Pa
     assert analysis.reflections["nio_200"].d_angstrom == 2.1
     lno = analysis.reflections["lno_003"]
     assert lno.detected[0] and not lno.detected[-1]  # present at the start, gone at the end
-    assert analysis.expansion is not None
-    assert analysis.expansion.last() > analysis.expansion.first()  # from the LM bursts
-    assert analysis.front_velocity_nm_s is not None
-    assert analysis.front_velocity_nm_s.last() == pytest.approx(4.5)
+    expansion = analysis.series["expansion"]
+    assert expansion.last() > expansion.first()  # from the LM bursts
+    assert analysis.series["front_velocity_nm_s"].last() == pytest.approx(4.5)
 
 
 def test_a_run_without_analysis_still_gives_a_figure_saying_not_measured(tmp_path: Path) -> None:

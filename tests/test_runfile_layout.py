@@ -23,6 +23,7 @@ import pytest
 from insitu_daq.core.config import DetectorConfig
 from insitu_daq.drivers.stream2 import ImageMessage, decode_message
 from insitu_daq.ingest.frames import chunks_for_file, default_geometry, geometry_of_image
+from insitu_daq.ingest.wire import series_dtype
 from insitu_daq.report.summary import format_summary, summarize
 from insitu_daq.runfile.writer import FrameGeometry, GeometryRefusedError, RunMetadata, RunWriter
 
@@ -219,7 +220,9 @@ def test_records_after_a_layout_change_land_in_the_reopened_file(
     writer.write_event(0.1, "mark", "before")
     _write(writer, second, 1.0)
     writer.write_event(1.1, "mark", "after")
-    writer.write_holder_position(1.2, 250.0)
+    writer.write_series(
+        "holder_position", np.array([(1.2, 250.0)], series_dtype("holder_position"))
+    )
     t = np.array([0.0, 2.0])
     writer.write_bias_samples(t, t * 0, t, t, t * 1e-9, np.zeros(2, dtype=np.uint32))
     writer.write_analysis({"time": 1.5, "image_id": 1, "values": {"expansion": 0.01}})

@@ -15,13 +15,8 @@ import numpy as np
 import pytest
 from test_report_figure import write_run
 
-from insitu_daq.report.summary import (
-    AnalysisRecord,
-    HoldSpan,
-    hold_span,
-    read_analysis,
-    read_events,
-)
+from insitu_daq.report.analysis import AnalysisRecord, read_analysis
+from insitu_daq.report.events import HoldSpan, hold_span, read_events
 from insitu_daq.verify.truth import TruthSample, format_comparison
 
 
@@ -102,7 +97,7 @@ def test_missing_analysis_says_not_measured_and_still_gives_the_truth(tmp_path: 
 
 # ----- accuracy.py: the issue-4 figures from an analysis record and truth samples -----------
 def reflection(name: str, d_angstrom: float, times: np.ndarray, d_m: np.ndarray):
-    from insitu_daq.report.summary import ReflectionSeries
+    from insitu_daq.report.analysis import ReflectionSeries
 
     return ReflectionSeries(name, name, d_angstrom, None, times, d_m, np.ones(len(times)))
 
@@ -114,7 +109,7 @@ def synthetic_run(
     20 s; the expansion ramps 0 -> 0.3 over 20-60 s. The "measured" side sees (200) from
     `onset_s` (in the phase map's rock-salt presence; the whole-field (200) ring 3 s later),
     (003) at `d_003_m`, the speed x `speed_scale`, the expansion + `expansion_bias`."""
-    from insitu_daq.report.summary import Series
+    from insitu_daq.report.analysis import Series
 
     truth = []
     for t in np.arange(0.0, 100.0, 0.5):
@@ -143,11 +138,11 @@ def synthetic_run(
                 "nio_200", 2.1, hrtem, np.where(hrtem >= onset_s + 3.0, 2.1e-10, np.nan)
             ),
         },
-        phase_fractions={},
-        phase_presence={"rock_salt": Series(hrtem, np.where(hrtem >= onset_s, 0.05, 0.0))},
-        front_position_nm=None,
-        front_velocity_nm_s=Series(lm, np.full(len(lm), 4.0 * speed_scale)),
-        expansion=Series(lm, 0.3 * np.clip((lm - 20.0) / 40.0, 0, 1) + expansion_bias),
+        series={
+            "rock_salt_presence": Series(hrtem, np.where(hrtem >= onset_s, 0.05, 0.0)),
+            "front_velocity_nm_s": Series(lm, np.full(len(lm), 4.0 * speed_scale)),
+            "expansion": Series(lm, 0.3 * np.clip((lm - 20.0) / 40.0, 0, 1) + expansion_bias),
+        },
         parameters={"front_window_s": 10.0},
     )
     return analysis, truth, HoldSpan(20.0, 95.0, "duration", "step 5/9 hold done")
@@ -210,7 +205,7 @@ def test_front_speed_truth_is_the_mean_over_the_fit_window() -> None:
 def control_run(
     rock_salt_at: float | None,
 ) -> tuple[AnalysisRecord, list[TruthSample]]:
-    from insitu_daq.report.summary import Series
+    from insitu_daq.report.analysis import Series
 
     truth = [
         TruthSample(float(t), {"bias_volts": 0.0, "expansion": 0.0, "field_d_spacings": []})
@@ -233,14 +228,12 @@ def control_run(
                 "disordered_195", 1.95, hrtem, np.full(len(hrtem), np.nan)
             ),
         },
-        phase_fractions={
-            "rock_salt": Series(maps, np.where(maps >= (rock_salt_at or 1e9), 0.3, 0.0)),
-            "disordered": Series(maps, np.zeros(len(maps))),
+        series={
+            "rock_salt_fraction": Series(maps, np.where(maps >= (rock_salt_at or 1e9), 0.3, 0.0)),
+            "disordered_fraction": Series(maps, np.zeros(len(maps))),
+            "rock_salt_presence": Series(maps, presence),
+            "expansion": Series(np.array([0.5, 1.0, 1.5]), np.array([0.0, 0.004, -0.003])),
         },
-        phase_presence={"rock_salt": Series(maps, presence)},
-        front_position_nm=None,
-        front_velocity_nm_s=None,
-        expansion=Series(np.array([0.5, 1.0, 1.5]), np.array([0.0, 0.004, -0.003])),
     )
     return analysis, truth
 
@@ -267,7 +260,7 @@ def test_no_truth_or_nothing_measured_is_never_a_pass(tmp_path: Path) -> None:
 
     analysis, truth, hold = synthetic_run(onset_s=51.0)
     assert not any(v.ok for v in accuracy_verdicts(analysis, [], hold))
-    empty = AnalysisRecord(False, 0, {}, {}, None, None, None)
+    empty = AnalysisRecord(False, 0, {}, {})
     verdicts = accuracy_verdicts(empty, truth, hold)
     assert verdicts and not any(v.ok for v in verdicts)
 

@@ -5,7 +5,8 @@ pure measurements of spectrum.py, phasemap.py, morphology.py and front.py. No I/
 quantities that frame measures; a key present with None means "analysed, not measurable", a
 key absent means "this frame does not measure that" (an LM frame has no d-spacings).
 
-Keys (stable: the run file's /entry/analysis logs, the `analysis` topic and the metrics use them):
+Keys (stable, each declared in quantities.py, which the run file's /entry/analysis logs, the
+`analysis` topic, the metrics, conditions and report read):
 - HRTEM frames: `d_spacing_m.<reflection>` (measured d in metres, None when the reflection is
   not detected), `intensity.<reflection>` (relative power above background, see spectrum.py),
   and, with a phase map (below), `layered_fraction`, `disordered_fraction`,
@@ -77,10 +78,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .front import DEFAULT_FRONT, FrontSettings, front_speed, measure_front
-from .keys import PHASE_KEYS, PRESENCE_KEYS, d_spacing_key, intensity_key
 from .morphology import DEFAULT_SEGMENTATION, SegmentationSettings, measure_particle, segment
 from .phasemap import DEFAULT_PHASE_MAP_SETTINGS, PhaseMapSettings, phase_map
-from .reflections import DEFAULT_REFLECTIONS, ReflectionTable
+from .quantities import D_SPACING, INTENSITY, PHASE_FRACTION, PHASE_PRESENCE
+from .reflections import DEFAULT_REFLECTIONS, PHASES, ReflectionTable
 from .spectrum import DEFAULT_SETTINGS, SpectrumSettings, analyze_frame
 
 logger = logging.getLogger(__name__)
@@ -266,17 +267,21 @@ class FrameAnalyzer:
         for name in settings.table.names:
             measurement = spectrum.reflections.get(name)
             d = None if measurement is None else measurement.d_angstrom
-            values[d_spacing_key(name)] = None if d is None else d * 1e-10
+            values[D_SPACING.key_for(name)] = None if d is None else d * 1e-10
             intensity = None if measurement is None else measurement.intensity
             ok = intensity is not None and math.isfinite(intensity)
-            values[intensity_key(name)] = float(intensity) if ok else None
+            values[INTENSITY.key_for(name)] = float(intensity) if ok else None
         if not spectrum.measurable:
             self.last_reasons["spectrum"] = spectrum.reason
         if self._phase_map_due(time_s):
             mapped = phase_map(summed, pixel_nm, settings.table, settings.phase_map)
-            for keys, shares in ((PHASE_KEYS, mapped.fractions), (PRESENCE_KEYS, mapped.presence)):
-                for phase, key in keys.items():
-                    values[key] = None if shares is None else float(shares[phase])
+            for quantity, shares in (
+                (PHASE_FRACTION, mapped.fractions),
+                (PHASE_PRESENCE, mapped.presence),
+            ):
+                for phase in PHASES:
+                    value = None if shares is None else float(shares[phase])
+                    values[quantity.key_for(phase)] = value
             if mapped.fractions is None:
                 self.last_reasons["phase_map"] = mapped.reason
         return values

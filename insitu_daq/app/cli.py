@@ -254,11 +254,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     import h5py
 
-    from insitu_daq.report.summary import format_analysis, format_summary, read_analysis, summarize
+    from insitu_daq.report.analysis import format_analysis, read_analysis
+    from insitu_daq.report.summary import format_summary, summarize
+    from insitu_daq.runfile import layout
 
     print(format_summary(summarize(args.run_file), events=args.events), flush=True)
     with h5py.File(args.run_file, "r", libver="latest", swmr=True) as f:
-        print(format_analysis(read_analysis(f["entry"])), flush=True)
+        print(format_analysis(read_analysis(f[layout.ENTRY])), flush=True)
     if not args.no_figure:
         from insitu_daq.report.figure import draw_report_figure
 

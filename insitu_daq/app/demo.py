@@ -45,13 +45,10 @@ from insitu_daq.app.children import (
     wait_for_output,
 )
 from insitu_daq.app.module_command import module_command
-from insitu_daq.report.summary import (
-    format_summary,
-    hold_span,
-    read_analysis,
-    read_events,
-    summarize,
-)
+from insitu_daq.report.analysis import read_analysis
+from insitu_daq.report.events import hold_span, read_events
+from insitu_daq.report.summary import format_summary, summarize
+from insitu_daq.runfile import layout
 from insitu_daq.verify.accuracy import accuracy_verdicts, format_verdicts
 from insitu_daq.verify.truth import TruthSample, format_comparison, save_truth, truth_path
 
@@ -150,7 +147,7 @@ class TruthPoller:
 def run_start_ns(run_file: Path) -> int:
     """The run clock's origin: /entry/start_time (ISO 8601, microseconds) in ns."""
     with h5py.File(run_file, "r", libver="latest", swmr=True) as f:
-        raw = f["entry/start_time"][()]
+        raw = f[layout.START_TIME][()]
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
     moment = datetime.fromisoformat(text)
     return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
@@ -159,7 +156,7 @@ def run_start_ns(run_file: Path) -> int:
 def print_analysis(run_file: Path, truth: list[TruthSample]) -> None:
     """Measured next to truth, then the accuracy verdicts."""
     with h5py.File(run_file, "r", libver="latest", swmr=True) as f:
-        entry = f["entry"]
+        entry = f[layout.ENTRY]
         analysis = read_analysis(entry)
         hold = hold_span(read_events(entry))
     print(format_comparison(analysis, truth, hold))

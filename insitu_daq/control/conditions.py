@@ -6,12 +6,12 @@
 
 Persistence: a condition ends a hold only once it has held for `for N s` of event time (the
 run-clock times the values were measured at, not when they arrived), over every update in
-between; without `for`, for the longest default of its quantities (PERSISTENCE_S: 2 s for
+between; without `for`, for the longest default of its quantities (`persistence_s`: 2 s for
 what live analysis measures, so no single result can end a hold; 0 for the source-meter's
 readings). `for 0 s` ends on the first update that meets it. ConditionTracker does this.
 
 The language is deliberately tiny and parsed by hand (no `eval`): a protocol file must never
-run code, and every quantity name is checked at load against `LIVE_QUANTITIES`, so a typo is
+run code, and every quantity name is checked at load against `live_quantities()`, so a typo is
 refused before the experiment starts instead of silently never becoming true.
 
 Grammar (`and` binds tighter than `or`):
@@ -36,35 +36,36 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+from insitu_daq.analysis.quantities import find, members, registered
+
 # What the station can report while a protocol runs (Station.live_value): exactly what is
-# measured. The analysis quantities are the live analysis's (analysis/pipeline.py; HRTEM phase
-# map: the fractions; LM frames: the rest), current and charge the source-meter's readings.
-# Not the phase maps' `<phase>_presence`: 0.2-1.6 % of the maps of a field without rock salt
-# see a false rock-salt tile (phasemap.py), so `rock_salt_presence > 0` would end a hold on
-# noise within a minute or two; its onset wants 3 maps in a row (accuracy.py), which a
-# condition on one value cannot say.
-LIVE_QUANTITIES: dict[str, str] = {
-    "rock_salt_fraction": "fraction of the particle in the HRTEM field classified rock salt (0-1)",
-    "layered_fraction": "fraction of the particle in the HRTEM field classified layered (0-1)",
-    "disordered_fraction": "fraction of the particle in the HRTEM field, Ni/Li disordered (0-1)",
-    "expansion": "projected size growth relative to the pre-bias reference (0.25 = +25 %)",
-    "projected_area_m2": "projected area of the particle (m^2, low magnification)",
-    "front_position_nm": "reaction front distance from the contact surface (nm)",
-    "front_velocity_nm_s": "reaction front speed (nm/s)",
+# measured. The analysis quantities are those declared usable in a condition
+# (analysis/quantities.py: HRTEM phase map, the fractions; LM frames, the rest); current and
+# charge are the source-meter's readings, each a measurement of its own (no persistence).
+SOURCE_METER_QUANTITIES: dict[str, str] = {
     "current_amperes": "sample current, newest reading (A)",
     "charge_coulombs": "charge passed since the run started (C)",
 }
 
-# How long (event-time s) a condition on each quantity must hold before it ends a step, unless
-# the condition says `for N s`. The analysis quantities come from dose sums of noisy low-dose
-# frames: one result can be off (a phase map that saw LM frames, a segmentation on a bad sum),
-# so it takes 2 s of agreeing results (~40 at 20 a second). Readings of the source-meter are
-# each a measurement of their own.
-ANALYSIS_PERSISTENCE_S = 2.0
-PERSISTENCE_S: dict[str, float] = {
-    name: 0.0 if name in ("current_amperes", "charge_coulombs") else ANALYSIS_PERSISTENCE_S
-    for name in LIVE_QUANTITIES
-}
+
+def live_quantities() -> dict[str, str]:
+    """Every name a condition may use -> what it is. Read from the declarations when a
+    condition is parsed, so a quantity declared usable is known with no edit here."""
+    analysis = {
+        quantity.key_for(member): quantity.describe(member)
+        for quantity in registered()
+        if quantity.condition
+        for member in members(quantity, ())
+    }
+    return {**analysis, **SOURCE_METER_QUANTITIES}
+
+
+def persistence_s(name: str) -> float:
+    """How long (event-time s) a condition on `name` must hold before it ends a step, unless
+    the condition says `for N s` (the quantity's declaration; 0 for the source-meter's)."""
+    found = find(name)
+    return found[0].persistence_s if found is not None and found[0].condition else 0.0
+
 
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -213,7 +214,7 @@ class _Parser:
         if token.kind != "end":
             raise self._fail(token, "'and', 'or', 'for N s' or the end")
         if persistence is None:
-            persistence = max(PERSISTENCE_S.get(name, 0.0) for name in condition.quantities)
+            persistence = max(persistence_s(name) for name in condition.quantities)
         return Until(condition, persistence)
 
     def _disjunction(self) -> Condition:
@@ -263,11 +264,11 @@ def _number(text: str) -> float:
     return float(text)
 
 
-def parse_condition(text: str, known: Mapping[str, str] = LIVE_QUANTITIES) -> Condition:
+def parse_condition(text: str, known: Mapping[str, str] | None = None) -> Condition:
     """Parse `text`; raises ConditionError naming the column and what was expected."""
     if not text.strip():
         raise ConditionError("empty condition")
-    return _Parser(text, known).parse()
+    return _Parser(text, live_quantities() if known is None else known).parse()
 
 
 @dataclass(frozen=True)
@@ -285,12 +286,12 @@ class Until:
         return f"{self.condition} for {self.persistence_s:g} s"
 
 
-def parse_until(text: str, known: Mapping[str, str] = LIVE_QUANTITIES) -> Until:
+def parse_until(text: str, known: Mapping[str, str] | None = None) -> Until:
     """A `hold ... until:` text, with its persistence (explicit `for N s`, else the default
     of its quantities); ConditionError naming the column and what was expected."""
     if not text.strip():
         raise ConditionError("empty condition")
-    return _Parser(text, known).parse_until()
+    return _Parser(text, live_quantities() if known is None else known).parse_until()
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ class Station(Protocol):
 
     # ----- live values -----------------------------------------------------------------------
     def live_updates(self, names: frozenset[str], after: int) -> tuple[int, list[LiveUpdate]]:
-        """The live values (insitu_daq.control.conditions.LIVE_QUANTITIES) measured since cursor
+        """The live values (insitu_daq.control.conditions.live_quantities()) measured since cursor
         `after` (FROM_NOW: none, only the cursor), each update stamped with its event time, in
         the order they came; and the cursor to ask from next. A value not measurable is None.
         A `hold ... until` condition takes every update in turn (condition.ConditionTracker)."""

@@ -44,17 +44,17 @@ from insitu_daq.ingest.wire import (
     ANALYSIS,
     CMD,
     EVENT,
-    HOLDER,
-    HOLDER_RECORD,
     IMAGING,
     IMAGING_WATERMARK,
     READY,
     RECORDING_FAILED,
     REPLY,
     SAMPLES,
+    SERIES,
     STATS,
     WATERMARK_RECORD,
     IngestError,
+    series_dtype,
 )
 from insitu_daq.runfile.writer import FrameGeometry, RunMetadata
 from insitu_daq.service.stationlock import InheritedFd
@@ -73,7 +73,7 @@ class _Waiter:
 class IngestClient:
     """The daemon's handle on the ingest process. Thread-safe.
 
-    Records (`write_samples`, `write_event`, `write_holder_position`, `write_analysis`,
+    Records (`write_samples`, `write_event`, `write_series`, `write_analysis`,
     `set_imaging`, `imaging_watermark`) never block: if the process is not running or its
     queue is full they are dropped, counted in `records_dropped_total` and logged. Commands
     wait for the process's answer.
@@ -296,8 +296,12 @@ class IngestClient:
             payload = pickle.dumps(Event(event.time, event.kind, event.message))
         self._send_record([EVENT, payload])
 
-    def write_holder_position(self, time_s: float, position_nm: float) -> None:
-        self._send_record([HOLDER, HOLDER_RECORD.pack(time_s, position_nm)])
+    def write_series(self, name: str, rows: Any) -> None:
+        """Rows of the time series `name` (declared in runfile/layout.py, e.g. "holder_position"):
+        (run time s, *columns) tuples or a structured array of `series_dtype(name)`.
+        ValueError for a series no log declares."""
+        dtype = series_dtype(name)
+        self._send_record([SERIES, name.encode(), np.asarray(rows, dtype=dtype).tobytes()])
 
     def write_analysis(self, result: dict[str, Any]) -> None:
         """A live-analysis result for the open run's analysis log (JSON-serialisable;

@@ -89,19 +89,20 @@ from insitu_daq.ingest.wire import (
     DROP_REASONS,
     EVENT,
     HDF5_WRITE_BUCKETS_S,
-    HOLDER,
-    HOLDER_RECORD,
     IMAGING,
     IMAGING_WATERMARK,
     READY,
     RECORDING_FAILED,
     REPLY,
     SAMPLES,
+    SERIES,
     STATS,
     STATS_INTERVAL_S,
     WATERMARK_RECORD,
     IngestError,
+    series_dtype,
 )
+from insitu_daq.runfile import layout
 from insitu_daq.runfile.writer import FrameGeometry, GeometryRefusedError, RunMetadata, RunWriter
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,8 @@ class IngestProcess:
                 "frames_refiltered_total",
                 "samples_written_total",
                 "events_written_total",
-                "holder_positions_written_total",
+                # per series (runfile/layout.py): "holder_positions_written_total", ...
+                *(f"{name}s_written_total" for name in layout.SERIES),
                 "records_without_run_total",
                 "write_errors_total",
                 "recording_failures_total",
@@ -418,8 +420,8 @@ class IngestProcess:
             self._samples(np.frombuffer(payload, dtype=BIAS_SAMPLE_DTYPE))
         elif kind == EVENT:
             self._client_event(pickle.loads(payload))
-        elif kind == HOLDER:
-            self._holder(*HOLDER_RECORD.unpack(payload))
+        elif kind == SERIES:
+            self._series(payload.decode(), parts[2])
         elif kind == ANALYSIS:
             self._analysis(json.loads(payload))
         elif kind == IMAGING:
@@ -706,20 +708,21 @@ class IngestProcess:
             return
         self._write_event(run, event.time, event.kind, event.message)
 
-    def _holder(self, time_s: float, position_nm: float) -> None:
+    def _series(self, name: str, payload: bytes) -> None:
+        """Rows of a time series declared in runfile/layout.py, for its log."""
+        rows = np.frombuffer(payload, dtype=series_dtype(name))
         run = self._run_for_record()
         if run is None:
             return
-        if not self._recordable(run, HOLDER_RECORD.size):
+        if not self._recordable(run, len(payload)):
             return
         started = time.perf_counter()
-        written = self._file_write(
-            run, "a holder position", run.writer.write_holder_position, time_s, position_nm
-        )
+        what = f"a {name.replace('_', ' ')} record"
+        written = self._file_write(run, what, run.writer.write_series, name, rows)
         self.hdf5_write.observe(time.perf_counter() - started)
         if not written:
             return
-        self.counts["holder_positions_written_total"] += 1
+        self.counts[f"{name}s_written_total"] += len(rows)
         run.dirty = True
 
     def _write_event(self, run: _Run, time_s: float, kind: str, message: str) -> None:

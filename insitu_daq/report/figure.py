@@ -1,9 +1,10 @@
 """The report figure (`insitu-daq report RUN.h5` -> RUN.png): a run at a glance, from its file.
 
-Left, against run time (s since /entry/start_time), sharing one axis: bias and current; the
+Left, against run time (s since /entry/start_time), sharing one axis: bias and current, then
+a panel for each row the analysis quantities declare (analysis/quantities.py `panel`): the
 tracked reflections' intensities; the phase fractions; the reaction front's position; the
-expansion. The hold is marked (dashed lines) and the low-magnification stretches of the
-recording are shaded, so an LM-only quantity (front, expansion) is seen to come from those and
+projected-area growth. The hold is marked (dashed lines) and the low-magnification stretches of the
+recording are shaded, so an LM-only quantity (front, area growth) is seen to come from those and
 the HRTEM ones (reflections, phases) from between them. Right, key HRTEM images (just after the
 hold starts, its middle, just before it ends) with their FFT power spectra (log scale): what the
 numbers on the left were measured from. A single low-dose frame is mostly shot noise, so each
@@ -26,17 +27,11 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from insitu_daq.report.summary import (
-    AnalysisRecord,
-    HoldSpan,
-    Series,
-    hold_span,
-    imaging_modes,
-    mode_at,
-    read_analysis,
-    read_column,
-    read_events,
-)
+from insitu_daq.analysis.quantities import Quantity, registered
+from insitu_daq.report.analysis import AnalysisRecord, Series, read_analysis
+from insitu_daq.report.events import HoldSpan, hold_span, imaging_modes, mode_at, read_events
+from insitu_daq.runfile import layout
+from insitu_daq.runfile.h5util import read_column
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -155,7 +150,7 @@ def key_frames(
     f: h5py.File, hold: HoldSpan | None, changes: list[tuple[float, str]]
 ) -> list[KeyFrame]:
     """Up to three HRTEM frames (any frames if no HRTEM frame is known) at the hold's key times."""
-    detector = f["entry/instrument/detector"]
+    detector = f[layout.DETECTOR]
     frame_time = detector["frame_time"][:]
     n = min(len(frame_time), detector["data"].shape[0])
     if n == 0:
@@ -231,18 +226,18 @@ def draw_report_figure(run_file: str | Path, out: str | Path) -> DrawnFigure:
 
     run_file, out = Path(run_file), Path(out)
     with h5py.File(run_file, "r", libver="latest", swmr=True) as f:
-        entry = f["entry"]
+        entry = f[layout.ENTRY]
         events = read_events(entry)
-        initial = _text(entry.get("instrument/microscope/mode")) or None
+        initial = _text(f.get(layout.MICROSCOPE_MODE)) or None
         changes = imaging_modes(events, initial)
         hold = hold_span(events)
         analysis = read_analysis(entry)
-        t = read_column(entry, "sample/bias_voltage/time")  # (absent: no reading in the run)
-        volts = read_column(entry, "sample/bias_voltage/value")[: len(t)]
-        amps = read_column(entry, "sample/current/value")[: len(t)]
-        frame_time = entry["instrument/detector/frame_time"][:]
+        t = read_column(f, layout.BIAS_VOLTAGE.time)  # (absent: no reading in the run)
+        volts = read_column(f, layout.BIAS_VOLTAGE.column("value"))[: len(t)]
+        amps = read_column(f, layout.CURRENT.column("value"))[: len(t)]
+        frame_time = f[layout.DETECTOR]["frame_time"][:]
         frames = key_frames(f, hold, changes)
-        title = f"{_text(entry.get('run_id'))}  ({_text(entry.get('title'))})"
+        title = f"{_text(f.get(layout.RUN_ID))}  ({_text(f.get(layout.TITLE))})"
     if len(title) > TITLE_LENGTH:
         title = title[: TITLE_LENGTH - 4] + "...)"
 
@@ -251,19 +246,17 @@ def draw_report_figure(run_file: str | Path, out: str | Path) -> DrawnFigure:
     first_frame = float(frame_time[0]) if len(frame_time) else 0.0
     bursts = lm_spans(changes, first_frame, run_end)
 
+    rows = panel_rows()
     fig = plt.figure(figsize=FIGURE_SIZE_IN, dpi=DPI)
-    grid = GridSpec(5, 3, figure=fig, width_ratios=(2.3, 1, 1), hspace=0.35, wspace=0.25,
-                    left=0.06, right=0.97, top=0.93, bottom=0.06)  # fmt: skip
+    grid = GridSpec(1 + len(rows), 3, figure=fig, width_ratios=(2.3, 1, 1), hspace=0.35,
+                    wspace=0.25, left=0.06, right=0.97, top=0.93, bottom=0.06)  # fmt: skip
     fig.suptitle(title, fontsize=12)
     axes = [fig.add_subplot(grid[0, 0])]
-    axes += [fig.add_subplot(grid[i, 0], sharex=axes[0]) for i in range(1, 5)]
-    panels = {
-        "bias": _draw_bias(axes[0], t, volts, amps),
-        "reflections": _draw_reflections(axes[1], analysis),
-        "phase_fractions": _draw_phases(axes[2], analysis),
-        "front_position": _draw_front(axes[3], analysis),
-        "expansion": _draw_expansion(axes[4], analysis),
-    }
+    axes += [fig.add_subplot(grid[i, 0], sharex=axes[0]) for i in range(1, 1 + len(rows))]
+    panels = {"bias": _draw_bias(axes[0], t, volts, amps)}
+    for ax, quantities in zip(axes[1:], rows, strict=True):
+        assert quantities[0].panel is not None
+        panels[quantities[0].panel.name] = _draw_panel(ax, analysis, quantities)
     for ax in axes:
         _mark_run(ax, hold, bursts)
         ax.grid(True, alpha=0.3)
@@ -316,7 +309,47 @@ def _draw_bias(ax: Axes, t: np.ndarray, volts: np.ndarray, amps: np.ndarray) -> 
     return True
 
 
+def panel_rows() -> list[list[Quantity]]:
+    """The analysis panels below the bias, top to bottom: the declared quantities drawn in
+    each (analysis/quantities.py `panel`), the first of a row giving the panel its labels."""
+    by_row: dict[int, list[Quantity]] = {}
+    for quantity in registered():
+        if quantity.panel is not None:
+            by_row.setdefault(quantity.panel.row, []).append(quantity)
+    return [by_row[row] for row in sorted(by_row)]
+
+
+def _draw_panel(ax: Axes, analysis: AnalysisRecord, quantities: list[Quantity]) -> bool:
+    panel = quantities[0].panel
+    assert panel is not None
+    drawn = False
+    for quantity in quantities:
+        if quantity.per == "reflection":
+            drawn |= _draw_reflections(ax, analysis)
+        elif quantity.per == "phase":
+            drawn |= _draw_phases(ax, analysis, quantity)
+        elif quantity.panel is not None and quantity.panel.note is not None:
+            _write_latest(ax, analysis.series.get(quantity.key), quantity.panel.note, drawn)
+        else:
+            series = analysis.series.get(quantity.key)
+            style = {"color": panel.colour, "marker": ".", "lw": 0.8}
+            drawn |= _plot_series(ax, series, panel.scale, **style)
+    if not drawn:
+        _not_measured(ax, panel.empty)
+    ax.set_ylabel(panel.ylabel)
+    return drawn
+
+
+def _write_latest(ax: Axes, series: Series | None, note: str, drawn: bool) -> None:
+    """A quantity's latest value as text on a panel that shows a line (e.g. the front's speed
+    on the front's position)."""
+    latest = series.last() if series is not None else None
+    if drawn and latest is not None and math.isfinite(latest):
+        ax.text(0.01, 0.9, note.format(latest), transform=ax.transAxes, fontsize=8, va="top")
+
+
 def _draw_reflections(ax: Axes, analysis: AnalysisRecord) -> bool:
+    """Each tracked reflection's intensity, labelled with its table entry."""
     drawn = False
     for reflection in analysis.reflections.values():
         if not np.any(np.isfinite(reflection.intensity)):
@@ -325,15 +358,12 @@ def _draw_reflections(ax: Axes, analysis: AnalysisRecord) -> bool:
         drawn = True
     if drawn:
         ax.legend(fontsize=7, ncol=3, loc="upper left")
-    else:
-        _not_measured(ax, "reflection intensities")
-    ax.set_ylabel("reflection\nintensity")
     return drawn
 
 
-def _draw_phases(ax: Axes, analysis: AnalysisRecord) -> bool:
+def _draw_phases(ax: Axes, analysis: AnalysisRecord, quantity: Quantity) -> bool:
     drawn = False
-    for phase, series in analysis.phase_fractions.items():
+    for phase, series in analysis.members(quantity).items():
         colour = PHASE_COLOURS.get(phase)
         drawn |= _plot_series(ax, series, 1.0, color=colour, label=phase.replace("_", " "), lw=1)
     # Where rock salt is seen at all (first in tiles it does not yet win): the onset, earlier.
@@ -344,31 +374,4 @@ def _draw_phases(ax: Axes, analysis: AnalysisRecord) -> bool:
     if drawn:
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=7, loc="center left")
-    else:
-        _not_measured(ax, "phase fractions")
-    ax.set_ylabel("phase fraction\n(HRTEM field)")
-    return drawn
-
-
-def _draw_front(ax: Axes, analysis: AnalysisRecord) -> bool:
-    drawn = _plot_series(
-        ax, analysis.front_position_nm, 1.0, color="tab:purple", marker=".", lw=0.8
-    )
-    if drawn:
-        velocity = analysis.front_velocity_nm_s
-        speed = velocity.last() if velocity is not None else None
-        if speed is not None and math.isfinite(speed):
-            ax.text(0.01, 0.9, f"latest speed {speed:.2f} nm/s", transform=ax.transAxes,
-                    fontsize=8, va="top")  # fmt: skip
-    else:
-        _not_measured(ax, "front position")
-    ax.set_ylabel("front from\ncontact (nm)")
-    return drawn
-
-
-def _draw_expansion(ax: Axes, analysis: AnalysisRecord) -> bool:
-    drawn = _plot_series(ax, analysis.expansion, 100.0, color="tab:brown", marker=".", lw=0.8)
-    if not drawn:
-        _not_measured(ax, "expansion")
-    ax.set_ylabel("expansion (%)")
     return drawn

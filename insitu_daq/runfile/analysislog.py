@@ -17,11 +17,14 @@ Layout (DESIGN.md; times in s since /entry/start_time, the run clock of the fram
       /results                      NXlog  time [s], image_id, latency [s], skipped,
                                            integrated_frames: one row per analysed frame
 
-A log gets a row when a result carries its quantity (pipeline.py: present = analysed); a
+The groups and columns are built from the quantities' declarations (analysis/quantities.py:
+group, column, units), so a newly declared quantity gets its log with no edit here. A log gets
+a row when a result carries any of its quantities (pipeline.py: present = analysed); a
 quantity analysed but not measurable is stored as NaN, so "not measurable" stays visible.
 Everything is created at construction because the file goes to SWMR mode right after
-(RunWriter._build): nothing can be created later, only grown. The reflections of one run
-share one time dataset (they come from the same results), linked into each NXlog.
+(RunWriter._build): nothing can be created later, only grown. The members of a family (the
+reflections of one run, the phases) share one time dataset (they come from the same results),
+linked into each NXlog.
 """
 
 from __future__ import annotations
@@ -36,18 +39,12 @@ import h5py
 import numpy as np
 
 from insitu_daq import __version__
-from insitu_daq.analysis.keys import PHASE_KEYS, PRESENCE_KEYS, d_spacing_key, intensity_key
+from insitu_daq.analysis.quantities import Quantity, members, registered
+from insitu_daq.runfile.layout import ANALYSIS
 
 log = logging.getLogger(__name__)
 
 PROGRAM = "insitu-daq live analysis"
-# Single-quantity logs: (group name, result key, units).
-SCALAR_LOGS = (
-    ("front_position", "front_position_nm", "nm"),
-    ("front_velocity", "front_velocity_nm_s", "nm/s"),
-    ("expansion", "expansion", "1"),
-    ("projected_area", "projected_area_m2", "m^2"),
-)
 
 
 def _group(parent: h5py.Group, name: str, nx_class: str) -> h5py.Group:
@@ -88,6 +85,24 @@ class _Log:
         self.rows = 0
 
 
+class _GroupLog:
+    """The NXlogs of one declared group: one for a single quantity, one per member for a
+    family, with one time for all of them. `keys`: (result key, member, column) per column."""
+
+    def __init__(self, logs: dict[str, _Log], keys: list[tuple[str, str, str]]) -> None:
+        self.logs = logs
+        self.keys = keys
+        self.rows = 0
+
+    def append(self, time_s: float, values: Mapping[str, Any]) -> None:
+        if not any(key in values for key, _, _ in self.keys):
+            return
+        _append(next(iter(self.logs.values())).time, self.rows, time_s)
+        for key, member, column in self.keys:
+            _append(self.logs[member].columns[column], self.rows, _number(values.get(key)))
+        self.rows += 1
+
+
 class AnalysisLog:
     """Creates /entry/analysis under `entry` and appends live results to it."""
 
@@ -102,7 +117,7 @@ class AnalysisLog:
         self.reflections = tuple(reflections)
         self.results_appended = 0
         self.malformed_total = 0  # results refused (no usable time), logged
-        process = _group(entry, "analysis", "NXprocess")
+        process = _group(entry, ANALYSIS, "NXprocess")
         process.create_dataset("program", data=PROGRAM)
         process.create_dataset("version", data=__version__)
         note = _group(process, "parameters", "NXnote")
@@ -114,51 +129,34 @@ class AnalysisLog:
             dataset.attrs["start"] = start
             return dataset
 
-        # Per reflection: d and intensity, one time dataset shared by all of them.
-        self._reflection_logs: dict[str, _Log] = {}
-        d_spacing = _group(process, "d_spacing", "NXcollection")
-        shared_time: h5py.Dataset | None = None
-        for name in self.reflections:
-            group = _group(d_spacing, name, "NXlog")
-            if shared_time is None:
-                shared_time = time_dataset(group)
-            else:
-                group["time"] = h5py.SoftLink(shared_time.name)
-            value = _growing(group, "value", "<f8", "m")
-            intensity = _growing(group, "intensity", "<f8", None)
-            intensity.attrs["description"] = (
-                "relative power above background in the reflection's window (spectrum.py)"
-            )
-            self._reflection_logs[name] = _Log(
-                shared_time, {"value": value, "intensity": intensity}
-            )
-        self._d_time_rows = 0
-
-        self._phase_logs: dict[str, _Log] = {}
-        fractions = _group(process, "phase_fraction", "NXcollection")
-        phase_time: h5py.Dataset | None = None
-        for phase in PHASE_KEYS:
-            group = _group(fractions, phase, "NXlog")
-            if phase_time is None:
-                phase_time = time_dataset(group)
-            else:
-                group["time"] = h5py.SoftLink(phase_time.name)
-            presence = _growing(group, "presence", "<f8", "1")
-            presence.attrs["description"] = (
-                "share of the particle tiles in which the phase's marker is detected, whichever "
-                "phase the tile was classified (phasemap.py)"
-            )
-            self._phase_logs[phase] = _Log(
-                phase_time, {"value": _growing(group, "value", "<f8", "1"), "presence": presence}
-            )
-        self._phase_time_rows = 0
-
-        self._scalar_logs: dict[str, _Log] = {}
-        for name, key, units in SCALAR_LOGS:
-            group = _group(process, name, "NXlog")
-            self._scalar_logs[key] = _Log(
-                time_dataset(group), {"value": _growing(group, "value", "<f8", units)}
-            )
+        declared: dict[str, list[Quantity]] = {}
+        for quantity in registered():
+            declared.setdefault(quantity.group, []).append(quantity)
+        self._groups: list[_GroupLog] = []
+        for name, quantities in declared.items():
+            per = quantities[0].per
+            if any(quantity.per != per for quantity in quantities):
+                raise ValueError(f"analysis group {name}: a family and a single quantity mixed")
+            parent = _group(process, name, "NXcollection") if per else process
+            logs: dict[str, _Log] = {}
+            keys: list[tuple[str, str, str]] = []
+            shared_time: h5py.Dataset | None = None
+            for member in members(quantities[0], self.reflections):
+                group = _group(parent, member or name, "NXlog")
+                if shared_time is None:
+                    shared_time = time_dataset(group)
+                else:
+                    group["time"] = h5py.SoftLink(shared_time.name)
+                columns = {}
+                for quantity in quantities:
+                    column = _growing(group, quantity.column, "<f8", quantity.unit)
+                    if quantity.note:
+                        column.attrs["description"] = quantity.note
+                    columns[quantity.column] = column
+                    keys.append((quantity.key_for(member), member, quantity.column))
+                logs[member] = _Log(shared_time, columns)
+            if logs:  # a run without reflections has no d_spacing member
+                self._groups.append(_GroupLog(logs, keys))
 
         results = _group(process, "results", "NXlog")
         results.attrs["description"] = "one row per analysed frame"
@@ -194,28 +192,8 @@ class AnalysisLog:
             _append(results.columns[column], results.rows, count if isinstance(count, int) else -1)
         results.rows += 1
 
-        if any(d_spacing_key(name) in values for name in self.reflections):
-            _append(next(iter(self._reflection_logs.values())).time, self._d_time_rows, time_s)
-            for name, entry in self._reflection_logs.items():
-                d = _number(values.get(d_spacing_key(name)))
-                _append(entry.columns["value"], self._d_time_rows, d)
-                intensity = _number(values.get(intensity_key(name)))
-                _append(entry.columns["intensity"], self._d_time_rows, intensity)
-            self._d_time_rows += 1
-
-        if any(key in values for key in PHASE_KEYS.values()):
-            _append(next(iter(self._phase_logs.values())).time, self._phase_time_rows, time_s)
-            for phase, entry in self._phase_logs.items():
-                for column, keys in (("value", PHASE_KEYS), ("presence", PRESENCE_KEYS)):
-                    value = _number(values.get(keys[phase]))
-                    _append(entry.columns[column], self._phase_time_rows, value)
-            self._phase_time_rows += 1
-
-        for key, entry in self._scalar_logs.items():
-            if key in values:
-                _append(entry.time, entry.rows, time_s)
-                _append(entry.columns["value"], entry.rows, _number(values[key]))
-                entry.rows += 1
+        for group in self._groups:
+            group.append(time_s, values)
         self.results_appended += 1
 
 

@@ -43,6 +43,7 @@ import h5py
 import numpy as np
 
 from insitu_daq.runfile.frames import SETTLING, UNDECIDED, UNKNOWN
+from insitu_daq.runfile.layout import ENTRY, frames_nxdata
 
 _NOT_A_MODE = {SETTLING.encode(), UNKNOWN.encode(), UNDECIDED.encode()}
 
@@ -58,12 +59,12 @@ def finish_run_file(path: Path, detectors: Sequence[tuple[str, int]]) -> FinishR
     frame stack, the first the contract's."""
     result = FinishResult()
     with h5py.File(path, "r+", libver="latest", locking=False) as f:
-        entry = f["entry"]
+        entry = f[ENTRY]
         for detector, frames in detectors:
             if frames:
                 result.imaging_groups += _imaging_groups(entry, f[detector], frames)
         first, frames = detectors[0]
-        keep = () if frames else (first, "/entry/data")
+        keep = () if frames else (first, frames_nxdata(0))
         result.removed = _prune_empty(f, keep)
     return result
 

@@ -1,4 +1,5 @@
-"""HDF5 building blocks of the run file, and re-finding handles after the file is reopened.
+"""HDF5 building blocks of the run file, re-finding handles after the file is reopened, and
+reading back a log that may be absent (`read_column`, for the report).
 
 The run file is written in SWMR mode, in which HDF5 cannot create objects (DESIGN.md: the
 file is read while written). When a run needs new datasets (a new frame geometry,
@@ -16,6 +17,13 @@ import h5py
 import numpy as np
 
 _PACKAGE = __name__.rsplit(".", 1)[0]  # objects of this package's classes are walked
+
+
+def read_column(group: h5py.Group, path: str, dtype: str = "<f8") -> np.ndarray:
+    """A dataset's values; empty when absent (a closed run file leaves out a log nobody
+    wrote: runfile_finish.py)."""
+    dataset = group.get(path)
+    return np.zeros(0, dtype=dtype) if dataset is None else dataset[:]
 
 
 def group(parent: h5py.Group, name: str, nx_class: str, **attrs: Any) -> h5py.Group:

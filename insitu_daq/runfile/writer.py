@@ -1,8 +1,9 @@
 """The run file: one NeXus HDF5 file per run, written in SWMR mode by one owner.
 
-Layout (DESIGN.md, fixed): /entry with instrument/detector frames, sample bias and current
-NXlogs, events, the protocol text and an NXdata link. Every group has @NX_class and every
-dataset with a unit has @units. All times are seconds since /entry/start_time.
+Layout (DESIGN.md, fixed; its paths and growing logs declared in layout.py): /entry with
+instrument/detector frames, sample bias and current NXlogs, events, the protocol text and an
+NXdata link. Every group has @NX_class and every dataset with a unit has @units. All times
+are seconds since /entry/start_time.
 
 Why it is shaped so:
 - SWMR forbids creating objects once readers may attach, so every group and dataset the run
@@ -54,13 +55,38 @@ from insitu_daq.runfile.h5util import growing as _growing
 from insitu_daq.runfile.h5util import handle_paths, rebind
 from insitu_daq.runfile.h5util import put as _put
 from insitu_daq.runfile.h5util import scalar as _scalar
+from insitu_daq.runfile.layout import (
+    BIAS_VOLTAGE,
+    CURRENT,
+    DATA,
+    DETECTOR,
+    END_TIME,
+    ENTRY,
+    EVENTS,
+    HOLDER,
+    INSTRUMENT,
+    KIND_LENGTH,
+    LOGS,
+    MESSAGE_LENGTH,
+    MICROSCOPE,
+    OUTPUT_LEVEL,
+    PROTOCOL,
+    PROTOCOL_FILE_NAME,
+    RUN_ID,
+    SAMPLE,
+    SERIES,
+    SOURCE_METER,
+    START_TIME,
+    TITLE,
+    Log,
+    detector,
+    frames_nxdata,
+)
 
 __all__ = ["FrameGeometry", "GeometryRefusedError", "RunMetadata", "RunWriter", "units_of"]
 
 log = logging.getLogger(__name__)
 
-KIND_LENGTH = 32
-MESSAGE_LENGTH = 256
 # HDF5's chunk cache per dataset. Its default (1 MB) keeps every appended column chunk until
 # the megabyte is full: ~25 growing datasets made the writer's memory grow for an hour of run
 # (~150 bytes a frame). Appends only need the chunk being filled (8 KB for 1024 float64);
@@ -70,7 +96,6 @@ CHUNK_CACHE_BYTES = 64 * 1024
 # more often than this is refused (its frames dropped, counted and evented), not followed
 # with a reopen of the file every frame.
 MAX_GEOMETRIES = 8
-DETECTOR = "/entry/instrument/detector"
 
 
 def iso8601(time_ns: int) -> str:
@@ -154,7 +179,7 @@ class RunWriter:
         self.samples_written = 0
         self.level_changes_written = 0
         self.events_written = 0
-        self.holder_positions_written = 0
+        self.series_written = dict.fromkeys(SERIES, 0)  # rows of each generic series
         self.analysis_results_not_kept = 0  # write_analysis with no analysis log to keep them
         self.layout_changes = 0  # times the file left SWMR to make datasets (_change_layout)
         self.finished: FinishResult | None = None  # what close() did to finish the file
@@ -169,80 +194,76 @@ class RunWriter:
         meta, f = self.meta, self._file
         start = iso8601(meta.start_time_ns)
         self._start = start
-        f.attrs["default"] = "entry"
+        f.attrs["default"] = ENTRY.lstrip("/")
         f.attrs["file_name"] = self.path.name
         f.attrs["file_time"] = start
         f.attrs["creator"] = "insitu-daq"
-        entry = _group(f, "entry", "NXentry", default="data")
-        _scalar(entry, "start_time", start)
-        self._end_time = entry.create_dataset("end_time", data="", dtype=h5py.string_dtype())
-        _scalar(entry, "run_id", meta.run_id)
-        _scalar(entry, "title", meta.title)
+        entry = _group(f, ENTRY, "NXentry", default=DATA.rsplit("/", 1)[1])
+        _scalar(f, START_TIME, start)
+        self._end_time = f.create_dataset(END_TIME, data="", dtype=h5py.string_dtype())
+        _scalar(f, RUN_ID, meta.run_id)
+        _scalar(f, TITLE, meta.title)
         _scalar(entry, "program_name", "insitu-daq")
         entry["program_name"].attrs["version"] = meta.program_version
 
-        instrument = _group(entry, "instrument", "NXinstrument")
+        _group(f, INSTRUMENT, "NXinstrument")
         self._add_stack(geometry)
 
-        source_meter = _group(instrument, "source_meter", "NXsensor")
+        source_meter = _group(f, SOURCE_METER, "NXsensor")
         _scalar(source_meter, "measurement", "current")
         for key, value in meta.source_meter.items():
             _scalar(source_meter, key, value, units_of(key))
-        holder = _group(instrument, "holder", "NXpositioner")
+        holder = _group(f, HOLDER, "NXpositioner")
         for key, value in meta.holder.items():
             _scalar(holder, key, value, units_of(key))
-        position = _group(holder, "position", "NXlog")
-        self._holder_time = _growing(position, "time", "<f8", "s")
-        self._holder_time.attrs["start"] = start
-        self._holder_value = _growing(position, "value", "<f8", "nm")
-        microscope = _group(instrument, "microscope", "NXcollection")
+        microscope = _group(f, MICROSCOPE, "NXcollection")
         for key, value in meta.microscope.items():
             _scalar(microscope, key, value, units_of(key))
 
-        sample = _group(entry, "sample", "NXsample")
+        sample = _group(f, SAMPLE, "NXsample")
         _scalar(sample, "name", meta.sample_name)
         _scalar(sample, "chemical_formula", meta.chemical_formula)
-        bias = _group(sample, "bias_voltage", "NXlog")
-        self._bias_time = _growing(bias, "time", "<f8", "s")
-        self._bias_time.attrs["start"] = start
-        self._bias_time_err = _growing(bias, "time_errors", "<f8", "s")
-        self._bias_value = _growing(bias, "value", "<f8", "V")
-        self._bias_setpoint = _growing(bias, "setpoint", "<f8", "V")
-        current = _group(sample, "current", "NXlog")
-        current["time"] = h5py.SoftLink("/entry/sample/bias_voltage/time")
-        current["time_errors"] = h5py.SoftLink("/entry/sample/bias_voltage/time_errors")
-        self._current_value = _growing(current, "value", "<f8", "A")
-        self._status = _growing(current, "status", "<u4")
-        self._status.attrs["description"] = "source-meter status word of each reading"
-        level = _group(source_meter, "output_level", "NXlog")
-        level.attrs["description"] = (
-            "commanded terminal level (0 V with the output off), stamped by the SCPI write that"
-            " set it (midpoint, half-width in time_errors); frames' bias_voltage is this level"
-            " at frame_time plus the measured offset interpolated between readings"
-        )
-        self._level_time = _growing(level, "time", "<f8", "s")
-        self._level_time.attrs["start"] = start
-        self._level_time_err = _growing(level, "time_errors", "<f8", "s")
-        self._level_value = _growing(level, "value", "<f8", "V")
-
-        events = _group(entry, "events", "NXlog")
-        self._event_time = _growing(events, "time", "<f8", "s", chunk=64)
-        self._event_time.attrs["start"] = start
-        self._event_kind = _growing(events, "kind", f"S{KIND_LENGTH}", chunk=64)
-        self._event_message = _growing(events, "message", f"S{MESSAGE_LENGTH}", chunk=64)
+        # The growing logs (layout.LOGS): their datasets by path, for the write_* below.
+        self._datasets: dict[str, h5py.Dataset] = {}
+        for declared in LOGS:
+            self._build_log(declared, start)
 
         self._analysis_log = AnalysisLog(entry, meta.reflections, meta.analysis_parameters)
 
-        protocol = _group(entry, "protocol", "NXnote")
+        protocol = _group(f, PROTOCOL, "NXnote")
         _scalar(protocol, "type", "text/plain")
-        _scalar(protocol, "file_name", meta.protocol_name)
+        _scalar(f, PROTOCOL_FILE_NAME, meta.protocol_name)
         _scalar(protocol, "data", meta.protocol_text)
 
-        self._link_nxdata(entry, "data", DETECTOR)
+        self._link_nxdata(f, frames_nxdata(0), DETECTOR)
+
+    def _build_log(self, declared: Log, start: str) -> None:
+        group = _group(self._file, declared.path, "NXlog")
+        if declared.description:
+            group.attrs["description"] = declared.description
+        times = ("time", "time_errors") if declared.time_errors else ("time",)
+        if declared.time_from is not None:
+            for name in times:
+                group[name] = h5py.SoftLink(f"{declared.time_from}/{name}")
+        else:
+            for name in times:
+                dataset = _growing(group, name, "<f8", "s", chunk=declared.chunk)
+                self._datasets[dataset.name] = dataset
+            group["time"].attrs["start"] = start
+        for column in declared.columns:
+            dataset = _growing(group, column.name, column.dtype, column.units, declared.chunk)
+            if column.description:
+                dataset.attrs["description"] = column.description
+            self._datasets[dataset.name] = dataset
+
+    def _append(self, declared: Log, index: int, **columns: np.ndarray) -> None:
+        """Write rows from `index` of `declared`'s columns (time included)."""
+        for name, values in columns.items():
+            _put(self._datasets[declared.column(name)], index, values)
 
     @staticmethod
-    def _link_nxdata(entry: h5py.Group, name: str, detector: str) -> None:
-        data = _group(entry, name, "NXdata", signal="data")
+    def _link_nxdata(file: h5py.File, path: str, detector: str) -> None:
+        data = _group(file, path, "NXdata", signal="data")
         data.attrs["axes"] = ["frame_time", ".", "."]
         data.attrs["frame_time_indices"] = 0
         data["data"] = h5py.SoftLink(f"{detector}/data")
@@ -261,12 +282,12 @@ class RunWriter:
             scalars["y_pixel_size"] = (meta.pixel_size_m[1], "m")
         if meta.count_time_s is not None:
             scalars["count_time"] = (meta.count_time_s, "s")
-        path = DETECTOR if index == 0 else f"{DETECTOR}_{index}"
+        path = detector(index)
         group = _group(self._file, path, "NXdetector")
         stack = FrameStack.create(group, geometry, self._start, meta.detector_description, scalars)
         self._stacks.append(stack)
         if index:
-            self._link_nxdata(self._file["entry"], f"frames_{index}", path)
+            self._link_nxdata(self._file, frames_nxdata(index), path)
         return stack
 
     def _change_layout(self, change: Callable[[], None]) -> None:
@@ -424,29 +445,35 @@ class RunWriter:
         change = (status & STATUS_LEVEL_CHANGE) != 0
         if np.any(change):
             index = self.level_changes_written
-            _put(self._level_time, index, times[change])
-            _put(self._level_time_err, index, half_widths[change])
-            _put(self._level_value, index, setpoints[change])
+            self._append(
+                OUTPUT_LEVEL, index,
+                time=times[change], time_errors=half_widths[change], value=setpoints[change],
+            )  # fmt: skip
             self._frame_bias_estimator.add_level_changes(times[change], setpoints[change])
             self.level_changes_written += int(np.count_nonzero(change))
             reading = ~change
             times, half_widths, volts = times[reading], half_widths[reading], volts[reading]
             setpoints, amps, status = setpoints[reading], amps[reading], status[reading]
         index = self.samples_written
-        _put(self._bias_time, index, times)
-        _put(self._bias_time_err, index, half_widths)
-        _put(self._bias_value, index, volts)
-        _put(self._bias_setpoint, index, setpoints)
-        _put(self._current_value, index, amps)
-        _put(self._status, index, status)
+        self._append(
+            BIAS_VOLTAGE,
+            index,
+            time=times,
+            time_errors=half_widths,
+            value=volts,
+            setpoint=setpoints,
+        )
+        self._append(CURRENT, index, value=amps, status=status)
         self._frame_bias_estimator.add_readings(times, volts, amps)
         self.samples_written += len(times)
 
-    def write_holder_position(self, time: float, position_nm: float) -> None:
-        index = self.holder_positions_written
-        _put(self._holder_time, index, np.array([time]))
-        _put(self._holder_value, index, np.array([position_nm]))
-        self.holder_positions_written += 1
+    def write_series(self, name: str, rows: np.ndarray) -> None:
+        """Rows of a generic time series (layout.SERIES[name]): a structured array with a field
+        per column of its log (`Log.row_fields`)."""
+        declared = SERIES[name]
+        fields = {field: rows[field] for field in rows.dtype.names or ()}
+        self._append(declared, self.series_written[name], **fields)
+        self.series_written[name] += len(rows)
 
     def write_analysis(self, result: dict[str, Any]) -> None:
         """A live-analysis result (from the analysis process, through the ingest), kept by
@@ -458,10 +485,12 @@ class RunWriter:
         analysis_log.append(result)
 
     def write_event(self, time: float, kind: str, message: str) -> None:
-        index = self.events_written
-        _put(self._event_time, index, np.array([time]))
-        _put(self._event_kind, index, np.array([_fixed(kind, KIND_LENGTH)]))
-        _put(self._event_message, index, np.array([_fixed(message, MESSAGE_LENGTH)]))
+        self._append(
+            EVENTS, self.events_written,
+            time=np.array([time]),
+            kind=np.array([_fixed(kind, KIND_LENGTH)]),
+            message=np.array([_fixed(message, MESSAGE_LENGTH)]),
+        )  # fmt: skip
         self.events_written += 1
 
     # ----- per-frame fills, flush, close ------------------------------------------------------
@@ -526,11 +555,11 @@ class RunWriter:
 
     def _sort_events(self) -> None:
         """Events come from several threads with their own stamps; the file keeps time order."""
-        times = self._event_time[:]
-        order = np.argsort(times, kind="stable")
+        columns = [self._datasets[EVENTS.column(c)] for c in ("time", "kind", "message")]
+        order = np.argsort(columns[0][:], kind="stable")
         if np.all(order == np.arange(len(order))):
             return
-        for dataset in (self._event_time, self._event_kind, self._event_message):
+        for dataset in columns:
             dataset[:] = dataset[:][order]
 
     @property

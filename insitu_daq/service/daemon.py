@@ -42,6 +42,7 @@ import numpy as np
 
 from insitu_daq import __version__
 from insitu_daq.analysis.pipeline import PipelineSettings
+from insitu_daq.analysis.quantities import RESULT_KEYS
 from insitu_daq.control.bias import BiasController
 from insitu_daq.control.conditions import LiveUpdate
 from insitu_daq.control.guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
@@ -79,9 +80,6 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL_S = 0.5
 DATA_DISK_INTERVAL_S = 2.0  # the data disk's free space, for status and metrics
 BIAS_OFF_VOLTS = 1e-6  # a setpoint above this is "the bias left 0 V"
-# Keys of an analysis result forwarded to the run file and the event stream.
-RESULT_KEYS = ("time", "image_id", "mode", "latency_s", "skipped", "settling",
-               "integrated_frames", "values", "received_ns")  # fmt: skip
 FINAL_STATES = ("finished", "aborted", "failed")
 # Live updates kept for the runner's conditions: ~80 s of analysis results and bias batches;
 # the runner takes them every 0.1 s.

@@ -42,6 +42,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from insitu_daq import __version__
+from insitu_daq.analysis.quantities import D_SPACING, find, registered
+from insitu_daq.ingest.wire import DROP_REASONS, HDF5_WRITE_BUCKETS_S
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +51,8 @@ PREFIX = "insitu_daq_"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9105
 
-# Upper bounds (s) of the HDF5 write-latency buckets: those of the ingest process
-# (ingest.HDF5_WRITE_BUCKETS_S), whose histogram this one mirrors.
-HDF5_WRITE_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
-                      50e-3, 0.1, 0.25, 1.0)  # fmt: skip
 # Series that exist from the start, so rate() sees their first increase.
 PROTOCOL_STATES = ("idle", "running", "paused", "aborting", "finished", "aborted", "failed")
-# The ingest process's reasons for not writing a received frame (ingest.DROP_REASONS).
-DROP_REASONS = ("duplicate", "late", "stale_series", "geometry", "corrupt", "write_error")
 
 # Live analysis: latency buckets (s), and why a frame was not analysed. From the analysis
 # process's cumulative stats: "behind" (a newer frame was queued), "settling" (within a mode
@@ -85,8 +81,6 @@ INGEST_TAP_COUNTERS = {
 }
 # Why the run file stopped taking writes (recording_failure.KINDS).
 RECORDING_FAILURE_KINDS = ("disk_full", "read_only", "folder_gone", "write_error")
-# Phase names of the live analysis (analysis/reflections.py PHASES).
-ANALYSIS_PHASES = ("layered", "disordered", "rock_salt")
 
 # Ingest stats key -> DaemonMetrics counter attribute. Cumulative, as the ingest reports them.
 INGEST_COUNTERS = {
@@ -240,7 +234,9 @@ class DaemonMetrics:
             registry=r,
         )
         self.hdf5_write_seconds = _MirroredHistogram(
-            f"{PREFIX}hdf5_write_seconds", "time of one write into the run file", HDF5_WRITE_BUCKETS
+            f"{PREFIX}hdf5_write_seconds",
+            "time of one write into the run file",
+            HDF5_WRITE_BUCKETS_S,  # the ingest process's buckets, whose histogram this mirrors
         )
         r.register(self.hdf5_write_seconds)
         self.ingest_up = Gauge(
@@ -327,52 +323,19 @@ class DaemonMetrics:
             "run-clock seconds since the current (or last) run started",
             registry=r,
         )
-        # Live analysis (issue 4). Gauges show the newest value; a quantity that is not
-        # measurable has no series (an absent series, not a made-up number).
-        self.d_spacing = Gauge(
-            f"{PREFIX}d_spacing_meters",
-            "measured lattice spacing of a tracked reflection",
-            ["reflection"],
-            registry=r,
-        )
-        self.reflection_intensity = Gauge(
-            f"{PREFIX}reflection_intensity_ratio",
-            "relative power of a tracked reflection above background (dimensionless)",
-            ["reflection"],
-            registry=r,
-        )
-        self.phase_fraction = Gauge(
-            f"{PREFIX}phase_fraction_ratio",
-            "fraction (0-1) of the particle in the HRTEM field classified as a phase",
-            ["phase"],
-            registry=r,
-        )
-        self.phase_presence = Gauge(
-            f"{PREFIX}phase_presence_ratio",
-            "share (0-1) of the particle tiles in the HRTEM field in which a phase is seen at all",
-            ["phase"],
-            registry=r,
-        )
-        self.expansion = Gauge(
-            f"{PREFIX}expansion_ratio",
-            "projected-area growth of the particle relative to the pre-bias reference",
-            registry=r,
-        )
-        self.projected_area = Gauge(
-            f"{PREFIX}projected_area_square_meters",
-            "projected area of the particle (low magnification)",
-            registry=r,
-        )
-        self.front_position = Gauge(
-            f"{PREFIX}front_position_meters",
-            "reaction front distance from the contact surface",
-            registry=r,
-        )
-        self.front_velocity = Gauge(
-            f"{PREFIX}front_velocity_meters_per_second",
-            "reaction front speed (Theil-Sen over a sliding window)",
-            registry=r,
-        )
+        # Live analysis (issue 4): one gauge per declared quantity with a metric
+        # (analysis/quantities.py), by result key; a family's is labelled by its member.
+        # Gauges show the newest value; a quantity that is not measurable has no series (an
+        # absent series, not a made-up number).
+        self.analysis_gauges: dict[str, Gauge] = {}
+        for quantity in registered():
+            if quantity.metric is not None:
+                self.analysis_gauges[quantity.key] = Gauge(
+                    f"{PREFIX}{quantity.metric.name}",
+                    quantity.metric.help,
+                    [quantity.per] if quantity.per else [],
+                    registry=r,
+                )
         self.analysis_latency = Histogram(
             f"{PREFIX}analysis_latency_seconds",
             "frame arrival at the ingest to its analysis result at the daemon",
@@ -507,32 +470,21 @@ class DaemonMetrics:
     # ----- analysis --------------------------------------------------------------------------
     def set_d_spacing(self, reflection: str, meters: float | None) -> None:
         """The measured d of a reflection; None (not measurable) removes its series."""
-        if meters is None or not math.isfinite(meters):
-            with contextlib.suppress(KeyError):  # it may never have been measurable
-                self.d_spacing.remove(reflection)
-            return
-        self.d_spacing.labels(reflection).set(meters)
+        self.observe_analysis({D_SPACING.key_for(reflection): meters}, None)
 
     def observe_analysis(self, values: Mapping[str, Any], latency_s: float | None) -> None:
-        """One live result's values (analysis/keys.py names): gauges in base units; a value
-        that is None (not measurable) removes its series."""
+        """One live result's values (analysis/quantities.py keys): gauges in base units; a
+        value that is None (not measurable) removes its series."""
         for key, value in values.items():
-            if key.startswith("d_spacing_m."):
-                self.set_d_spacing(key.split(".", 1)[1], value)
-            elif key.startswith("intensity."):
-                self._set_or_remove(self.reflection_intensity, value, key.split(".", 1)[1])
-            elif key.endswith("_fraction") and key[: -len("_fraction")] in ANALYSIS_PHASES:
-                self._set_or_remove(self.phase_fraction, value, key[: -len("_fraction")])
-            elif key.endswith("_presence") and key[: -len("_presence")] in ANALYSIS_PHASES:
-                self._set_or_remove(self.phase_presence, value, key[: -len("_presence")])
-            elif key == "expansion":
-                self._set_or_remove(self.expansion, value)
-            elif key == "projected_area_m2":
-                self._set_or_remove(self.projected_area, value)
-            elif key == "front_position_nm":
-                self._set_or_remove(self.front_position, _scaled(value, 1e-9))
-            elif key == "front_velocity_nm_s":
-                self._set_or_remove(self.front_velocity, _scaled(value, 1e-9))
+            found = find(key)
+            if found is None or found[0].metric is None:
+                continue
+            quantity, member = found
+            gauge = self.analysis_gauges.get(quantity.key)
+            if gauge is None:  # declared after this registry was built
+                continue
+            scaled = _scaled(value, quantity.metric.scale)
+            self._set_or_remove(gauge, scaled, *((member,) if quantity.per else ()))
         if latency_s is not None and math.isfinite(latency_s) and latency_s >= 0:
             self.analysis_latency.observe(latency_s)
 

@@ -40,7 +40,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from insitu_daq.report.summary import AnalysisRecord, HoldSpan, ReflectionSeries, Series
+from insitu_daq.analysis.quantities import EXPANSION, FRONT_VELOCITY
+from insitu_daq.report.analysis import AnalysisRecord, ReflectionSeries, Series
+from insitu_daq.report.events import HoldSpan
 from insitu_daq.verify.truth import TruthSample
 
 D_TOLERANCE = 0.01  # relative
@@ -272,7 +274,7 @@ def front_speed_verdict(
     analysis: AnalysisRecord, truth: Sequence[TruthSample], hold: HoldSpan | None
 ) -> Verdict:
     name = "front speed (median over the hold)"
-    series = analysis.front_velocity_nm_s
+    series = analysis.series.get(FRONT_VELOCITY.key)
     window = float(analysis.parameters.get("front_window_s", 10.0))
     if hold is None:
         return Verdict(name, None, None, FRONT_SPEED_TOLERANCE, " nm/s", False, "no hold")
@@ -312,7 +314,7 @@ def expansion_verdicts(
     analysis: AnalysisRecord, truth: Sequence[TruthSample], hold: HoldSpan | None
 ) -> list[Verdict]:
     """At the hold's end, and the worst over the LM looks of the hold."""
-    series = analysis.expansion
+    series = analysis.series.get(EXPANSION.key)
     if hold is None or series is None:
         why = "no hold" if hold is None else "never measured"
         return [Verdict("expansion", None, None, EXPANSION_TOLERANCE * 100, " %", False, why)]
@@ -405,7 +407,7 @@ def control_verdicts(analysis: AnalysisRecord, truth: Sequence[TruthSample]) -> 
         verdicts.append(
             _absolute_verdict(label, largest, 0.0, CONTROL_MAX_FRACTION, "", f"{maps} phase maps")
         )
-    series = analysis.expansion
+    series = analysis.series.get(EXPANSION.key)
     label = "|expansion|, largest (none expected)"
     if series is None or not series.measured:
         verdicts.append(

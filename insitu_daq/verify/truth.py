@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from insitu_daq.report.summary import AnalysisRecord, HoldSpan, ReflectionSeries, Series
+from insitu_daq.analysis.quantities import EXPANSION, FRONT_POSITION, FRONT_VELOCITY
+from insitu_daq.report.analysis import AnalysisRecord, ReflectionSeries, Series
+from insitu_daq.report.events import HoldSpan
 
 # Measured values near a compared time: the median over this many run seconds before it.
 WINDOW_S = 4.0
@@ -243,13 +245,13 @@ def _front(
     if hold is not None:
         span = (hold.start_s, hold.end_s if hold.end_s is not None else math.inf)
     speed, true_speed = _measured_vs_true(
-        analysis.front_velocity_nm_s, truth, "front_velocity_nm_s", span
+        analysis.series.get(FRONT_VELOCITY.key), truth, "front_velocity_nm_s", span
     )
     lines = [
         f"  {'front speed, median over the hold':<35} {_fmt(speed, '.2f', ' nm/s')}"
         f"  (truth {_fmt(true_speed, '.2f', ' nm/s')})"
     ]
-    position = analysis.front_position_nm
+    position = analysis.series.get(FRONT_POSITION.key)
     if position is not None and position.measured:
         finite = np.isfinite(position.value)
         at = float(position.time[finite][-1])
@@ -266,7 +268,7 @@ def _front(
 
 
 def _expansion(analysis: AnalysisRecord, truth: Sequence[TruthSample]) -> list[str]:
-    series = analysis.expansion
+    series = analysis.series.get(EXPANSION.key)
     if series is None or not series.measured:
         return [f"  {'expansion':<35} not measured"]
     finite = np.isfinite(series.value)
