@@ -48,6 +48,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from insitu_daq.control.conditions import ConditionError, Until, parse_until
+from insitu_daq.control.limits import LimitError, SafetyCheck
 from insitu_daq.core.config import ConfigError, SafetyLimits
 from insitu_daq.core.uniquekeys import load_yaml, toml_error
 
@@ -432,28 +433,16 @@ class Protocol(BaseModel):
     # ----- checks ------------------------------------------------------------------------
     def validate_against(self, limits: SafetyLimits) -> Protocol:
         """Refuse a bias or ramp rate beyond the station's limits, naming the step; returns self."""
+        check = SafetyCheck(limits)
         for number, step in enumerate(self.steps, 1):
             if not isinstance(step, Bias):
                 continue
-            where = f"step {number} (bias)"
-            if abs(step.volts) > limits.max_bias_volts:
+            try:
+                check.bias(step.volts, step.rate_volts_per_s)
+            except LimitError as exc:
                 raise ProtocolError(
-                    f"{where}: volts: {step.volts:+g} V is beyond the station's maximum bias of "
-                    f"{limits.max_bias_volts:g} V (limits.max_bias_volts)",
-                    number,
-                    "bias",
-                    "volts",
-                )
-            rate = step.rate_volts_per_s
-            if rate is not None and rate > limits.max_ramp_rate_volts_per_s:
-                raise ProtocolError(
-                    f"{where}: rate_volts_per_s: {rate:g} V/s is beyond the station's maximum "
-                    f"ramp rate of {limits.max_ramp_rate_volts_per_s:g} V/s "
-                    "(limits.max_ramp_rate_volts_per_s)",
-                    number,
-                    "bias",
-                    "rate_volts_per_s",
-                )
+                    f"step {number} (bias): {exc}", number, "bias", exc.field
+                ) from None
         return self
 
 

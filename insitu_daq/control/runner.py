@@ -45,6 +45,7 @@ from enum import Enum
 from typing import Any
 
 from insitu_daq.control.conditions import ConditionTracker, Until
+from insitu_daq.control.limits import LimitError
 from insitu_daq.control.protocol import (
     Acquire,
     Approach,
@@ -59,7 +60,7 @@ from insitu_daq.control.protocol import (
     Step,
     Wait,
 )
-from insitu_daq.control.station import FROM_NOW, LimitError, Station, StationError, Stopped
+from insitu_daq.control.station import FROM_NOW, Station, StationError, Stopped
 from insitu_daq.core.records import Event, EventKind
 
 log = logging.getLogger(__name__)
