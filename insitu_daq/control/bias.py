@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from pyvisa.errors import Error as VisaError
 
+from insitu_daq.control import staircase
 from insitu_daq.control.limits import LimitError, SafetyCheck
 from insitu_daq.control.retry import backoff_delays, call_with_retries
 from insitu_daq.control.station import StationError, Stopped
@@ -381,7 +382,9 @@ class BiasController:
         try:
             if driver.output_enabled():
                 wall_rate = self._limits.max_ramp_rate_volts_per_s / self._clock.wall_seconds(1)
-                driver.ramp_to(0.0, wall_rate, self._limits.ramp_step_volts)
+                start = driver.voltage_setpoint()
+                step = self._limits.ramp_step_volts
+                staircase.ramp(driver.set_voltage, start, 0.0, step, wall_rate, check=self._check)
                 driver.output_off()
             driver.set_voltage(0.0)
             with self._lock:
@@ -446,13 +449,14 @@ class BiasController:
             self._event(EventKind.BIAS, "output on at 0 V")
             return now
         if self._output_on and self._level != level:
-            span = level - self._level
-            step = math.copysign(min(abs(span), self._limits.ramp_step_volts), span)
-            interval = self._clock.wall_seconds(abs(step) / goal.rate)
+            to = staircase.next_level(self._level, level, self._limits.ramp_step_volts)
+            interval = self._clock.wall_seconds(
+                staircase.step_interval_s(to - self._level, goal.rate)
+            )
             due = max(self._last_change, goal.started) + interval
             if now < due:
                 return due
-            self._set_level(level if abs(step) == abs(span) else self._level + step, now)
+            self._set_level(to, now)
             return now
         if not output_on and self._output_on:  # here the level is 0
             began = time.monotonic_ns()
