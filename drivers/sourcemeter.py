@@ -29,7 +29,6 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyvisa
@@ -354,42 +353,6 @@ class Keithley2400(ClosedOnExit):
 
     def compliance(self) -> float:
         return float(self._query(_Scpi.COMPLIANCE_QUERY))
-
-    def ramp_to(
-        self,
-        target_volts: float,
-        rate_volts_per_s: float,
-        step_volts: float = 0.05,
-        on_step: Callable[[float], None] | None = None,
-        stop: threading.Event | None = None,
-    ) -> bool:
-        """Step the level from its present setpoint to `target_volts` at the given mean rate.
-
-        Steps are equal and no larger than `step_volts`; step i is set at i * step / rate
-        seconds after the start, so the level never runs ahead of the rate. `on_step(level)`
-        is called after each step. Returns True when the target is reached, False when
-        `stop` was set (the level stays where the last step left it).
-        """
-        if rate_volts_per_s <= 0 or step_volts <= 0:
-            raise ValueError("rate and step must be positive")
-        start = self.voltage_setpoint()
-        span = target_volts - start
-        steps = max(1, math.ceil(abs(span) / step_volts - 1e-9))
-        interval_s = abs(span) / steps / rate_volts_per_s
-        began = time.monotonic()
-        for i in range(1, steps + 1):
-            delay = began + i * interval_s - time.monotonic()
-            if stop is not None:
-                if stop.wait(max(0.0, delay)):
-                    log.info("sourcemeter: ramp stopped at step %d of %d", i - 1, steps)
-                    return False
-            elif delay > 0:
-                time.sleep(delay)
-            level = target_volts if i == steps else start + span * i / steps
-            self.set_voltage(level)
-            if on_step is not None:
-                on_step(level)
-        return True
 
     # ----- output ------------------------------------------------------------------------------
     def output_on(self) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from insitu_daq.control.bias import BiasController
-from insitu_daq.control.station import LimitError, StationError, Stopped
+from insitu_daq.control.limits import LimitError
+from insitu_daq.control.station import StationError, Stopped
 from insitu_daq.core.clock import RunClock
 from insitu_daq.core.config import StationConfig, parse_config
 from insitu_daq.core.records import Event, EventKind, bias_samples, level_change_mask
@@ -210,11 +211,14 @@ def test_start_sets_compliance_before_any_output_on_and_leaves_output_off(
     assert not sim.instrument.settings.output
 
 
+# 5.1 V: beyond the station's 5 V limit (set from the front panel); the limits check every
+# level written, and a ramp down from beyond them must still go through.
+@pytest.mark.parametrize("left_on_volts", [0.3, 5.1])
 def test_start_ramps_down_an_output_left_on(
-    sim: SimulatedSourceMeter, station: SimStation, recorder: Recorder
+    sim: SimulatedSourceMeter, station: SimStation, recorder: Recorder, left_on_volts: float
 ) -> None:
     with Keithley2400(sim.endpoints["visa"]) as earlier_session:
-        earlier_session.set_voltage(0.3)
+        earlier_session.set_voltage(left_on_volts)
         earlier_session.output_on()
     since = history_length(station) - 1
 
@@ -224,7 +228,7 @@ def test_start_ramps_down_an_output_left_on(
 
     assert not sim.instrument.settings.output
     levels = history(station, since)
-    assert levels[0][1] == pytest.approx(0.3) and levels[-1][1] == 0.0
+    assert levels[0][1] == pytest.approx(left_on_volts) and levels[-1][1] == 0.0
     assert_staircase(levels, MAX_RATE)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from insitu_daq.app.module_command import module_command
+from insitu_daq.control import staircase
 from insitu_daq.control.guardian import LOG_FILE_NAME
 from insitu_daq.core.config import StationConfig, parse_config
 from insitu_daq.drivers.sourcemeter import Keithley2400
@@ -135,7 +136,7 @@ def _switch_on(resource: str, volts: float) -> None:
     with Keithley2400(resource) as meter:
         meter.configure_voltage_source(compliance_amperes=100e-9)
         meter.output_on()
-        meter.ramp_to(volts, rate_volts_per_s=MAX_RATE * TIME_SCALE * 10, step_volts=0.5)
+        staircase.ramp(meter.set_voltage, 0.0, volts, 0.5, MAX_RATE * TIME_SCALE * 10)
 
 
 def _output(resource: str) -> tuple[bool, float]:

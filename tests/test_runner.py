@@ -20,6 +20,7 @@ import pytest
 
 from insitu_daq.control import runner as runner_module
 from insitu_daq.control.conditions import LiveUpdate
+from insitu_daq.control.limits import LimitError
 from insitu_daq.control.protocol import (
     Acquire,
     Approach,
@@ -31,7 +32,7 @@ from insitu_daq.control.protocol import (
     Wait,
 )
 from insitu_daq.control.runner import ProtocolRunner, RunnerBusy, RunState
-from insitu_daq.control.station import FROM_NOW, LimitError, StationError, Stopped
+from insitu_daq.control.station import FROM_NOW, StationError, Stopped
 from insitu_daq.core.clock import RunClock
 from insitu_daq.core.records import Event, EventKind
 

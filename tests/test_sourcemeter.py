@@ -6,10 +6,8 @@ client would, to check the parser answers like an instrument.
 
 from __future__ import annotations
 
-import itertools
 import math
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -234,40 +232,6 @@ def test_longer_integration_makes_readings_slower(smu: Keithley2400) -> None:
     smu.output_on()
     # Ratio only: 10 PLC of V and I at 50 Hz integrate for 0.4 s, 0.01 PLC for 0.4 ms.
     assert fastest_read_s(10.0) > 4 * fastest_read_s(0.01)
-
-
-def test_ramp_steps_through_intermediate_levels(smu: Keithley2400, station: SimStation) -> None:
-    smu.configure_voltage_source(compliance_amperes=COMPLIANCE_A)
-    smu.output_on()
-    with station.model() as m:
-        history_start = len(m.bias_history)
-    levels: list[float] = []
-
-    assert smu.ramp_to(1.0, rate_volts_per_s=20.0, step_volts=0.1, on_step=levels.append)
-
-    assert smu.voltage_setpoint() == pytest.approx(1.0)
-    assert levels == pytest.approx([0.1 * i for i in range(1, 11)])
-    with station.model() as m:
-        biases = [v for _, v in list(m.bias_history)[history_start - 1 :]]
-    steps = [b - a for a, b in itertools.pairwise(biases)]
-    assert len(steps) >= 5
-    assert all(0 < step <= 0.1 + 1e-9 for step in steps)
-    assert biases[-1] == pytest.approx(1.0)
-
-
-def test_ramp_stops_when_asked(smu: Keithley2400) -> None:
-    smu.configure_voltage_source(compliance_amperes=COMPLIANCE_A)
-    smu.output_on()
-    stop = threading.Event()
-    levels: list[float] = []
-
-    def on_step(level: float) -> None:
-        levels.append(level)
-        if len(levels) == 3:
-            stop.set()
-
-    assert not smu.ramp_to(2.0, rate_volts_per_s=50.0, step_volts=0.1, on_step=on_step, stop=stop)
-    assert smu.voltage_setpoint() == pytest.approx(0.3)
 
 
 def test_garbage_is_counted_and_the_server_keeps_serving(

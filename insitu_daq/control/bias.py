@@ -16,7 +16,8 @@ the bias safe) cannot deadlock the I/O thread.
 Rules kept by the I/O thread:
 - every level change is at most `limits.ramp_step_volts`, and follows the previous change (or
   the start of the ramp) by at least step / rate run-clock seconds, so the ramp is never faster
-  than asked; when the I/O cannot keep up it runs slower;
+  than asked; when the I/O cannot keep up it runs slower; each write with the output on is
+  checked against the limits first (limits.SafetyCheck.step, the station's one rule set);
 - the output goes on only at 0 V, after the compliance is configured (at every connect);
 - a reading in compliance ramps to 0 V at the maximum rate and switches the output off;
 - an output found on that should be off is ramped down; an output found off that should be on
@@ -43,8 +44,10 @@ from typing import Any
 import numpy as np
 from pyvisa.errors import Error as VisaError
 
+from insitu_daq.control import staircase
+from insitu_daq.control.limits import LimitError, SafetyCheck
 from insitu_daq.control.retry import backoff_delays, call_with_retries
-from insitu_daq.control.station import LimitError, StationError, Stopped
+from insitu_daq.control.station import StationError, Stopped
 from insitu_daq.core.clock import RunClock
 from insitu_daq.core.config import StationConfig
 from insitu_daq.core.records import BIAS_SAMPLE_DTYPE, STATUS_LEVEL_CHANGE, Event, EventKind
@@ -146,6 +149,7 @@ class BiasController:
     ) -> None:
         self._config = config
         self._limits = config.limits
+        self._check = SafetyCheck(config.limits)
         self._clock = clock
         self._on_samples = on_samples
         self._on_event = on_event
@@ -244,27 +248,7 @@ class BiasController:
 
     def check(self, volts: float, rate_volts_per_s: float | None = None) -> None:
         """Raise LimitError naming the limit a ramp to `volts` at that rate would break."""
-        self._checked_rate(volts, rate_volts_per_s)
-
-    def _checked_rate(self, volts: float, rate_volts_per_s: float | None) -> float:
-        """The rate to ramp at (None: the maximum), or LimitError; touches nothing."""
-        limits = self._limits
-        if not math.isfinite(volts):
-            raise LimitError(f"bias {volts} V is not a finite number")
-        if abs(volts) > limits.max_bias_volts:
-            raise LimitError(
-                f"bias {volts:g} V beyond limits.max_bias_volts = {limits.max_bias_volts:g} V"
-            )
-        if rate_volts_per_s is None:
-            return limits.max_ramp_rate_volts_per_s
-        if not math.isfinite(rate_volts_per_s) or rate_volts_per_s <= 0:
-            raise LimitError(f"ramp rate {rate_volts_per_s} V/s must be a positive number")
-        if rate_volts_per_s > limits.max_ramp_rate_volts_per_s:
-            raise LimitError(
-                f"ramp rate {rate_volts_per_s:g} V/s beyond limits.max_ramp_rate_volts_per_s"
-                f" = {limits.max_ramp_rate_volts_per_s:g} V/s"
-            )
-        return rate_volts_per_s
+        self._check.bias(volts, rate_volts_per_s)
 
     def ramp_to(
         self,
@@ -277,7 +261,7 @@ class BiasController:
         Limits are checked before anything else (LimitError). Stopped / StationError: see the
         module docstring.
         """
-        rate = self._checked_rate(volts, rate_volts_per_s)
+        rate = self._check.bias(volts, rate_volts_per_s)
         self._require_running()
         with self._lock:
             if self._lost:
@@ -398,7 +382,9 @@ class BiasController:
         try:
             if driver.output_enabled():
                 wall_rate = self._limits.max_ramp_rate_volts_per_s / self._clock.wall_seconds(1)
-                driver.ramp_to(0.0, wall_rate, self._limits.ramp_step_volts)
+                start = driver.voltage_setpoint()
+                step = self._limits.ramp_step_volts
+                staircase.ramp(driver.set_voltage, start, 0.0, step, wall_rate, check=self._check)
                 driver.output_off()
             driver.set_voltage(0.0)
             with self._lock:
@@ -417,6 +403,9 @@ class BiasController:
                     break
             try:
                 wake_at = self._try_reconnect() if self._driver is None else self._work()
+            except LimitError:  # a ValueError, but no link fault: the refused level was not sent
+                log.exception("bias: level write refused by the limits")
+                wake_at = time.monotonic() + IDLE_WAKE_S
             except DRIVER_ERRORS as exc:
                 self._instrument_failed(exc)
                 wake_at = time.monotonic()
@@ -460,13 +449,14 @@ class BiasController:
             self._event(EventKind.BIAS, "output on at 0 V")
             return now
         if self._output_on and self._level != level:
-            span = level - self._level
-            step = math.copysign(min(abs(span), self._limits.ramp_step_volts), span)
-            interval = self._clock.wall_seconds(abs(step) / goal.rate)
+            to = staircase.next_level(self._level, level, self._limits.ramp_step_volts)
+            interval = self._clock.wall_seconds(
+                staircase.step_interval_s(to - self._level, goal.rate)
+            )
             due = max(self._last_change, goal.started) + interval
             if now < due:
                 return due
-            self._set_level(level if abs(step) == abs(span) else self._level + step, now)
+            self._set_level(to, now)
             return now
         if not output_on and self._output_on:  # here the level is 0
             began = time.monotonic_ns()
@@ -489,6 +479,8 @@ class BiasController:
 
     def _set_level(self, volts: float, now: float) -> None:
         assert self._driver is not None
+        if self._output_on:  # the terminals see this write: one step within the limits
+            self._check.step(self._level, volts)
         began = time.monotonic_ns()
         self._driver.set_voltage(volts)
         ended = time.monotonic_ns()

@@ -62,7 +62,9 @@ from typing import IO, TypeVar
 import pyvisa
 
 from insitu_daq.app.module_command import module_command
+from insitu_daq.control import staircase
 from insitu_daq.control.bias import DRIVER_ERRORS, BiasController
+from insitu_daq.control.limits import LimitError, SafetyCheck
 from insitu_daq.control.retry import call_with_retries
 from insitu_daq.control.station import StationError
 from insitu_daq.core.config import StationConfig
@@ -300,26 +302,6 @@ def _wall_rate(config: StationConfig, time_scale: float) -> float:
     return config.limits.max_ramp_rate_volts_per_s * time_scale
 
 
-def _ramp_to_zero(meter: Keithley2400, start_volts: float, step_volts: float, rate: float) -> int:
-    """Equal steps of at most `step_volts` from `start_volts` to 0 V, never faster than `rate`.
-
-    Each step follows the end of the previous one by step / rate; the first one too, since
-    the daemon may have changed the level just before it died. Returns the number of steps.
-    """
-    steps = math.ceil(abs(start_volts) / step_volts - 1e-9)
-    if steps == 0:
-        return 0
-    interval = abs(start_volts) / steps / rate
-    last_change = time.monotonic()
-    for i in range(1, steps + 1):
-        delay = last_change + interval - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        meter.set_voltage(0.0 if i == steps else start_volts * (1 - i / steps))
-        last_change = time.monotonic()
-    return steps
-
-
 def _make_safe_once(
     config: StationConfig, time_scale: float, manager: pyvisa.ResourceManager | None
 ) -> None:
@@ -346,13 +328,17 @@ def _make_safe_once(
             name, level, rate, config.limits.max_ramp_rate_volts_per_s, time_scale, step,
         )  # fmt: skip
         began = time.monotonic()
-        steps = _ramp_to_zero(meter, level, step, rate)
+        steps: list[float] = []
+        # The first step one interval after now: the daemon may have changed the level just
+        # before it died.
+        check = SafetyCheck(config.limits)
+        staircase.ramp(meter.set_voltage, level, 0.0, step, rate, on_step=steps.append, check=check)
         meter.output_off()
         if meter.output_enabled():
             raise SourceMeterError("output still on after :OUTP OFF")
         log.warning(
             "source-meter %s: at 0 V after %d steps in %.3f s; output OFF",
-            name, steps, time.monotonic() - began,
+            name, len(steps), time.monotonic() - began,
         )  # fmt: skip
 
 
@@ -376,6 +362,11 @@ def make_source_meter_safe(
                 lambda: _make_safe_once(config, time_scale, manager), config.retry, DRIVER_ERRORS
             )
             return True
+        except LimitError as exc:
+            # Before DRIVER_ERRORS (LimitError is a ValueError): persisting cannot make a level
+            # the limits refuse acceptable.
+            log.critical("source-meter %s NOT made safe: %s", config.source_meter.resource, exc)
+            return False
         except DRIVER_ERRORS as exc:
             if time.monotonic() >= deadline:
                 log.critical(

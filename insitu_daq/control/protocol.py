@@ -19,35 +19,41 @@ both the lattice (HRTEM) and the particle's size and front (LM).
 
 Every error is one line naming the step (1-based, as an operator counts) and the field:
 `step 3 (bias): volts: Input should be a valid number`. Safety limits are checked against the
-station's limits by `validate_against` before a run starts. A key given twice (`hold:
-{duration_s: 600, duration_s: 6}`, or two `steps:`) is refused, naming the key and its line
-(uniquekeys.py): a YAML reader would silently keep the last one.
+station's limits by `validate_against` before a run starts. The step kinds are the registry's
+(insitu_daq/control/steps/: one module per kind); the union of steps follows it. A key given
+twice (`hold: {duration_s: 600, duration_s: 6}`, or two `steps:`) is refused, naming the key
+and its line (uniquekeys.py): a YAML reader would silently keep the last one.
 """
 
 from __future__ import annotations
 
-import difflib
 import sys
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
     PrivateAttr,
-    Tag,
     ValidationError,
-    ValidatorFunctionWrapHandler,
-    WrapValidator,
-    field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from insitu_daq.control.conditions import ConditionError, Until, parse_until
+from insitu_daq.control.limits import LimitError, SafetyCheck
+from insitu_daq.control.steps import STEPS, PlanState, Step, any_step, on_change, step_kind
+from insitu_daq.control.steps.acquire import Acquire
+from insitu_daq.control.steps.approach import Approach
+from insitu_daq.control.steps.bias import Bias
+from insitu_daq.control.steps.hold import Hold
+from insitu_daq.control.steps.interleave import Interleave
+from insitu_daq.control.steps.mark import Mark
+from insitu_daq.control.steps.microscope import Microscope
+from insitu_daq.control.steps.retract import Retract
+from insitu_daq.control.steps.wait import Wait
 from insitu_daq.core.config import ConfigError, SafetyLimits
 from insitu_daq.core.uniquekeys import load_yaml, toml_error
 
@@ -56,8 +62,22 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+# The step classes are the protocol's vocabulary (`from insitu_daq.control.protocol import Bias`);
+# each lives with its executor in control/steps/.
+__all__ = [
+    "Acquire",
+    "Approach",
+    "Bias",
+    "Hold",
+    "Interleave",
+    "Mark",
+    "Microscope",
+    "Protocol",
+    "ProtocolError",
+    "Retract",
+    "Step",
+    "Wait",
+]
 
 
 class ProtocolError(ConfigError):
@@ -76,258 +96,6 @@ class ProtocolError(ConfigError):
         self.field = field
 
 
-# ----- steps -----------------------------------------------------------------------------------
-class Step(BaseModel):
-    """One step of a protocol. Subclasses name their `kind` and describe themselves."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: ClassVar[str]
-    # The field a bare value sets (`hold: 120` is `hold: {duration_s: 120}`), if any.
-    shorthand: ClassVar[str | None] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unwrap(cls, data: Any) -> Any:
-        if isinstance(data, dict) and len(data) == 1 and cls.kind in data:
-            data = data[cls.kind]
-        if cls.shorthand is not None and not isinstance(data, (dict, BaseModel)):
-            data = {cls.shorthand: data}
-        return data
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
-    def settings(self) -> dict[str, Any]:
-        """The step's settings as written in a protocol file (unset options left out)."""
-        return self.model_dump(exclude_none=True)
-
-
-class Approach(Step):
-    """Drive the tip toward the particle until contact, never further than `max_travel_nm`."""
-
-    kind: ClassVar[str] = "approach"
-    speed_nm_s: Positive = 100.0
-    max_travel_nm: Positive
-
-    def describe(self) -> str:
-        return (
-            f"approach at {self.speed_nm_s:g} nm/s until contact"
-            f" (at most {self.max_travel_nm:g} nm)"
-        )
-
-
-class Retract(Step):
-    """Back the tip off the particle."""
-
-    kind: ClassVar[str] = "retract"
-    distance_nm: Positive
-    speed_nm_s: Positive = 200.0
-
-    def describe(self) -> str:
-        return f"retract {self.distance_nm:g} nm at {self.speed_nm_s:g} nm/s"
-
-
-class Bias(Step):
-    """Ramp (never step) the bias to `volts`; rate None means the station's maximum ramp rate."""
-
-    kind: ClassVar[str] = "bias"
-    shorthand: ClassVar[str | None] = "volts"
-    volts: Finite
-    rate_volts_per_s: Positive | None = None
-
-    def describe(self) -> str:
-        rate = (
-            "the maximum rate"
-            if self.rate_volts_per_s is None
-            else f"{self.rate_volts_per_s:g} V/s"
-        )
-        return f"ramp bias to {self.volts:+.3f} V at {rate}"
-
-
-class Interleave(BaseModel):
-    """Short bursts in another imaging mode during a hold or wait (one camera, two views).
-
-    Every `every_s` seconds of the step's clock (pauses excluded) the runner switches the
-    microscope to `mode` for `dwell_s`, then back to the mode the protocol had set before the
-    step; each switch is a `microscope` event. The dose rate in `mode` is the one that mode
-    last had in this protocol, or `dose_rate_e_per_a2_s`. Bursts start at k * every_s
-    (k >= 1) and last dwell_s from the completed switch (runner._Bursts); a burst still running
-    when the step ends is cut short there.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mode: Literal["lm", "hrtem"]
-    every_s: Positive
-    dwell_s: Positive
-    dose_rate_e_per_a2_s: Positive | None = None
-
-    @model_validator(mode="after")
-    def _dwell_shorter_than_period(self) -> Interleave:
-        if self.dwell_s >= self.every_s:
-            raise ValueError(
-                f"dwell_s ({self.dwell_s:g} s) must be shorter than every_s ({self.every_s:g} s)"
-            )
-        return self
-
-    def describe(self) -> str:
-        return f"{self.mode.upper()} bursts of {self.dwell_s:g} s every {self.every_s:g} s"
-
-
-class Hold(Step):
-    """Keep everything as it is for `duration_s` run-clock seconds (pauses excluded).
-
-    With `until`, the hold ends once the condition over live values has held for its
-    persistence (`... for N s`, by default 2 s for analysis quantities: condition.py), and
-    `duration_s` is its timeout (mandatory: a condition that never comes true must not hold
-    a biased particle forever).
-    """
-
-    kind: ClassVar[str] = "hold"
-    shorthand: ClassVar[str | None] = "duration_s"
-    duration_s: Positive
-    until: str | None = None
-    interleave: Interleave | None = None
-
-    @field_validator("until")
-    @classmethod
-    def _parse_until(cls, text: str | None) -> str | None:
-        if text is None:
-            return None
-        try:
-            return str(parse_until(text))  # normalised spelling, persistence included
-        except ConditionError as exc:
-            raise ValueError(str(exc)) from None
-
-    @property
-    def condition(self) -> Until | None:
-        return None if self.until is None else parse_until(self.until)
-
-    def describe(self) -> str:
-        if self.until is None:
-            text = f"hold {self.duration_s:g} s"
-        else:
-            text = f"hold until {self.until} (at most {self.duration_s:g} s)"
-        return text if self.interleave is None else f"{text}, {self.interleave.describe()}"
-
-
-class Acquire(Step):
-    """Start or stop recording frames into the run file."""
-
-    kind: ClassVar[str] = "acquire"
-    shorthand: ClassVar[str | None] = "action"
-    action: Literal["start", "stop"]
-
-    def describe(self) -> str:
-        return f"{self.action} recording"
-
-
-class Microscope(Step):
-    """Set the microscope: imaging mode, beam on/off (unblanked/blanked), dose rate, pixel size."""
-
-    kind: ClassVar[str] = "microscope"
-    mode: Literal["lm", "hrtem"] | None = None
-    beam: bool | None = None
-    dose_rate_e_per_a2_s: Positive | None = None
-    pixel_size_nm: Positive | None = None
-
-    @model_validator(mode="after")
-    def _something_to_set(self) -> Microscope:
-        if not self.settings():
-            raise ValueError("set at least one of mode, beam, dose_rate_e_per_a2_s, pixel_size_nm")
-        return self
-
-    def describe(self) -> str:
-        parts = []
-        if self.mode is not None:
-            parts.append(f"mode {self.mode}")
-        if self.beam is not None:
-            parts.append("beam on" if self.beam else "beam off")
-        if self.dose_rate_e_per_a2_s is not None:
-            parts.append(f"dose rate {self.dose_rate_e_per_a2_s:g} e/A^2/s")
-        if self.pixel_size_nm is not None:
-            parts.append(f"pixel size {self.pixel_size_nm:g} nm")
-        return "microscope: " + ", ".join(parts)
-
-
-class Wait(Step):
-    """Let time pass (settling, drift) for `duration_s` run-clock seconds (pauses excluded)."""
-
-    kind: ClassVar[str] = "wait"
-    shorthand: ClassVar[str | None] = "duration_s"
-    duration_s: Positive
-    interleave: Interleave | None = None
-
-    def describe(self) -> str:
-        text = f"wait {self.duration_s:g} s"
-        return text if self.interleave is None else f"{text}, {self.interleave.describe()}"
-
-
-class Mark(Step):
-    """Write an annotation into the run's events."""
-
-    kind: ClassVar[str] = "mark"
-    shorthand: ClassVar[str | None] = "text"
-    text: Annotated[str, Field(min_length=1)]
-
-    def describe(self) -> str:
-        return f"mark: {self.text}"
-
-
-STEP_TYPES: dict[str, type[Step]] = {
-    cls.kind: cls for cls in (Approach, Retract, Bias, Hold, Acquire, Microscope, Wait, Mark)
-}
-
-
-def _step_kind(value: Any) -> str | None:
-    if isinstance(value, Step):
-        return value.kind
-    if isinstance(value, dict) and len(value) == 1:
-        return next(iter(value))
-    return None
-
-
-def _check_step_shape(value: Any, handler: ValidatorFunctionWrapHandler) -> Step:
-    """Friendly errors for what the tagged union would report cryptically."""
-    if not isinstance(value, Step):
-        if not isinstance(value, dict) or len(value) != 1:
-            raise PydanticCustomError(
-                "step_shape",
-                "a step is one kind with its settings, like `- hold: 120`; got {got}",
-                {"got": _short(value)},
-            )
-        kind = next(iter(value))
-        if kind not in STEP_TYPES:
-            close = difflib.get_close_matches(str(kind), list(STEP_TYPES), n=1)
-            hint = (
-                f"did you mean {close[0]}?" if close else f"expected one of {', '.join(STEP_TYPES)}"
-            )
-            raise PydanticCustomError(
-                "step_kind", "unknown step '{kind}'; {hint}", {"kind": kind, "hint": hint}
-            )
-    return handler(value)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-AnyStep = Annotated[
-    Annotated[Approach, Tag("approach")]
-    | Annotated[Retract, Tag("retract")]
-    | Annotated[Bias, Tag("bias")]
-    | Annotated[Hold, Tag("hold")]
-    | Annotated[Acquire, Tag("acquire")]
-    | Annotated[Microscope, Tag("microscope")]
-    | Annotated[Wait, Tag("wait")]
-    | Annotated[Mark, Tag("mark")],
-    Discriminator(_step_kind),
-    WrapValidator(_check_step_shape),
-]
-
-
 # ----- the protocol ----------------------------------------------------------------------------
 class Protocol(BaseModel):
     """A named list of steps. Equal protocols have equal name, description and steps.
@@ -340,7 +108,7 @@ class Protocol(BaseModel):
 
     name: Annotated[str, Field(min_length=1)]
     description: str = ""
-    steps: Annotated[tuple[AnyStep, ...], Field(min_length=1)]
+    steps: Annotated[tuple[Any, ...], Field(min_length=1)]  # _declare_steps: the kinds
 
     _text: str | None = PrivateAttr(default=None)
 
@@ -359,13 +127,13 @@ class Protocol(BaseModel):
 
     @model_validator(mode="after")
     def _interleave_has_a_mode_to_return_to(self) -> Protocol:
-        mode: str | None = None  # the imaging mode the steps so far leave the microscope in
+        state = PlanState()  # state.mode: the imaging mode the steps so far leave it in
         for number, step in enumerate(self.steps, 1):
-            if isinstance(step, Microscope) and step.mode is not None:
-                mode = step.mode
+            state = STEPS[step.kind].after(step, state)
             interleave = getattr(step, "interleave", None)
             if interleave is None:
                 continue
+            mode = state.mode
             if mode is None:
                 problem = "no earlier microscope step sets the mode to return to after a burst"
             elif mode == interleave.mode:
@@ -431,30 +199,30 @@ class Protocol(BaseModel):
 
     # ----- checks ------------------------------------------------------------------------
     def validate_against(self, limits: SafetyLimits) -> Protocol:
-        """Refuse a bias or ramp rate beyond the station's limits, naming the step; returns self."""
+        """Refuse a step beyond the station's limits (a bias, a ramp rate), naming the step;
+        returns self."""
+        check = SafetyCheck(limits)
         for number, step in enumerate(self.steps, 1):
-            if not isinstance(step, Bias):
-                continue
-            where = f"step {number} (bias)"
-            if abs(step.volts) > limits.max_bias_volts:
+            try:
+                STEPS[step.kind].check_limits(step, check)
+            except LimitError as exc:
                 raise ProtocolError(
-                    f"{where}: volts: {step.volts:+g} V is beyond the station's maximum bias of "
-                    f"{limits.max_bias_volts:g} V (limits.max_bias_volts)",
-                    number,
-                    "bias",
-                    "volts",
-                )
-            rate = step.rate_volts_per_s
-            if rate is not None and rate > limits.max_ramp_rate_volts_per_s:
-                raise ProtocolError(
-                    f"{where}: rate_volts_per_s: {rate:g} V/s is beyond the station's maximum "
-                    f"ramp rate of {limits.max_ramp_rate_volts_per_s:g} V/s "
-                    "(limits.max_ramp_rate_volts_per_s)",
-                    number,
-                    "bias",
-                    "rate_volts_per_s",
-                )
+                    f"step {number} ({step.kind}): {exc}", number, step.kind, exc.field
+                ) from None
         return self
+
+
+def _declare_steps() -> None:
+    """Type `Protocol.steps` as the union of the registered kinds, now and after each
+    registration (a field's type is fixed when pydantic builds the model: rebuild it)."""
+    Protocol.model_fields["steps"] = FieldInfo.from_annotation(
+        Annotated[tuple[any_step(), ...], Field(min_length=1)]  # type: ignore[misc]
+    )
+    Protocol.model_rebuild(force=True)
+
+
+_declare_steps()
+on_change(_declare_steps)
 
 
 def _decode(text: str, fmt: str | None, label: str) -> dict[str, Any]:
@@ -526,8 +294,8 @@ def _step_index(loc: tuple[Any, ...]) -> int:
 def _raw_kind(data: dict[str, Any], index: int) -> str | None:
     steps = data.get("steps")
     if isinstance(steps, (list, tuple)) and index < len(steps):
-        kind = _step_kind(steps[index])
-        if kind in STEP_TYPES:
+        kind = step_kind(steps[index])
+        if kind in STEPS:
             return kind
     return None
 
@@ -547,8 +315,8 @@ def _message(error: Any) -> str:
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     if not loc:
         return list(Protocol.model_fields)
-    if len(loc) == 3 and loc[0] == "steps" and loc[2] in STEP_TYPES:
-        return list(STEP_TYPES[loc[2]].model_fields)
+    if len(loc) == 3 and loc[0] == "steps" and loc[2] in STEPS:
+        return list(STEPS[loc[2]].model.model_fields)
     if len(loc) == 4 and loc[0] == "steps" and loc[3] == "interleave":
         return list(Interleave.model_fields)
     return []

@@ -3,7 +3,10 @@
 What to do lives in the protocol (insitu_daq/control/protocol.py); doing it lives here, and
 the runner touches the instruments only through the `Station` verbs
 (insitu_daq/control/station.py), so the same runner drives the daemon's real controllers and
-the tests' in-memory double.
+the tests' in-memory double. Each step kind's executor lives with its model in
+insitu_daq/control/steps/ and is looked up in the registry; it acts through the runner's verbs
+(`_StepVerbs`: checkpoint, move, ramp_bias, timed, ...), which keep pause, resume and abort
+here, in one place.
 
 Control, callable from any thread at any time:
 - `pause(reason)`: the `stop` event of the verb in progress is set, so a move returns with
@@ -42,27 +45,17 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from insitu_daq.control.conditions import ConditionTracker, Until
-from insitu_daq.control.protocol import (
-    Acquire,
-    Approach,
-    Bias,
-    Hold,
-    Interleave,
-    Mark,
-    Microscope,
-    Protocol,
-    ProtocolError,
-    Retract,
-    Step,
-    Wait,
-)
-from insitu_daq.control.station import FROM_NOW, LimitError, Station, StationError, Stopped
+from insitu_daq.control.limits import LimitError
+from insitu_daq.control.protocol import Interleave, Protocol, ProtocolError, Step
+from insitu_daq.control.station import FROM_NOW, Station, StationError, Stopped
+from insitu_daq.control.steps import STEPS, StepRefused
 from insitu_daq.core.records import Event, EventKind
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # How often a conditional hold asks the station for live values (wall seconds).
 CONDITION_POLL_S = 0.1
@@ -180,6 +173,7 @@ class ProtocolRunner:
         self._recording = False
         self._imaging = _Imaging()
         self.event_errors_total = 0  # on_event listener failures (logged, never stop a run)
+        self._verbs = _StepVerbs(self)  # what the steps' executors may do
 
     # ----- control ---------------------------------------------------------------------------
     @property
@@ -219,20 +213,18 @@ class ProtocolRunner:
             self._thread.start()
 
     def _preflight(self, protocol: Protocol) -> None:
-        reports_live = callable(getattr(self.station, "live_updates", None))
+        """Each step's check against the station (its limits, what it offers), before any
+        instrument is touched; the error names the step."""
         for number, step in enumerate(protocol.steps, 1):
-            if isinstance(step, Bias):
-                try:
-                    self.station.check_bias(step.volts, step.rate_volts_per_s)
-                except LimitError as exc:
-                    raise LimitError(f"step {number} (bias): {exc}") from None
-            if isinstance(step, Hold) and step.until is not None and not reports_live:
+            where = f"step {number} ({step.kind})"
+            try:
+                STEPS[step.kind].preflight(step, self.station)
+            except LimitError as exc:
+                raise LimitError(f"{where}: {exc}", exc.field) from None
+            except StepRefused as exc:
                 raise ProtocolError(
-                    f"step {number} (hold): until: this station reports no live values",
-                    number,
-                    "hold",
-                    "until",
-                )
+                    f"{where}: {exc.field}: {exc}", number, step.kind, exc.field
+                ) from None
 
     def pause(self, reason: str = "paused") -> bool:
         """Pause the run (from any thread); False if nothing is running."""
@@ -428,7 +420,7 @@ class ProtocolRunner:
             self._step_index = index
             self._step_active_s = 0.0
             self._segment_start = None
-            self._timed_duration_s = step.duration_s if isinstance(step, (Hold, Wait)) else None
+            self._timed_duration_s = step.duration_s if STEPS[step.kind].timed else None
         number = index + 1
         self._emit(
             EventKind.STEP,
@@ -446,44 +438,7 @@ class ProtocolRunner:
         )
 
     def _execute(self, step: Step) -> dict[str, Any]:
-        station = self.station
-        if isinstance(step, Approach):
-            return self._approach(step)
-        if isinstance(step, Retract):
-            return self._retract(step)
-        if isinstance(step, Bias):
-            # The new setpoint from now on; an interrupted ramp is simply re-issued.
-            self._bias_target = _BiasTarget(step.volts, step.rate_volts_per_s)
-            self._in_bias_step = True
-            try:
-                self._move(lambda stop: station.ramp_bias(step.volts, step.rate_volts_per_s, stop))
-            finally:
-                self._in_bias_step = False
-            return {}
-        if isinstance(step, (Hold, Wait)):
-            condition = step.condition if isinstance(step, Hold) else None
-            return self._timed(step.duration_s, condition, step.interleave)
-        self._checkpoint()  # the instant steps: wait out a pause, honour an abort
-        if isinstance(step, Acquire):
-            if step.action == "start":
-                station.start_recording()
-                self._recording = True
-            else:
-                station.stop_recording()
-                self._recording = False
-        elif isinstance(step, Microscope):
-            self._set_microscope(
-                "step",
-                mode=step.mode,
-                beam=step.beam,
-                dose_rate_e_per_a2_s=step.dose_rate_e_per_a2_s,
-                pixel_size_nm=step.pixel_size_nm,
-            )
-        elif isinstance(step, Mark):
-            self._emit(EventKind.MARK, step.text)
-        else:  # pragma: no cover - a new step kind without an executor
-            raise NotImplementedError(f"no executor for step kind {step.kind!r}")
-        return {}
+        return STEPS[step.kind].execute(self._verbs, step)
 
     # ----- interruptible execution ---------------------------------------------------------
     def _checkpoint(self) -> threading.Event:
@@ -529,7 +484,23 @@ class ProtocolRunner:
             return False
         return True
 
-    def _move(self, verb: Callable[[threading.Event], Any]) -> Any:
+    def _ramp_bias(self, volts: float, rate_volts_per_s: float | None) -> None:
+        # The new setpoint from now on; an interrupted ramp is simply re-issued.
+        self._bias_target = _BiasTarget(volts, rate_volts_per_s)
+        self._in_bias_step = True
+        try:
+            self._move(lambda stop: self.station.ramp_bias(volts, rate_volts_per_s, stop))
+        finally:
+            self._in_bias_step = False
+
+    def _set_recording(self, on: bool) -> None:
+        if on:
+            self.station.start_recording()
+        else:
+            self.station.stop_recording()
+        self._recording = on
+
+    def _move(self, verb: Callable[[threading.Event], T]) -> T:
         """Call a verb that moves something; after a pause call it again, after abort stop."""
         while True:
             stop = self._checkpoint()
@@ -545,42 +516,6 @@ class ProtocolRunner:
         # else the runner would re-issue the verb forever.
         if not stop.wait(STOPPED_GRACE_S):
             raise StationError(f"{exc} without a pause or abort") from exc
-
-    def _approach(self, step: Approach) -> dict[str, Any]:
-        remaining = step.max_travel_nm
-        travelled = 0.0
-        while True:
-            stop = self._checkpoint()
-            try:
-                travelled += self.station.approach(step.speed_nm_s, remaining, stop)
-            except Stopped as exc:
-                self._check_stopped(exc, stop)
-                if exc.moved_nm is None:
-                    log.warning("approach stopped without saying how far it went")
-                else:
-                    travelled += exc.moved_nm
-                    remaining -= exc.moved_nm
-                if remaining <= 0:
-                    raise StationError(
-                        f"no contact within the maximum travel of {step.max_travel_nm:g} nm"
-                    ) from None
-                continue
-            return {"travel_nm": travelled, "summary": f"contact after {travelled:.0f} nm"}
-
-    def _retract(self, step: Retract) -> dict[str, Any]:
-        remaining = step.distance_nm
-        while True:
-            stop = self._checkpoint()
-            try:
-                self.station.retract(remaining, step.speed_nm_s, stop)
-            except Stopped as exc:
-                self._check_stopped(exc, stop)
-                if exc.moved_nm is not None:
-                    remaining -= exc.moved_nm
-                if remaining <= 0:
-                    return {}
-                continue
-            return {}
 
     def _timed(
         self, duration_s: float, condition: Until | None, interleave: Interleave | None
@@ -771,3 +706,38 @@ class _Bursts:
         )
         self._in_burst = into_burst
         return self._runner._step_time()
+
+
+class _StepVerbs:
+    """The runner's verbs as a step's executor sees them (steps.StepContext), on the worker
+    thread only: the executors in control/steps/ never reach into the runner's state."""
+
+    def __init__(self, runner: ProtocolRunner) -> None:
+        self._runner = runner
+        self.station: Station = runner.station
+
+    def checkpoint(self) -> threading.Event:
+        return self._runner._checkpoint()
+
+    def check_stopped(self, exc: Stopped, stop: threading.Event) -> None:
+        self._runner._check_stopped(exc, stop)
+
+    def move(self, verb: Callable[[threading.Event], T]) -> T:
+        return self._runner._move(verb)
+
+    def ramp_bias(self, volts: float, rate_volts_per_s: float | None) -> None:
+        self._runner._ramp_bias(volts, rate_volts_per_s)
+
+    def timed(
+        self, duration_s: float, condition: Until | None, interleave: Interleave | None
+    ) -> dict[str, Any]:
+        return self._runner._timed(duration_s, condition, interleave)
+
+    def set_recording(self, on: bool) -> None:
+        self._runner._set_recording(on)
+
+    def set_microscope(self, cause: str, **settings: Any) -> None:
+        self._runner._set_microscope(cause, **settings)
+
+    def emit(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self._runner._emit(kind, message, data)

@@ -30,10 +30,6 @@ class Stopped(Exception):  # noqa: N818 - a control-flow signal, not an error
         self.moved_nm = moved_nm
 
 
-class LimitError(ValueError):
-    """A request beyond a safety limit; refused before any instrument is touched."""
-
-
 class StationError(RuntimeError):
     """An instrument failed in a way the verb could not recover from (after retries)."""
 
@@ -53,7 +49,7 @@ class Station(Protocol):
 
     # ----- bias ------------------------------------------------------------------------------
     def check_bias(self, volts: float, rate_volts_per_s: float | None) -> None:
-        """Raise LimitError if a ramp to `volts` at that rate would break a limit."""
+        """Raise LimitError (control.limits) if a ramp to `volts` at that rate breaks a limit."""
         ...
 
     def ramp_bias(

@@ -48,9 +48,10 @@ from insitu_daq.control.conditions import LiveUpdate
 from insitu_daq.control.guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
 from insitu_daq.control.guardian import Guardian, bias_confirmed_safe
 from insitu_daq.control.instruments.positioner import HolderControl, MicroscopeControl
+from insitu_daq.control.limits import LimitError
 from insitu_daq.control.protocol import Protocol, ProtocolError
 from insitu_daq.control.runner import ProtocolRunner, RunState
-from insitu_daq.control.station import FROM_NOW, LimitError, StationError
+from insitu_daq.control.station import FROM_NOW, StationError
 from insitu_daq.core.clock import RunClock
 from insitu_daq.core.config import AnalysisConfig, StationConfig
 from insitu_daq.core.imaging import ImagingState

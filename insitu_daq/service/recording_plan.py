@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from insitu_daq.control.protocol import Acquire, Approach, Bias, Hold, Protocol, Retract, Step, Wait
+from insitu_daq.control.protocol import Protocol
 from insitu_daq.control.station import StationError
+from insitu_daq.control.steps import STEPS, PlanState
 from insitu_daq.core.config import SafetyLimits, StationConfig
 from insitu_daq.core.records import BIAS_SAMPLE_DTYPE
 from insitu_daq.ingest.failure import RESERVE_BYTES, classify_write_error
@@ -118,38 +119,23 @@ class RecordingPlan:
         )
 
 
-def step_seconds(step: Step, bias_volts: float, limits: SafetyLimits) -> float:
-    """The longest a step can take (run-clock s), the bias being at `bias_volts` before it."""
-    if isinstance(step, (Hold, Wait)):
-        return step.duration_s
-    if isinstance(step, Bias):
-        rate = step.rate_volts_per_s or limits.max_ramp_rate_volts_per_s
-        return abs(step.volts - bias_volts) / rate
-    if isinstance(step, Approach):
-        return step.max_travel_nm / step.speed_nm_s
-    if isinstance(step, Retract):
-        return step.distance_nm / step.speed_nm_s
-    return 0.0  # acquire, microscope, mark: instant next to these
-
-
 def protocol_seconds(
     protocol: Protocol, limits: SafetyLimits, from_step: int = 0
 ) -> tuple[float, float]:
     """(whole run, with recording on) at most, in run-clock seconds; from step `from_step`
-    (0-based) on if given."""
-    bias, recording, total, recorded = 0.0, False, 0.0, 0.0
+    (0-based) on if given. Each step counts at its longest (its kind's `max_seconds`), from
+    the bias and recording the steps before it leave."""
+    state, total, recorded = PlanState(), 0.0, 0.0
     for index, step in enumerate(protocol.steps):
-        seconds = step_seconds(step, bias, limits) if index >= from_step else 0.0
+        spec = STEPS[step.kind]
+        seconds = spec.max_seconds(step, state, limits) if index >= from_step else 0.0
         total += seconds
-        recorded += seconds if recording else 0.0
-        if isinstance(step, Bias):
-            bias = step.volts
-        elif isinstance(step, Acquire):
-            recording = step.action == "start"
+        recorded += seconds if state.recording else 0.0
+        state = spec.after(step, state)
     # Every run ends with the bias made safe at the maximum rate, recording still on if the
     # protocol did not stop it (the runner stops it after the ramp-down).
-    end = abs(bias) / limits.max_ramp_rate_volts_per_s
-    return total + end, recorded + (end if recording else 0.0)
+    end = abs(state.bias_volts) / limits.max_ramp_rate_volts_per_s
+    return total + end, recorded + (end if state.recording else 0.0)
 
 
 @dataclass(frozen=True)
