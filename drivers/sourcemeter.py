@@ -12,7 +12,8 @@ TCP setting; set the 2400's RS-232 terminator to LF too).
 Errors. The 2400 answers nothing to a query it refuses and queues the error instead, so a
 refused query shows up as a timeout: the driver then clears the interface, drains
 `:SYST:ERR?` and raises `SourceMeterError` carrying the instrument's errors (for example
-+803 "Not permitted with OUTPUT off" for `read()` with the output off). Settings are
++803 "Not permitted with OUTPUT off" for `read()` with the output off, raised as its subclass
+`OutputOffError`). Settings are
 checked the same way, with one `:SYST:ERR?` round trip after each write, so a refused level
 (-222 "Data out of range") raises instead of passing silently. A timeout with an empty error
 queue raises `SourceMeterTimeout`.
@@ -43,6 +44,9 @@ DEFAULT_BACKEND = "@py"
 DEFAULT_TIMEOUT_S = 3.0
 MAX_ERRORS_DRAINED = 32  # more than the 2400's queue of 10: the loop always ends
 STALE_READ_TIMEOUT_MS = 50  # a late reply still in flight arrives within this on a LAN
+
+# A reading's raw status word stays below this: bit 31 is the bias log's level-change marker.
+STATUS_WORD_LIMIT = 1 << 31
 
 # Status word bits of a reading (2400 manual, FORMat:ELEMents STATus).
 STATUS_OVERFLOW = 1 << 0
@@ -110,6 +114,10 @@ class SourceMeterTimeout(SourceMeterError, TimeoutError):  # noqa: N818
     """No reply within the timeout and nothing in the error queue to explain it."""
 
 
+class OutputOffError(SourceMeterError):
+    """A reading was asked for with the output off (switched off behind the caller's back)."""
+
+
 @dataclass(frozen=True)
 class Identity:
     """The four *IDN? fields as the instrument words them (model: "MODEL 2400")."""
@@ -122,23 +130,26 @@ class Identity:
 
 @dataclass(frozen=True)
 class Reading:
-    """One :READ? result. `current` is +/-inf on overflow (beyond the fixed range)."""
+    """One reading, model-neutral: the driver tells what its status word means.
+
+    `current` is +/-inf on overflow (beyond the fixed range). `status` is the model's raw
+    status word, kept within bits 0-30: the bias log marks its level-change rows with bit 31
+    (core/records.py STATUS_LEVEL_CHANGE).
+    """
 
     voltage: float  # volts at the terminals (measured)
     current: float  # amperes
-    status: int  # the 2400's status word
-    instrument_time_s: float  # the 2400's own timestamp (since power-on or :SYST:TIME:RES)
+    status: int  # the model's status word (its manual's meaning)
+    instrument_time_s: float  # the instrument's own timestamp (since power-on or a reset)
     time_ns: int  # host wall time of the query's midpoint
     half_width_ns: int  # half the query's duration: the uncertainty of time_ns
     monotonic_ns: int = 0  # the same midpoint on time.monotonic_ns(), for run clocks
+    in_compliance: bool = False  # the source was limited by the current compliance
+    overflow: bool = False  # the current was beyond the measure range
 
-    @property
-    def in_compliance(self) -> bool:
-        return bool(self.status & STATUS_COMPLIANCE)
-
-    @property
-    def overflow(self) -> bool:
-        return bool(self.status & STATUS_OVERFLOW)
+    def __post_init__(self) -> None:
+        if not 0 <= self.status < STATUS_WORD_LIMIT:
+            raise ValueError(f"status word {self.status:#x} outside bits 0-30")
 
 
 def _value(text: str) -> float:
@@ -407,7 +418,12 @@ class Keithley2400(ClosedOnExit):
         with self._lock:
             wall_start = time.time_ns()
             began = time.monotonic_ns()
-            reply = self._query(_Scpi.READ)
+            try:
+                reply = self._query(_Scpi.READ)
+            except SourceMeterError as exc:
+                if ERROR_OUTPUT_OFF in exc.codes:  # the 2400 refuses a reading with it off
+                    raise OutputOffError(f"{_Scpi.READ!r} refused", exc.errors) from exc
+                raise
             duration = time.monotonic_ns() - began
         fields = reply.split(",")
         if len(fields) != len(_READING_ELEMENTS):
@@ -416,14 +432,17 @@ class Keithley2400(ClosedOnExit):
             values = dict(zip(_READING_ELEMENTS, (_value(f) for f in fields), strict=True))
         except ValueError:
             raise SourceMeterError(f"unexpected :READ? reply {reply!r}") from None
+        status = int(values["status"])
         return Reading(
             voltage=values["volts"],
             current=values["amperes"],
-            status=int(values["status"]),
+            status=status,
             instrument_time_s=values["time_s"],
             time_ns=wall_start + duration // 2,
             half_width_ns=duration // 2,
             monotonic_ns=began + duration // 2,
+            in_compliance=bool(status & STATUS_COMPLIANCE),
+            overflow=bool(status & STATUS_OVERFLOW),
         )
 
     def in_compliance(self) -> bool:
