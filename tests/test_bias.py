@@ -24,7 +24,7 @@ from insitu_daq.control.station import LimitError, StationError, Stopped
 from insitu_daq.core.clock import RunClock
 from insitu_daq.core.config import StationConfig, parse_config
 from insitu_daq.core.records import Event, EventKind, bias_samples, level_change_mask
-from insitu_daq.drivers.sourcemeter import Keithley2400
+from insitu_daq.drivers.sourcemeter.keithley2400 import Keithley2400
 from insitu_daq.sim.lineserver import TcpLineServer
 from insitu_daq.sim.sourcemeter import MAX_LINE, SimulatedSourceMeter
 from insitu_daq.sim.station import SimStation

@@ -13,7 +13,7 @@ import pytest
 from insitu_daq.app.module_command import module_command
 from insitu_daq.drivers.holder import OpenCellHolder
 from insitu_daq.drivers.microscope import RemoteMicroscope
-from insitu_daq.drivers.sourcemeter import Keithley2400
+from insitu_daq.drivers.sourcemeter.keithley2400 import Keithley2400
 from insitu_daq.drivers.stream2 import ImageMessage, Stream2Receiver
 
 ENDPOINT_LINE = re.compile(r"^\s+(\w+)\s+(\w+)\s+(\S+)$")

@@ -26,7 +26,7 @@ import pytest
 from insitu_daq.app.module_command import module_command
 from insitu_daq.control.guardian import LOG_FILE_NAME
 from insitu_daq.core.config import StationConfig, parse_config
-from insitu_daq.drivers.sourcemeter import Keithley2400
+from insitu_daq.drivers.sourcemeter.keithley2400 import Keithley2400
 from insitu_daq.service.api import ControlClient
 from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
 from insitu_daq.sim.sourcemeter import SimulatedSourceMeter

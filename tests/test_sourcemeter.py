@@ -18,12 +18,14 @@ import pytest
 from insitu_daq.control.instruments import SourceMeter
 from insitu_daq.drivers.sourcemeter import (
     ERROR_DATA_OUT_OF_RANGE,
-    ERROR_OUTPUT_OFF,
-    STATUS_COMPLIANCE,
-    Keithley2400,
     OutputOffError,
     Reading,
     SourceMeterError,
+)
+from insitu_daq.drivers.sourcemeter.keithley2400 import (
+    ERROR_OUTPUT_OFF,
+    STATUS_COMPLIANCE,
+    Keithley2400,
 )
 from insitu_daq.sim.sourcemeter import SimulatedSourceMeter
 from insitu_daq.sim.station import SimStation

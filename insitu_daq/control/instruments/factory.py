@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from insitu_daq.core.config import HolderConfig, MicroscopeConfig, SourceMeterConfig
 
 SOURCE_METERS = {
-    "keithley2400": "insitu_daq.drivers.sourcemeter:Keithley2400",
+    "keithley2400": "insitu_daq.drivers.sourcemeter.keithley2400:Keithley2400",
 }
 HOLDERS = {"open_cell": "insitu_daq.drivers.holder:OpenCellHolder"}
 MICROSCOPES = {"remote": "insitu_daq.drivers.microscope:RemoteMicroscope"}
