@@ -1,7 +1,8 @@
 """Simulated SourceMeters: one SCPI state machine per model, served on a raw TCP socket.
 
 `common.py` holds what the models share (ranges, the noise model, the link to the station
-model, the program-message entry point); `keithley2400.py` is the 2400's dialect.
+model, the program-message entry point); `keithley2400.py` and `keithley2450.py` are the
+dialects.
 `SimulatedSourceMeter` serves the chosen model on a TCP socket (newline-terminated SCPI,
 `TCPIP::host::port::SOCKET` for VISA), one thread per client, all clients sharing the one
 instrument, as on a real instrument behind a GPIB-LAN bridge or on its own LAN port.
@@ -15,12 +16,14 @@ from ..lineserver import ServedInstrument, TcpLineServer
 from ..station import SimStation
 from .common import DEFAULT_PORT, MAX_LINE, SourceMeterSimulator
 from .keithley2400 import Keithley2400Simulator
+from .keithley2450 import Keithley2450Simulator
 
 log = logging.getLogger(__name__)
 
 # The models the simulator speaks, named as the station config's source_meter.model.
 SIMULATORS: dict[str, type[SourceMeterSimulator]] = {
     "keithley2400": Keithley2400Simulator,
+    "keithley2450": Keithley2450Simulator,
 }
 
 __all__ = ["DEFAULT_PORT", "MAX_LINE", "SIMULATORS", "SimulatedSourceMeter"]

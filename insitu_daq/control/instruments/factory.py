@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 SOURCE_METERS = {
     "keithley2400": "insitu_daq.drivers.sourcemeter.keithley2400:Keithley2400",
+    "keithley2450": "insitu_daq.drivers.sourcemeter.keithley2450:Keithley2450",
 }
 HOLDERS = {"open_cell": "insitu_daq.drivers.holder:OpenCellHolder"}
 MICROSCOPES = {"remote": "insitu_daq.drivers.microscope:RemoteMicroscope"}
