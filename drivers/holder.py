@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import serial
 
@@ -89,6 +90,14 @@ class HolderStatus:
 
 class OpenCellHolder(ClosedOnExit):
     """The holder's piezo needle controller on a serial line."""
+
+    ERRORS: ClassVar[tuple[type[Exception], ...]] = (HolderError,)
+
+    @staticmethod
+    def lost(exc: BaseException) -> bool:
+        """A refusal (ERR reply, with a code) is an answer; silence or a dead line (no code)
+        is worth a reconnect and a retry."""
+        return isinstance(exc, HolderError) and exc.code is None
 
     def __init__(self, port_or_url: str, timeout: float = 2.0) -> None:
         self.port = port_or_url

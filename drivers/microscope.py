@@ -1,10 +1,10 @@
 """Microscope interface: beam blanking, dose rate, imaging mode, pixel size, field of view.
 
-`Microscope` is what the service needs from a TEM. Every microscope vendor has its own
-scripting API, so the service codes against this Protocol; a real microscope is supported by
-wrapping its vendor API in a class with these methods. `RemoteMicroscope` implements it over
-the JSON-lines TCP protocol of drivers/MICROSCOPE_PROTOCOL.md (spoken by the simulated
-microscope, or by a small bridge running next to a real one).
+The service codes against the `Microscope` protocol (insitu_daq/control/instruments): every
+microscope vendor has its own scripting API, and a real microscope is supported by wrapping it
+in a class with those methods. `RemoteMicroscope` implements it over the JSON-lines TCP
+protocol of drivers/MICROSCOPE_PROTOCOL.md (spoken by the simulated microscope, or by a small
+bridge running next to a real one).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 from .closing import ClosedOnExit
 
@@ -50,29 +50,6 @@ class MicroscopeTimeout(MicroscopeError, TimeoutError):  # noqa: N818
     """No reply within the timeout."""
 
 
-@runtime_checkable
-class Microscope(Protocol):
-    """What insitu-daq asks of a TEM. Doses in e/A^2, dose rates in e/A^2/s, lengths in nm."""
-
-    def identify(self) -> str: ...
-
-    def state(self) -> MicroscopeState: ...
-
-    def blank_beam(self) -> None: ...
-
-    def unblank_beam(self, dose_rate_e_per_a2_s: float | None = None) -> None: ...
-
-    def set_dose_rate(self, dose_rate_e_per_a2_s: float) -> None: ...
-
-    def set_mode(self, mode: ImagingMode | str) -> None: ...
-
-    def set_pixel_size(self, pixel_size_nm: float) -> None: ...
-
-    def set_field_center(self, x_nm: float, y_nm: float) -> None: ...
-
-    def cumulative_dose(self) -> float: ...
-
-
 class _Command:
     """Request names of MICROSCOPE_PROTOCOL.md."""
 
@@ -90,6 +67,14 @@ class _Command:
 
 class RemoteMicroscope(ClosedOnExit):
     """A microscope reached over the JSON-lines remote protocol."""
+
+    ERRORS: ClassVar[tuple[type[Exception], ...]] = (MicroscopeError,)
+
+    @staticmethod
+    def lost(exc: BaseException) -> bool:
+        """Every failure, a refusal included, is retried after a reconnect: the remote
+        protocol's replies carry no code that would tell a refusal from a failing bridge."""
+        return isinstance(exc, MicroscopeError)
 
     def __init__(self, host: str, port: int = DEFAULT_PORT, timeout: float = 2.0) -> None:
         self.address = (host, port)
@@ -151,7 +136,7 @@ class RemoteMicroscope(ClosedOnExit):
     def close(self) -> None:
         self._sock.close()
 
-    # ----- the Microscope interface ------------------------------------------------------------
+    # ----- the Microscope protocol -------------------------------------------------------------
     def identify(self) -> str:
         return str(self._request(_Command.IDENTIFY)["identity"])
 

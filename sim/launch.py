@@ -45,12 +45,15 @@ class SimulatedInstruments:
         frame_shape: tuple[int, int] = (1024, 1024),
         frame_rate_hz: float = 40.0,
         compression: str | None = "bslz4",
+        source_meter_model: str = "keithley2400",
     ) -> SimulatedInstruments:
         ports = ports or StationPorts()
         station = SimStation(seed=seed, time_scale=time_scale)
         return cls(
             station=station,
-            source_meter=SimulatedSourceMeter(station, host=host, port=ports.source_meter),
+            source_meter=SimulatedSourceMeter(
+                station, host=host, port=ports.source_meter, model=source_meter_model
+            ),
             holder=SimulatedHolder(station, host=host, port=ports.holder),
             microscope=SimulatedMicroscope(
                 station, host=host, port=ports.microscope, frame_shape=frame_shape

@@ -14,7 +14,7 @@ sends (shared/testdata/dectris-stream2):
   string, which may be a tag 56500 ["bslz4" | "lz4", element size, bytes] compressed string
   in HDF5 filter framing (a bitshuffle filter 32008 chunk, or an LZ4 filter 32004 chunk).
 
-This module only writes; the receiver in drivers/stream2.py is written separately against the
+This module only writes; the receiver in drivers/stream2/ is written separately against the
 same specification (a detector and its clients share a protocol, not code), so each checks
 the other. Image messages are assembled from pre-encoded pieces: the channel data is encoded
 once (`encode_channels`) and spliced into each message, so a replayed frame costs one copy,

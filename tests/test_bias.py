@@ -1,4 +1,8 @@
-"""BiasController against the simulated Keithley 2400 over real TCP and real PyVISA (pyvisa-py).
+"""BiasController against the simulated source-meters over real TCP and real PyVISA (pyvisa-py).
+
+Every test that takes the `sim` fixture runs against each model the simulator speaks (the
+Keithley 2400 and the 2450 in its native SCPI), each driven by the driver the factory picks
+for the config's `model`: the same safety behaviour whatever the model.
 
 The simulated instrument shares the station model, whose `bias_history` is the ground truth of
 what reached the sample: ramps, trips and make-safe are checked there, not in the controller's
@@ -9,6 +13,7 @@ instrument again on the same port.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
@@ -20,12 +25,13 @@ import numpy as np
 import pytest
 
 from insitu_daq.control.bias import BiasController
+from insitu_daq.control.instruments import SourceMeter
+from insitu_daq.control.instruments.factory import open_source_meter
 from insitu_daq.control.limits import LimitError
 from insitu_daq.control.station import StationError, Stopped
 from insitu_daq.core.clock import RunClock
-from insitu_daq.core.config import StationConfig, parse_config
+from insitu_daq.core.config import SourceMeterConfig, StationConfig, parse_config
 from insitu_daq.core.records import Event, EventKind, bias_samples, level_change_mask
-from insitu_daq.drivers.sourcemeter import Keithley2400
 from insitu_daq.sim.lineserver import TcpLineServer
 from insitu_daq.sim.sourcemeter import MAX_LINE, SimulatedSourceMeter
 from insitu_daq.sim.station import SimStation
@@ -83,7 +89,11 @@ def wait(condition: Callable[[], Any], timeout_s: float = 5.0, what: str = "") -
 def make_config(sim: SimulatedSourceMeter, **retry: float) -> StationConfig:
     return parse_config(
         {
-            "source_meter": {"resource": sim.endpoints["visa"], "timeout_s": 0.2},
+            "source_meter": {
+                "model": sim.model,
+                "resource": sim.endpoints["visa"],
+                "timeout_s": 0.2,
+            },
             "limits": {
                 "max_bias_volts": 5.0,
                 "compliance_amperes": COMPLIANCE_A,
@@ -108,10 +118,15 @@ def station() -> SimStation:
     return SimStation(seed=5)
 
 
-@pytest.fixture
-def sim(station: SimStation) -> Iterator[SimulatedSourceMeter]:
-    with SimulatedSourceMeter(station, port=0) as server:
+@pytest.fixture(params=["keithley2400", "keithley2450"])
+def sim(station: SimStation, request: pytest.FixtureRequest) -> Iterator[SimulatedSourceMeter]:
+    with SimulatedSourceMeter(station, port=0, model=request.param) as server:
         yield server
+
+
+def front_panel(sim: SimulatedSourceMeter) -> SourceMeter:
+    """Another session on the instrument (its front panel, another program), of its model."""
+    return open_source_meter(SourceMeterConfig(model=sim.model, resource=sim.endpoints["visa"]))
 
 
 @pytest.fixture
@@ -201,7 +216,7 @@ def test_start_sets_compliance_before_any_output_on_and_leaves_output_off(
         assert settings.nplc == pytest.approx(0.1)
         assert not settings.output
         assert not bias.state.output_on
-        assert bias.identity is not None and bias.identity.model == "MODEL 2400"
+        assert bias.identity is not None and bias.identity.model == sim.instrument.MODEL
 
         bias.ramp_to(0.1)
         first_on = next(compliance for on, compliance in source_settings if on)
@@ -217,7 +232,7 @@ def test_start_sets_compliance_before_any_output_on_and_leaves_output_off(
 def test_start_ramps_down_an_output_left_on(
     sim: SimulatedSourceMeter, station: SimStation, recorder: Recorder, left_on_volts: float
 ) -> None:
-    with Keithley2400(sim.endpoints["visa"]) as earlier_session:
+    with contextlib.closing(front_panel(sim)) as earlier_session:
         earlier_session.set_voltage(left_on_volts)
         earlier_session.output_on()
     since = history_length(station) - 1
@@ -355,18 +370,25 @@ def test_stop_event_holds_the_level_where_the_ramp_was(controller: BiasControlle
 
 
 # ----- limits --------------------------------------------------------------------------------
-class CountingKeithley(Keithley2400):
-    """The real driver, counting the calls that change what the terminals see."""
+class CountingSourceMeter:
+    """The configured model's real driver, counting the calls that change what the terminals
+    see; every other call goes straight to the driver."""
 
     level_changes = 0
 
+    def __init__(self, driver: SourceMeter) -> None:
+        self._driver = driver
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._driver, name)
+
     def set_voltage(self, volts: float) -> None:
-        CountingKeithley.level_changes += 1
-        super().set_voltage(volts)
+        CountingSourceMeter.level_changes += 1
+        self._driver.set_voltage(volts)
 
     def output_on(self) -> None:
-        CountingKeithley.level_changes += 1
-        super().output_on()
+        CountingSourceMeter.level_changes += 1
+        self._driver.output_on()
 
 
 @pytest.mark.parametrize(
@@ -389,22 +411,24 @@ def test_limits_are_refused_before_the_instrument_is_touched(
     named: str,
 ) -> None:
     config = make_config(sim)
-    CountingKeithley.level_changes = 0
+    CountingSourceMeter.level_changes = 0
     bias = make_controller(
-        config, recorder, driver_factory=lambda: CountingKeithley(config.source_meter.resource)
+        config,
+        recorder,
+        driver_factory=lambda: CountingSourceMeter(open_source_meter(config.source_meter)),
     )
     with pytest.raises(LimitError, match=named):
         bias.ramp_to(volts, rate)  # not started: the limit is checked before anything else
 
     bias.start()
     try:
-        changes, since = CountingKeithley.level_changes, history_length(station)
+        changes, since = CountingSourceMeter.level_changes, history_length(station)
         with pytest.raises(LimitError, match=named):
             bias.check(volts, rate)
         with pytest.raises(LimitError, match=named):
             bias.ramp_to(volts, rate)
         time.sleep(0.05)  # a wrongly queued goal would act within this
-        assert CountingKeithley.level_changes == changes
+        assert CountingSourceMeter.level_changes == changes
         assert history_length(station) == since
         assert not sim.instrument.settings.output
         assert sim.instrument.settings.voltage_level == 0.0
@@ -455,8 +479,8 @@ def test_output_switched_off_elsewhere_is_not_switched_back_on(
     controller: BiasController, sim: SimulatedSourceMeter, recorder: Recorder
 ) -> None:
     controller.ramp_to(0.3)
-    with Keithley2400(sim.endpoints["visa"]) as front_panel:
-        front_panel.output_off()
+    with contextlib.closing(front_panel(sim)) as other:
+        other.output_off()
     wait(lambda: recorder.calls, what="on_lost")
     assert recorder.calls[0][0] == "lost" and "output went off" in recorder.calls[0][1]
     time.sleep(0.1)  # time enough to (wrongly) switch it back on
@@ -467,9 +491,9 @@ def test_output_switched_off_elsewhere_is_not_switched_back_on(
 def test_output_switched_on_elsewhere_is_ramped_down(
     controller: BiasController, sim: SimulatedSourceMeter, station: SimStation
 ) -> None:
-    with Keithley2400(sim.endpoints["visa"]) as front_panel:
-        front_panel.set_voltage(0.2)
-        front_panel.output_on()
+    with contextlib.closing(front_panel(sim)) as other:
+        other.set_voltage(0.2)
+        other.output_on()
     since = history_length(station) - 1
     wait(lambda: not sim.instrument.settings.output, what="output off again")
     assert applied_bias(station) == 0.0

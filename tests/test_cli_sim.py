@@ -11,9 +11,10 @@ import time
 import pytest
 
 from insitu_daq.app.module_command import module_command
+from insitu_daq.control.instruments.factory import open_source_meter
+from insitu_daq.core.config import SourceMeterConfig
 from insitu_daq.drivers.holder import OpenCellHolder
 from insitu_daq.drivers.microscope import RemoteMicroscope
-from insitu_daq.drivers.sourcemeter import Keithley2400
 from insitu_daq.drivers.stream2 import ImageMessage, Stream2Receiver
 
 ENDPOINT_LINE = re.compile(r"^\s+(\w+)\s+(\w+)\s+(\S+)$")
@@ -26,6 +27,7 @@ def sim_process():
         "--source-meter-port", "0", "--holder-port", "0",
         "--microscope-port", "0", "--camera-port", "0",
         "--frame-size", "128", "--frame-rate", "20", "--time-scale", "50",
+        "--source-meter", "keithley2450",  # the default, 2400, is every other test's
     )  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -56,9 +58,10 @@ def test_sim_serves_every_instrument_and_stops_on_ctrl_c(sim_process) -> None:
         ("camera", "stream2"),
     }, endpoints
 
-    source_meter = Keithley2400(endpoints[("source_meter", "visa")])
+    resource = endpoints[("source_meter", "visa")]
+    source_meter = open_source_meter(SourceMeterConfig(model="keithley2450", resource=resource))
     try:
-        assert source_meter.identify().model == "MODEL 2400"
+        assert source_meter.identify().model == "MODEL 2450"
     finally:
         source_meter.close()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from insitu_daq.app.module_command import module_command
+from insitu_daq.control.instruments.factory import SOURCE_METERS
 from insitu_daq.core.config import ConfigError, load_config, parse_config
 
 
@@ -46,6 +47,9 @@ def test_relative_data_dir_is_relative_to_the_config_file(tmp_path: Path) -> Non
         ('[analysis]\nmin_rate_hz = "often"\n', "analysis.min_rate_hz"),
         # a floor above the cap: the analysis would drop most of what the ingest sends it
         ("[analysis]\nmax_rate_hz = 10\nmin_rate_hz = 20\n", "analysis.min_rate_hz"),
+        ('[source_meter]\nmodel = "keithley9999"\n', "source_meter.model"),
+        ('[holder]\nmodel = "mems"\n', "holder.model"),
+        ('[microscope]\nmodel = "titan"\n', "microscope.model"),
     ],
 )
 def test_wrong_value_is_refused_with_one_line_naming_the_field(
@@ -56,6 +60,14 @@ def test_wrong_value_is_refused_with_one_line_naming_the_field(
     message = str(excinfo.value)
     assert "\n" not in message
     assert message.startswith(field)
+
+
+def test_an_unknown_instrument_model_is_refused_naming_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(_write(tmp_path, '[source_meter]\nmodel = "keithley9999"\n'))
+    known = ", ".join(sorted(SOURCE_METERS))
+    assert "keithley2400" in known
+    assert str(excinfo.value) == f"source_meter.model: unknown model 'keithley9999'; known: {known}"
 
 
 def test_unreadable_and_malformed_files_are_refused(tmp_path: Path) -> None:

@@ -26,8 +26,9 @@ import pytest
 from insitu_daq.app.module_command import module_command
 from insitu_daq.control import staircase
 from insitu_daq.control.guardian import LOG_FILE_NAME
-from insitu_daq.core.config import StationConfig, parse_config
-from insitu_daq.drivers.sourcemeter import Keithley2400
+from insitu_daq.control.instruments import SourceMeter
+from insitu_daq.control.instruments.factory import open_source_meter
+from insitu_daq.core.config import SourceMeterConfig, StationConfig, parse_config
 from insitu_daq.service.api import ControlClient
 from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
 from insitu_daq.sim.sourcemeter import SimulatedSourceMeter
@@ -115,32 +116,39 @@ def station() -> SimStation:
 
 
 @pytest.fixture
-def source_meter(station: SimStation) -> Iterator[SimulatedSourceMeter]:
-    with SimulatedSourceMeter(station, port=0) as served:
+def source_meter(
+    station: SimStation, request: pytest.FixtureRequest
+) -> Iterator[SimulatedSourceMeter]:
+    model = getattr(request, "param", "keithley2400")  # a test may ask for another model
+    with SimulatedSourceMeter(station, port=0, model=model) as served:
         yield served
 
 
-def _config(resource: str, data_dir: Path) -> StationConfig:
+def _config(resource: str, data_dir: Path, model: str = "keithley2400") -> StationConfig:
     return parse_config(
         {
             "data_dir": str(data_dir),
-            "source_meter": {"resource": resource, "timeout_s": 2.0},
+            "source_meter": {"model": model, "resource": resource, "timeout_s": 2.0},
             "limits": {"max_ramp_rate_volts_per_s": MAX_RATE, "ramp_step_volts": STEP_V},
             "retry": {"attempts": 4, "first_delay_s": 0.1, "max_delay_s": 0.5},
         }
     )
 
 
-def _switch_on(resource: str, volts: float) -> None:
+def _meter(resource: str, model: str) -> contextlib.closing[SourceMeter]:
+    return contextlib.closing(open_source_meter(SourceMeterConfig(model=model, resource=resource)))
+
+
+def _switch_on(resource: str, volts: float, model: str = "keithley2400") -> None:
     """Output on at `volts`, as a daemon would have left it (through the driver, then closed)."""
-    with Keithley2400(resource) as meter:
+    with _meter(resource, model) as meter:
         meter.configure_voltage_source(compliance_amperes=100e-9)
         meter.output_on()
         staircase.ramp(meter.set_voltage, 0.0, volts, 0.5, MAX_RATE * TIME_SCALE * 10)
 
 
-def _output(resource: str) -> tuple[bool, float]:
-    with Keithley2400(resource) as meter:
+def _output(resource: str, model: str = "keithley2400") -> tuple[bool, float]:
+    with _meter(resource, model) as meter:
         return meter.output_enabled(), meter.voltage_setpoint()
 
 
@@ -214,29 +222,31 @@ def _stand_in_parent(config: StationConfig) -> Iterator[tuple[subprocess.Popen[s
 
 
 # ----- tests ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("source_meter", ["keithley2400", "keithley2450"], indirect=True)
 def test_sigkilled_parent_leaves_the_output_ramped_down_and_off(
     station: SimStation,
     source_meter: SimulatedSourceMeter,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # Also against the 2450: the guardian drives whichever model the config names.
     caplog.set_level(logging.INFO, logger="insitu_daq.sim.lineserver")
-    resource = source_meter.endpoints["visa"]
-    _switch_on(resource, START_V)
-    config = _config(resource, tmp_path)
+    resource, model = source_meter.endpoints["visa"], source_meter.model
+    _switch_on(resource, START_V, model)
+    config = _config(resource, tmp_path, model)
 
     with _stand_in_parent(config) as (parent, [guardian_pid]):
         connections = _connections(caplog)
         time.sleep(0.3)  # the guardian watches; it must not touch the instrument meanwhile
         assert _connections(caplog) == connections, "the guardian connected while its parent ran"
-        assert _output(resource) == (True, START_V)
+        assert _output(resource, model) == (True, START_V)
         before = _history_length(station)
 
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         assert _wait_gone(guardian_pid, 10.0), "the guardian did not finish"
 
-    assert _output(resource) == (False, 0.0)
+    assert _output(resource, model) == (False, 0.0)
     _assert_ramped_down(_history_since(station, before - 1), START_V)
     log_text = (tmp_path / LOG_FILE_NAME).read_text()
     assert "output ON at +3 V" in log_text

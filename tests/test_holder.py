@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 import serial
 
+from insitu_daq.control.instruments import Holder
 from insitu_daq.drivers.holder import (
     ERR_BUSY,
     ERR_FINE_RANGE,
@@ -73,6 +74,7 @@ def _touch(holder: OpenCellHolder) -> None:
 
 
 def test_identifies_and_starts_idle_at_origin(holder: OpenCellHolder) -> None:
+    assert isinstance(holder, Holder)  # what the positioner drives
     assert "OCH-1" in holder.identify()
     status = holder.status()
     assert status.position_nm == 0.0

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from insitu_daq.control.instruments import Microscope
 from insitu_daq.drivers.microscope import (
     ImagingMode,
-    Microscope,
     MicroscopeError,
     MicroscopeTimeout,
     RemoteMicroscope,

@@ -13,12 +13,17 @@ from collections.abc import Iterator
 
 import pytest
 
+from insitu_daq.control.instruments import SourceMeter
 from insitu_daq.drivers.sourcemeter import (
     ERROR_DATA_OUT_OF_RANGE,
+    OutputOffError,
+    Reading,
+    SourceMeterError,
+)
+from insitu_daq.drivers.sourcemeter.keithley2400 import (
     ERROR_OUTPUT_OFF,
     STATUS_COMPLIANCE,
     Keithley2400,
-    SourceMeterError,
 )
 from insitu_daq.sim.sourcemeter import SimulatedSourceMeter
 from insitu_daq.sim.station import SimStation
@@ -86,6 +91,7 @@ def _wait_for_contact(station: SimStation, timeout_s: float = 5.0) -> None:
 
 
 def test_identify(smu: Keithley2400) -> None:
+    assert isinstance(smu, SourceMeter)  # what the bias controller and the guardian drive
     identity = smu.identify()
     assert identity.manufacturer == "KEITHLEY INSTRUMENTS INC."
     assert identity.model == "MODEL 2400"
@@ -176,7 +182,7 @@ def test_out_of_range_level_is_refused_and_level_kept(smu: Keithley2400) -> None
 
 def test_read_with_output_off_raises_the_2400_error(smu: Keithley2400) -> None:
     smu.configure_voltage_source(compliance_amperes=COMPLIANCE_A)
-    with pytest.raises(SourceMeterError) as refused:
+    with pytest.raises(OutputOffError) as refused:  # what the bias controller acts on
         smu.read()
     assert refused.value.codes == [ERROR_OUTPUT_OFF]
     assert "Not permitted with OUTPUT off" in str(refused.value)
@@ -278,3 +284,10 @@ def test_clients_share_one_instrument(sim: SimulatedSourceMeter, smu: Keithley24
     with Keithley2400(sim.endpoints["visa"], timeout_s=1.0) as other:
         smu.set_voltage(0.75)
         assert other.voltage_setpoint() == 0.75
+
+
+def test_a_status_word_reaching_bit_31_is_refused() -> None:
+    # Bit 31 marks the bias log's level-change rows (core/records.py): no reading may set it.
+    with pytest.raises(ValueError, match="bits 0-30"):
+        Reading(0.0, 0.0, 1 << 31, 0.0, 0, 0)
+    assert Reading(0.0, 0.0, (1 << 31) - 1, 0.0, 0, 0).status == (1 << 31) - 1

@@ -17,7 +17,7 @@ import pytest
 from insitu_daq.control import staircase
 from insitu_daq.control.limits import LimitError, SafetyCheck
 from insitu_daq.core.config import SafetyLimits
-from insitu_daq.drivers.sourcemeter import Keithley2400
+from insitu_daq.drivers.sourcemeter.keithley2400 import Keithley2400
 from insitu_daq.sim.sourcemeter import SimulatedSourceMeter
 from insitu_daq.sim.station import SimStation
 

@@ -21,7 +21,6 @@ import zmq
 from testdata_paths import STREAM2_DIR, needs_stream2
 
 from insitu_daq.drivers.stream2 import (
-    _SLICE_TAG,
     EndMessage,
     ImageMessage,
     MalformedMessage,
@@ -29,6 +28,7 @@ from insitu_daq.drivers.stream2 import (
     Stream2Receiver,
     decode_message,
 )
+from insitu_daq.drivers.stream2.cbor import SLICE_TAG
 from insitu_daq.sim import stream2_encode as s2
 
 DATA = STREAM2_DIR
@@ -375,9 +375,9 @@ def test_messages_the_zero_copy_walk_does_not_follow_decode_as_before() -> None:
     )
     # The decoder's private placeholder tag in the detector's own data stays what it is.
     tagged = decode_message(
-        _edited(raw, lambda m: m.__setitem__("user_data", cbor2.CBORTag(_SLICE_TAG, 0)))
+        _edited(raw, lambda m: m.__setitem__("user_data", cbor2.CBORTag(SLICE_TAG, 0)))
     )
-    assert tagged.user_data == cbor2.CBORTag(_SLICE_TAG, 0)
+    assert tagged.user_data == cbor2.CBORTag(SLICE_TAG, 0)
     # A large byte string outside the image data is plain bytes, as cbor2 gives it.
     blob = bytes(range(256)) * 8
     extra = decode_message(_edited(raw, lambda m: m.__setitem__("user_data", {"blob": blob})))

@@ -22,6 +22,13 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:
         "sim", help="run the simulated station (source-meter, holder, microscope, camera)"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default loopback)")
+    p.add_argument(
+        "--source-meter",
+        default="keithley2400",
+        metavar="MODEL",
+        help="source-meter model to simulate, as the station config's source_meter.model"
+        " (keithley2400, keithley2450; default keithley2400)",
+    )
     p.add_argument("--source-meter-port", type=int, default=5025)
     p.add_argument("--holder-port", type=int, default=5026)
     p.add_argument("--microscope-port", type=int, default=5027)
@@ -67,6 +74,7 @@ def _serve_sim(args: argparse.Namespace, lock: StationLock, ports: StationPorts)
         frame_shape=(args.frame_size, args.frame_size),
         frame_rate_hz=args.frame_rate,
         compression=None if args.compression == "none" else args.compression,
+        source_meter_model=args.source_meter,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

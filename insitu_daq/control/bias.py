@@ -45,19 +45,15 @@ import numpy as np
 from pyvisa.errors import Error as VisaError
 
 from insitu_daq.control import staircase
+from insitu_daq.control.instruments import SourceMeter
+from insitu_daq.control.instruments.factory import open_source_meter
 from insitu_daq.control.limits import LimitError, SafetyCheck
 from insitu_daq.control.retry import backoff_delays, call_with_retries
 from insitu_daq.control.station import StationError, Stopped
 from insitu_daq.core.clock import RunClock
 from insitu_daq.core.config import StationConfig
 from insitu_daq.core.records import BIAS_SAMPLE_DTYPE, STATUS_LEVEL_CHANGE, Event, EventKind
-from insitu_daq.drivers.sourcemeter import (
-    Identity,
-    Keithley2400,
-    Reading,
-    SourceMeterError,
-    SourceMeterTimeout,
-)
+from insitu_daq.drivers.sourcemeter import Identity, OutputOffError, Reading, SourceMeterError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +131,7 @@ class _Outage:
 
 
 class BiasController:
-    """Safe voltage-source control and continuous V/I sampling on a Keithley 2400."""
+    """Safe voltage-source control and continuous V/I sampling on a source-meter."""
 
     def __init__(
         self,
@@ -145,7 +141,7 @@ class BiasController:
         on_event: Callable[[Event], None],
         on_trip: Callable[[str], None] | None = None,
         on_lost: Callable[[str], None] | None = None,
-        driver_factory: Callable[[], Keithley2400] | None = None,
+        driver_factory: Callable[[], SourceMeter] | None = None,
     ) -> None:
         self._config = config
         self._limits = config.limits
@@ -155,10 +151,7 @@ class BiasController:
         self._on_event = on_event
         self._on_trip = on_trip
         self._on_lost = on_lost
-        meter = config.source_meter
-        self._driver_factory = driver_factory or (
-            lambda: Keithley2400(meter.resource, meter.timeout_s, meter.visa_library)
-        )
+        self._driver_factory = driver_factory or (lambda: open_source_meter(config.source_meter))
         self._period_s = 1.0 / config.sampling.bias_rate_hz
 
         self._lock = threading.Lock()  # goal, outage flags and the state snapshot fields
@@ -172,7 +165,7 @@ class BiasController:
         self._delivery_thread: threading.Thread | None = None
 
         # Owned by the I/O thread (and by start() before the thread exists).
-        self._driver: Keithley2400 | None = None
+        self._driver: SourceMeter | None = None
         self._outage: _Outage | None = None
         self._announce_back_when_safe: _Outage | None = None
         self._last_change = 0.0  # monotonic s of the last level change
@@ -513,11 +506,9 @@ class BiasController:
         if self._output_on:
             try:
                 reading = driver.read()
-            except SourceMeterError as exc:
-                if exc.errors and not isinstance(exc, SourceMeterTimeout):
-                    self._output_went_off(f"reading refused: {exc}")
-                    return
-                raise
+            except OutputOffError as exc:
+                self._output_went_off(f"reading refused: {exc}")
+                return
             self._record(
                 reading.monotonic_ns, reading.half_width_ns, reading.voltage, reading.current,
                 reading.status,
@@ -784,7 +775,7 @@ def _join(thread: threading.Thread | None) -> None:
         log.error("bias: thread %s did not stop", thread.name)
 
 
-def _close_quietly(driver: Keithley2400) -> None:
+def _close_quietly(driver: SourceMeter) -> None:
     try:
         driver.close()
     except Exception:  # a dead link may fail to close; nothing is left to do with it

@@ -64,11 +64,12 @@ import pyvisa
 from insitu_daq.app.module_command import module_command
 from insitu_daq.control import staircase
 from insitu_daq.control.bias import DRIVER_ERRORS, BiasController
+from insitu_daq.control.instruments.factory import open_source_meter, source_meter_class
 from insitu_daq.control.limits import LimitError, SafetyCheck
 from insitu_daq.control.retry import call_with_retries
 from insitu_daq.control.station import StationError
 from insitu_daq.core.config import StationConfig
-from insitu_daq.drivers.sourcemeter import Keithley2400, SourceMeterError
+from insitu_daq.drivers.sourcemeter import SourceMeterError
 
 log = logging.getLogger(__name__)
 
@@ -306,12 +307,8 @@ def _make_safe_once(
     config: StationConfig, time_scale: float, manager: pyvisa.ResourceManager | None
 ) -> None:
     meter_config = config.source_meter
-    with Keithley2400(
-        meter_config.resource,
-        meter_config.timeout_s,
-        meter_config.visa_library,
-        resource_manager=manager,
-    ) as meter:
+    meter = open_source_meter(meter_config, manager)
+    with contextlib.closing(meter):
         identity = meter.identify()
         name = f"{identity.model} #{identity.serial} at {meter_config.resource}"
         on = meter.output_enabled()
@@ -448,7 +445,9 @@ def main() -> int:
 
     # Everything is imported and the VISA backend loaded now, not after the daemon died: the
     # rescue must not depend on importing anything (the installation may be mid-upgrade by
-    # then). A resource manager holds no instrument session.
+    # then). The factory caches the driver class it resolves here for the rescue's open. A
+    # resource manager holds no instrument session.
+    source_meter_class(config.source_meter.model)
     manager = pyvisa.ResourceManager(config.source_meter.visa_library)
     sys.stdout.write(READY + "\n")
     sys.stdout.flush()

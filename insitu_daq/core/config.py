@@ -49,18 +49,45 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _known_model(kind: str, model: str) -> str:
+    """`model` if the instrument factory knows it for `kind`, else ValueError naming the known.
+
+    The one list of models is the factory's (control/instruments/factory.py: strings only, it
+    imports no driver); imported here, not at the top, so loading a config imports no control.
+    """
+    from insitu_daq.control.instruments.factory import unknown_model
+
+    why = unknown_model(kind, model)
+    if why is not None:
+        raise ValueError(why)
+    return model
+
+
 class SourceMeterConfig(_Section):
+    # Which driver speaks to it (factory.SOURCE_METERS), e.g. "keithley2400", "keithley2450".
+    model: str = "keithley2400"
     resource: str = "TCPIP::127.0.0.1::5025::SOCKET"
     visa_library: str = "@py"
     timeout_s: Positive = 2.0
     nplc: Annotated[float, Field(ge=0.01, le=10)] = 0.1
     line_frequency_hz: Literal[50, 60] = 50
 
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, model: str) -> str:
+        return _known_model("source_meter", model)
+
 
 class HolderConfig(_Section):
+    model: str = "open_cell"  # factory.HOLDERS
     port: str = "socket://127.0.0.1:5026"
     baudrate: int = 115200
     timeout_s: Positive = 2.0
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, model: str) -> str:
+        return _known_model("holder", model)
 
 
 class DetectorConfig(_Section):
@@ -89,9 +116,15 @@ class DetectorConfig(_Section):
 
 
 class MicroscopeConfig(_Section):
+    model: str = "remote"  # factory.MICROSCOPES
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 5027
     timeout_s: Positive = 2.0
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, model: str) -> str:
+        return _known_model("microscope", model)
 
 
 class SafetyLimits(_Section):

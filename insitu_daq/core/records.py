@@ -31,8 +31,8 @@ BIAS_SAMPLE_DTYPE = np.dtype(
 # travel in the sample batches so they stay in time order with the readings, and the run
 # writer keeps them apart (the setpoint log) and uses them for the per-frame bias: the
 # source steps between readings, so a frame's bias is the commanded level at its time plus
-# the measured offset, not an interpolation across a step. Bit 31: the Keithley 2400 status
-# word uses bits 0-21.
+# the measured offset, not an interpolation across a step. Bit 31: every source-meter
+# driver keeps its raw status word within bits 0-30 (drivers/sourcemeter Reading checks it).
 STATUS_LEVEL_CHANGE = np.uint32(1 << 31)
 
 

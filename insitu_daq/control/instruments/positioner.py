@@ -13,11 +13,17 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from insitu_daq.control.instruments import Holder, Link, Microscope
+from insitu_daq.control.instruments.factory import (
+    holder_class,
+    microscope_class,
+    open_holder,
+    open_microscope,
+)
 from insitu_daq.control.retry import call_with_retries
 from insitu_daq.control.station import StationError, Stopped
 from insitu_daq.core.config import HolderConfig, MicroscopeConfig, RetryConfig
-from insitu_daq.drivers.holder import HolderError, HolderStatus, OpenCellHolder
-from insitu_daq.drivers.microscope import MicroscopeError, RemoteMicroscope
+from insitu_daq.drivers.holder import HolderStatus
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,7 @@ COARSE_STEP_NM = 100.0  # nominal stick-slip step (HOLDER_PROTOCOL.md)
 POLL_S = 0.02
 
 
-D = TypeVar("D", OpenCellHolder, RemoteMicroscope)
+D = TypeVar("D", bound=Link)
 T = TypeVar("T")
 
 
@@ -36,21 +42,23 @@ class _LinkLostError(Exception):
 class RetryingLink(Generic[D]):
     """One instrument's driver, opened on first use, reopened and retried when the link fails.
 
-    `lost(exc)` tells a transport failure (retried after a reconnect, with back-off) from an
-    instrument's refusal (an answer: not retried). Either ends as StationError.
+    The driver class says which of its errors are a transport failure (`lost(exc)`: retried
+    after a reconnect, with back-off) and which an instrument's refusal (an answer: not
+    retried). Either ends as StationError.
     """
 
     def __init__(
         self,
         name: str,
+        driver_class: type[D],
         open_driver: Callable[[], D],
-        lost: Callable[[BaseException], bool],
         retry: RetryConfig,
         on_retry: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
         self._open_driver = open_driver
-        self._lost = lost
+        self._errors = driver_class.ERRORS
+        self._lost = driver_class.lost
         self._retry = retry
         self._on_retry = on_retry
         self._driver: D | None = None
@@ -83,7 +91,7 @@ class RetryingLink(Generic[D]):
                 )
             except (_LinkLostError, OSError) as exc:
                 raise StationError(f"{self.name} not answering: {exc}") from exc
-            except (HolderError, MicroscopeError) as exc:
+            except self._errors as exc:
                 raise StationError(f"{self.name}: {exc}") from exc
 
     @property
@@ -109,14 +117,8 @@ class HolderControl:
         retry: RetryConfig,
         on_retry: Callable[[str], None] | None = None,
     ) -> None:
-        # A refusal (ERR reply, with a code) is an answer; silence or a dead line (no code)
-        # is worth a reconnect and a retry.
-        self._link: RetryingLink[OpenCellHolder] = RetryingLink(
-            "holder",
-            lambda: OpenCellHolder(config.port, timeout=config.timeout_s),
-            lambda exc: isinstance(exc, HolderError) and exc.code is None,
-            retry,
-            on_retry,
+        self._link: RetryingLink[Holder] = RetryingLink(
+            "holder", holder_class(config.model), lambda: open_holder(config), retry, on_retry
         )
         self._call = self._link.call
         self._lock = self._link.lock
@@ -199,10 +201,10 @@ class MicroscopeControl:
         retry: RetryConfig,
         on_retry: Callable[[str], None] | None = None,
     ) -> None:
-        self._link: RetryingLink[RemoteMicroscope] = RetryingLink(
+        self._link: RetryingLink[Microscope] = RetryingLink(
             "microscope",
-            lambda: RemoteMicroscope(config.host, config.port, timeout=config.timeout_s),
-            lambda exc: isinstance(exc, MicroscopeError),
+            microscope_class(config.model),
+            lambda: open_microscope(config),
             retry,
             on_retry,
         )

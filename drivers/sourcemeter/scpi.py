@@ -1,25 +1,24 @@
-"""Driver for a Keithley 2400-class SourceMeter over PyVISA (voltage source, current measure).
+"""The VISA/SCPI transport every source-meter model shares: `ScpiSourceMeter`.
 
-One method per verb of the instrument, thin on purpose: the daemon owns the safety logic
-(limits, ramp rates, when to switch off); this class only says what the manual says. The
-SCPI strings live in `_Scpi` and nowhere else.
+A model's driver subclasses it with its dialect: a `ScpiCommands` subclass holding every
+command string it sends (and nowhere else), `configure_voltage_source`, `in_compliance` and
+how to turn its `:READ?` reply into a `Reading`. What is here is what the SCPI standard and
+IEEE 488.2 fix, so it holds for every model.
 
-Resources: `TCPIP::host::5025::SOCKET` (the simulator, or a 2400 behind a LAN-GPIB bridge
-offering a raw socket), `GPIB0::24::INSTR`, `ASRL/dev/ttyUSB0::INSTR` and so on; the
-backend defaults to pyvisa-py (`@py`). Messages end in LF both ways (the 2400's GPIB and
-TCP setting; set the 2400's RS-232 terminator to LF too).
+Resources: `TCPIP::host::5025::SOCKET` (the simulator, or an instrument's raw socket, or a
+LAN-GPIB bridge offering one), `GPIB0::24::INSTR`, `ASRL/dev/ttyUSB0::INSTR` and so on; the
+backend defaults to pyvisa-py (`@py`). Messages end in LF both ways.
 
-Errors. The 2400 answers nothing to a query it refuses and queues the error instead, so a
-refused query shows up as a timeout: the driver then clears the interface, drains
-`:SYST:ERR?` and raises `SourceMeterError` carrying the instrument's errors (for example
-+803 "Not permitted with OUTPUT off" for `read()` with the output off). Settings are
-checked the same way, with one `:SYST:ERR?` round trip after each write, so a refused level
-(-222 "Data out of range") raises instead of passing silently. A timeout with an empty error
-queue raises `SourceMeterTimeout`.
+Errors. A SCPI instrument answers nothing to a query it refuses and queues the error instead,
+so a refused query shows up as a timeout: the driver then clears the interface, drains
+`:SYST:ERR:NEXT?` and raises `SourceMeterError` carrying the instrument's errors. Settings
+are checked the same way, with one `:SYST:ERR?` round trip after each batch of writes, so a
+refused level (-222 "Data out of range") raises instead of passing silently. A timeout with an
+empty error queue raises `SourceMeterTimeout`.
 
 Time. `read()` stamps each reading with the midpoint of its query on `time.time_ns()` and the
-half-width of the query as its uncertainty (DESIGN.md, "Time"); the duration comes from the
-monotonic clock so a wall-clock step cannot produce a negative width.
+half-width of the query as its uncertainty (DESIGN.md, "Time"); the duration comes from
+the monotonic clock so a wall-clock step cannot produce a negative width.
 """
 
 from __future__ import annotations
@@ -29,118 +28,50 @@ import math
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from typing import ClassVar
 
 import pyvisa
 from pyvisa.errors import VisaIOError
 
-from .closing import ClosedOnExit
+from ..closing import ClosedOnExit
+from . import Identity, Reading, SourceMeterError, SourceMeterTimeout
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKEND = "@py"
 DEFAULT_TIMEOUT_S = 3.0
-MAX_ERRORS_DRAINED = 32  # more than the 2400's queue of 10: the loop always ends
+MAX_ERRORS_DRAINED = 32  # more than any model's queue (the 2400's holds 10): the loop ends
 STALE_READ_TIMEOUT_MS = 50  # a late reply still in flight arrives within this on a LAN
 
-# Status word bits of a reading (2400 manual, FORMat:ELEMents STATus).
-STATUS_OVERFLOW = 1 << 0
-STATUS_COMPLIANCE = 1 << 3
-STATUS_RANGE_COMPLIANCE = 1 << 16
-
-# Reading values the 2400 sends instead of a number.
+# Reading values Keithley instruments send instead of a number.
 _OVERFLOW = 9.9e37
 _NOT_MEASURED = 9.91e37
 
-# Error numbers callers may want to tell apart.
-ERROR_DATA_OUT_OF_RANGE = -222
-ERROR_OUTPUT_OFF = 803
 
+class ScpiCommands:
+    """The strings every model shares (IEEE 488.2 common commands and standard SCPI).
 
-class _Scpi:
-    """The 2400's command strings (manual section 18), in the short form."""
+    A dialect subclasses this and adds (or overrides) the rest; the driver sends only these.
+    """
 
     IDENTIFY = "*IDN?"
     RESET = "*RST"
     CLEAR_STATUS = "*CLS"
     NEXT_ERROR = ":SYST:ERR:NEXT?"
     DATA_FORMAT_ASCII = ":FORM:DATA ASC"
-    ELEMENTS = ":FORM:ELEM VOLT,CURR,TIME,STAT"
-    SOURCE_VOLTAGE = ":SOUR:FUNC VOLT"
-    FIXED_MODE = ":SOUR:VOLT:MODE FIX"
-    NO_AUTO_OUTPUT_OFF = ":SOUR:CLE:AUTO OFF"  # the output stays on between readings
-    VOLTAGE_RANGE = ":SOUR:VOLT:RANG {volts:.6E}"
-    VOLTAGE_RANGE_AUTO = ":SOUR:VOLT:RANG:AUTO ON"
     VOLTAGE_LEVEL = ":SOUR:VOLT:LEV {volts:.6E}"
     VOLTAGE_LEVEL_QUERY = ":SOUR:VOLT:LEV?"
-    CONCURRENT = ":SENS:FUNC:CONC ON"
-    MEASURE_VOLTAGE_AND_CURRENT = ':SENS:FUNC "VOLT","CURR"'
-    COMPLIANCE = ":SENS:CURR:PROT {amperes:.6E}"
-    COMPLIANCE_QUERY = ":SENS:CURR:PROT?"
-    CURRENT_RANGE = ":SENS:CURR:RANG {amperes:.6E}"
-    CURRENT_RANGE_AUTO = ":SENS:CURR:RANG:AUTO ON"
-    NPLC = ":SENS:CURR:NPLC {nplc:.6E}"
     OUTPUT_ON = ":OUTP ON"
     OUTPUT_OFF = ":OUTP OFF"
     OUTPUT_QUERY = ":OUTP?"
     READ = ":READ?"
-    TRIPPED = ":SENS:CURR:PROT:TRIP?"
+    # Sent at every open and after a reset: the reply format `read()` parses. It changes
+    # nothing at the terminals.
+    READING_FORMAT: tuple[str, ...] = (DATA_FORMAT_ASCII,)
 
 
-# The elements `_Scpi.ELEMENTS` asks for, in the order the 2400 sends them.
-_READING_ELEMENTS = ("volts", "amperes", "time_s", "status")
-
-
-class SourceMeterError(Exception):
-    """The instrument refused something (its queued errors attached) or could not be reached."""
-
-    def __init__(self, message: str, errors: list[tuple[int, str]] | None = None) -> None:
-        self.errors = errors or []
-        detail = "; ".join(f"{code} {text}" for code, text in self.errors)
-        super().__init__(f"{message}: {detail}" if detail else message)
-
-    @property
-    def codes(self) -> list[int]:
-        return [code for code, _ in self.errors]
-
-
-# Named like the holder driver's HolderTimeout: the service catches it by this name.
-class SourceMeterTimeout(SourceMeterError, TimeoutError):  # noqa: N818
-    """No reply within the timeout and nothing in the error queue to explain it."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    """The four *IDN? fields as the instrument words them (model: "MODEL 2400")."""
-
-    manufacturer: str
-    model: str
-    serial: str
-    firmware: str
-
-
-@dataclass(frozen=True)
-class Reading:
-    """One :READ? result. `current` is +/-inf on overflow (beyond the fixed range)."""
-
-    voltage: float  # volts at the terminals (measured)
-    current: float  # amperes
-    status: int  # the 2400's status word
-    instrument_time_s: float  # the 2400's own timestamp (since power-on or :SYST:TIME:RES)
-    time_ns: int  # host wall time of the query's midpoint
-    half_width_ns: int  # half the query's duration: the uncertainty of time_ns
-    monotonic_ns: int = 0  # the same midpoint on time.monotonic_ns(), for run clocks
-
-    @property
-    def in_compliance(self) -> bool:
-        return bool(self.status & STATUS_COMPLIANCE)
-
-    @property
-    def overflow(self) -> bool:
-        return bool(self.status & STATUS_OVERFLOW)
-
-
-def _value(text: str) -> float:
+def reading_value(text: str) -> float:
+    """One number of a reading: +/-inf for an overflow, NaN for "not measured"."""
     value = float(text)
     if abs(value) == _OVERFLOW:
         return math.copysign(math.inf, value)
@@ -149,8 +80,10 @@ def _value(text: str) -> float:
     return value
 
 
-class Keithley2400(ClosedOnExit):
-    """A Keithley 2400 SourceMeter used as a voltage source that measures current."""
+class ScpiSourceMeter(ClosedOnExit):
+    """A SCPI source-meter used as a voltage source that measures current (a model's base)."""
+
+    SCPI: ClassVar[type[ScpiCommands]] = ScpiCommands
 
     def __init__(
         self,
@@ -180,7 +113,7 @@ class Keithley2400(ClosedOnExit):
             # Errors left by an earlier session would be blamed on our first setting.
             self._drain_errors()
             # Only the data format: it changes nothing at the terminals, and read() parses it.
-            self._write_checked(_Scpi.DATA_FORMAT_ASCII, _Scpi.ELEMENTS)
+            self._write_checked(*self.SCPI.READING_FORMAT)
         except BaseException:
             self.close()
             raise
@@ -271,7 +204,7 @@ class Keithley2400(ClosedOnExit):
         errors: list[tuple[int, str]] = []
         for _ in range(MAX_ERRORS_DRAINED):
             try:
-                reply = self._resource.query(_Scpi.NEXT_ERROR).strip()
+                reply = self._resource.query(self.SCPI.NEXT_ERROR).strip()
             except VisaIOError as exc:
                 raise SourceMeterTimeout(f"error queue unreadable: {exc}", errors) from exc
             code_text, _, message = reply.partition(",")
@@ -294,7 +227,7 @@ class Keithley2400(ClosedOnExit):
 
     # ----- identity and status -----------------------------------------------------------------
     def identify(self) -> Identity:
-        reply = self._query(_Scpi.IDENTIFY)
+        reply = self._query(self.SCPI.IDENTIFY)
         parts = [part.strip() for part in reply.split(",", 3)]
         if len(parts) != 4:
             raise SourceMeterError(f"unexpected *IDN? reply {reply!r}")
@@ -303,66 +236,31 @@ class Keithley2400(ClosedOnExit):
     def reset(self) -> None:
         """*RST (output off, defaults) and *CLS (error queue and event registers emptied)."""
         with self._lock:
-            self._write(_Scpi.RESET)
-            self._write(_Scpi.CLEAR_STATUS)
-            self._write_checked(_Scpi.DATA_FORMAT_ASCII, _Scpi.ELEMENTS)
+            self._write(self.SCPI.RESET)
+            self._write(self.SCPI.CLEAR_STATUS)
+            self._write_checked(*self.SCPI.READING_FORMAT)
 
     def errors(self) -> list[tuple[int, str]]:
         """Every error the instrument has queued, oldest first; the queue is left empty."""
         with self._lock:
             return self._drain_errors()
 
-    # ----- configuration -----------------------------------------------------------------------
-    def configure_voltage_source(
-        self,
-        compliance_amperes: float,
-        voltage_range_volts: float | None = None,
-        current_range_amperes: float | None = None,
-        nplc: float = 1.0,
-    ) -> None:
-        """Source voltage (fixed level), measure voltage and current, with a current limit.
-
-        Ranges of None mean auto range. A fixed current range below the compliance caps the
-        measurable current at that range: larger currents read as overflow (inf).
-        """
-        commands = [
-            _Scpi.SOURCE_VOLTAGE,
-            _Scpi.FIXED_MODE,
-            _Scpi.NO_AUTO_OUTPUT_OFF,
-            _Scpi.VOLTAGE_RANGE_AUTO
-            if voltage_range_volts is None
-            else _Scpi.VOLTAGE_RANGE.format(volts=voltage_range_volts),
-            _Scpi.CONCURRENT,
-            _Scpi.MEASURE_VOLTAGE_AND_CURRENT,
-            _Scpi.COMPLIANCE.format(amperes=compliance_amperes),
-            _Scpi.CURRENT_RANGE_AUTO
-            if current_range_amperes is None
-            else _Scpi.CURRENT_RANGE.format(amperes=current_range_amperes),
-            _Scpi.NPLC.format(nplc=nplc),
-            _Scpi.DATA_FORMAT_ASCII,
-            _Scpi.ELEMENTS,
-        ]
-        self._write_checked(*commands)
-
+    # ----- source level and output -------------------------------------------------------------
     def set_voltage(self, volts: float) -> None:
         """Set the source level (takes effect at once when the output is on)."""
-        self._write_checked(_Scpi.VOLTAGE_LEVEL.format(volts=volts))
+        self._write_checked(self.SCPI.VOLTAGE_LEVEL.format(volts=volts))
 
     def voltage_setpoint(self) -> float:
-        return float(self._query(_Scpi.VOLTAGE_LEVEL_QUERY))
+        return float(self._query(self.SCPI.VOLTAGE_LEVEL_QUERY))
 
-    def compliance(self) -> float:
-        return float(self._query(_Scpi.COMPLIANCE_QUERY))
-
-    # ----- output ------------------------------------------------------------------------------
     def output_on(self) -> None:
-        self._write_checked(_Scpi.OUTPUT_ON)
+        self._write_checked(self.SCPI.OUTPUT_ON)
 
     def output_off(self) -> None:
-        self._write_checked(_Scpi.OUTPUT_OFF)
+        self._write_checked(self.SCPI.OUTPUT_OFF)
 
     def output_enabled(self) -> bool:
-        return self._query(_Scpi.OUTPUT_QUERY) == "1"
+        return self._query(self.SCPI.OUTPUT_QUERY) == "1"
 
     # ----- measurement -------------------------------------------------------------------------
     def read(self) -> Reading:
@@ -370,25 +268,32 @@ class Keithley2400(ClosedOnExit):
         with self._lock:
             wall_start = time.time_ns()
             began = time.monotonic_ns()
-            reply = self._query(_Scpi.READ)
+            reply = self._query_reading()
             duration = time.monotonic_ns() - began
-        fields = reply.split(",")
-        if len(fields) != len(_READING_ELEMENTS):
-            raise SourceMeterError(f"unexpected :READ? reply {reply!r}")
-        try:
-            values = dict(zip(_READING_ELEMENTS, (_value(f) for f in fields), strict=True))
-        except ValueError:
-            raise SourceMeterError(f"unexpected :READ? reply {reply!r}") from None
-        return Reading(
-            voltage=values["volts"],
-            current=values["amperes"],
-            status=int(values["status"]),
-            instrument_time_s=values["time_s"],
-            time_ns=wall_start + duration // 2,
-            half_width_ns=duration // 2,
-            monotonic_ns=began + duration // 2,
-        )
+        half = duration // 2
+        return self._reading(reply, wall_start + half, half, began + half)
+
+    def _query_reading(self) -> str:
+        """The `:READ?` reply; a model says here how it refuses a reading with the output off."""
+        return self._query(self.SCPI.READ)
+
+    def _reading(self, reply: str, time_ns: int, half_width_ns: int, monotonic_ns: int) -> Reading:
+        """The model's reply parsed, with the stamp of its query (OutputOffError, or
+        SourceMeterError for a reply it cannot parse)."""
+        raise NotImplementedError
+
+    # ----- the dialect -------------------------------------------------------------------------
+    def configure_voltage_source(
+        self,
+        compliance_amperes: float,
+        voltage_range_volts: float | None = None,
+        current_range_amperes: float | None = None,
+        nplc: float = 1.0,
+    ) -> None:
+        raise NotImplementedError
+
+    def compliance(self) -> float:
+        raise NotImplementedError
 
     def in_compliance(self) -> bool:
-        """Whether the source is limited by the current compliance right now (trip query)."""
-        return self._query(_Scpi.TRIPPED) == "1"
+        raise NotImplementedError
