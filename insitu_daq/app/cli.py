@@ -278,7 +278,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from insitu_daq.app.demo import DEFAULT_PROTOCOL, DEFAULT_TIME_SCALE, REFERENCE_PROTOCOL
+    from insitu_daq.app.demo import (
+        DEFAULT_PROTOCOL,
+        DEFAULT_SOURCE_METER,
+        DEFAULT_TIME_SCALE,
+        REFERENCE_PROTOCOL,
+    )
 
     p = sub.add_parser("demo", help="the +4.3 V reference experiment on the simulated station")
     p.add_argument(
@@ -295,6 +300,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         f" {REFERENCE_PROTOCOL}: the fixed 120 s reference hold)",
     )
     p.add_argument("--no-figure", action="store_true", help="do not draw the report figure")
+    p.add_argument(
+        "--source-meter",
+        default=DEFAULT_SOURCE_METER,
+        metavar="MODEL",
+        help=f"source-meter model, simulated and configured (default {DEFAULT_SOURCE_METER};"
+        " also keithley2450)",
+    )
     p.set_defaults(func=_cmd_demo)
 
 
@@ -310,6 +322,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         frame_rate=args.frame_rate,
         protocol=args.protocol,
         figure=not args.no_figure,
+        source_meter_model=args.source_meter,
     )
 
 

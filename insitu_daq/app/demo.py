@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIME_SCALE = 5.0  # the ~170 s protocol in ~35 s
 DEFAULT_PROTOCOL = "lno_4v3_until_rocksalt.yaml"  # closed loop: the hold ends on rock salt
 REFERENCE_PROTOCOL = "lno_4v3.yaml"  # the fixed 120 s hold
+DEFAULT_SOURCE_METER = "keithley2400"
 # Truth requests every TRUTH_POLL_RUN_S of run time (so the truth resolves a rock-salt onset
 # well within the 2 s it is checked to, whatever the time scale), but at most every
 # MIN_TRUTH_POLL_S and at least every MAX_TRUTH_POLL_S of wall time.
@@ -168,11 +169,17 @@ def reference_protocol(name: str = REFERENCE_PROTOCOL) -> str:
     return resources.files("insitu_daq.protocols").joinpath(name).read_text()
 
 
-def station_toml(ports: dict[str, int], data_dir: Path, time_scale: float) -> str:
+def station_toml(
+    ports: dict[str, int],
+    data_dir: Path,
+    time_scale: float,
+    source_meter_model: str = DEFAULT_SOURCE_METER,
+) -> str:
     # Ramp steps scale with the time scale so the staircase keeps its shape on the wall clock.
     return f"""name = "demo (simulated station, time scale {time_scale:g})"
 data_dir = "{data_dir}"
 [source_meter]
+model = "{source_meter_model}"
 resource = "TCPIP::127.0.0.1::{ports["source_meter"]}::SOCKET"
 [holder]
 port = "socket://127.0.0.1:{ports["holder"]}"
@@ -223,6 +230,7 @@ def run_demo(
     frame_rate: float = 40.0,
     protocol: str = DEFAULT_PROTOCOL,
     figure: bool = True,
+    source_meter_model: str = DEFAULT_SOURCE_METER,
 ) -> int:
     from insitu_daq.app.progress import follow_run
     from insitu_daq.service.api import ControlClient
@@ -238,9 +246,10 @@ def run_demo(
     for stale in (SIM_LOG, DAEMON_LOG):
         (files / stale).unlink(missing_ok=True)
     config = files / "station.toml"
-    config.write_text(station_toml(ports, data_dir, time_scale))
+    config.write_text(station_toml(ports, data_dir, time_scale, source_meter_model))
     sim_command = module_command(
         "insitu_daq", "sim", "--time-scale", str(time_scale),
+        "--source-meter", source_meter_model,
         "--source-meter-port", str(ports["source_meter"]),
         "--holder-port", str(ports["holder"]),
         "--microscope-port", str(ports["microscope"]),
