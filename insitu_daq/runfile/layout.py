@@ -105,7 +105,14 @@ CURRENT = Log(
     "/entry/sample/current",
     (
         Column("value", "<f8", "A"),
-        Column("status", "<u4", description="source-meter status word of each reading"),
+        Column(
+            "status",
+            "<u4",
+            # Its bits are the model's (a 2400's bit 3 is compliance, a 2450's is not); the
+            # identity next to it says which model wrote them.
+            description="raw status word of each reading, in the bits of the source-meter model"
+            " named by /entry/instrument/source_meter/identity",
+        ),
     ),
     time_errors=True,
     time_from=BIAS_VOLTAGE.path,  # one reading gives both: one time
