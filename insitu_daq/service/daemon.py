@@ -6,7 +6,7 @@ control API server, the metrics HTTP server, a status publisher and the analysis
 listener. Frames never enter this process: the ingest process receives and writes them and
 offers each to the live-analysis process over its frame tap (DESIGN.md, data flow).
 
-Live analysis (issue 4, liveanalysis.py): the daemon picks the tap's endpoint (a private ipc
+Live analysis (issue 4, live/): the daemon picks the tap's endpoint (a private ipc
 path) and hands it to both processes; it tells the analysis what the frames show, because it
 drives the microscope: the imaging state at run start, then every mode, pixel-size or
 dose-rate switch with the run-clock interval it took, and a watermark every 10 ms, so that each
@@ -57,7 +57,8 @@ from insitu_daq.core.records import Event, EventKind, level_change_mask
 from insitu_daq.ingest import IngestClient, IngestError
 from insitu_daq.live.client import AnalysisError, LiveAnalysis
 from insitu_daq.runfile.writer import RunMetadata
-from insitu_daq.service.api import ControlServer, EventPublisher
+from insitu_daq.service.api.events import EventPublisher
+from insitu_daq.service.api.server import ControlServer
 from insitu_daq.service.imaging_announcer import ImagingAnnouncer, unknown_state
 from insitu_daq.service.metrics import DaemonMetrics
 from insitu_daq.service.recording_plan import (
