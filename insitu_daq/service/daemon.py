@@ -299,7 +299,7 @@ class Daemon:
             self._close_run,
             self.imaging.stop,
             self._publish_last_status,
-            self.ingest.shutdown,
+            self.ingest.stop,
             self._stop_analysis,
             self.control.stop,
             self.publisher.stop,
