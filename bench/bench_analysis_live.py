@@ -69,7 +69,8 @@ from insitu_daq.ingest import IngestClient
 from insitu_daq.ingest.tap import AnalysisTap
 from insitu_daq.live.client import LiveAnalysis
 from insitu_daq.runfile.writer import FrameGeometry, RunMetadata
-from insitu_daq.service.daemon import RESULT_KEYS, pipeline_settings
+from insitu_daq.service.daemon import pipeline_settings
+from insitu_daq.service.sinks import RESULT_KEYS
 from insitu_daq.sim import stream2_encode as s2
 from insitu_daq.sim.camera import DEFAULT_CHANNEL, SimulatedCamera
 from insitu_daq.sim.optics import DEFAULT_MODES, ImagingMode
