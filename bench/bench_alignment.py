@@ -153,7 +153,7 @@ def main() -> int:
                 forward.ingest = None
             finally:
                 bias.stop()
-                ingest.shutdown()
+                ingest.stop()
             station.call("disarm")
             truths: list[ImageTruth] = station.call("truth")
             history = station.call("bias_history")

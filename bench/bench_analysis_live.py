@@ -152,7 +152,7 @@ class Daemon:
     def stop(self) -> None:
         if self.analysis is not None:
             self.analysis.stop()
-        self.ingest.shutdown()
+        self.ingest.stop()
 
 
 def cpu_of(pids: dict[str, int]) -> dict[str, float]:

@@ -153,7 +153,7 @@ def main() -> int:
                     ingest_figures["samples_in_file"] = summary["samples_written"]
                 finally:
                     log.ingest = None
-                    ingest.shutdown()
+                    ingest.stop()
                 time.sleep(1.0)
                 start = clock.now()
                 time.sleep(args.seconds)

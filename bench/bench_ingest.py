@@ -284,7 +284,7 @@ def ingest_run(
                 os.close(fd)
             durable = time.monotonic()
         finally:
-            client.shutdown()
+            client.stop()
             if profile:
                 ingest_process.child_main = original_child_main
     checked = check_file(path, payloads, n_frames, summary)

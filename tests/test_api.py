@@ -20,15 +20,15 @@ import zmq.auth
 
 from insitu_daq.core.config import ConfigError, parse_config
 from insitu_daq.service.api import (
-    COMMANDS,
     ControlClient,
     ControlError,
-    ControlServer,
     ControlTimeoutError,
-    EventPublisher,
     EventSubscriber,
-    is_loopback,
 )
+from insitu_daq.service.api.curve import is_loopback
+from insitu_daq.service.api.events import EventPublisher
+from insitu_daq.service.api.requests import COMMANDS
+from insitu_daq.service.api.server import ControlServer
 
 ANY_PORT = "tcp://127.0.0.1:*"
 

@@ -75,7 +75,7 @@ class Harness:
 
     def close(self) -> None:
         self.camera.stop()
-        self.ingest.shutdown()
+        self.ingest.stop()
 
 
 @pytest.fixture(scope="module")

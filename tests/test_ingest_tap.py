@@ -86,7 +86,7 @@ class Tapped:
 
     def close(self) -> None:
         self.camera.stop()
-        self.ingest.shutdown()
+        self.ingest.stop()
         self.context.destroy(linger=0)
 
 

@@ -1,4 +1,4 @@
-"""The live analysis process (liveanalysis.py): a real spawned process, real ZeroMQ ipc sockets.
+"""The live analysis process (insitu_daq/live/): a real spawned process, real ZeroMQ ipc sockets.
 
 The test plays the ingest's side of the frame tap: it binds the PUSH at the endpoint the
 process connects to and sends [header JSON, payload] messages exactly as the contract says

@@ -15,7 +15,8 @@ from prometheus_client.samples import Sample
 from insitu_daq.control.runner import RunState
 from insitu_daq.core.records import bias_samples
 from insitu_daq.ingest.wire import DROP_REASONS, HDF5_WRITE_BUCKETS_S
-from insitu_daq.service.api import ControlClient, ControlError, ControlServer
+from insitu_daq.service.api import ControlClient, ControlError
+from insitu_daq.service.api.server import ControlServer
 from insitu_daq.service.metrics import DaemonMetrics
 
 # DESIGN.md and the issue name these; other programs (dashboards, alerts) rely on them.

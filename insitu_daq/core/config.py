@@ -207,7 +207,7 @@ class AnalysisConfig(_Section):
     phase_map_interval_s: Annotated[float, Field(ge=0, le=60)] = 0.125  # run s between maps
     # At most this many results a second (the sum measured at its newest frame when one is
     # due): the CPU the analysis may take from the ingest on a 2-core PC. Every frame received
-    # is summed all the same, so the sums above do not depend on it (liveanalysis.py).
+    # is summed all the same, so the sums above do not depend on it (live/process.py).
     max_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 20.0
     # The ingest has priority: while it is behind the detector it offers the analysis no
     # frames but one every 1/min_rate_hz s, so the analysis is never starved (ingest_tap.py).

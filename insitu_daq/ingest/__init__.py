@@ -1,11 +1,13 @@
 """The ingest: DECTRIS Stream V2 in, the run file out (DESIGN.md, data flow). The design, and the
 names other modules import. One job per module:
-- ingest_wire.py: what crosses between the two processes (record kinds, formats, stats names);
-- ingest_process.py: `IngestProcess`, the loop of the ingest process, and its entry point;
-- ingest_client.py: `IngestClient`, the daemon's handle on it;
-- ingest_frames.py: geometry and chunks of a decoded image for the file;
-- ingest_tap.py: the frame tap offering each image to the live analysis (never blocking);
-- ingest_counters.py: histogram and event rate limiter.
+- wire.py: what crosses between the two processes (record kinds, formats, stats names);
+- process.py: `IngestProcess`, the loop of the ingest process (commands, records, failure
+  policy, counters, tap offers), and its entry point;
+- recorder.py: `FrameRecorder`, the frame path into the file: rows, clock mapping, geometry;
+- frames.py: geometry and chunks of a decoded image for the file (pure; the recorder's);
+- client.py: `IngestClient`, the daemon's handle on it (core/worker.py `WorkerHandle`);
+- tap.py: the frame tap offering each image to the live analysis (never blocking);
+- counters.py: histogram and event rate limiter.
 
 Two halves, two OS processes (DESIGN.md: "ingest+write and analysis in separate processes",
 "one writer owns the run file"):

@@ -2,7 +2,8 @@
 
 `IngestClient` lives in the daemon. It spawns the ingest process (ingest_process.py) and talks
 to it over two ZeroMQ ipc sockets in a private temporary directory (mode 0700, so only this
-user can connect; both ends are this program, so messages are pickled; ingest_wire.py):
+user can connect; the lifecycle is core/worker.py's `WorkerHandle`; both ends are this
+program, so messages are pickled; ingest_wire.py):
 one ordered channel daemon -> ingest for commands AND records (bias samples as raw bytes of
 `BIAS_SAMPLE_DTYPE`, events, holder positions, live-analysis results, imaging states and
 watermarks), so `close_run` is handled after the last record sent before it; one channel
@@ -16,15 +17,10 @@ IngestClient needs the usual `if __name__ == "__main__":` guard (the console scr
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import json
 import logging
-import multiprocessing
-import os
 import pickle
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +35,7 @@ from insitu_daq.core.clock import RunClock
 from insitu_daq.core.config import StationConfig
 from insitu_daq.core.imaging import ImagingState
 from insitu_daq.core.records import BIAS_SAMPLE_DTYPE, Event
+from insitu_daq.core.worker import WorkerHandle
 from insitu_daq.ingest import process as ingest_process
 from insitu_daq.ingest.wire import (
     ANALYSIS,
@@ -70,7 +67,7 @@ class _Waiter:
     reply: dict[str, Any] | None = None
 
 
-class IngestClient:
+class IngestClient(WorkerHandle):
     """The daemon's handle on the ingest process. Thread-safe.
 
     Records (`write_samples`, `write_event`, `write_series`, `write_analysis`,
@@ -78,6 +75,10 @@ class IngestClient:
     queue is full they are dropped, counted in `records_dropped_total` and logged. Commands
     wait for the process's answer.
     """
+
+    name = "ingest"
+    error = IngestError
+    stop_timeout_s = 10.0
 
     def __init__(
         self,
@@ -93,30 +94,21 @@ class IngestClient:
         `on_recording_failed(report)`: the open run's file stopped taking writes (called once
         per failure from the listener thread; report: run_id, kind, reason, errno,
         failed_at_ns, frames_recorded, time)."""
+        super().__init__(start_timeout_s)
         self.config = config
         self.on_recording_failed = on_recording_failed
         self.analysis_endpoint = analysis_endpoint
         self.bound_analysis_endpoint: str | None = None  # as bound (the port of a ":0")
         self.on_event = on_event
         self.clock = clock or RunClock()
-        self.start_timeout_s = start_timeout_s
         self.records_dropped_total = 0
         self.events_received_total = 0
-        self.process: multiprocessing.process.BaseProcess | None = None
-        self._context: zmq.Context | None = None
         self._commands: zmq.Socket | None = None
-        self._reports: zmq.Socket | None = None
-        self._tmpdir: str | None = None
-        self._send_lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._stats: dict[str, Any] = {}
-        self._ready = threading.Event()
         self._start_error: str | None = None
-        self._closing = threading.Event()
-        self._listener: threading.Thread | None = None
-        self._shut = False
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self, keep_locked: tuple[int, ...] = ()) -> None:
@@ -127,99 +119,44 @@ class IngestClient:
         """
         if self.process is not None:
             return
-        self._tmpdir = tempfile.mkdtemp(prefix="insitu-ingest-")  # mode 0700
-        command_endpoint = f"ipc://{self._tmpdir}/commands"
-        report_endpoint = f"ipc://{self._tmpdir}/reports"
-        self._context = zmq.Context()
-        self._commands = self._context.socket(zmq.PUSH)
-        self._commands.setsockopt(zmq.LINGER, 0)
-        self._commands.setsockopt(zmq.SNDHWM, RECORD_HWM)
-        self._commands.setsockopt(zmq.SNDTIMEO, 2000)
-        self._commands.bind(command_endpoint)
-        self._reports = self._context.socket(zmq.PULL)
-        self._reports.setsockopt(zmq.LINGER, 0)
-        self._reports.bind(report_endpoint)
-        self._listener = threading.Thread(target=self._listen, name="ingest-reports", daemon=True)
-        self._listener.start()
-        context = multiprocessing.get_context("spawn")
-        self.process = context.Process(
-            target=ingest_process.child_main,
-            args=(
+        self._commands = self._bind(zmq.PUSH, "commands", SNDHWM=RECORD_HWM, SNDTIMEO=2000)
+        reports = self._bind(zmq.PULL, "reports")
+        parent_pid, log_level = self._parent_args()
+        self._spawn(
+            reports,
+            ingest_process.child_main,
+            (
                 self.config,
-                command_endpoint,
-                report_endpoint,
+                self.endpoint("commands"),
+                self.endpoint("reports"),
                 self.clock,
-                os.getpid(),
-                logging.getLogger().getEffectiveLevel(),
+                parent_pid,
+                log_level,
                 self.analysis_endpoint,
             ),
-            kwargs={"station_locks": tuple(InheritedFd(fd) for fd in keep_locked)},
-            name="insitu-daq-ingest",
-            daemon=True,
+            {"station_locks": tuple(InheritedFd(fd) for fd in keep_locked)},
         )
-        self.process.start()
-        atexit.register(self.shutdown)
-        deadline = time.monotonic() + self.start_timeout_s
-        while not self._ready.wait(0.05):
-            if not self.process.is_alive() or time.monotonic() > deadline:
-                code = self.process.exitcode
-                self.shutdown()
-                raise IngestError(f"ingest process did not start (exit code {code})")
+        self.wait_ready()
         if self._start_error is not None:
             error = self._start_error
-            self.shutdown()
+            self.stop()
             raise IngestError(error)
-        log.info("ingest process %d up", self.process.pid)
+        log.info("ingest process %d up", self.pid)
 
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
-
-    def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Close any open run, stop the process and release everything; idempotent."""
-        if self._shut:
-            return
-        self._shut = True
-        atexit.unregister(self.shutdown)
-        process = self.process
-        if process is not None:
-            if process.is_alive() and self._ready.is_set() and self._start_error is None:
-                try:
-                    self._request("shutdown", timeout_s)
-                except IngestError as exc:
-                    log.error("ingest shutdown: %s", exc)
-            process.join(timeout_s)
-            if process.is_alive():
-                log.error("ingest process %d did not stop; terminating it", process.pid)
-                process.terminate()
-                process.join(2.0)
-            if process.is_alive():
-                process.kill()
-                process.join(2.0)
-        self._closing.set()
-        if self._listener is not None:
-            self._listener.join(2.0)
-        with self._send_lock:
-            for sock in (self._commands, self._reports):
-                if sock is not None:
-                    sock.close(linger=0)
-            self._commands = self._reports = None
-        if self._context is not None:
-            self._context.term()
-            self._context = None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+    def _ask_to_stop(self, timeout_s: float) -> None:
+        """Close any open run and stop: a request the process answers when done."""
+        if self._ready.is_set() and self._start_error is None:
+            try:
+                self._request("shutdown", timeout_s)
+            except IngestError as exc:
+                log.error("ingest shutdown: %s", exc)
 
     def __enter__(self) -> IngestClient:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+        self.stop()
 
     # ----- commands --------------------------------------------------------------------------
     def open_run(
@@ -327,7 +264,7 @@ class IngestClient:
     def _send_record(self, parts: list[bytes]) -> None:
         with self._send_lock:
             sock = self._commands
-            if sock is not None and self.alive:
+            if sock is not None and not self._shut and self.alive:
                 try:
                     sock.send_multipart(parts, zmq.NOBLOCK)
                     return
@@ -347,7 +284,7 @@ class IngestClient:
             self._pending[request_id] = waiter
         try:
             with self._send_lock:
-                if self._commands is None:
+                if self._commands is None or self._shut:
                     raise IngestError("the ingest client is shut down")
                 try:
                     self._commands.send_multipart(
@@ -370,45 +307,31 @@ class IngestClient:
             raise IngestError(f"{op}: {reply.get('error', 'refused')}")
         return reply
 
-    def _listen(self) -> None:
-        sock = self._reports
-        assert sock is not None
-        while not self._closing.is_set():
-            try:
-                if not sock.poll(100):
-                    continue
-                kind, payload = sock.recv_multipart()
-                obj = pickle.loads(payload)
-            except zmq.ZMQError:
-                if self._closing.is_set():
-                    return
-                log.exception("ingest reports")
-                continue
-            except Exception:
-                log.exception("unreadable report from the ingest process")
-                continue
-            if kind == REPLY:
-                with self._pending_lock:
-                    waiter = self._pending.get(obj.get("id"))
-                if waiter is not None:
-                    waiter.reply = obj
-                    waiter.done.set()
-            elif kind == STATS:
-                self._stats = obj
-            elif kind == EVENT:
-                self.events_received_total += 1
-                if self.on_event is not None:
-                    try:
-                        self.on_event(obj)
-                    except Exception:
-                        log.exception("ingest event callback")
-            elif kind == RECORDING_FAILED:
-                if self.on_recording_failed is not None:
-                    try:
-                        self.on_recording_failed(obj)
-                    except Exception:
-                        log.exception("recording failure callback")
-            elif kind == READY:
-                self._start_error = obj.get("error")
-                self.bound_analysis_endpoint = obj.get("analysis_endpoint")
-                self._ready.set()
+    def _on_message(self, parts: list[bytes]) -> None:
+        kind, payload = parts
+        obj = pickle.loads(payload)
+        if kind == REPLY:
+            with self._pending_lock:
+                waiter = self._pending.get(obj.get("id"))
+            if waiter is not None:
+                waiter.reply = obj
+                waiter.done.set()
+        elif kind == STATS:
+            self._stats = obj
+        elif kind == EVENT:
+            self.events_received_total += 1
+            if self.on_event is not None:
+                try:
+                    self.on_event(obj)
+                except Exception:
+                    log.exception("ingest event callback")
+        elif kind == RECORDING_FAILED:
+            if self.on_recording_failed is not None:
+                try:
+                    self.on_recording_failed(obj)
+                except Exception:
+                    log.exception("recording failure callback")
+        elif kind == READY:
+            self._start_error = obj.get("error")
+            self.bound_analysis_endpoint = obj.get("analysis_endpoint")
+            self._ready.set()

@@ -7,6 +7,8 @@ for the live analysis (ingest_tap.py), and is the only thing that touches the ru
 loop waits on the detector socket and the command socket together; per turn it first takes
 everything the daemon sent (commands and records, in order), then up to a batch of detector
 messages, then does the timed work (reorder-window expiry, clock retiming, flush, stats).
+Each released image goes through the `FrameRecorder` (recorder.py: rows, clock mapping,
+geometry); this module decides whether it is recorded and what a failed write means.
 
 The ingest has priority over the analysis. Each image is offered on the tap with whether the
 ingest is behind once it has been handled: further images released with it by the sequencer,
@@ -34,7 +36,6 @@ import shutil
 import signal
 import sys
 import time
-from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ from insitu_daq.drivers.stream2 import (
     Stream2Receiver,
     decode_message,
 )
-from insitu_daq.ingest.counters import EventLimiter, Histogram, StreamRate
+from insitu_daq.ingest.counters import EventLimiter, Histogram
 from insitu_daq.ingest.failure import (
     RESERVE_BYTES,
     RecordingFailure,
@@ -66,21 +67,8 @@ from insitu_daq.ingest.failure import (
     file_moved,
     reserve_path,
 )
-from insitu_daq.ingest.frames import (
-    GeometryMismatchError,
-    chunks_for_file,
-    default_geometry,
-    geometry_of_image,
-    geometry_of_start,
-    iso_date,
-)
-from insitu_daq.ingest.sequence import (
-    DetectorClockMap,
-    FrameSequencer,
-    Released,
-    SeriesKey,
-    fraction_ns,
-)
+from insitu_daq.ingest.recorder import FrameRecorder, FrameWriteError
+from insitu_daq.ingest.sequence import FrameSequencer, Released
 from insitu_daq.ingest.silence import DetectorSilence
 from insitu_daq.ingest.tap import AnalysisTap
 from insitu_daq.ingest.wire import (
@@ -103,7 +91,7 @@ from insitu_daq.ingest.wire import (
     series_dtype,
 )
 from insitu_daq.runfile import layout
-from insitu_daq.runfile.writer import FrameGeometry, GeometryRefusedError, RunMetadata, RunWriter
+from insitu_daq.runfile.writer import FrameGeometry, RunMetadata, RunWriter
 
 log = logging.getLogger(__name__)
 
@@ -162,30 +150,13 @@ def tune_malloc() -> dict[str, int]:
 
 # ----- the process side -----------------------------------------------------------------------
 @dataclass
-class _SeriesRows:
-    """The file rows of one series in one frame stack of the open run, and the clock
-    mapping they hold."""
-
-    key: SeriesKey
-    stack: int  # the frame stack (RunWriter.stack_for) the rows are in
-    first_row: int
-    offset_ns: int  # wall ns of detector time zero the rows were written with
-    error_ns: float
-    floor: float  # frame_time of the row before this series (frame_time never decreases)
-    # exposure midpoints, detector ns (8 bytes a frame: the whole series may be retimed)
-    mids_ns: array = field(default_factory=lambda: array("q"))
-
-
-@dataclass
 class _Run:
     writer: RunWriter
     clock: RunClock
     geometry_source: str
     counters_at_open: dict[str, int]
     recording: list[list[int | None]] = field(default_factory=list)  # [start_ns, stop_ns]
-    rows: _SeriesRows | None = None
-    series: list[dict[str, Any]] = field(default_factory=list)
-    last_frame_time: float = float("-inf")
+    series: list[dict[str, Any]] = field(default_factory=list)  # the recorder's, at close
     frames_flushed: int = 0
     samples_flushed: int = 0
     dirty: bool = False
@@ -198,6 +169,11 @@ class _Run:
     records_not_written: int = 0
     lost_logged: tuple[int, int] = (0, 0)
     next_failure_log: float = 0.0  # monotonic
+
+    @property
+    def takes_writes(self) -> bool:
+        """For the frame recorder (recorder.RunFile): the file has not stopped taking writes."""
+        return self.failure is None
 
     @property
     def is_recording(self) -> bool:
@@ -242,25 +218,18 @@ class IngestProcess:
         self.sequencer = FrameSequencer(
             self.detector.reorder_window_frames, self.detector.reorder_window_s
         )
-        self._clock_map: DetectorClockMap | None = None
-        self._clock_key: SeriesKey | None = None
-        self._latest_start: StartMessage | None = None
-        self._latest_geometry: FrameGeometry | None = None  # of the last image released
-        self._latest_image_ns = 0
         self._silence = DetectorSilence(self.detector.silent_after_s)
         self._run: _Run | None = None
         self._pending_open: _PendingOpen | None = None
         self._limiter = EventLimiter(EVENTS_PER_KIND_PER_S)
-        self._stream_rate = StreamRate()
         self.hdf5_write = Histogram(HDF5_WRITE_BUCKETS_S)
         self.hdf5_flush = Histogram(())
+        self.recorder = FrameRecorder(self.detector, self._event, self.hdf5_write)
         self.counts: dict[str, int] = dict.fromkeys(
             (
                 "malformed_total",
                 "frames_received_total",
-                "frames_written_total",
                 "frames_not_recording_total",
-                "frames_refiltered_total",
                 "samples_written_total",
                 "events_written_total",
                 # per series (runfile/layout.py): "holder_positions_written_total", ...
@@ -272,12 +241,10 @@ class IngestProcess:
                 "errors_total",
                 "events_suppressed_total",
                 "reports_dropped_total",
-                "retimes_total",
                 "analysis_results_written_total",
                 "analysis_results_without_run_total",
                 "imaging_states_total",
                 "imaging_watermarks_total",
-                "file_layout_changes_total",
             ),
             0,
         )
@@ -398,7 +365,7 @@ class IngestProcess:
             )
             return
         if isinstance(message, StartMessage):
-            self._latest_start = message
+            self.recorder.observe_start(message)
         elif isinstance(message, ImageMessage):
             self.counts["frames_received_total"] += 1
             self._detector_heard(received_ns)
@@ -434,34 +401,40 @@ class IngestProcess:
 
     # ----- frames ----------------------------------------------------------------------------
     def _frame(self, image: ImageMessage, more_released: bool = False) -> None:
-        """Write one released image (if recording) and offer it on the tap (if a run is open).
+        """Record one released image (if recording) and offer it on the tap (if a run is open).
 
         more_released: the sequencer released further images with this one (not yet handled).
         """
-        key = (image.series_id, image.series_unique_id)
-        if key != self._clock_key:
-            self._end_series_timing()
-            self._clock_map, self._clock_key = DetectorClockMap(), key
-        assert self._clock_map is not None and image.received_ns is not None
-        self._clock_map.observe(image.start_time, image.stop_time, image.received_ns)
-        geometry = geometry_of_image(image, self.detector)
-        self._latest_geometry = geometry
-        self._latest_image_ns = image.received_ns
-        stored = sum(
-            channel.nbytes if geometry.compression is None else memoryview(channel.payload).nbytes
-            for channel in image.channels.values()
-        )
-        self._stream_rate.add(image.received_ns, stored)
         run = self._run
-        if run is not None and run.recording_at(image.received_ns):
-            frame_time = self._write_frame(run, image, key, self._clock_map, geometry)
-        else:
+        assert image.received_ns is not None
+        if run is None or not run.recording_at(image.received_ns):
             self.counts["frames_not_recording_total"] += 1
-            if run is None:
-                return
-            frame_time = self._frame_time_unrecorded(run, image, self._clock_map)
+            frame_time = self.recorder.take(image, record=False)
+        elif run.failure is not None:  # the file takes no more frames (counted, not logged)
+            self.dropped["write_error"] += 1
+            run.frames_not_written += 1
+            frame_time = self.recorder.take(image, record=False)
+        else:
+            try:
+                frame_time = self.recorder.take(image, record=True)
+            except FrameWriteError as exc:
+                frame_time = exc.frame_time
+                self._frame_not_written(run, exc)
         if frame_time is not None and self._tap is not None:
             self._tap.offer(image, frame_time, behind=more_released or self._detector_waiting())
+
+    def _frame_not_written(self, run: _Run, exc: FrameWriteError) -> None:
+        """The run file's write of a frame raised: a recording failure if an I/O error."""
+        self.dropped["write_error"] += 1
+        self.counts["write_errors_total"] += 1
+        cause = exc.__cause__ or exc
+        failure = self._classify(run, cause, f"image {exc.image_id}")
+        if failure is not None:
+            run.frames_not_written += 1
+            self._recording_failed(run, failure)
+            return
+        log.error("writing image %d failed", exc.image_id, exc_info=cause)
+        self._event(EventKind.ERROR, f"writing image {exc.image_id} failed: {cause}")
 
     def _check_detector_silence(self) -> None:
         """A recording run without an image for detector.silent_after_s: say so, once."""
@@ -492,156 +465,6 @@ class IngestProcess:
     def _detector_waiting(self) -> bool:
         """A detector message is already queued on the receiver socket (the ingest is behind)."""
         return bool(self._receiver.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
-
-    @staticmethod
-    def _frame_time_unrecorded(
-        run: _Run, image: ImageMessage, clock_map: DetectorClockMap
-    ) -> float:
-        """frame_time of an image of the open run that is not recorded (for the tap only)."""
-        offset_ns = clock_map.offset_ns
-        assert offset_ns is not None  # observed before
-        return run.clock.from_wall_ns(offset_ns + fraction_ns(image.mid_time))
-
-    def _write_frame(
-        self,
-        run: _Run,
-        image: ImageMessage,
-        key: SeriesKey,
-        clock_map: DetectorClockMap,
-        geometry: FrameGeometry,
-    ) -> float | None:
-        """Write one image into the frame stack of its geometry (made if new: the file's
-        layout changes); its frame_time (None: dropped before the file was touched)."""
-        writer = run.writer
-        if run.failure is not None:  # the file takes no more frames (counted, not logged)
-            self.dropped["write_error"] += 1
-            run.frames_not_written += 1
-            return self._frame_time_unrecorded(run, image, clock_map)
-        try:  # first: an image whose channels disagree never makes datasets
-            chunks, refiltered = chunks_for_file(image, geometry)
-        except GeometryMismatchError as exc:
-            self.dropped["geometry"] += 1
-            self._event(EventKind.ERROR, f"image {image.image_id} dropped: {exc}")
-            return None
-        except MalformedMessage as exc:
-            self.dropped["corrupt"] += 1
-            self._event(EventKind.MALFORMED, f"image {image.image_id} dropped: {exc}")
-            return None
-        try:
-            stack, change = writer.stack_for(geometry)  # its datasets hold `geometry`'s chunks
-        except GeometryRefusedError as exc:
-            self.dropped["geometry"] += 1
-            self._event(EventKind.ERROR, f"image {image.image_id} dropped: {exc}")
-            return None
-        if change is not None:
-            self.counts["file_layout_changes_total"] += 1
-            self._event(EventKind.LAYOUT, f"run file layout: {change}")
-        rows = run.rows
-        if rows is None or rows.key != key or rows.stack != stack:
-            if rows is not None and rows.key == key:
-                self._retime(force=True)  # the series goes on in another stack: these are done
-            offset_ns = clock_map.offset_ns
-            assert offset_ns is not None
-            rows = _SeriesRows(
-                key,
-                stack,
-                writer.frames_in(stack),
-                offset_ns,
-                clock_map.error_ns,
-                run.last_frame_time,
-            )
-            run.rows = rows
-            run.series.append(
-                {
-                    "series_id": key[0],
-                    "series_unique_id": key[1],
-                    "detector": writer.detector_path(stack),
-                }
-            )
-            if len(run.series) > 1:  # a detector restarted or re-armed mid-run
-                before = run.series[-2]
-                self._event(
-                    EventKind.INSTRUMENT,
-                    f"new detector series {key[0]} ({key[1]}) from image_id {image.image_id};"
-                    f" the previous one was {before['series_id']} ({before['series_unique_id']})",
-                    {"series_id": key[0], "series_unique_id": key[1]},
-                )
-        clock = run.clock
-        mid_ns = fraction_ns(image.mid_time)
-        frame_time = max(clock.from_wall_ns(rows.offset_ns + mid_ns), run.last_frame_time)
-        half_exposure = fraction_ns(image.stop_time - image.start_time) * 0.5e-9 * clock.time_scale
-        assert image.received_ns is not None
-        started = time.perf_counter()
-        try:
-            writer.write_frame(
-                image.image_id,
-                image.series_id,
-                chunks,
-                frame_time,
-                image.start_time_s,
-                image.stop_time_s,
-                clock.from_wall_ns(image.received_ns),
-                clock.from_wall_ns(rows.offset_ns),
-                rows.error_ns * 1e-9 * clock.time_scale,
-                iso_date(image.series_date),
-                stack=stack,
-                half_exposure=max(half_exposure, 0.0),
-            )
-        except Exception as exc:
-            self.dropped["write_error"] += 1
-            self.counts["write_errors_total"] += 1
-            failure = self._classify(run, exc, f"image {image.image_id}")
-            if failure is not None:
-                run.frames_not_written += 1
-                self._recording_failed(run, failure)
-                return frame_time
-            log.exception("writing image %d failed", image.image_id)
-            self._event(EventKind.ERROR, f"writing image {image.image_id} failed: {exc}")
-            return frame_time
-        finally:
-            self.hdf5_write.observe(time.perf_counter() - started)
-        rows.mids_ns.append(mid_ns)
-        run.last_frame_time = frame_time
-        run.dirty = True
-        self.counts["frames_written_total"] += 1
-        if refiltered:
-            self.counts["frames_refiltered_total"] += 1
-        return frame_time
-
-    def _retime(self, force: bool) -> None:
-        """Rewrite the current series' frame_time with the improved clock mapping."""
-        run, clock_map = self._run, self._clock_map
-        if run is None or clock_map is None or run.rows is None or run.failure is not None:
-            return
-        rows = run.rows
-        offset_ns = clock_map.offset_ns
-        if rows.key != self._clock_key or not rows.mids_ns or offset_ns is None:
-            return
-        if not force and offset_ns >= rows.offset_ns:
-            return
-        clock = run.clock
-        base = offset_ns - clock.start_ns
-        times = (base + np.asarray(rows.mids_ns, dtype=np.int64)) * (1e-9 * clock.time_scale)
-        times = np.maximum.accumulate(np.maximum(times, rows.floor))
-        error = clock_map.run_error(clock)
-        started = time.perf_counter()
-        run.writer.retime_frames(
-            rows.first_row, times, clock.from_wall_ns(offset_ns), error, stack=rows.stack
-        )
-        self.hdf5_write.observe(time.perf_counter() - started)
-        rows.offset_ns, rows.error_ns = offset_ns, clock_map.error_ns
-        run.last_frame_time = float(times[-1])
-        run.dirty = True
-        run.series[-1].update(
-            frames=len(rows.mids_ns),
-            clock_offset_s=clock.from_wall_ns(offset_ns),
-            clock_offset_error_s=error,
-        )
-        self.counts["retimes_total"] += 1
-
-    def _end_series_timing(self) -> None:
-        """A series ended (or the run closes): its rows get the final mapping."""
-        self._retime(force=True)
 
     # ----- records from the daemon -----------------------------------------------------------
     def _run_for_record(self) -> _Run | None:
@@ -870,7 +693,7 @@ class IngestProcess:
             raise IngestError(f"{path} exists: a run file is never overwritten")
         if geometry is not None:
             return self._open(meta, path, clock, geometry, "the daemon")
-        geometry = self._stream_geometry()
+        geometry = self.recorder.stream_geometry()
         if geometry is not None:
             return self._open(meta, path, clock, geometry, "the stream")
         # Wait (still receiving frames, holding back later records) for the detector to speak.
@@ -932,22 +755,15 @@ class IngestProcess:
         return self._run
 
     # ----- runs ------------------------------------------------------------------------------
-    def _stream_geometry(self) -> FrameGeometry | None:
-        """Geometry from the latest `start` or image seen; None while it is not known."""
-        start = self._latest_start
-        if start is not None and (start.received_ns or 0) >= self._latest_image_ns:
-            return geometry_of_start(start, self.detector)  # None: wait for its first image
-        return self._latest_geometry
-
     def _check_pending_open(self) -> None:
         pending = self._pending_open
         if pending is None:
             return
-        geometry, source = self._stream_geometry(), "the stream"
+        geometry, source = self.recorder.stream_geometry(), "the stream"
         if geometry is None:
             if time.monotonic() < pending.deadline:
                 return
-            geometry, source = default_geometry(self.detector, self._latest_start), "the config"
+            geometry, source = self.recorder.configured_geometry(), "the config"
         self._pending_open = None
         try:
             result = self._open(pending.meta, pending.path, pending.clock, geometry, source)
@@ -981,6 +797,7 @@ class IngestProcess:
         run = _Run(writer, clock, source, self._counters(), reserve=reserve)
         run.identity = file_identity(path)
         self._run = run
+        self.recorder.attach(run)
         compression = geometry.compression or "raw"
         text = (
             f"ingest: {len(geometry.channels)} channel(s) {geometry.shape[0]}x"
@@ -997,9 +814,10 @@ class IngestProcess:
         assert run is not None
         try:
             self._take(self.sequencer.flush())  # frames received in the run, held for a gap
-            self._file_write(run, "the frame times", self._end_series_timing)
+            self._file_write(run, "the frame times", self.recorder.end_series)
         finally:
             self._run = None
+            run.series = self.recorder.detach()
             self._silence.forget()
             if self._tap is not None:
                 self._tap.discard_held()  # never a frame of a closed run to the next one
@@ -1085,7 +903,7 @@ class IngestProcess:
             self._next_flush = now + self.config.sampling.flush_interval_s
             self._check_in_place(run)
             if run.failure is None:
-                self._file_write(run, "the frame times", self._retime, False)
+                self._file_write(run, "the frame times", self.recorder.retime, False)
             if run.dirty:
                 self._flush(run)
             self._log_failure(run, now)
@@ -1111,11 +929,14 @@ class IngestProcess:
     def _counters(self) -> dict[str, int]:
         seq = self.sequencer
         dropped = dict(self.dropped)
+        for reason, count in self.recorder.dropped.items():
+            dropped[reason] += count
         dropped["duplicate"] += seq.duplicates_total
         dropped["late"] += seq.late_total
         dropped["stale_series"] += seq.stale_total
         return {
             **self.counts,
+            **self.recorder.counts,
             **{f"dropped_{reason}": count for reason, count in dropped.items()},
             "frames_dropped_total": sum(dropped.values()),
             "messages_received_total": self._receiver.received_total,
@@ -1142,14 +963,7 @@ class IngestProcess:
             "analysis_offers_withheld": 0 if self._tap is None else self._tap.offers_withheld,
             "analysis_last_offered_id": None if self._tap is None else self._tap.last_offered_id,
         }
-        clock_map = self._clock_map
-        stats["detector"] = {
-            "endpoint": self.detector.endpoint,
-            "series_id": None if self._clock_key is None else self._clock_key[0],
-            "series_unique_id": None if self._clock_key is None else self._clock_key[1],
-            "geometry": None if self._latest_geometry is None else asdict(self._latest_geometry),
-            "clock_offset_error_s": None if clock_map is None else clock_map.error_ns * 1e-9,
-        }
+        stats["detector"] = {"endpoint": self.detector.endpoint, **self.recorder.detector_stats()}
         run = self._run
         stats["run"] = (
             None
@@ -1166,13 +980,7 @@ class IngestProcess:
                 "frames_not_written": run.frames_not_written,
             }
         )
-        stream_rate = self._stream_rate.to_dict()
-        geometry = self._latest_geometry
-        if stream_rate is not None and geometry is not None:  # for recording_plan.py
-            pixels = geometry.shape[0] * geometry.shape[1] * np.dtype(geometry.dtype).itemsize
-            stream_rate["raw_bytes_per_frame"] = pixels * len(geometry.channels)
-            stream_rate["compression"] = geometry.compression or "none"
-        stats["stream_rate"] = stream_rate if geometry is not None else None
+        stats["stream_rate"] = self.recorder.stream_rate()
         stats["opening_run"] = self._pending_open is not None
         return stats
 

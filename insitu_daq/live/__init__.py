@@ -1,1 +1,2 @@
-"""The live-analysis worker process and the daemon's handle on it."""
+"""The live analysis: its worker process (process.py), the frame-tap messages it reads
+(frames.py) and the daemon's handle on it (client.py)."""

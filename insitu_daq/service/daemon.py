@@ -6,7 +6,7 @@ control API server, the metrics HTTP server, a status publisher and the analysis
 listener. Frames never enter this process: the ingest process receives and writes them and
 offers each to the live-analysis process over its frame tap (DESIGN.md, data flow).
 
-Live analysis (issue 4, liveanalysis.py): the daemon picks the tap's endpoint (a private ipc
+Live analysis (issue 4, live/): the daemon picks the tap's endpoint (a private ipc
 path) and hands it to both processes; it tells the analysis what the frames show, because it
 drives the microscope: the imaging state at run start, then every mode, pixel-size or
 dose-rate switch with the run-clock interval it took, and a watermark every 10 ms, so that each
@@ -14,7 +14,13 @@ frame is judged by its own time, however late either message arrives (imaging_an
 and when the bias first leaves 0 V (the end of the expansion reference). Each result is
 published on the `analysis` topic, turned into metrics, sent to the run file (/entry/analysis,
 through the ingest) and kept as the latest value per quantity for `hold ... until` conditions
-(`live_updates`).
+(live_values.py).
+
+Records (bias sample batches, analysis results, events, the ingest's events, status) are
+published once on the record bus (bus.py) and fanned out to its subscribers in order: the run
+file (the durable copy first), the live values, the analysis's expansion reference, the
+metrics and the event stream (sinks.py). A subscriber that fails is logged and counted; the
+others still get the record.
 
 A recording that fails fails the run safely (issue 9): before a run starts the data folder
 must be there, writable, and have room for the protocol's planned recording
@@ -32,35 +38,33 @@ import re
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from insitu_daq import __version__
 from insitu_daq.analysis.pipeline import PipelineSettings
-from insitu_daq.analysis.quantities import RESULT_KEYS
 from insitu_daq.control.bias import BiasController
-from insitu_daq.control.conditions import LiveUpdate
 from insitu_daq.control.guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
 from insitu_daq.control.guardian import Guardian, bias_confirmed_safe
 from insitu_daq.control.instruments.positioner import HolderControl, MicroscopeControl
 from insitu_daq.control.limits import LimitError
 from insitu_daq.control.protocol import Protocol, ProtocolError
 from insitu_daq.control.runner import ProtocolRunner, RunState
-from insitu_daq.control.station import FROM_NOW, StationError
+from insitu_daq.control.station import StationError
 from insitu_daq.core.clock import RunClock
 from insitu_daq.core.config import AnalysisConfig, StationConfig
 from insitu_daq.core.imaging import ImagingState
-from insitu_daq.core.records import Event, EventKind, level_change_mask
+from insitu_daq.core.records import Event, EventKind
 from insitu_daq.ingest import IngestClient, IngestError
 from insitu_daq.live.client import AnalysisError, LiveAnalysis
 from insitu_daq.runfile.writer import RunMetadata
-from insitu_daq.service.api import ControlServer, EventPublisher
+from insitu_daq.service.api.events import EventPublisher
+from insitu_daq.service.api.server import ControlServer
+from insitu_daq.service.bus import RecordBus
 from insitu_daq.service.imaging_announcer import ImagingAnnouncer, unknown_state
+from insitu_daq.service.live_values import LiveValues
 from insitu_daq.service.metrics import DaemonMetrics
 from insitu_daq.service.recording_plan import (
     DataDisk,
@@ -69,6 +73,13 @@ from insitu_daq.service.recording_plan import (
     check_room,
     data_disk,
 )
+from insitu_daq.service.sinks import (
+    AnalysisReferenceSink,
+    EventStreamSink,
+    MetricsSink,
+    RunFileSink,
+)
+from insitu_daq.service.station import DaemonStation
 from insitu_daq.service.stationlock import (
     StationLock,
     StationLockError,
@@ -80,11 +91,7 @@ log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 0.5
 DATA_DISK_INTERVAL_S = 2.0  # the data disk's free space, for status and metrics
-BIAS_OFF_VOLTS = 1e-6  # a setpoint above this is "the bias left 0 V"
 FINAL_STATES = ("finished", "aborted", "failed")
-# Live updates kept for the runner's conditions: ~80 s of analysis results and bias batches;
-# the runner takes them every 0.1 s.
-LIVE_UPDATES_KEPT = 4096
 
 
 @dataclass
@@ -94,9 +101,6 @@ class ActiveRun:
     clock: RunClock  # the run's clock: the daemon clock shifted to the run's start
     offset_s: float  # daemon-clock seconds at the run's start
     protocol: Protocol
-    bias_started: bool = False  # the setpoint has left 0 V in this run
-    charge_coulombs: float = 0.0  # integral of the measured current since the run started
-    last_reading: tuple[float, float] | None = None  # (daemon time, current) for the integral
     recording_failure: str | None = None  # why the run file stopped taking writes
 
 
@@ -136,11 +140,12 @@ class Daemon:
         self.guardian = Guardian(config, time_scale)
         self.metrics = DaemonMetrics(config.api.metrics_host, config.api.metrics_port)
         self.publisher = EventPublisher.from_config(config.api)
+        self.bus = RecordBus()
         self.bias = BiasController(
             config,
             self.clock,
-            on_samples=self._on_samples,
-            on_event=self._on_controller_event,
+            on_samples=self.bus.publisher("samples"),
+            on_event=self._record,
             on_trip=self._on_trip,
             on_lost=self._on_lost,
         )
@@ -158,18 +163,22 @@ class Daemon:
                 max_rate_hz=config.analysis.max_rate_hz,
             )
         self.imaging = ImagingAnnouncer([] if self.analysis is None else [self.analysis])
-        self._live: deque[tuple[int, LiveUpdate]] = deque(maxlen=LIVE_UPDATES_KEPT)
-        self._live_seq = 0
-        self.analysis_results_after_run_total = 0
-        self._live_lock = threading.Lock()
         self.ingest = IngestClient(
             config,
-            on_event=self._on_ingest_event,
+            on_event=self.bus.publisher("ingest_event"),
             clock=self.clock,
             analysis_endpoint=None if self.analysis is None else self.analysis.frame_endpoint,
             on_recording_failed=self._on_recording_failed,
         )
         self.imaging.add_sink(self.ingest)  # every frame's mode etc. in the run file
+        self.run_file = RunFileSink(self.ingest, self._current_run)
+        self.live_values = LiveValues(self._current_run, lambda: self.bias.state.connected)
+        self.bus.attach(self.run_file)  # first: the durable copy
+        self.bus.attach(self.live_values)
+        if self.analysis is not None:
+            self.bus.attach(AnalysisReferenceSink(self.analysis, self._current_run))
+        self.bus.attach(MetricsSink(self.metrics))
+        self.bus.attach(EventStreamSink(self.publisher))
         self.runner = ProtocolRunner(DaemonStation(self))
         self.control = ControlServer.from_config(config.api, self)
         self.metrics.watch_control(self.control.stats)
@@ -297,7 +306,7 @@ class Daemon:
             self._close_run,
             self.imaging.stop,
             self._publish_last_status,
-            self.ingest.shutdown,
+            self.ingest.stop,
             self._stop_analysis,
             self.control.stop,
             self.publisher.stop,
@@ -419,10 +428,12 @@ class Daemon:
         return {"reflections": settings.table.names, "analysis_parameters": settings.to_record()}
 
     # ----- live analysis ---------------------------------------------------------------------
+    def _current_run(self) -> ActiveRun | None:
+        return self._run
+
     def _start_analysis_run(self) -> None:
         """A new run: the analysis forgets the last one (its imaging state comes next)."""
-        with self._live_lock:
-            self._live.clear()
+        self.live_values.new_run()
         if self.analysis is not None:
             self.analysis.new_run()
 
@@ -460,23 +471,9 @@ class Daemon:
         self.imaging.end_switch(current)
 
     def _on_analysis(self, result: dict[str, Any]) -> None:
-        """A live result (analysis results thread): keep, measure, publish, record."""
-        values = result.get("values")
-        if not isinstance(values, dict):
-            return
-        frame_time = result.get("time")
-        if isinstance(frame_time, (int, float)) and self._run is not None:
-            self._add_live(float(frame_time), values)
-        self.metrics.observe_analysis(values, result.get("latency_s"))
-        totals = result.get("totals")
-        if isinstance(totals, dict):
-            self.metrics.observe_analysis_stats(totals)
-        record = {key: result[key] for key in RESULT_KEYS if key in result}
-        self.publisher.publish("analysis", record)
-        if self._run is not None:
-            self.ingest.write_analysis(record)
-        else:  # a frame of a run that has closed since: published, not in any file
-            self.analysis_results_after_run_total += 1
+        """A live result (analysis results thread): to the subscribers, if it has values."""
+        if isinstance(result.get("values"), dict):
+            self.bus.publish("analysis", result)
 
     def _microscope_metadata(self) -> dict[str, Any]:
         """The microscope's state at the run's start (later changes are events)."""
@@ -512,82 +509,14 @@ class Daemon:
         return summary
 
     # ----- records in ------------------------------------------------------------------------
-    def _on_samples(self, batch: np.ndarray) -> None:
-        run = self._run
-        if run is not None:  # readings and commanded level changes: the run file keeps both
-            shifted = batch.copy()
-            shifted["time"] -= run.offset_s
-            self.ingest.write_samples(shifted)
-            if not run.bias_started:
-                self._check_bias_start(run, batch)
-        readings = batch[~level_change_mask(batch)]
-        if not len(readings):
-            return
-        if run is not None:
-            self._integrate_charge(run, readings)
-            connected = self.bias.state.connected
-            self._add_live(
-                float(readings["time"][-1]) - run.offset_s,
-                {
-                    "current_amperes": float(readings["current"][-1]) if connected else None,
-                    "charge_coulombs": run.charge_coulombs,
-                },
-            )
-        self.metrics.observe_samples(readings)
-        last = readings[-1]
-        self.publisher.publish(
-            "bias",
-            {
-                "time": float(last["time"]),
-                "voltage": float(last["voltage"]),
-                "setpoint": float(last["setpoint"]),
-                "current": float(last["current"]),
-                "samples": len(readings),
-            },
-        )
-
-    def _check_bias_start(self, run: ActiveRun, batch: np.ndarray) -> None:
-        """The first sample (commanded level or reading) whose setpoint leaves 0 V ends the
-        analysis's expansion reference."""
-        away = np.flatnonzero(np.abs(batch["setpoint"]) > BIAS_OFF_VOLTS)
-        if not len(away):
-            return
-        run.bias_started = True
-        if self.analysis is not None:
-            self.analysis.bias_started(float(batch["time"][away[0]]) - run.offset_s)
-
-    @staticmethod
-    def _integrate_charge(run: ActiveRun, readings: np.ndarray) -> None:
-        """Charge since the run started: trapezoid over the readings' currents."""
-        times = readings["time"].astype(float)
-        currents = readings["current"].astype(float)
-        if run.last_reading is not None:
-            times = np.concatenate(([run.last_reading[0]], times))
-            currents = np.concatenate(([run.last_reading[1]], currents))
-        if len(times) > 1:
-            dt = np.diff(times)
-            ok = dt > 0
-            run.charge_coulombs += float(np.sum(0.5 * (currents[1:] + currents[:-1])[ok] * dt[ok]))
-        run.last_reading = (float(times[-1]), float(currents[-1]))
-
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         self._record(Event(self.clock.now(), kind, message, data))
 
     def _record(self, event: Event) -> None:
-        """An event on the daemon clock: to the run file (run time), event stream and log."""
+        """An event on the daemon clock: logged, then to the run file (run time) and the event
+        stream (the bus)."""
         log.info("event %s: %s", event.kind, event.message)
-        run = self._run
-        if run is not None:
-            self.ingest.write_event(
-                Event(event.time - run.offset_s, event.kind, event.message, event.data)
-            )
-        self.publisher.publish("event", event.to_dict())
-
-    def _on_controller_event(self, event: Event) -> None:
-        self._record(event)
-
-    def _on_ingest_event(self, event: dict[str, Any]) -> None:
-        self.publisher.publish("event", event)
+        self.bus.publish("event", event)
 
     def _on_recording_failed(self, report: dict[str, Any]) -> None:
         """The run file stopped taking writes (ingest listener thread: must not block): the run
@@ -627,33 +556,6 @@ class Daemon:
         self.metrics.set_instrument_up("source_meter", False)
         self.runner.abort(f"source-meter lost: {reason}")
 
-    def _add_live(self, time_s: float, values: dict[str, Any]) -> None:
-        """One live update (run-clock event time) for the runner's conditions."""
-        numbers = {
-            key: float(value)
-            if isinstance(value, (int, float)) and not isinstance(value, bool)
-            else None
-            for key, value in values.items()
-        }
-        with self._live_lock:
-            self._live_seq += 1
-            self._live.append((self._live_seq, LiveUpdate(time_s, numbers)))
-
-    def live_updates(self, names: frozenset[str], after: int) -> tuple[int, list[LiveUpdate]]:
-        """The live updates since cursor `after` that carry any of `names` (Station)."""
-        with self._live_lock:
-            cursor = self._live_seq
-            if after == FROM_NOW:
-                return cursor, []
-            if self._live and self._live[0][0] > after + 1:
-                log.warning("%d live updates were dropped before the runner took them",
-                            self._live[0][0] - after - 1)  # fmt: skip
-            updates = [
-                update for seq, update in self._live
-                if seq > after and not names.isdisjoint(update.values)
-            ]  # fmt: skip
-        return cursor, updates
-
     # ----- status ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         bias = self.bias.state
@@ -683,8 +585,9 @@ class Daemon:
             if self.analysis is None
             else {
                 **self.analysis.stats(),
-                "results_after_run_total": self.analysis_results_after_run_total,
+                "results_after_run_total": self.run_file.analysis_results_after_run_total,
             },
+            "record_sink_errors": dict(self.bus.errors),
             "time_scale": self.clock.time_scale,
         }
 
@@ -713,13 +616,7 @@ class Daemon:
     def _publish_status(self) -> None:
         while not self._stopping.wait(STATUS_INTERVAL_S):
             try:
-                status = self.status()
-                self.metrics.observe_ingest_stats(status["ingest"])
-                self.metrics.observe_progress(status["protocol"])
-                self.metrics.observe_guardian(status["guardian"])
-                if status["analysis"] is not None:
-                    self.metrics.observe_analysis_stats(status["analysis"])
-                self.publisher.publish("status", status)
+                self.bus.publish("status", self.status())
             except Exception:
                 log.exception("status publisher")
 
@@ -775,63 +672,3 @@ class Daemon:
     def handle_mark(self, text: str) -> dict[str, Any]:
         self.event(EventKind.MARK, text)
         return {}
-
-
-class DaemonStation:
-    """The Station the protocol runner drives, over the daemon's controllers."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-        self.clock = daemon.clock
-
-    def approach(self, speed_nm_s: float, max_travel_nm: float, stop: threading.Event) -> float:
-        return self._daemon.holder.approach(speed_nm_s, max_travel_nm, stop)
-
-    def retract(self, distance_nm: float, speed_nm_s: float, stop: threading.Event) -> None:
-        self._daemon.holder.retract(distance_nm, speed_nm_s, stop)
-
-    def check_bias(self, volts: float, rate_volts_per_s: float | None) -> None:
-        self._daemon.bias.check(volts, rate_volts_per_s)
-
-    def ramp_bias(
-        self, volts: float, rate_volts_per_s: float | None, stop: threading.Event
-    ) -> None:
-        self._daemon.bias.ramp_to(volts, rate_volts_per_s, stop)
-
-    def bias_setpoint(self) -> float:
-        return self._daemon.bias.state.setpoint
-
-    def make_safe(self) -> None:
-        self._daemon.bias.make_safe()
-
-    def start_recording(self) -> None:
-        self._daemon.ingest.start_recording()
-
-    def stop_recording(self) -> None:
-        self._daemon.ingest.stop_recording()
-
-    def set_microscope(
-        self,
-        mode: str | None = None,
-        beam: bool | None = None,
-        dose_rate_e_per_a2_s: float | None = None,
-        pixel_size_nm: float | None = None,
-    ) -> None:
-        if mode is None and pixel_size_nm is None and dose_rate_e_per_a2_s is None:
-            self._daemon.microscope.apply(mode, beam, dose_rate_e_per_a2_s, pixel_size_nm)
-            return
-        # What frames show changes: frames from here on wait until the new state is announced.
-        imaging = self._daemon.imaging
-        started = imaging.begin_switch()
-        try:
-            self._daemon.microscope.apply(mode, beam, dose_rate_e_per_a2_s, pixel_size_nm)
-        finally:
-            ended = imaging.now()
-            if started is not None and ended is not None:
-                self._daemon.imaging_switched(started, ended)
-
-    def live_updates(self, names: frozenset[str], after: int) -> tuple[int, list[LiveUpdate]]:
-        return self._daemon.live_updates(names, after)
-
-    def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
-        self._daemon.event(kind, message, data)
