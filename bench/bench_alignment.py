@@ -5,7 +5,7 @@ What it measures. The simulated source-meter and the live camera (rendering the 
 This process is the daemon's side: the real BiasController ramps the bias 0 -> 2 V -> 0 at the
 maximum rate (limits.max_ramp_rate_volts_per_s, 1 V/s), a few times, while the real ingest
 process records the run. Then each frame's `bias_voltage` in the file (the commanded level
-at its `frame_time`, from the stamped level changes, plus the measured offset: framebias.py)
+at its `frame_time`, from the stamped level changes, plus the measured offset: runfile/framebias.py)
 is compared with the bias the model applied at that frame's
 exposure midpoint (the camera's `truth.bias_volts`, recorded as each image is built).
 

@@ -1,7 +1,7 @@
 """Live analysis: latency from frame arrival to the daemon, and what it costs the ingest.
 
 Everything real except the detector: the simulated camera streams Stream V2 into the real
-ingest process (`IngestClient`), whose frame tap (ingest_tap.py) offers each frame to the real
+ingest process (`IngestClient`), whose frame tap (ingest/tap.py) offers each frame to the real
 analysis process (`LiveAnalysis`); results come back to this process, which plays the daemon:
 it stamps each result as `LiveAnalysis` hands it over and forwards it to the run file as the
 daemon does (`IngestClient.write_analysis`).
@@ -17,7 +17,7 @@ daemon does (`IngestClient.write_analysis`).
    that include a phase map (every `phase_map_interval_s` of run time) are shown apart too.
 2. Counts at 40 frames/s: frames received, analysed, skipped (queued behind a newer one),
    tap offers skipped by the ingest (the analysis's queue was full) or withheld (the ingest
-   was behind: it has priority, ingest_tap.py), and the camera's and ingest's own counters
+   was behind: it has priority, ingest/tap.py), and the camera's and ingest's own counters
    (nothing late, dropped or missing), plus CPU of each process.
 3. Ingest throughput with analysis on / off: bench_ingest.py's method (pre-rendered frames
    replayed by `SimulatedCamera.replay` in this process as fast as the ingest takes them;
@@ -88,7 +88,8 @@ def pixel_size_m(mode: str) -> float:
 
 
 class Daemon:
-    """The daemon's side of the live analysis, as daemon.py wires it (only what is timed)."""
+    """The daemon's side of the live analysis, as service/daemon.py wires it (only what is
+    timed)."""
 
     def __init__(self, folder: Path, endpoint: str, analysis: str) -> None:
         """analysis: "on" (as the daemon), "off" (disabled: no tap); diagnostics: "idle" (on,

@@ -20,8 +20,8 @@ Time scales, measured on the 2-core machine shared with other work (2026-11-24):
 Rock-salt onset: judged as the issue states it, within 2 s of the truth, the truth onset
 being when the HRTEM field first holds any rock salt (the 2.1 A spacing drawn at all), on the
 measured side the first of 3 consecutive phase maps that see rock salt in at least one tile
-(accuracy.py). In this field rock salt enters at two corners, and a map sees it once it covers
-half a corner tile, 1.55-1.93 s after the renderer's per-pixel truth first has any
+(verify/accuracy.py). In this field rock salt enters at two corners, and a map sees it once it
+covers half a corner tile, 1.55-1.93 s after the renderer's per-pixel truth first has any
 (tests/test_analysis_pipeline.py); the truth here, polled every 0.5 run s on a 256 x 256 grid,
 sees it up to ~0.5 s later, and the runs measured +0.92 s (2.5) and +1.03 s (5, the demo).
 The whole-field (200) ring of the spectrum, which the onset was judged on before, comes 3-4 s

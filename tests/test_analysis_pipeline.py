@@ -77,7 +77,8 @@ REFERENCE_FIELD_NM = (440.0, 0.0)
 
 
 def _first_of_run(times: list[float], present: list[bool], run: int = 3) -> float | None:
-    """The first of `run` consecutive observations that are all present (accuracy.py's rule)."""
+    """The first of `run` consecutive observations that are all present (verify/accuracy.py's
+    rule)."""
     for i in range(len(present) - run + 1):
         if all(present[i : i + run]):
             return times[i]

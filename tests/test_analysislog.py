@@ -1,5 +1,5 @@
-"""/entry/analysis in a real run file (analysislog.py through RunWriter): NeXus classes, units,
-one row per result in each log that result measures, NaN for "not measurable", and a reader
+"""/entry/analysis in a real run file (runfile/analysislog.py through RunWriter): NeXus classes,
+units, one row per result in each log that result measures, NaN for "not measurable", and a reader
 attached in SWMR mode seeing the rows appended after the file switched to SWMR."""
 
 from __future__ import annotations

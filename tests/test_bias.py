@@ -324,7 +324,7 @@ def test_ramp_is_a_staircase_within_the_rate_limit_in_run_clock_seconds(
 def test_level_changes_are_stamped_when_the_source_changed(
     sim: SimulatedSourceMeter, station: SimStation, recorder: Recorder
 ) -> None:
-    # The per-frame bias relies on these stamps (framebias.py): each change of the commanded
+    # The per-frame bias relies on these stamps (runfile/framebias.py): each change of the commanded
     # level is logged, in order, with the run-clock time of the write that made it.
     clock = RunClock()
     bias = make_controller(make_config(sim), recorder, clock)

@@ -4,11 +4,11 @@ before the simulator's truth has 90 % rock salt in the HRTEM field.
 Issue 9 saw it end after 35 s and 61 s (truth: 0 % rock salt) with one CPU-bound process beside
 the demo: frames of a low-magnification burst reached the analysis before the switch that
 covered them was known, were summed as HRTEM, and one phase map said rock salt 1.00. Frames are
-now judged by event time against a watermark (imaging.py) and a condition must hold for 2 s of
-event time (condition.py). Here `insitu-daq demo` runs as a user runs it (simulated station and
-daemon as real processes) beside one and then two busy-looping processes at normal priority,
-as a vendor GUI or a second analysis would load a microscope PC. bench/bench_closed_loop_load.py
-repeats it and reports the spread (bench/README.md).
+now judged by event time against a watermark (core/imaging.py) and a condition must hold for 2 s of
+event time (control/conditions.py). Here `insitu-daq demo` runs as a user runs it (simulated
+station and daemon as real processes) beside one and then two busy-looping processes at normal
+priority, as a vendor GUI or a second analysis would load a microscope PC.
+bench/bench_closed_loop_load.py repeats it and reports the spread (bench/README.md).
 """
 
 from __future__ import annotations

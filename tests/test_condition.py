@@ -62,7 +62,7 @@ def test_evaluate_over_live_values(values: dict[str, float | None], met: bool) -
         ("(expansion > 1", "expected ')' at column 15"),
         ("0.5 < expansion", "expected a quantity such as rock_salt_fraction at column 1"),
         ("__import__('os').system('true')", 'unexpected "\'" at column 12'),
-        # Logged and published, but one map's presence can be a noise tile (condition.py).
+        # Logged and published, but one map's presence can be a noise tile (control/conditions.py).
         ("rock_salt_presence > 0", "unknown quantity 'rock_salt_presence' at column 1"),
     ],
 )

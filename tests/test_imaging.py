@@ -1,4 +1,4 @@
-"""Event-time imaging states (imaging.py): a frame's state is decided by its own time, however
+"""Event-time imaging states (core/imaging.py): a frame's state is decided by its own time, however
 the daemon's announcements and the frames interleave, are delayed, or are lost.
 
 The daemon's side is the real ImagingAnnouncer (with a recording sink in place of a socket:

@@ -139,7 +139,7 @@ def test_the_tap_delivers_each_written_frame_as_its_header_and_the_chunk_bytes(
             assert payload == s2.bslz4_compress(frames[row % 4])
             assert payload == data.id.read_direct_chunk((row, 0, 0))[1]
             # frame_time on the run clock as it was written; the file's may since have been
-            # retimed, only ever earlier, as the clock envelope improved (sequence.py); and
+            # retimed, only ever earlier, as the clock envelope improved (ingest/sequence.py); and
             # an exposure's midpoint comes before the image arrives
             arrival = tapped.run_clock.from_wall_ns(header["received_ns"])
             assert arrival == pytest.approx(received_times[row], abs=1e-6)

@@ -87,7 +87,7 @@ def test_nexusformat_finds_the_axes_their_units_and_the_frames(run_file: Path) -
                 np.testing.assert_allclose(np.diff(axis.nxvalue), pixel_nm)
             assert frame_time.attrs["units"] == "s"
             # nexusformat takes a virtual dataset for one source file per frame and misreads
-            # these (runfile_finish.py): its frames are read from /entry/data at frame_index.
+            # these (runfile/finish.py): its frames are read from /entry/data at frame_index.
             rows = data["frame_index"].nxvalue
             assert len(rows) == len(frame_time)
             first = np.asarray(root["entry/data"].nxsignal[int(rows[0])].nxvalue)

@@ -2,9 +2,9 @@
 
 A kind registered here, in the test, is parsed from a protocol file, checked against the
 station's limits at load, preflighted against the station, planned by the recording plan and
-executed by the runner, with no edit to protocol.py, runner.py or recording_plan.py. The
-runner drives test_runner's in-memory RecordingStation (its logic is independent of
-transports; the real station is covered by the daemon's end-to-end tests).
+executed by the runner, with no edit to control/protocol.py, control/runner.py or
+service/recording_plan.py. The runner drives test_runner's in-memory RecordingStation (its logic is
+independent of transports; the real station is covered by the daemon's end-to-end tests).
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ def test_missing_analysis_says_not_measured_and_still_gives_the_truth(tmp_path: 
     assert "hold ended by: condition" in out
 
 
-# ----- accuracy.py: the issue-4 figures from an analysis record and truth samples -----------
+# ----- verify/accuracy.py: the issue-4 figures from an analysis record and truth samples
+# -----------
 def reflection(name: str, d_angstrom: float, times: np.ndarray, d_m: np.ndarray):
     from insitu_daq.report.analysis import ReflectionSeries
 

@@ -45,7 +45,7 @@ the simulator's reference run (rock salt enters the HRTEM field at two corners, 
 the first rock-salt tile shows 1.3-1.9 s after the field first holds any rock salt (by then
 ~4 % of the field: half of a corner tile), the first tile classified rock salt ~0.3 s later,
 the whole-field (200) ring ~3.7 s after. That is why a rock-salt onset is judged on the
-presence (accuracy.py), but only when it persists: a single map's presence has no such
+presence (verify/accuracy.py), but only when it persists: a single map's presence has no such
 second test. In live streams of the layered field (25 ms frames summed to 5 counts/px, a map
 every 0.125 s; 2026-11-24) 2 of 475 maps, 2 of 410 (biased, before rock salt), 2 of 1195 and
 19 of 1195 saw a false rock-salt tile, at most 2 maps in a row; the onset wants three. (The

@@ -55,7 +55,7 @@ frame before the bias step: expansion None ("no reference"), never a guess.
 Phase maps run on a run-time cadence, not on every HRTEM result: at most one every
 `phase_map_interval_s` of run time (the first HRTEM result maps; then the first result at
 least that much later). A map costs ~0.75x a spectrum (bench/README.md). The rock-salt onset
-is judged to 2 s (accuracy.py), and in the reference run the map itself needs most of that
+is judged to 2 s (verify/accuracy.py), and in the reference run the map itself needs most of that
 (phasemap.py: the rock salt has to cover half a corner tile); the cadence adds up to one
 interval. Measured with this class on the reference field, 6 noise seeds: first persistent
 rock-salt presence 1.55-1.93 s after the truth at 0.125 s, 1.55-2.05 s at 0.25 s. Hence

@@ -13,12 +13,12 @@ fixed 120 s reference hold. The truth comes from the simulated microscope's simu
 stamped with the run clock, so measured and true values are compared at the same run time;
 the samples are saved next to the run file as RUN.truth.json (a JSON list of {"time": run-clock
 s, ...the truth's fields}) so a run can be checked again later, and the demo ends with the
-issue-4 accuracy verdicts of accuracy.py (measured vs truth, within tolerance or not).
+issue-4 accuracy verdicts of verify/accuracy.py (measured vs truth, within tolerance or not).
 `--protocol lno_control_0v.yaml` runs the no-bias control, judged on "no phase change seen".
 
-Both processes run the installed package (module_command.py), whatever the current folder.
+Both processes run the installed package (app/module_command.py), whatever the current folder.
 Their station config and logs stay in DATA_DIR/demo/; a process that dies is reported with
-its exit code, its log's path and the log's last lines (children.py).
+its exit code, its log's path and the log's last lines (app/children.py).
 """
 
 from __future__ import annotations

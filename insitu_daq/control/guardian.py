@@ -23,11 +23,11 @@ reparented. (Linux's PR_SET_PDEATHSIG is deliberately not used: it fires when th
 that started the child exits, which would be a false alarm whenever the daemon is started
 from a worker thread, and the pipe already wakes the guardian as promptly.)
 
-What it holds. The daemon passes it the descriptor of its source-meter lock (stationlock.py):
-flock locks belong to the open file, so the lock stays taken while the guardian lives, even
-after the daemon is gone. A daemon started while a guardian ramps the bias down is refused
-("still held after daemon PID N exited: its bias guardian is making the bias safe") instead
-of connecting to the instrument under it; once the guardian has exited it starts.
+What it holds. The daemon passes it the descriptor of its source-meter lock
+(service/stationlock.py): flock locks belong to the open file, so the lock stays taken while the
+guardian lives, even after the daemon is gone. A daemon started while a guardian ramps the bias
+down is refused ("still held after daemon PID N exited: its bias guardian is making the bias safe")
+instead of connecting to the instrument under it; once the guardian has exited it starts.
 
 What it never does. It holds no instrument connection while the daemon lives (the 2400 has
 one controller at a time; the driver is opened only after the daemon is gone), it never
@@ -131,9 +131,9 @@ class Guardian:
         return None if process is None else process.poll()
 
     def start(self, keep_locked: tuple[int, ...] = ()) -> None:
-        """Spawn it. `keep_locked`: descriptors of station locks (stationlock.py) the guardian
-        and any replacement inherit, so that they stay locked until it exits: after a daemon
-        that died, until the bias is safe."""
+        """Spawn it. `keep_locked`: descriptors of station locks (service/stationlock.py) the
+        guardian and any replacement inherit, so that they stay locked until it exits: after a
+        daemon that died, until the bias is safe."""
         with self._lock:
             if self._process is None:
                 self._keep_locked = tuple(keep_locked)

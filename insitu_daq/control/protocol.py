@@ -22,7 +22,7 @@ Every error is one line naming the step (1-based, as an operator counts) and the
 station's limits by `validate_against` before a run starts. The step kinds are the registry's
 (insitu_daq/control/steps/: one module per kind); the union of steps follows it. A key given
 twice (`hold: {duration_s: 600, duration_s: 6}`, or two `steps:`) is refused, naming the key
-and its line (uniquekeys.py): a YAML reader would silently keep the last one.
+and its line (core/uniquekeys.py): a YAML reader would silently keep the last one.
 """
 
 from __future__ import annotations

@@ -101,10 +101,10 @@ class DetectorConfig(_Section):
     reorder_window_s: Annotated[float, Field(gt=0, le=10)] = 0.5
     # Frame geometry of a run opened before the detector sent a start or an image: wait this
     # long for one, then use these defaults (a series with another geometry re-makes or adds
-    # frame datasets when its first image arrives: runfile_frames.py).
+    # frame datasets when its first image arrives: runfile/frames.py).
     geometry_timeout_s: Annotated[float, Field(ge=0, le=60)] = 2.0
     # A recording run that gets no image for this long (wall seconds) records a `detector
-    # silent` event, and a `detector back` one when images come again (detector_silence.py).
+    # silent` event, and a `detector back` one when images come again (ingest/silence.py).
     silent_after_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
     default_channels: Annotated[tuple[str, ...], Field(min_length=1)] = ("threshold_1",)
     default_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1024, 1024)
@@ -210,7 +210,7 @@ class AnalysisConfig(_Section):
     # is summed all the same, so the sums above do not depend on it (live/process.py).
     max_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 20.0
     # The ingest has priority: while it is behind the detector it offers the analysis no
-    # frames but one every 1/min_rate_hz s, so the analysis is never starved (ingest_tap.py).
+    # frames but one every 1/min_rate_hz s, so the analysis is never starved (ingest/tap.py).
     min_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 2.0
     reference_frames: Annotated[int, Field(ge=1, le=1000)] = 10  # LM frames before the bias
     front_window_s: Annotated[float, Field(gt=0, le=120)] = 10.0
@@ -247,7 +247,7 @@ def _table_of(reflections: tuple[ReflectionConfig, ...]) -> ReflectionTable:
 class StationConfig(_Section):
     name: str = "station"
     data_dir: Path = Path("runs")
-    # Folder of the station locks (stationlock.py: one daemon per station). Unset:
+    # Folder of the station locks (service/stationlock.py: one daemon per station). Unset:
     # /run/lock/insitu-daq, shared by every account; $INSITU_DAQ_LOCK_DIR overrides both.
     lock_dir: Path | None = None
     source_meter: SourceMeterConfig = SourceMeterConfig()

@@ -13,7 +13,7 @@ The daemon holds the watermark at a switch's start while the switch is under way
 know the new state before the microscope reports it), announces the state once the switch is
 done, then lets the watermark move on. Its announcements and watermarks leave through one
 ordered channel per consumer, under one lock, so no watermark can overtake the switch it
-covers (service side: imaging_announcer.py). A channel may still drop a message when its
+covers (service side: service/imaging_announcer.py). A channel may still drop a message when its
 queue is full; each watermark therefore says how many states were announced so far in the run.
 A timeline that has fewer knows one was lost after its previous watermark, and from there on
 until the next state it receives its frames have no state (never a guess).

@@ -38,7 +38,7 @@ Each frame's imaging state (mode, pixel size, dose rate) is decided in the file 
 time once the daemon's imaging watermark has passed it (`set_imaging`, `imaging_watermark`).
 
 Frames pass the FrameSequencer (image_id order, gaps, duplicates, late and stale images,
-sequence.py) and the DetectorClockMap (run-clock `frame_time` of the exposure midpoint).
+ingest/sequence.py) and the DetectorClockMap (run-clock `frame_time` of the exposure midpoint).
 All frames received are sequenced and timed, also with no run open or while not recording,
 so the clock map of a running series is already good when a run starts; only frames received
 while a run is open and recording are written. "Received while recording" is decided by the
@@ -51,7 +51,7 @@ once per flush) so each series ends with one consistent mapping; frame_time neve
 It never dies on bad input: a malformed message, an image that does not fit the file, or an
 exception while writing is counted, logged and reported as an event (rate-limited per kind),
 and the loop goes on. A detector that stops sending while a run records is an `instrument` event
-after `detector.silent_after_s`, and its return another (detector_silence.py); a new series
+after `detector.silent_after_s`, and its return another (ingest/silence.py); a new series
 in a run (a detector restarted or re-armed) is one too; a run closed because the daemon died
 ends with an `error` event saying so. Payloads stay views into the received ZeroMQ frames (no
 copy) from the socket to `write_direct_chunk` and the tap. The file is flushed at least every
@@ -70,7 +70,7 @@ histogram (`le` upper bounds, `cumulative_counts`, `sum`, `count`: one observati
 call into HDF5), `hdf5_flush_seconds` (`sum`, `count`), `run` (the open run or None) and
 `detector` (series, geometry, clock-mapping uncertainty), `analysis_offers_sent`,
 `analysis_offers_skipped` (the analysis's queue was full), `analysis_offers_withheld` (the
-ingest was behind: it has priority; the frame tap, ingest_tap.py) and
+ingest was behind: it has priority; the frame tap, ingest/tap.py) and
 `analysis_last_offered_id` (the image_id of the last send tried, or None).
 """
 

@@ -1,15 +1,15 @@
-"""The daemon's handle on the ingest process (see ingest.py for the design).
+"""The daemon's handle on the ingest process (see ingest/ for the design).
 
-`IngestClient` lives in the daemon. It spawns the ingest process (ingest_process.py) and talks
+`IngestClient` lives in the daemon. It spawns the ingest process (ingest/process.py) and talks
 to it over two ZeroMQ ipc sockets in a private temporary directory (mode 0700, so only this
 user can connect; the lifecycle is core/worker.py's `WorkerHandle`; both ends are this
-program, so messages are pickled; ingest_wire.py):
+program, so messages are pickled; ingest/wire.py):
 one ordered channel daemon -> ingest for commands AND records (bias samples as raw bytes of
 `BIAS_SAMPLE_DTYPE`, events, holder positions, live-analysis results, imaging states and
 watermarks), so `close_run` is handled after the last record sent before it; one channel
 ingest -> daemon for replies, stats (every `STATS_INTERVAL_S`), events (to a callback) and,
 once per run, a recording failure (to another callback: the run file stopped taking writes,
-recording_failure.py).
+ingest/failure.py).
 
 Spawning imports the main module of the daemon again in the child: a script that starts an
 IngestClient needs the usual `if __name__ == "__main__":` guard (the console script has it).
@@ -90,7 +90,7 @@ class IngestClient(WorkerHandle):
         on_recording_failed: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """`analysis_endpoint`: where the ingest process binds its frame tap for the live
-        analysis (ingest_tap.py; e.g. "tcp://127.0.0.1:0"); None: no tap.
+        analysis (ingest/tap.py; e.g. "tcp://127.0.0.1:0"); None: no tap.
         `on_recording_failed(report)`: the open run's file stopped taking writes (called once
         per failure from the listener thread; report: run_id, kind, reason, errno,
         failed_at_ns, frames_recorded, time)."""
@@ -114,8 +114,8 @@ class IngestClient(WorkerHandle):
     def start(self, keep_locked: tuple[int, ...] = ()) -> None:
         """Spawn the process and wait until its sockets are up (IngestError if it fails).
 
-        `keep_locked`: descriptors of station locks (stationlock.py) the process inherits and
-        so keeps locked until it exits (after a killed daemon, until it has left the detector).
+        `keep_locked`: descriptors of station locks (service/stationlock.py) the process inherits
+        and so keeps locked until it exits (after a killed daemon, until it has left the detector).
         """
         if self.process is not None:
             return

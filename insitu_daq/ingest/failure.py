@@ -1,6 +1,6 @@
 """When the run file cannot be written: what went wrong, in words an operator acts on.
 
-The ingest process (ingest_process.py) hands every exception of a run-file write to
+The ingest process (ingest/process.py) hands every exception of a run-file write to
 `classify_write_error`. An exception that carries an errno is a recording failure: the disk or
 folder will not take the run any more, and the daemon must not go on biasing a particle with
 nothing recorded. h5py does not always raise OSError: an HDF5 error (e.g. a failed flush)

@@ -1,9 +1,9 @@
-"""The ingest process: DECTRIS Stream V2 in, the run file out (see ingest.py for the design).
+"""The ingest process: DECTRIS Stream V2 in, the run file out (see ingest/ for the design).
 
 `IngestProcess` runs in its own process (multiprocessing "spawn", started by
 `ingest_client.IngestClient`; `child_main` is its entry point). It owns the Stream2Receiver
 (PULL connected to `config.detector.endpoint`), the RunWriter and, when asked, the frame tap
-for the live analysis (ingest_tap.py), and is the only thing that touches the run file. Its
+for the live analysis (ingest/tap.py), and is the only thing that touches the run file. Its
 loop waits on the detector socket and the command socket together; per turn it first takes
 everything the daemon sent (commands and records, in order), then up to a batch of detector
 messages, then does the timed work (reorder-window expiry, clock retiming, flush, stats).
@@ -15,7 +15,7 @@ ingest is behind once it has been handled: further images released with it by th
 or a detector message waiting on the receiver socket (`_detector_waiting`, a getsockopt of
 ZMQ_EVENTS, 1.6 us). While behind, the tap holds the newest image back (sending one every
 `1 / [analysis] min_rate_hz` s all the same) and the end of the loop turn that finds the
-socket empty sends it (ingest_tap.py): the analysis's FFTs then run while the ingest has time,
+socket empty sends it (ingest/tap.py): the analysis's FFTs then run while the ingest has time,
 not during a backlog, where they slowed it through the two cores' shared cache.
 
 Detector messages are received zero-copy (`recv(copy=False)`): each image's payload stays a
@@ -162,7 +162,7 @@ class _Run:
     dirty: bool = False
     identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file as opened
     reserve: SpaceReserve | None = None  # space kept for the end of the run (recording_failure)
-    # Once the file stops taking writes (recording_failure.py): why, and what is not written.
+    # Once the file stops taking writes (ingest/failure.py): why, and what is not written.
     failure: RecordingFailure | None = None
     budget_left: int = 0  # bytes of small records still tried after the failure
     frames_not_written: int = 0

@@ -145,7 +145,8 @@ class FrameRecorder:
         }
 
     def stream_rate(self) -> dict[str, Any] | None:
-        """The stream's rate and frame size (for recording_plan.py); None before an image."""
+        """The stream's rate and frame size (for service/recording_plan.py); None before an
+        image."""
         stream_rate = self._stream_rate.to_dict()
         geometry = self._latest_geometry
         if geometry is None:

@@ -15,7 +15,7 @@ Why so: ingest must never slow down for analysis, in two ways.
   misses frames; each miss is counted (`offers_skipped`), sent frames in `offers_sent`.
   LINGER=0: nothing queued for a dead peer holds up shutdown.
 - It has priority. The ingest tells each offer whether it is behind (more detector messages
-  already waiting once this image was handled: ingest_process.py). An image offered while
+  already waiting once this image was handled: ingest/process.py). An image offered while
   behind is held back instead of sent; a newer one replaces it (the older one is then
   withheld for good, counted in `offers_withheld`), and the one held when the ingest has
   caught up (`caught_up()`) is sent then: the newest image, once the ingest has time for it.

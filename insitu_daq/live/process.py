@@ -9,7 +9,7 @@ rather than blocks:
                     skipped offer, counted by the ingest). The ingest has priority: it
                     offers a frame only when caught up with the detector; while behind it
                     withholds them (counted), but for one every 1/min_rate_hz s, and sends
-                    the newest once caught up (ingest_tap.py)
+                    the newest once caught up (ingest/tap.py)
         -> this process  PULL (connects, RCVHWM 2): takes every frame queued and adds it to
                     its mode's dose sum (decompressed: ~1 ms a bslz4 frame); measures the sum
                     at most `max_rate_hz` times a second, stamped at the newest frame, and
@@ -19,7 +19,7 @@ rather than blocks:
 Frame-tap messages are parsed and decoded by live/frames.py.
 
 What the frames show is told by the daemon, which drives the microscope, and decided by event
-time (imaging.py): `set_imaging(state)` at run start and after each switch (with the run-clock
+time (core/imaging.py): `set_imaging(state)` at run start and after each switch (with the run-clock
 interval it took), and `imaging_watermark(t)` every few ms (every switch begun by run time t is
 announced). Frames and these messages come on different channels, so a frame is held (not
 decompressed; `frames_pending`) until the watermark has passed its exposure's end, and only
@@ -35,7 +35,7 @@ analysis both want a core, the scheduler gives most of it to the ingest, so a bu
 analysis work shows up as frames the tap could not deliver rather than an ingest backlog; and
 it measures at most `max_rate_hz` times a second, which bounds what it takes when the cores
 are free. While the ingest is behind it offers frames only at `min_rate_hz` (it has priority:
-ingest_tap.py), so the analysis then has little to sum: at full replay rate the ingest loses
+ingest/tap.py), so the analysis then has little to sum: at full replay rate the ingest loses
 ~5 % to it (bench/README.md, live analysis). Bad input (malformed header, a payload that does
 not decompress, an analysis error) is logged and counted, never fatal.
 """

@@ -2,7 +2,8 @@
 
 Reads only: works on a finished file and on one still being written (SWMR). `summarize` is the
 acquisition (frames, bias, holds, events). The live analysis is read by report/analysis.py, the
-events' story (modes, the hold) by report/events.py; the figure is drawn by figure.py from these.
+events' story (modes, the hold) by report/events.py; the figure is drawn by report/figure.py from
+these.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class RunSummary:
     holds: list[HoldSummary]
     event_counts: dict[str, int]
     events: list[tuple[float, str, str]] = field(default_factory=list)
-    # Frames of later geometries (runfile_frames.py): (NXdetector path, frames, frame shape).
+    # Frames of later geometries (runfile/frames.py): (NXdetector path, frames, frame shape).
     other_geometries: list[tuple[str, int, tuple[int, ...]]] = field(default_factory=list)
     imaging_frames: dict[str, int] = field(default_factory=dict)  # per-frame imaging_mode
 

@@ -7,7 +7,7 @@ still hold it; it should reopen the file after the run closed).
 Calibrated image axes. A run switches between HRTEM and low magnification, so the pixel size
 changes within a stack and /entry/data (the whole stack, DESIGN.md's contract) cannot carry
 one image calibration. Each (stack, imaging mode, pixel size) found in the per-frame
-`imaging_mode` and `pixel_size` columns (runfile_frames.py) gets an NXdata of its own:
+`imaging_mode` and `pixel_size` columns (runfile/frames.py) gets an NXdata of its own:
 
     /entry/images_<mode>[_<j>] NXdata  @signal="data" @axes=["frame_time", "y", "x"]
                                        @interpretation="image" @mode @detector

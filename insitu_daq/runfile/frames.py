@@ -5,12 +5,12 @@ opened, or restart with another shape, channel set, pixel type or compression. E
 (channels, shape, dtype, stored compression) gets its own `FrameStack`: the first the
 contract's /entry/instrument/detector (NXdata /entry/data), later ones
 /entry/instrument/detector_<k> (k = 1, 2, ...; NXdata /entry/frames_<k>), each with the same
-datasets (runfile.py makes them and the layout changes):
+datasets (runfile/writer.py makes them and the layout changes):
 
     data, data_<channel>   [n, y, x] per channel, one chunk per frame as received
     image_id, series_id, frame_time, detector_start_time, detector_stop_time,
     detector_series_date, received_time, detector_clock_offset(_errors)     [n]
-    bias_voltage, current  [n] estimated from the bias log at frame_time (framebias.py)
+    bias_voltage, current  [n] estimated from the bias log at frame_time (runfile/framebias.py)
     imaging_mode           [n] "hrtem", "lm", ..., "settling", "unknown"; "" until decided
     pixel_size             [n] m, the specimen-plane sampling of the frame (NaN: not known)
     dose_rate              [n] e/angstrom^2/s (NaN: not known)
@@ -19,7 +19,7 @@ Per-frame columns are written in batches (`write_pending_rows`): readers count f
 `frame_time`; `data` may hold more rows until the next flush. Two columns are filled in
 later, each when what decides it is known: the bias once readings bracket the frame's time
 (or, at close, from the last readings), the imaging state once the daemon's watermark has
-passed the frame's exposure end (imaging.py: decided by the frame's own time against the
+passed the frame's exposure end (core/imaging.py: decided by the frame's own time against the
 microscope's timeline, never by arrival order; at close with what is known, the rest
 "unknown"). A frame whose exposure overlaps a switch or the frame period after it is
 "settling" (half one mode, half the other): readers skip it.
@@ -295,7 +295,7 @@ class FrameStack:
 
     # ----- per-frame bias --------------------------------------------------------------------
     def fill_bias(self, estimator: FrameBiasEstimator, final: bool) -> None:
-        """Estimate the bias at the frame times that readings now bracket (framebias.py)."""
+        """Estimate the bias at the frame times that readings now bracket (runfile/framebias.py)."""
         first = self._bias_first
         if first >= self.frames:
             return

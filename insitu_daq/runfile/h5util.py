@@ -3,7 +3,7 @@ reading back a log that may be absent (`read_column`, for the report).
 
 The run file is written in SWMR mode, in which HDF5 cannot create objects (DESIGN.md: the
 file is read while written). When a run needs new datasets (a new frame geometry,
-runfile_frames.py) the writer closes the file, reopens it without SWMR, creates them and
+runfile/frames.py) the writer closes the file, reopens it without SWMR, creates them and
 goes back to SWMR. Closing invalidates every handle into the file, and the writer's parts
 (its frame stacks, the analysis log) hold many: `handle_paths` notes where each one is held
 and by which path, `rebind` puts fresh handles from the reopened file in the same places.
@@ -21,7 +21,7 @@ _PACKAGE = __name__.rsplit(".", 1)[0]  # objects of this package's classes are w
 
 def read_column(group: h5py.Group, path: str, dtype: str = "<f8") -> np.ndarray:
     """A dataset's values; empty when absent (a closed run file leaves out a log nobody
-    wrote: runfile_finish.py)."""
+    wrote: runfile/finish.py)."""
     dataset = group.get(path)
     return np.zeros(0, dtype=dtype) if dataset is None else dataset[:]
 

@@ -9,7 +9,7 @@ Why it is shaped so:
 - SWMR forbids creating objects once readers may attach, so every group and dataset the run
   is known to need is made in `__init__` (the detector's from the `FrameGeometry` known when
   the run opens) and only grown afterwards.
-- The frames follow the stream (runfile_frames.py): a series that starts after the run
+- The frames follow the stream (runfile/frames.py): a series that starts after the run
   opened with another geometry re-makes the still empty frame datasets; a new geometry once
   frames are stored gets its own /entry/instrument/detector_<k> and /entry/frames_<k>. Either
   briefly leaves SWMR (`_change_layout`: close, reopen without SWMR, create, SWMR again): a
@@ -20,12 +20,12 @@ Why it is shaped so:
   another process and may lag the frames, so a frame's bias is written as NaN first and filled
   in once a sample later than its frame_time is known (or, at close, from the last sample).
   The per-frame imaging state (mode, pixel size, dose rate) likewise waits for the daemon's
-  imaging watermark to pass the frame (imaging.py, runfile_frames.py).
+  imaging watermark to pass the frame (core/imaging.py, runfile/frames.py).
 - Per-frame columns are written in batches (see `write_frame`): readers count frames by
   `frame_time`; `data` may hold more rows until the next flush.
 - Strings in growing datasets are fixed-length UTF-8: SWMR readers do not reliably see
   variable-length data appended by a writer.
-- At close the file is finished (runfile_finish.py): one NXdata per imaging mode and pixel
+- At close the file is finished (runfile/finish.py): one NXdata per imaging mode and pixel
   size with calibrated axes, and no empty dataset (a log nobody wrote is left out).
 """
 
@@ -124,7 +124,8 @@ class RunMetadata:
     holder: dict[str, Any] = field(default_factory=dict)
     microscope: dict[str, Any] = field(default_factory=dict)
     program_version: str = ""
-    # Live analysis: the tracked reflections' names and the analysis parameters (analysislog.py).
+    # Live analysis: the tracked reflections' names and the analysis parameters
+    # (runfile/analysislog.py).
     reflections: tuple[str, ...] = DEFAULT_REFLECTIONS.names
     analysis_parameters: dict[str, Any] = field(default_factory=dict)
 
@@ -422,7 +423,7 @@ class RunWriter:
     # ----- imaging ---------------------------------------------------------------------------
     def add_imaging_state(self, state: ImagingState, seq: int | None = None) -> None:
         """The microscope's imaging state from `state.start` on (any order of arrival), the
-        `seq`-th of the run (None: not checked for lost ones; imaging.py)."""
+        `seq`-th of the run (None: not checked for lost ones; core/imaging.py)."""
         self.imaging.add(state, seq)
 
     def advance_imaging(self, watermark: float, announced: int | None = None) -> None:
@@ -477,7 +478,8 @@ class RunWriter:
 
     def write_analysis(self, result: dict[str, Any]) -> None:
         """A live-analysis result (from the analysis process, through the ingest), kept by
-        the analysis log (analysislog.py) when this build has one; else counted, not kept."""
+        the analysis log (runfile/analysislog.py) when this build has one; else counted, not
+        kept."""
         analysis_log = getattr(self, "_analysis_log", None)
         if analysis_log is None:
             self.analysis_results_not_kept += 1
@@ -505,7 +507,7 @@ class RunWriter:
         self._file.flush()
 
     def close(self, end_time_ns: int) -> None:
-        """Write what is pending, close, then finish the file (runfile_finish.py: per-mode
+        """Write what is pending, close, then finish the file (runfile/finish.py: per-mode
         NXdata, no empty datasets). A failure to finish is logged and kept in
         `finish_error`: the file is complete without it. If the file does not take what is
         pending (disk full, read-only: the exception propagates), it is closed without writing

@@ -10,7 +10,7 @@ Live analysis (issue 4, live/): the daemon picks the tap's endpoint (a private i
 path) and hands it to both processes; it tells the analysis what the frames show, because it
 drives the microscope: the imaging state at run start, then every mode, pixel-size or
 dose-rate switch with the run-clock interval it took, and a watermark every 10 ms, so that each
-frame is judged by its own time, however late either message arrives (imaging_announcer.py);
+frame is judged by its own time, however late either message arrives (service/imaging_announcer.py);
 and when the bias first leaves 0 V (the end of the expansion reference). Each result is
 published on the `analysis` topic, turned into metrics, sent to the run file (/entry/analysis,
 through the ingest) and kept as the latest value per quantity for `hold ... until` conditions
@@ -24,8 +24,8 @@ others still get the record.
 
 A recording that fails fails the run safely (issue 9): before a run starts the data folder
 must be there, writable, and have room for the protocol's planned recording
-(recording_plan.py); when the run file stops taking writes mid-run the ingest process says so
-once (recording_failure.py) and the runner aborts with the run `failed` (or pauses, per
+(service/recording_plan.py); when the run file stops taking writes mid-run the ingest process says
+so once (ingest/failure.py) and the runner aborts with the run `failed` (or pauses, per
 `[recording] on_failure`), which ramps the bias to 0 V and turns the output off.
 """
 
@@ -134,7 +134,7 @@ class Daemon:
         config_path: str | Path | None = None,
     ) -> None:
         self.config = config
-        self.config_path = config_path  # named in the station lock (stationlock.py)
+        self.config_path = config_path  # named in the station lock (service/stationlock.py)
         self.station_lock: StationLock | None = None
         self.clock = RunClock(time_scale)
         self.guardian = Guardian(config, time_scale)
@@ -198,12 +198,12 @@ class Daemon:
         self._lock_station()
         try:
             # First: it makes the bias safe should this process die in a way stop() cannot see.
-            # It keeps the source-meter's lock until it has done so (stationlock.py).
+            # It keeps the source-meter's lock until it has done so (service/stationlock.py).
             self.guardian.start(keep_locked=self._lock_fds("source-meter"))
             if self.analysis is not None:
                 self.analysis.start()  # spawns and returns: it starts while the ingest does
             self._make_data_dir()
-            # It keeps the detector's lock until it has left the detector (stationlock.py).
+            # It keeps the detector's lock until it has left the detector (service/stationlock.py).
             self.ingest.start(keep_locked=self._lock_fds("detector"))
             # After the ingest's own atexit hook, so at an abnormal exit this runs first
             # (atexit is last-in first-out): the ramp-down is recorded before ingest stops.

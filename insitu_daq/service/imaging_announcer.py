@@ -1,4 +1,4 @@
-"""The daemon's side of the event-time imaging timeline (imaging.py): what it tells its sinks.
+"""The daemon's side of the event-time imaging timeline (core/imaging.py): what it tells its sinks.
 
 The daemon drives the microscope, so it is the one that knows the imaging state. It tells each
 sink (the live analysis; the ingest, which records every frame's state) the state at run start

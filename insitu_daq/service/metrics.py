@@ -58,7 +58,7 @@ PROTOCOL_STATES = ("idle", "running", "paused", "aborting", "finished", "aborted
 # process's cumulative stats: "behind" (a newer frame was queued), "settling" (within a mode
 # switch), "no_state" (imaging mode unknown), "malformed", "error"; from the ingest's:
 # "tap_full" (the tap's queue was full, the frame was never offered), "ingest_busy" (withheld
-# while the ingest was behind the detector: it has priority, ingest_tap.py).
+# while the ingest was behind the detector: it has priority, ingest/tap.py).
 ANALYSIS_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
                             2.5)  # fmt: skip
 ANALYSIS_SKIP_REASONS = (

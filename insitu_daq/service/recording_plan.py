@@ -18,7 +18,7 @@ compress to almost nothing, a run's do not. bslz4 keeps a quarter or less of typ
 counting-detector frames and half of the simulator's; assuming half errs on refusing a run
 rather than failing it halfway.
 Plus the per-frame columns and the bias log, small next to the pixels, and the reserve the
-ingest holds to close the file (recording_failure.py). Run-clock seconds are wall seconds x the
+ingest holds to close the file (ingest/failure.py). Run-clock seconds are wall seconds x the
 daemon's time scale (a simulated station run faster than real time).
 """
 

@@ -12,7 +12,7 @@ a quantity that was never measured says "not measured".
 No simulator import: the truth is plain JSON from the microscope's socket (sim/microscope.py).
 `save_truth` / `load_truth` keep the samples next to the run file as `RUN.truth.json`, a JSON
 list of {"time": run-clock s, ...the truth reply's fields}, so a run can be compared later
-(accuracy.py).
+(verify/accuracy.py).
 """
 
 from __future__ import annotations

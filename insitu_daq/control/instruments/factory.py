@@ -27,7 +27,7 @@ SOURCE_METERS = {
 HOLDERS = {"open_cell": "insitu_daq.drivers.holder:OpenCellHolder"}
 MICROSCOPES = {"remote": "insitu_daq.drivers.microscope:RemoteMicroscope"}
 
-# The config section of each kind -> its registry (config.py checks `model` against these).
+# The config section of each kind -> its registry (core/config.py checks `model` against these).
 MODELS = {"source_meter": SOURCE_METERS, "holder": HOLDERS, "microscope": MICROSCOPES}
 
 

@@ -88,7 +88,7 @@ class PlanState:
 
 
 class StepContext(Protocol):
-    """What an executor may do: the runner's verbs, on its worker thread (runner.py).
+    """What an executor may do: the runner's verbs, on its worker thread (control/runner.py).
 
     Every executor either moves through `move` / `checkpoint` (so a pause stops it and a
     resume re-issues it) or calls `checkpoint()` first (an instant step: wait out a pause,

@@ -25,7 +25,7 @@ class Hold(Step):
     """Keep everything as it is for `duration_s` run-clock seconds (pauses excluded).
 
     With `until`, the hold ends once the condition over live values has held for its
-    persistence (`... for N s`, by default 2 s for analysis quantities: condition.py), and
+    persistence (`... for N s`, by default 2 s for analysis quantities: control/conditions.py), and
     `duration_s` is its timeout (mandatory: a condition that never comes true must not hold
     a biased particle forever).
     """
