@@ -83,6 +83,10 @@ class HolderConfig(_Section):
     port: str = "socket://127.0.0.1:5026"
     baudrate: int = 115200
     timeout_s: Positive = 2.0
+    # How often the holder's readings (its SERIES: position...) are taken while nothing else
+    # talks to it, wall seconds: a holder that stops answering mid-hold is noticed this soon
+    # (plus the [retry] attempts). A move's own status polls are recorded as they come.
+    poll_interval_s: Annotated[float, Field(ge=0.05, le=60)] = 0.5
 
     @field_validator("model")
     @classmethod

@@ -47,6 +47,7 @@ from insitu_daq.control.bias import BiasController
 from insitu_daq.control.conditions import LiveUpdate
 from insitu_daq.control.guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
 from insitu_daq.control.guardian import Guardian, bias_confirmed_safe
+from insitu_daq.control.instruments.monitor import InstrumentMonitor
 from insitu_daq.control.instruments.positioner import HolderControl, MicroscopeControl
 from insitu_daq.control.limits import LimitError
 from insitu_daq.control.protocol import Protocol, ProtocolError
@@ -170,6 +171,13 @@ class Daemon:
             on_recording_failed=self._on_recording_failed,
         )
         self.imaging.add_sink(self.ingest)  # every frame's mode etc. in the run file
+        self.holder_monitor = InstrumentMonitor(  # the holder's series, its loss mid-hold
+            self.holder,
+            config.holder.poll_interval_s,
+            run_clock=lambda: getattr(self._run, "clock", None),
+            publish=self.ingest.write_series,
+            on_state=self._on_holder_state,
+        )
         self.runner = ProtocolRunner(DaemonStation(self))
         self.control = ControlServer.from_config(config.api, self)
         self.metrics.watch_control(self.control.stats)
@@ -209,6 +217,7 @@ class Daemon:
                     f"{identity.manufacturer} {identity.model} serial {identity.serial}"
                 )
             self._identities["holder"] = self.holder.connect()
+            self.holder_monitor.start()
             self._identities["microscope"] = self.microscope.connect()
             for name in ("source_meter", "holder", "microscope"):
                 self.metrics.set_instrument_up(name, True)
@@ -292,6 +301,7 @@ class Daemon:
         for step in (
             lambda: self.runner.abort("daemon stopping"),
             self._stop_bias,
+            self.holder_monitor.stop,
             self.holder.halt,
             lambda: self.runner.wait(10.0),
             self._close_run,
@@ -618,6 +628,12 @@ class Daemon:
 
     def _on_retry(self, message: str) -> None:
         self.event(EventKind.INSTRUMENT, message)
+
+    def _on_holder_state(self, answering: bool, message: str) -> None:
+        self.metrics.set_instrument_up("holder", answering)
+        self.event(EventKind.INSTRUMENT, message)
+        if not answering:  # as when a holder step finds it lost: the run fails, bias made safe
+            self.runner.fail(message)
 
     def _on_trip(self, reason: str) -> None:
         self.metrics.count_trip()
