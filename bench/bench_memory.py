@@ -28,8 +28,8 @@ import numpy as np
 
 from insitu_daq.app.children import check_children, child_process
 from insitu_daq.app.demo import free_ports, station_toml, wait_for_daemon
-from insitu_daq.app.module_command import module_command
 from insitu_daq.app.progress import FINAL_STATES
+from insitu_daq.core.module_command import module_command
 from insitu_daq.report.summary import RunSummary, summarize
 from insitu_daq.service.api import ControlClient
 

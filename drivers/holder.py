@@ -92,6 +92,9 @@ class OpenCellHolder(ClosedOnExit):
     """The holder's piezo needle controller on a serial line."""
 
     ERRORS: ClassVar[tuple[type[Exception], ...]] = (HolderError,)
+    # What it reports for the run file: series name (a log in insitu_daq/runfile/layout.py) ->
+    # the HolderStatus attributes giving that log's columns, in its order.
+    SERIES: ClassVar[dict[str, tuple[str, ...]]] = {"holder_position": ("position_nm",)}
 
     @staticmethod
     def lost(exc: BaseException) -> bool:

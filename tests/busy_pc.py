@@ -13,7 +13,7 @@ from pathlib import Path
 
 import h5py
 
-from insitu_daq.app.module_command import module_command
+from insitu_daq.core.module_command import module_command
 from insitu_daq.report.events import hold_span, read_events
 from insitu_daq.verify.truth import first_reached, load_truth, truth_path
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from testdata_paths import STREAM2_DIR
 
-from insitu_daq.service.stationlock import LOCK_DIR_ENV
+from insitu_daq.core.stationlock import LOCK_DIR_ENV
 
 _LOCKS = pytest.StashKey[tuple[str, str | None]]()
 
@@ -24,7 +24,7 @@ def stream2_testdata() -> Path:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The station locks (insitu_daq/service/stationlock.py) of this test session in a folder of its
+    """The station locks (insitu_daq/core/stationlock.py) of this test session in a folder of its
     own, apart from a real station's daemon on this machine and from other sessions running
     at the same time. Set before any test module is imported: several copy os.environ for
     the daemons they start at import time."""

@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 import pytest
 
-from insitu_daq.app.module_command import module_command
+from insitu_daq.core.module_command import module_command
 from insitu_daq.report.analysis import AnalysisRecord, read_analysis
 from insitu_daq.report.events import HoldSpan, hold_span, read_events
 from insitu_daq.verify.accuracy import (

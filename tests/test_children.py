@@ -21,7 +21,7 @@ import pytest
 from insitu_daq import __version__
 from insitu_daq.app.children import ChildExitedError, check_children, child_process, log_tail
 from insitu_daq.app.demo import DEMO_FILES_DIR, free_ports, wait_for_daemon
-from insitu_daq.app.module_command import module_command
+from insitu_daq.core.module_command import module_command
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from insitu_daq.app.module_command import module_command
 from insitu_daq.control.instruments.factory import open_source_meter
 from insitu_daq.core.config import SourceMeterConfig
+from insitu_daq.core.module_command import module_command
 from insitu_daq.drivers.holder import OpenCellHolder
 from insitu_daq.drivers.microscope import RemoteMicroscope
 from insitu_daq.drivers.stream2 import ImageMessage, Stream2Receiver

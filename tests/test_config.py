@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from insitu_daq.app.module_command import module_command
-from insitu_daq.control.instruments.factory import SOURCE_METERS
 from insitu_daq.core.config import ConfigError, load_config, parse_config
+from insitu_daq.core.instrument_models import SOURCE_METERS
+from insitu_daq.core.module_command import module_command
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -49,6 +49,7 @@ def test_relative_data_dir_is_relative_to_the_config_file(tmp_path: Path) -> Non
         ("[analysis]\nmax_rate_hz = 10\nmin_rate_hz = 20\n", "analysis.min_rate_hz"),
         ('[source_meter]\nmodel = "keithley9999"\n', "source_meter.model"),
         ('[holder]\nmodel = "mems"\n', "holder.model"),
+        ("[holder]\npoll_interval_s = 0\n", "holder.poll_interval_s"),
         ('[microscope]\nmodel = "titan"\n', "microscope.model"),
     ],
 )

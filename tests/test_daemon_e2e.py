@@ -21,8 +21,8 @@ import pytest
 
 from insitu_daq.app.children import ChildProcess
 from insitu_daq.app.demo import free_ports, reference_protocol, station_toml, wait_for_daemon
-from insitu_daq.app.module_command import module_command
 from insitu_daq.control.protocol import Protocol
+from insitu_daq.core.module_command import module_command
 from insitu_daq.service.api import ControlClient, ControlError
 from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
 
@@ -211,6 +211,28 @@ def test_reference_protocol_yields_a_complete_run_file(live: LiveStation) -> Non
         started = [re.match(rf"step (\d+)/{steps} \w+:", m) for m in messages]
         assert [int(m[1]) for m in started if m] == list(range(1, steps + 1))
         assert f["/entry/end_time"][()].decode()
+
+        # The holder's position on the run clock, polled by the daemon's holder monitor: at
+        # rest until the approach starts, rising through it (its own polls) to the contact,
+        # held there through the hold, backed off by the final retract's 1000 nm.
+        position = f["/entry/instrument/holder/position"]
+        p_time, p_value = position["time"][:], position["value"][:]
+        assert np.all(np.diff(p_time) > 0) and np.all(position["time_errors"][:] >= 0)
+        assert p_time[-1] < event_time[-1]  # within the run (its last event: the run's end)
+        step_start = {int(m[1]): event_time[i] for i, m in enumerate(started) if m}
+        approach, contact, retract = step_start[2], step_start[3], step_start[steps]
+        with live.sims.station.model() as m:
+            gap = m.params.initial_gap_nm
+        # POS? counts from the power-on position; the approach starts within a poll of the
+        # run's start, so its first read may be the first row.
+        assert p_value[0] == 0.0 and np.all(p_value[p_time < approach] == 0.0)
+        moving = p_value[(p_time > approach) & (p_time < contact)]
+        assert np.all(np.diff(moving) >= 0)
+        assert np.count_nonzero((moving > 10.0) & (moving < gap - 10.0)) > 3
+        held = p_value[(p_time > contact) & (p_time < retract)]
+        assert len(held) > 10
+        np.testing.assert_allclose(held, gap, atol=1.0)
+        assert p_value[-1] == pytest.approx(gap - 1000.0, abs=60.0)
         # Finished at close: no empty dataset anywhere (NeXus readers fail on them).
         sizes: dict[str, int] = {}
         f.visititems(

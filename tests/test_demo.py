@@ -13,7 +13,7 @@ from pathlib import Path
 
 import h5py
 
-from insitu_daq.app.module_command import module_command
+from insitu_daq.core.module_command import module_command
 
 
 def test_demo_runs_the_reference_experiment_and_prints_what_it_measured(tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ import yaml
 
 from insitu_daq.app.cli import build_parser
 from insitu_daq.core.config import load_config
+from insitu_daq.core.stationlock import SHARED_LOCK_DIR
 from insitu_daq.service.metrics import DaemonMetrics
-from insitu_daq.service.stationlock import SHARED_LOCK_DIR
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 METRIC_NAME = re.compile(r"\binsitu_daq_[a-z0-9_]+")

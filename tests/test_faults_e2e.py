@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from test_daemon_e2e import TIME_SCALE, LiveStation
 
-from insitu_daq.app.module_command import module_command
 from insitu_daq.control.guardian import LOG_FILE_NAME
 from insitu_daq.core.config import RetryConfig
+from insitu_daq.core.module_command import module_command
 from insitu_daq.sim.camera import SimulatedCamera
 
 FRAME_SHAPE = (128, 128)
@@ -146,36 +146,42 @@ def _restart_camera(live: LiveStation, port: int) -> SimulatedCamera:
 
 
 # ----- holder ----------------------------------------------------------------------------------
-def test_holder_lost_mid_hold_fails_the_run_at_its_next_move_with_the_bias_made_safe(
+def test_holder_lost_mid_hold_fails_the_run_in_the_hold_with_the_bias_made_safe(
     live: LiveStation,
 ) -> None:
-    reply = live.run(FAULT_HOLD.format(hold_s=40), "holder_lost")
+    # A hold far longer than the loss takes to notice: the run must end in it, not at the
+    # retract after it.
+    reply = live.run(FAULT_HOLD.format(hold_s=400), "holder_lost")
     live.wait_in_hold()
     live.request("mark", text="fault: holder lost")
     live.sims.holder.stop()  # the controller stops answering on its line
     status = live.wait_closed(reply["run_id"])
 
     assert status["protocol"]["state"] == "failed"
-    assert status["protocol"]["reason"].startswith("step 5 (retract): holder not answering")
+    assert status["protocol"]["reason"].startswith("holder not answering")
     _assert_ramped_and_off(live)
     events = _events(reply["run_file"])
     fault = _first(events, "fault: holder lost", "mark")
-    # Nothing polls the holder during a hold: its loss shows at the next move, the retract.
-    retract = _first(events, "step 5/7 retract:", "step")
+    # The holder monitor polls it during the hold ([holder] poll_interval_s), retried by the
+    # link as for a move; when the link gives up, the loss is an event and the run fails.
     retries = [e for e in events if e.kind == "instrument" and e.message.startswith("holder:")]
     assert len(retries) == RetryConfig().attempts - 1
+    lost = _first(events, "holder not answering", "instrument")
     off = _first(events, "output off", "bias")
-    error = _first(events, "step 5 (retract): StationError: holder not answering", "error")
-    failed = _first(events, "protocol fault_hold failed: step 5 (retract)", "state")
-    assert fault.time < retract.time < retries[0].time < off.time <= error.time < failed.time
+    failed = _first(events, "protocol fault_hold failed: holder not answering", "state")
+    assert fault.time < retries[0].time < lost.time < off.time < failed.time
+    assert not [e for e in events if e.message.startswith("step 5/7 retract")]
     frames = _frames(reply["run_file"])
     assert _contiguous(frames.image_id)  # every frame until recording stopped, none lost
-    assert frames.frame_time[-1] > retries[-1].time  # recorded until the run ended
+    assert frames.frame_time[-1] > lost.time  # recorded until the run ended
     assert status["ingest"]["frames_dropped_total"] == 0
+    with h5py.File(reply["run_file"], "r") as f:  # polled until the loss (every 0.5 wall s)
+        position_time = f["/entry/instrument/holder/position/time"][()]
+    assert fault.time - 2.0 * TIME_SCALE < position_time[-1] < lost.time
     print(
-        f"\nholder lost: noticed {retract.time - fault.time:.1f} run s later (next move);"
-        f" output off {_wall(off.time - retries[0].time):.2f} wall s after the first failed"
-        f" attempt ({len(retries)} retries); {len(frames.image_id)} frames kept, none lost"
+        f"\nholder lost: noticed {_wall(lost.time - fault.time):.2f} wall s later (in the hold);"
+        f" output off {_wall(off.time - lost.time):.2f} wall s after that"
+        f" ({len(retries)} retries); {len(frames.image_id)} frames kept, none lost"
     )
 
 

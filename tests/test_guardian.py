@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from insitu_daq.app.module_command import module_command
 from insitu_daq.control import staircase
 from insitu_daq.control.guardian import LOG_FILE_NAME
 from insitu_daq.control.instruments import SourceMeter
 from insitu_daq.control.instruments.factory import open_source_meter
 from insitu_daq.core.config import SourceMeterConfig, StationConfig, parse_config
+from insitu_daq.core.module_command import module_command
 from insitu_daq.service.api import ControlClient
 from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
 from insitu_daq.sim.sourcemeter import SimulatedSourceMeter

@@ -155,7 +155,7 @@ def test_every_frame_sent_is_in_the_file_in_order_on_one_clock_with_its_bias(
     samples_sent += 1
     ingest.write_event(Event(clock.now(), EventKind.MARK, "hello from the daemon"))
     positions_before = ingest.sync()["holder_positions_written_total"]
-    ingest.write_series("holder_position", [(clock.now(), 1234.5)])
+    ingest.write_series("holder_position", [(clock.now(), 0.002, 1234.5)])
     with pytest.raises(ValueError, match="unknown time series 'temperature'; known: holder_pos"):
         ingest.write_series("temperature", [(clock.now(), 300.0)])  # no log declares it
     ingest.sync()

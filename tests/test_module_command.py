@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import insitu_daq
-from insitu_daq.app.module_command import module_command
+from insitu_daq.core.module_command import module_command
 
 FORMS = [pytest.param(True, id="python -P -m"), pytest.param(False, id="python -c runpy")]
 

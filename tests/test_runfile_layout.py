@@ -221,7 +221,7 @@ def test_records_after_a_layout_change_land_in_the_reopened_file(
     _write(writer, second, 1.0)
     writer.write_event(1.1, "mark", "after")
     writer.write_series(
-        "holder_position", np.array([(1.2, 250.0)], series_dtype("holder_position"))
+        "holder_position", np.array([(1.2, 0.002, 250.0)], series_dtype("holder_position"))
     )
     t = np.array([0.0, 2.0])
     writer.write_bias_samples(t, t * 0, t, t, t * 1e-9, np.zeros(2, dtype=np.uint32))

@@ -1,4 +1,4 @@
-"""Station locks (insitu_daq/service/stationlock.py): what "the same station" is, and who holds a
+"""Station locks (insitu_daq/core/stationlock.py): what "the same station" is, and who holds a
 lock.
 
 Real flock(2) locks on real files in the session's lock folder (conftest.py), held by this
@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
+from insitu_daq.core import stationlock
 from insitu_daq.core.config import ConfigError, StationConfig, parse_config
-from insitu_daq.service import stationlock
-from insitu_daq.service.stationlock import (
+from insitu_daq.core.stationlock import (
     LOCK_DIR_ENV,
     InheritedFd,
     Resource,
@@ -39,7 +39,7 @@ from insitu_daq.service.stationlock import (
 HOLDER = """
 import subprocess, sys, time
 from insitu_daq.core.config import StationConfig
-from insitu_daq.service.stationlock import StationLock, daemon_owner, daemon_resources
+from insitu_daq.core.stationlock import StationLock, daemon_owner, daemon_resources
 
 config = StationConfig.model_validate_json(sys.argv[1])
 lock = StationLock.acquire(daemon_resources(config), daemon_owner(config, {}, None))

@@ -25,11 +25,11 @@ import numpy as np
 
 from insitu_daq.app.children import ChildProcess, terminate
 from insitu_daq.app.demo import free_ports, station_toml, wait_for_daemon
-from insitu_daq.app.module_command import module_command
 from insitu_daq.control.guardian import LOG_FILE_NAME
 from insitu_daq.core.config import load_config
+from insitu_daq.core.module_command import module_command
+from insitu_daq.core.stationlock import LOCK_DIR_ENV, daemon_resources
 from insitu_daq.service.api import ControlClient
-from insitu_daq.service.stationlock import LOCK_DIR_ENV, daemon_resources
 
 EXE = module_command("insitu_daq")
 FINAL = ("finished", "aborted", "failed")

@@ -1,6 +1,6 @@
 """The processes `insitu-daq demo` (and the benchmarks) start, and what the user sees if one dies.
 
-Each child runs a module of the installed package (app/module_command.py) with its output in a
+Each child runs a module of the installed package (core/module_command.py) with its output in a
 log file that outlives the demo. When a child is found dead before it was told to stop, the
 error names it, its exit code, its log's path and the log's last lines, so the reason (a
 traceback, the daemon's one-line refusal of its config) is on the screen, not only on disk.

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from insitu_daq import __version__
 
 if TYPE_CHECKING:  # imported where used: `insitu-daq --help` stays quick
-    from insitu_daq.service.stationlock import StationLock
+    from insitu_daq.core.stationlock import StationLock
     from insitu_daq.sim.launch import StationPorts
 
 
@@ -50,7 +50,7 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:
 def _cmd_sim(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from insitu_daq.service.stationlock import StationLock, sim_owner, sim_resources
+    from insitu_daq.core.stationlock import StationLock, sim_owner, sim_resources
     from insitu_daq.sim.launch import StationPorts
 
     ports = StationPorts(

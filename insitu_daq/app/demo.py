@@ -16,7 +16,7 @@ s, ...the truth's fields}) so a run can be checked again later, and the demo end
 issue-4 accuracy verdicts of verify/accuracy.py (measured vs truth, within tolerance or not).
 `--protocol lno_control_0v.yaml` runs the no-bias control, judged on "no phase change seen".
 
-Both processes run the installed package (app/module_command.py), whatever the current folder.
+Both processes run the installed package (core/module_command.py), whatever the current folder.
 Their station config and logs stay in DATA_DIR/demo/; a process that dies is reported with
 its exit code, its log's path and the log's last lines (app/children.py).
 """
@@ -44,7 +44,7 @@ from insitu_daq.app.children import (
     reporting_child_deaths,
     wait_for_output,
 )
-from insitu_daq.app.module_command import module_command
+from insitu_daq.core.module_command import module_command
 from insitu_daq.report.analysis import read_analysis
 from insitu_daq.report.events import hold_span, read_events
 from insitu_daq.report.summary import format_summary, summarize

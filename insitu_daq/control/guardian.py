@@ -24,7 +24,7 @@ that started the child exits, which would be a false alarm whenever the daemon i
 from a worker thread, and the pipe already wakes the guardian as promptly.)
 
 What it holds. The daemon passes it the descriptor of its source-meter lock
-(service/stationlock.py): flock locks belong to the open file, so the lock stays taken while the
+(core/stationlock.py): flock locks belong to the open file, so the lock stays taken while the
 guardian lives, even after the daemon is gone. A daemon started while a guardian ramps the bias
 down is refused ("still held after daemon PID N exited: its bias guardian is making the bias safe")
 instead of connecting to the instrument under it; once the guardian has exited it starts.
@@ -61,7 +61,6 @@ from typing import IO, TypeVar
 
 import pyvisa
 
-from insitu_daq.app.module_command import module_command
 from insitu_daq.control import staircase
 from insitu_daq.control.bias import DRIVER_ERRORS, BiasController
 from insitu_daq.control.instruments.factory import open_source_meter, source_meter_class
@@ -69,6 +68,7 @@ from insitu_daq.control.limits import LimitError, SafetyCheck
 from insitu_daq.control.retry import call_with_retries
 from insitu_daq.control.station import StationError
 from insitu_daq.core.config import StationConfig
+from insitu_daq.core.module_command import module_command
 from insitu_daq.drivers.sourcemeter import SourceMeterError
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Guardian:
         return None if process is None else process.poll()
 
     def start(self, keep_locked: tuple[int, ...] = ()) -> None:
-        """Spawn it. `keep_locked`: descriptors of station locks (service/stationlock.py) the
+        """Spawn it. `keep_locked`: descriptors of station locks (core/stationlock.py) the
         guardian and any replacement inherit, so that they stay locked until it exits: after a
         daemon that died, until the bias is safe."""
         with self._lock:

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS, ReflectionTable
+from insitu_daq.core.instrument_models import unknown_model
 from insitu_daq.core.uniquekeys import toml_error
 
 if sys.version_info >= (3, 11):
@@ -52,11 +53,8 @@ class _Section(BaseModel):
 def _known_model(kind: str, model: str) -> str:
     """`model` if the instrument factory knows it for `kind`, else ValueError naming the known.
 
-    The one list of models is the factory's (control/instruments/factory.py: strings only, it
-    imports no driver); imported here, not at the top, so loading a config imports no control.
+    The one list of models is core/instrument_models.py (strings only: no driver imported).
     """
-    from insitu_daq.control.instruments.factory import unknown_model
-
     why = unknown_model(kind, model)
     if why is not None:
         raise ValueError(why)
@@ -64,7 +62,7 @@ def _known_model(kind: str, model: str) -> str:
 
 
 class SourceMeterConfig(_Section):
-    # Which driver speaks to it (factory.SOURCE_METERS), e.g. "keithley2400", "keithley2450".
+    # Which driver speaks to it (core/instrument_models.py), e.g. "keithley2400", "keithley2450".
     model: str = "keithley2400"
     resource: str = "TCPIP::127.0.0.1::5025::SOCKET"
     visa_library: str = "@py"
@@ -79,10 +77,14 @@ class SourceMeterConfig(_Section):
 
 
 class HolderConfig(_Section):
-    model: str = "open_cell"  # factory.HOLDERS
+    model: str = "open_cell"  # core/instrument_models.py HOLDERS
     port: str = "socket://127.0.0.1:5026"
     baudrate: int = 115200
     timeout_s: Positive = 2.0
+    # How often the holder's readings (its SERIES: position...) are taken while nothing else
+    # talks to it, wall seconds: a holder that stops answering mid-hold is noticed this soon
+    # (plus the [retry] attempts). A move's own status polls are recorded as they come.
+    poll_interval_s: Annotated[float, Field(ge=0.05, le=60)] = 0.5
 
     @field_validator("model")
     @classmethod
@@ -116,7 +118,7 @@ class DetectorConfig(_Section):
 
 
 class MicroscopeConfig(_Section):
-    model: str = "remote"  # factory.MICROSCOPES
+    model: str = "remote"  # core/instrument_models.py MICROSCOPES
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 5027
     timeout_s: Positive = 2.0
@@ -247,7 +249,7 @@ def _table_of(reflections: tuple[ReflectionConfig, ...]) -> ReflectionTable:
 class StationConfig(_Section):
     name: str = "station"
     data_dir: Path = Path("runs")
-    # Folder of the station locks (service/stationlock.py: one daemon per station). Unset:
+    # Folder of the station locks (core/stationlock.py: one daemon per station). Unset:
     # /run/lock/insitu-daq, shared by every account; $INSITU_DAQ_LOCK_DIR overrides both.
     lock_dir: Path | None = None
     source_meter: SourceMeterConfig = SourceMeterConfig()

@@ -35,6 +35,7 @@ from insitu_daq.core.clock import RunClock
 from insitu_daq.core.config import StationConfig
 from insitu_daq.core.imaging import ImagingState
 from insitu_daq.core.records import BIAS_SAMPLE_DTYPE, Event
+from insitu_daq.core.stationlock import InheritedFd
 from insitu_daq.core.worker import WorkerHandle
 from insitu_daq.ingest import process as ingest_process
 from insitu_daq.ingest.wire import (
@@ -54,7 +55,6 @@ from insitu_daq.ingest.wire import (
     series_dtype,
 )
 from insitu_daq.runfile.writer import FrameGeometry, RunMetadata
-from insitu_daq.service.stationlock import InheritedFd
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class IngestClient(WorkerHandle):
     def start(self, keep_locked: tuple[int, ...] = ()) -> None:
         """Spawn the process and wait until its sockets are up (IngestError if it fails).
 
-        `keep_locked`: descriptors of station locks (service/stationlock.py) the process inherits
+        `keep_locked`: descriptors of station locks (core/stationlock.py) the process inherits
         and so keeps locked until it exits (after a killed daemon, until it has left the detector).
         """
         if self.process is not None:

@@ -128,7 +128,10 @@ OUTPUT_LEVEL = Log(
     ),
 )
 HOLDER_POSITION = Log(
-    "/entry/instrument/holder/position", (Column("value", "<f8", "nm"),), record="holder_position"
+    "/entry/instrument/holder/position",
+    (Column("value", "<f8", "nm"),),
+    time_errors=True,  # stamped at the midpoint of the status query (control/.../monitor.py)
+    record="holder_position",
 )
 EVENTS = Log(
     "/entry/events",

@@ -14,7 +14,9 @@ Kinds and their records:
 - "analysis": a live-analysis result (a dict with `values`, live/process.py);
 - "event": a records.Event on the daemon clock;
 - "ingest_event": an event the ingest process reported (a dict, already in the run file);
-- "status": the daemon's status (Daemon.status).
+- "status": the daemon's status (Daemon.status);
+- "series": `(name, rows)` of an instrument's time series declared in runfile/layout.py (the
+  holder position...), rows already on the run clock (control/instruments/monitor.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, ClassVar
 
 log = logging.getLogger(__name__)
 
-KINDS = ("samples", "analysis", "event", "ingest_event", "status")
+KINDS = ("samples", "analysis", "event", "ingest_event", "status", "series")
 ERROR_LOG_INTERVAL_S = 10.0  # a sink failing on every record logs its traceback this often
 
 Sink = Callable[[str, Any], None]  # sink(kind, record)

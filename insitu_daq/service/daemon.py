@@ -48,6 +48,7 @@ from insitu_daq.analysis.pipeline import PipelineSettings
 from insitu_daq.control.bias import BiasController
 from insitu_daq.control.guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
 from insitu_daq.control.guardian import Guardian, bias_confirmed_safe
+from insitu_daq.control.instruments.monitor import InstrumentMonitor
 from insitu_daq.control.instruments.positioner import HolderControl, MicroscopeControl
 from insitu_daq.control.limits import LimitError
 from insitu_daq.control.protocol import Protocol, ProtocolError
@@ -57,6 +58,12 @@ from insitu_daq.core.clock import RunClock
 from insitu_daq.core.config import AnalysisConfig, StationConfig
 from insitu_daq.core.imaging import ImagingState
 from insitu_daq.core.records import Event, EventKind
+from insitu_daq.core.stationlock import (
+    StationLock,
+    StationLockError,
+    daemon_owner,
+    daemon_resources,
+)
 from insitu_daq.ingest import IngestClient, IngestError
 from insitu_daq.live.client import AnalysisError, LiveAnalysis
 from insitu_daq.runfile.writer import RunMetadata
@@ -78,14 +85,9 @@ from insitu_daq.service.sinks import (
     EventStreamSink,
     MetricsSink,
     RunFileSink,
+    series_logs,
 )
 from insitu_daq.service.station import DaemonStation
-from insitu_daq.service.stationlock import (
-    StationLock,
-    StationLockError,
-    daemon_owner,
-    daemon_resources,
-)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ class Daemon:
         config_path: str | Path | None = None,
     ) -> None:
         self.config = config
-        self.config_path = config_path  # named in the station lock (service/stationlock.py)
+        self.config_path = config_path  # named in the station lock (core/stationlock.py)
         self.station_lock: StationLock | None = None
         self.clock = RunClock(time_scale)
         self.guardian = Guardian(config, time_scale)
@@ -179,6 +181,14 @@ class Daemon:
             self.bus.attach(AnalysisReferenceSink(self.analysis, self._current_run))
         self.bus.attach(MetricsSink(self.metrics))
         self.bus.attach(EventStreamSink(self.publisher))
+        series_logs(self.holder.name, self.holder.series)  # each one declared in the run file
+        self.holder_monitor = InstrumentMonitor(  # the holder's series, its loss mid-hold
+            self.holder,
+            config.holder.poll_interval_s,
+            run_clock=lambda: getattr(self._run, "clock", None),
+            publish=lambda name, rows: self.bus.publish("series", (name, rows)),
+            on_state=self._on_holder_state,
+        )
         self.runner = ProtocolRunner(DaemonStation(self))
         self.control = ControlServer.from_config(config.api, self)
         self.metrics.watch_control(self.control.stats)
@@ -198,12 +208,12 @@ class Daemon:
         self._lock_station()
         try:
             # First: it makes the bias safe should this process die in a way stop() cannot see.
-            # It keeps the source-meter's lock until it has done so (service/stationlock.py).
+            # It keeps the source-meter's lock until it has done so (core/stationlock.py).
             self.guardian.start(keep_locked=self._lock_fds("source-meter"))
             if self.analysis is not None:
                 self.analysis.start()  # spawns and returns: it starts while the ingest does
             self._make_data_dir()
-            # It keeps the detector's lock until it has left the detector (service/stationlock.py).
+            # It keeps the detector's lock until it has left the detector (core/stationlock.py).
             self.ingest.start(keep_locked=self._lock_fds("detector"))
             # After the ingest's own atexit hook, so at an abnormal exit this runs first
             # (atexit is last-in first-out): the ramp-down is recorded before ingest stops.
@@ -218,6 +228,7 @@ class Daemon:
                     f"{identity.manufacturer} {identity.model} serial {identity.serial}"
                 )
             self._identities["holder"] = self.holder.connect()
+            self.holder_monitor.start()
             self._identities["microscope"] = self.microscope.connect()
             for name in ("source_meter", "holder", "microscope"):
                 self.metrics.set_instrument_up(name, True)
@@ -301,6 +312,7 @@ class Daemon:
         for step in (
             lambda: self.runner.abort("daemon stopping"),
             self._stop_bias,
+            self.holder_monitor.stop,
             self.holder.halt,
             lambda: self.runner.wait(10.0),
             self._close_run,
@@ -547,6 +559,12 @@ class Daemon:
 
     def _on_retry(self, message: str) -> None:
         self.event(EventKind.INSTRUMENT, message)
+
+    def _on_holder_state(self, answering: bool, message: str) -> None:
+        self.metrics.set_instrument_up("holder", answering)
+        self.event(EventKind.INSTRUMENT, message)
+        if not answering:  # as when a holder step finds it lost: the run fails, bias made safe
+            self.runner.fail(message)
 
     def _on_trip(self, reason: str) -> None:
         self.metrics.count_trip()

@@ -7,7 +7,7 @@ the publishing thread and does what the daemon's hand-wired callbacks did for it
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from insitu_daq.analysis.quantities import RESULT_KEYS
 from insitu_daq.core.records import Event, level_change_mask
 from insitu_daq.ingest import IngestClient
 from insitu_daq.live.client import LiveAnalysis
+from insitu_daq.runfile import layout
 from insitu_daq.service.api.events import EventPublisher
 from insitu_daq.service.bus import RecordSink
 from insitu_daq.service.live_values import OpenRun
@@ -32,6 +33,25 @@ def analysis_record(result: dict[str, Any]) -> dict[str, Any]:
 def readings_of(batch: np.ndarray) -> np.ndarray:
     """The source-meter's readings in a sample batch (not the commanded level changes)."""
     return batch[~level_change_mask(batch)]
+
+
+def series_logs(name: str, series: Mapping[str, tuple[str, ...]]) -> dict[str, layout.Log]:
+    """The run-file log of each series `name` reports; ValueError (one line) when one is not
+    declared in runfile/layout.py or its attributes do not match the log's columns."""
+    logs = {}
+    for record, attributes in series.items():
+        log_ = layout.SERIES.get(record)
+        if log_ is None:
+            known = ", ".join(sorted(layout.SERIES))
+            raise ValueError(f"{name} series {record!r}: no run-file log declares it ({known})")
+        if len(attributes) != len(log_.columns):
+            columns = ", ".join(column.name for column in log_.columns)
+            raise ValueError(
+                f"{name} series {record!r}: {len(attributes)} attributes"
+                f" ({', '.join(attributes)}) for the columns of {log_.path} ({columns})"
+            )
+        logs[record] = log_
+    return logs
 
 
 class RunFileSink(RecordSink):
@@ -64,6 +84,14 @@ class RunFileSink(RecordSink):
             self._ingest.write_event(
                 Event(event.time - run.offset_s, event.kind, event.message, event.data)
             )
+
+    def on_series(self, record: tuple[str, list[tuple[Any, ...]]]) -> None:
+        if self._current_run() is None:
+            return
+        name, rows = record  # (time, half-width, *columns) on the run clock, by their monitor
+        if not layout.SERIES[name].time_errors:
+            rows = [(row[0], *row[2:]) for row in rows]
+        self._ingest.write_series(name, rows)
 
 
 class AnalysisReferenceSink(RecordSink):

@@ -76,8 +76,14 @@ class SourceMeter(Protocol):
 class Holder(Link, Protocol):
     """A biasing holder's positioner: approach to contact, fine and coarse moves, bias routing.
 
-    Constructed by the factory as `cls(port_or_url, timeout=...)`.
+    Constructed by the factory as `cls(port_or_url, timeout=...)`. A model with more readings
+    (a heating holder's temperature) returns a status with more attributes and names them in
+    SERIES; the holder monitor (monitor.py) records them without further code.
     """
+
+    # The time series it reports: series name (a `Log` of runfile/layout.py whose `record` it
+    # is) -> the attributes of `status()` giving that log's columns, in the log's order.
+    SERIES: ClassVar[dict[str, tuple[str, ...]]]
 
     def identify(self) -> str: ...
 

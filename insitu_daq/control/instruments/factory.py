@@ -1,11 +1,12 @@
 """Which driver class a station config's `model` key names, and opening one from its section.
 
-The registries hold "module:Class" strings, so importing this module (the config does, to check
-a `model`) imports no driver; a class is imported when first asked for and cached. A process
+The model names and their "module:Class" strings are declared in core/instrument_models.py
+(the config checks a `model` against them without importing any driver); a class is imported
+here when first asked for, and cached. A process
 that must import nothing later (the guardian, once its daemon has died) resolves its class
 early, and opening it afterwards finds it in the cache.
 
-A new model is one driver module and one line here.
+A new model is one driver module and one line in core/instrument_models.py.
 """
 
 from __future__ import annotations
@@ -14,29 +15,13 @@ import functools
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from insitu_daq.core.instrument_models import MODELS, unknown_model
+
 if TYPE_CHECKING:
     import pyvisa
 
     from insitu_daq.control.instruments import Holder, Microscope, SourceMeter
     from insitu_daq.core.config import HolderConfig, MicroscopeConfig, SourceMeterConfig
-
-SOURCE_METERS = {
-    "keithley2400": "insitu_daq.drivers.sourcemeter.keithley2400:Keithley2400",
-    "keithley2450": "insitu_daq.drivers.sourcemeter.keithley2450:Keithley2450",
-}
-HOLDERS = {"open_cell": "insitu_daq.drivers.holder:OpenCellHolder"}
-MICROSCOPES = {"remote": "insitu_daq.drivers.microscope:RemoteMicroscope"}
-
-# The config section of each kind -> its registry (core/config.py checks `model` against these).
-MODELS = {"source_meter": SOURCE_METERS, "holder": HOLDERS, "microscope": MICROSCOPES}
-
-
-def unknown_model(kind: str, model: str) -> str | None:
-    """Why `model` is not a known `kind` model (one line), or None when it is known."""
-    known = MODELS[kind]
-    if model in known:
-        return None
-    return f"unknown model {model!r}; known: {', '.join(sorted(known))}"
 
 
 @functools.cache

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from insitu_daq.control.instruments import Holder, Link, Microscope
@@ -20,6 +20,7 @@ from insitu_daq.control.instruments.factory import (
     open_holder,
     open_microscope,
 )
+from insitu_daq.control.instruments.monitor import Stamped, stamped
 from insitu_daq.control.retry import call_with_retries
 from insitu_daq.control.station import StationError, Stopped
 from insitu_daq.core.config import HolderConfig, MicroscopeConfig, RetryConfig
@@ -44,7 +45,8 @@ class RetryingLink(Generic[D]):
 
     The driver class says which of its errors are a transport failure (`lost(exc)`: retried
     after a reconnect, with back-off) and which an instrument's refusal (an answer: not
-    retried). Either ends as StationError.
+    retried). Either ends as StationError; a link given up on is closed, so the next call
+    starts on a fresh one.
     """
 
     def __init__(
@@ -69,7 +71,15 @@ class RetryingLink(Generic[D]):
             self.close()
             self._driver = self._open_driver()
 
-    def call(self, action: Callable[[D], T], stop: threading.Event | None = None) -> T:
+    def call(
+        self,
+        action: Callable[[D], T],
+        stop: threading.Event | None = None,
+        retry: RetryConfig | None = None,
+    ) -> T:
+        """`action(driver)`, with the link's retries (or `retry`'s: a monitor probing a lost
+        instrument tries once, quietly)."""
+
         def attempt() -> T:
             if self._driver is None:
                 self._driver = self._open_driver()
@@ -87,9 +97,15 @@ class RetryingLink(Generic[D]):
         with self.lock:
             try:
                 return call_with_retries(
-                    attempt, self._retry, (_LinkLostError, OSError), self.reconnect, report, stop
+                    attempt,
+                    retry or self._retry,
+                    (_LinkLostError, OSError),
+                    self.reconnect,
+                    report,
+                    stop,
                 )
             except (_LinkLostError, OSError) as exc:
+                self.close()
                 raise StationError(f"{self.name} not answering: {exc}") from exc
             except self._errors as exc:
                 raise StationError(f"{self.name}: {exc}") from exc
@@ -109,7 +125,13 @@ class RetryingLink(Generic[D]):
 
 
 class HolderControl:
-    """Approach and retract with the open-cell holder; one caller at a time."""
+    """Approach and retract with the holder; one caller at a time.
+
+    Every status it reads (a move's polls, the monitor's) is stamped with the exchange's
+    monotonic interval and given to the observers (`add_observer`: the holder monitor).
+    """
+
+    name = "holder"
 
     def __init__(
         self,
@@ -117,11 +139,40 @@ class HolderControl:
         retry: RetryConfig,
         on_retry: Callable[[str], None] | None = None,
     ) -> None:
+        driver_class = holder_class(config.model)
+        self.series: Mapping[str, tuple[str, ...]] = driver_class.SERIES
         self._link: RetryingLink[Holder] = RetryingLink(
-            "holder", holder_class(config.model), lambda: open_holder(config), retry, on_retry
+            "holder", driver_class, lambda: open_holder(config), retry, on_retry
         )
         self._call = self._link.call
         self._lock = self._link.lock
+        self._observers: list[Callable[[Stamped[HolderStatus]], None]] = []
+
+    def add_observer(self, observer: Callable[[Stamped[HolderStatus]], None]) -> None:
+        """`observer(stamped_status)` after each status read (in the reading thread)."""
+        self._observers.append(observer)
+
+    def _status(
+        self, stop: threading.Event | None = None, retry: RetryConfig | None = None
+    ) -> HolderStatus:
+        reading = self._call(lambda d: stamped(d.status), stop, retry)
+        for observer in self._observers:
+            try:
+                observer(reading)
+            except Exception:  # a reading not recorded must not fail a move
+                log.exception("holder status observer")
+        return reading.value
+
+    def poll(self, stop: threading.Event, retry: RetryConfig | None = None) -> bool:
+        """Read the status once if nobody else is talking to the holder (False, nothing read,
+        if someone is: a move polls it itself). StationError as any call."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._status(stop, retry)
+            return True
+        finally:
+            self._lock.release()
 
     def connect(self) -> str:
         """Open the line and identify the controller; returns its identity."""
@@ -130,7 +181,7 @@ class HolderControl:
 
     def status(self) -> HolderStatus:
         with self._lock:
-            return self._call(lambda d: d.status())
+            return self._status()
 
     def set_bias_routing(self, routing: str) -> None:
         with self._lock:
@@ -139,7 +190,7 @@ class HolderControl:
     def approach(self, speed_nm_s: float, max_travel_nm: float, stop: threading.Event) -> float:
         """Approach until contact; returns the travel in nm. Stopped / StationError."""
         with self._lock:
-            start = self._call(lambda d: d.status())
+            start = self._status()
             if start.contact:
                 return 0.0
             self._call(lambda d: d.approach(speed_nm_s, max_travel_nm))
@@ -147,7 +198,7 @@ class HolderControl:
                 end = self._wait_idle(stop)
             except Stopped:
                 # Say how far it got, so a resumed approach drives only the travel left.
-                now = self._call(lambda d: d.status())
+                now = self._status()
                 moved = now.position_nm - start.position_nm
                 raise Stopped("approach interrupted", moved_nm=moved) from None
             travel = end.position_nm - start.position_nm
@@ -161,7 +212,7 @@ class HolderControl:
         """Back off: the fine piezo first (smooth, leaves contact gently), then coarse steps."""
         del speed_nm_s  # the controller's coarse and fine drives run at fixed speeds
         with self._lock:
-            status = self._call(lambda d: d.status())
+            status = self._status()
             fine_back = min(distance_nm, max(0.0, status.fine_extension_nm + 1000.0))
             if fine_back > 0:
                 self._call(lambda d: d.move_fine(-fine_back))
@@ -173,7 +224,7 @@ class HolderControl:
 
     def _wait_idle(self, stop: threading.Event) -> HolderStatus:
         while True:
-            status = self._call(lambda d: d.status())
+            status = self._status()
             if not status.moving:
                 return status
             if stop.wait(POLL_S):
@@ -183,7 +234,7 @@ class HolderControl:
     def halt(self) -> None:
         """Stop any motion; never raises (used when making the station safe)."""
         try:
-            if self._link.connected:
+            if self._link.connected:  # a holder given up on is not asked again here
                 self._call(lambda d: d.stop())
         except Exception:
             log.exception("holder: stop failed")
