@@ -67,6 +67,30 @@ def test_stop_event_interrupts_an_approach(holder, station: SimStation) -> None:
     assert stopped.value.moved_nm == pytest.approx(travelled, abs=0.2)
 
 
+def test_a_holder_types_own_verb_goes_through_the_link_one_caller_at_a_time(
+    holder, station: SimStation
+) -> None:
+    """`call` is how a step kind reaches a verb the station has none for (a heating holder's
+    temperature): here the driver's own status query, over the real line, while another
+    caller (the monitor's poll, from its thread) is kept off the line."""
+    control, _ = holder
+    others: list[bool] = []
+
+    def look(driver):
+        poller = threading.Thread(target=lambda: others.append(control.poll(threading.Event())))
+        poller.start()
+        poller.join(5.0)
+        return driver.status()
+
+    control.approach(2000.0, 5000.0, threading.Event())
+    status = control.call(look)
+    with station.model() as m:
+        assert status.contact and m.contact
+    assert status.position_nm == pytest.approx(control.status().position_nm)
+    assert others == [False]  # the line was taken: the other caller read nothing
+    assert control.poll(threading.Event()) is True  # and it is free again afterwards
+
+
 def test_lost_holder_is_retried_then_fails_with_station_error(holder) -> None:
     _, sim = holder
     retries: list[str] = []

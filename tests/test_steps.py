@@ -10,12 +10,14 @@ independent of transports; the real station is covered by the daemon's end-to-en
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 from test_runner import RecordingStation
 
 from insitu_daq.control import protocol as protocol_module
+from insitu_daq.control import steps as steps_package
 from insitu_daq.control.limits import LimitError
 from insitu_daq.control.protocol import Protocol, ProtocolError
 from insitu_daq.control.runner import ProtocolRunner, RunState
@@ -37,11 +39,14 @@ from insitu_daq.service.recording_plan import protocol_seconds
 
 
 def test_the_registered_kinds_are_the_protocols_vocabulary_in_the_operators_order() -> None:
-    assert list(STEPS) == [
-        "approach", "retract", "bias", "hold", "acquire", "microscope", "wait", "mark",
-    ]  # fmt: skip
-    # Each kind's model is the class a protocol is written with in Python.
-    for kind, spec in STEPS.items():
+    shipped = ["approach", "retract", "bias", "hold", "acquire", "microscope", "wait", "mark"]
+    # Every module of control/steps/ but the registry and the interleave setting is a kind.
+    modules = {p.stem for p in Path(steps_package.__file__).parent.glob("*.py")}
+    assert list(STEPS)[: len(shipped)] == shipped
+    assert set(STEPS) == modules - {"__init__", "base", "interleave"}
+    # Each shipped kind's model is the class a protocol is written with in Python.
+    for kind in shipped:
+        spec = STEPS[kind]
         assert spec.kind == kind
         assert getattr(protocol_module, spec.model.__name__) is spec.model
 

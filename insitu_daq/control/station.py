@@ -10,10 +10,13 @@ promptly, leaving the instrument in a safe, known state.
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from insitu_daq.control.conditions import LiveUpdate
 from insitu_daq.core.clock import RunClock
+
+T = TypeVar("T")
 
 FROM_NOW = -1  # live_updates(..., FROM_NOW): no updates, only the cursor to start from
 
@@ -46,6 +49,12 @@ class Station(Protocol):
         ...
 
     def retract(self, distance_nm: float, speed_nm_s: float, stop: threading.Event) -> None: ...
+
+    def holder_call(self, action: Callable[[Any], T], stop: threading.Event) -> T:
+        """`action(driver)` on the configured holder's driver, through its retrying link (one
+        caller at a time; StationError once the retries are spent): how a step kind reaches a
+        holder type's own verbs (a heating holder's temperature) with no verb here for each."""
+        ...
 
     # ----- bias ------------------------------------------------------------------------------
     def check_bias(self, volts: float, rate_volts_per_s: float | None) -> None:

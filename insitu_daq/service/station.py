@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from insitu_daq.control.conditions import LiveUpdate
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # the daemon builds its station: only its type is needed here
     from insitu_daq.service.daemon import Daemon
@@ -23,6 +26,9 @@ class DaemonStation:
 
     def retract(self, distance_nm: float, speed_nm_s: float, stop: threading.Event) -> None:
         self._daemon.holder.retract(distance_nm, speed_nm_s, stop)
+
+    def holder_call(self, action: Callable[[Any], T], stop: threading.Event) -> T:
+        return self._daemon.holder.call(action, stop)
 
     def check_bias(self, volts: float, rate_volts_per_s: float | None) -> None:
         self._daemon.bias.check(volts, rate_volts_per_s)

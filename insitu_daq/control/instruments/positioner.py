@@ -187,6 +187,12 @@ class HolderControl:
         with self._lock:
             self._call(lambda d: d.set_bias_routing(routing))
 
+    def call(self, action: Callable[[Holder], T], stop: threading.Event | None = None) -> T:
+        """`action(driver)` through the retrying link, one caller at a time: the verbs a holder
+        type has beyond the ones above (a heating holder's temperature), for its step kinds."""
+        with self._lock:
+            return self._call(action, stop)
+
     def approach(self, speed_nm_s: float, max_travel_nm: float, stop: threading.Event) -> float:
         """Approach until contact; returns the travel in nm. Stopped / StationError."""
         with self._lock:

@@ -1,9 +1,12 @@
 """Protocol steps, one module per kind, executed through a registry (base.py).
 
 Adding a kind: a module here with its pydantic model and its executor that registers a
-`StepSpec`, and its name in the import below. The protocol's union, the runner and the
+`StepSpec`; it is found and imported below. The protocol's union, the runner and the
 recording plan follow from the registry.
 """
+
+import importlib
+import pkgutil
 
 from insitu_daq.control.steps.base import (
     STEPS,
@@ -19,22 +22,23 @@ from insitu_daq.control.steps.base import (
     unregister,
 )
 
-# Every kind, in the order an operator reads them: the protocol's union and its "expected one
-# of ..." follow it. Importing a kind's module registers it.
-# isort: off
-from insitu_daq.control.steps import (  # noqa: F401
-    approach,
-    retract,
-    bias,
-    hold,
-    acquire,
-    microscope,
-    wait,
-    mark,
-)
-# isort: on
+# The shipped kinds in the order an operator reads them: the protocol's union and its "expected
+# one of ..." follow it. Every other module of this package is a kind too, registered after
+# them in name order, so a new kind is its module alone. Importing a module registers it.
+OPERATOR_ORDER = ("approach", "retract", "bias", "hold", "acquire", "microscope", "wait", "mark")
+_NOT_KINDS = frozenset({"base", "interleave"})  # the registry, and a setting of timed steps
+
+
+def _kind_modules() -> list[str]:
+    found = {module.name for module in pkgutil.iter_modules(__path__)} - _NOT_KINDS
+    return [*OPERATOR_ORDER, *sorted(found - set(OPERATOR_ORDER))]
+
+
+for _name in _kind_modules():
+    importlib.import_module(f"{__name__}.{_name}")
 
 __all__ = [
+    "OPERATOR_ORDER",
     "STEPS",
     "PlanState",
     "Step",
