@@ -1,5 +1,5 @@
 """The closed-loop demo on a busy PC: CPU-bound processes beside `insitu-daq demo`, and when its
-hold ended against the simulator's truth. Shared by tests/test_closed_loop_load_e2e.py and
+hold ended against the simulator's truth. Shared by tests/app/test_closed_loop_load_e2e.py and
 bench/bench_closed_loop_load.py (which repeats it for the spread)."""
 
 from __future__ import annotations

@@ -1,9 +1,16 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the test folders on the import path.
+
+The test folders mirror the package's rooms (tests/control/ tests insitu_daq/control/ ...).
+Some test modules reuse another's harness by name (`from test_runner import RecordingStation`,
+`from test_daemon_e2e import LiveStation`), so every test folder is on sys.path from the start,
+whatever order pytest collects them in; test module names are unique across the folders.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,6 +18,11 @@ import pytest
 from testdata_paths import STREAM2_DIR
 
 from insitu_daq.core.stationlock import LOCK_DIR_ENV
+
+TESTS = Path(__file__).resolve().parent
+for _folder in sorted(p for p in TESTS.iterdir() if p.is_dir() and any(p.glob("test_*.py"))):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 _LOCKS = pytest.StashKey[tuple[str, str | None]]()
 

@@ -27,8 +27,8 @@ How it is segmented (`segment`), and why:
 Operating range: with the default 4x binning and 7 % edge threshold, a frame needs about 25
 counts per vacuum pixel (the simulator's default 40 frames/s dose gives ~87); below that the
 segmentation says "too noisy" rather than draw a ragged outline. Measured on simulated frames
-(tests/test_analysis_morphology.py): area within 1 % of the disk's, expansion within ~0.8 pp
-of the model's over the +4.3 V timeline; ~12 ms per 1024 x 1024 frame together with the front
+(tests/analysis/test_analysis_morphology.py): area within 1 % of the disk's, expansion within ~0.8
+pp of the model's over the +4.3 V timeline; ~12 ms per 1024 x 1024 frame together with the front
 (bench/bench_analysis_morphology.py).
 
 Expansion is the projected-area growth A / A_ref - 1, the model's definition (sim/model.py):

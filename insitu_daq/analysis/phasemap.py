@@ -56,7 +56,7 @@ the tile tapered) saw it ~0.2 s earlier but its sidelobes let a strong spot rais
 neighbour's annulus above the threshold (the 2.4/2.53 A pair of
 test_a_strong_spot_does_not_count_for_its_neighbour), so the Hann stays.
 
-What SNR it needs (tests/test_analysis_phasemap.py, 128 px tiles at 0.06 nm/px, peak ratios
+What SNR it needs (tests/analysis/test_analysis_phasemap.py, 128 px tiles at 0.06 nm/px, peak ratios
 of the weakest tile of each phase): layered (003) ~8 at one 25 ms frame of the renderer's
 default dose (~0.3 counts/px on the particle), > 40 at 3x that; the disordered band's 1.95 A
 > 18 from ~10x; the rock-salt grains (5-10 nm, random orientations, so each tile holds one to

@@ -27,7 +27,7 @@ What it computes, per frame (`analyze_frame`):
    number. The intensity above background is reported either way (a measurement, near 0 when
    the reflection is absent), NaN when the frame has no signal (beam off, < 1000 counts).
 
-What SNR it needs (1024 x 1024 at 0.06 nm/px, tests/test_analysis_spectrum.py): one 25 ms
+What SNR it needs (1024 x 1024 at 0.06 nm/px, tests/analysis/test_analysis_spectrum.py): one 25 ms
 frame at the renderer's default dose (~0.15-0.3 counts/px) shows the layered (003) at ~70
 sigma; the polycrystalline rock-salt rings, spread over whole circles, are at ~3 sigma in such
 a frame (not detected) and need ~10x the counts for a full field (~38 sigma at counts_scale

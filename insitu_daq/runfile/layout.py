@@ -1,6 +1,6 @@
 """Where things are in a run file: its paths and its growing logs, declared once.
 
-The layout is a contract (DESIGN.md; tests/test_runfile_layout.py): the writer (writer.py)
+The layout is a contract (DESIGN.md; tests/runfile/test_runfile_layout.py): the writer (writer.py)
 builds it from these declarations, the closing step (finish.py), the report (report/), the
 figure and the demo read it through them. The live analysis's part, /entry/analysis, is
 declared per quantity in analysis/quantities.py (runfile/analysislog.py builds it).

@@ -2,7 +2,7 @@
 
 Names: prefix `insitu_daq_`, base units in the name (`_volts`, `_amperes`, `_seconds`,
 `_meters`, `_bytes`), counters end in `_total`. The deploy files (alert rules, Grafana
-dashboard) use these names; tests/test_deploy_files.py checks them against this registry.
+dashboard) use these names; tests/service/test_deploy_files.py checks them against this registry.
 
 The metrics live in a private CollectorRegistry, not prometheus_client's global one, so two
 daemons (or tests) in one process never collide, and the HTTP server is one we can stop.

@@ -3,7 +3,7 @@
 Pure functions: the live analysis as the run file holds it (report.read_analysis) and the
 simulator's truth polled during the run (truthcompare.TruthSample, RUN.truth.json) in,
 `Verdict`s out (measured, true, difference, tolerance, met or not). The demo prints them and
-tests/test_accuracy_e2e.py asserts them on a real end-to-end run. No simulator import.
+tests/verify/test_accuracy_e2e.py asserts them on a real end-to-end run. No simulator import.
 
 The figures and how each is defined (both sides the same way, at the same run times):
 - d-spacings: per tracked reflection of 1.5-5 A detected in at least MIN_DETECTIONS results,

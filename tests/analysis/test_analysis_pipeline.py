@@ -1,7 +1,7 @@
 """FrameAnalyzer (analysis/pipeline.py) on streams of rendered frames with known truth: the
 live quantities it returns per frame, the HRTEM dose sum, the expansion reference taken before
 the bias step, the front speed, and "not measurable" as None. Pure: no sockets or processes
-(the process around it is tests/test_liveanalysis.py).
+(the process around it is tests/live/test_liveanalysis.py).
 
 Frames are 25 ms exposures at the simulator's default dose (one frame of 40 frames/s).
 """

@@ -20,7 +20,7 @@ from insitu_daq.core.config import load_config
 from insitu_daq.core.stationlock import SHARED_LOCK_DIR
 from insitu_daq.service.metrics import DaemonMetrics
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 METRIC_NAME = re.compile(r"\binsitu_daq_[a-z0-9_]+")
 SELECTOR = re.compile(r"\b(insitu_daq_[a-z0-9_]+)\{([^}]*)\}")
 LABEL_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")

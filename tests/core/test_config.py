@@ -79,7 +79,7 @@ def test_unreadable_and_malformed_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_shipped_station_configs_are_valid() -> None:
-    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
     sim = load_config(deploy / "station.sim.toml")
     assert sim.source_meter.resource == "TCPIP::127.0.0.1::5025::SOCKET"
     example = load_config(deploy / "station.example.toml")

@@ -22,8 +22,8 @@ being when the HRTEM field first holds any rock salt (the 2.1 A spacing drawn at
 measured side the first of 3 consecutive phase maps that see rock salt in at least one tile
 (verify/accuracy.py). In this field rock salt enters at two corners, and a map sees it once it
 covers half a corner tile, 1.55-1.93 s after the renderer's per-pixel truth first has any
-(tests/test_analysis_pipeline.py); the truth here, polled every 0.5 run s on a 256 x 256 grid,
-sees it up to ~0.5 s later, and the runs measured +0.92 s (2.5) and +1.03 s (5, the demo).
+(tests/analysis/test_analysis_pipeline.py); the truth here, polled every 0.5 run s on a 256 x 256
+grid, sees it up to ~0.5 s later, and the runs measured +0.92 s (2.5) and +1.03 s (5, the demo).
 The whole-field (200) ring of the spectrum, which the onset was judged on before, comes 3-4 s
 after the truth (it needs ~20-30 % of the field); the verdict line reports it.
 """

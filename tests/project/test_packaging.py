@@ -3,7 +3,7 @@
 pyproject.toml lists its packages explicitly (drivers/ and sim/ are mapped into insitu_daq with
 package-dir), so a new sub-package that is not listed works in an editable install and in this
 tree but is missing from a wheel: `insitu-daq` would then fail on a fresh machine with an
-ImportError. tests/test_install.py catches that too, but only after a minute of installing.
+ImportError. tests/project/test_install.py catches that too, but only after a minute of installing.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _installed_packages() -> tuple[set[str], dict[str, str]]:

@@ -21,7 +21,7 @@ from insitu_daq.control.protocol import (
 )
 from insitu_daq.core.config import ConfigError, SafetyLimits
 
-PROTOCOLS = Path(__file__).resolve().parents[1] / "deploy" / "protocols"
+PROTOCOLS = Path(__file__).resolve().parents[2] / "deploy" / "protocols"
 
 SMALL_YAML = """\
 # comments are kept in the text written into the run file

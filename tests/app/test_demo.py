@@ -2,8 +2,8 @@
 
 At this time scale and frame size (256 px: four phase-map tiles in the HRTEM field, ~1 s of
 wall time for the whole hold) whether the closed-loop hold ends on its condition or its
-timeout is not asserted here; tests/test_daemon_analysis_e2e.py checks `hold until` on a live
-value and tests/test_accuracy_e2e.py the analysis's accuracy at full frame size.
+timeout is not asserted here; tests/service/test_daemon_analysis_e2e.py checks `hold until` on a
+live value and tests/verify/test_accuracy_e2e.py the analysis's accuracy at full frame size.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import re
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 # A repository path as notes write it: a top-level source folder, then path parts, then a file.
 PATH_RE = re.compile(

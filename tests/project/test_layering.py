@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # room -> the rooms it may import from (besides itself and the top package's __version__).
 ALLOWED: dict[str, set[str]] = {
     "analysis": set(),

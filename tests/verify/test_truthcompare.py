@@ -2,7 +2,7 @@
 
 The run file is test_report_figure's (RunWriter + AnalysisLog, events from a real
 ProtocolRunner); the truth samples are shaped like the simulated microscope's `truth` reply
-(tests/test_microscope.py checks that reply against the model).
+(tests/drivers/test_microscope.py checks that reply against the model).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The Keithley 2450's native SCPI: its driver against the simulated 2450 over real TCP (pyvisa-py).
 
-What the 2450 does differently from the 2400 (tests/test_sourcemeter.py keeps the 2400's): the
-current limit under `:SOUR:VOLT:ILIM`, its trip query, the elements named in `:READ?`, the
+What the 2450 does differently from the 2400 (tests/drivers/test_sourcemeter.py keeps the 2400's):
+the current limit under `:SOUR:VOLT:ILIM`, its trip query, the elements named in `:READ?`, the
 limit flag in the source status (the measure status' bit 3 is the front terminals), a reading
 with the output off that says so instead of being refused, and the 2400's headers refused.
 """

@@ -36,7 +36,7 @@ from insitu_daq.control.station import FROM_NOW, StationError, Stopped
 from insitu_daq.core.clock import RunClock
 from insitu_daq.core.records import Event, EventKind
 
-PROTOCOLS = Path(__file__).resolve().parents[1] / "deploy" / "protocols"
+PROTOCOLS = Path(__file__).resolve().parents[2] / "deploy" / "protocols"
 TIME_SCALE = 1000.0
 HARDWARE = (
     "approach",

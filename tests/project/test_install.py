@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NOT_THE_CHECKOUT = shutil.ignore_patterns(
     ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
     ".ruff_cache", "runs",
