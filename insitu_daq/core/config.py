@@ -6,6 +6,7 @@ at start with one line naming the field (`ConfigError`).
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -36,14 +37,19 @@ class ConfigError(ValueError):
     """A station config or protocol that cannot be used; the message is one line."""
 
 
-def _is_loopback(endpoint: str) -> bool:
-    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0]
-    return endpoint.startswith(("ipc://", "inproc://")) or host in (
-        "127.0.0.1",
-        "localhost",
-        "[::1]",
-        "::1",
-    )
+def is_loopback(endpoint: str) -> bool:
+    """True for endpoints reachable only from this machine (ipc, inproc, 127/8, ::1, lo): the
+    one rule for the config's check and the API's binding (service/api/curve.py)."""
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", an interface name or a host name: not provably local
+        return False
 
 
 class _Section(BaseModel):
@@ -171,7 +177,7 @@ class ApiConfig(_Section):
     def _curve_off_loopback(self) -> ApiConfig:
         for name in ("control", "events"):
             endpoint = getattr(self, name)
-            if not _is_loopback(endpoint) and self.curve_secret_key_file is None:
+            if not is_loopback(endpoint) and self.curve_secret_key_file is None:
                 raise ValueError(f"{name}={endpoint!r} is not loopback: set curve_secret_key_file")
         return self
 

@@ -43,6 +43,8 @@ from prometheus_client.utils import floatToGoString
 
 from insitu_daq import __version__
 from insitu_daq.analysis.quantities import D_SPACING, find, registered
+from insitu_daq.control.runner import RunState
+from insitu_daq.ingest.failure import KINDS as FAILURE_KINDS
 from insitu_daq.ingest.wire import DROP_REASONS, HDF5_WRITE_BUCKETS_S
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9105
 
 # Series that exist from the start, so rate() sees their first increase.
-PROTOCOL_STATES = ("idle", "running", "paused", "aborting", "finished", "aborted", "failed")
+PROTOCOL_STATES = tuple(state.value for state in RunState)
 
 # Live analysis: latency buckets (s), and why a frame was not analysed. From the analysis
 # process's cumulative stats: "behind" (a newer frame was queued), "settling" (within a mode
@@ -80,7 +82,7 @@ INGEST_TAP_COUNTERS = {
     "analysis_offers_withheld": "ingest_busy",
 }
 # Why the run file stopped taking writes (recording_failure.KINDS).
-RECORDING_FAILURE_KINDS = ("disk_full", "read_only", "folder_gone", "write_error")
+RECORDING_FAILURE_KINDS = FAILURE_KINDS
 
 # Ingest stats key -> DaemonMetrics counter attribute. Cumulative, as the ingest reports them.
 INGEST_COUNTERS = {

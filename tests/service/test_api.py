@@ -18,14 +18,13 @@ import pytest
 import zmq
 import zmq.auth
 
-from insitu_daq.core.config import ConfigError, parse_config
+from insitu_daq.core.config import ConfigError, is_loopback, parse_config
 from insitu_daq.service.api import (
     ControlClient,
     ControlError,
     ControlTimeoutError,
     EventSubscriber,
 )
-from insitu_daq.service.api.curve import is_loopback
 from insitu_daq.service.api.events import EventPublisher
 from insitu_daq.service.api.requests import COMMANDS
 from insitu_daq.service.api.server import ControlServer

@@ -9,7 +9,6 @@ its own context (and ZAP authenticator when clients are listed).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from pathlib import Path
 
@@ -17,25 +16,11 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from insitu_daq.core.config import ConfigError
+from insitu_daq.core.config import ConfigError, is_loopback
 from insitu_daq.service.api.errors import ApiError
 from insitu_daq.service.api.wire import squash
 
 log = logging.getLogger(__name__)
-
-
-def is_loopback(endpoint: str) -> bool:
-    """True for endpoints reachable only from this machine (ipc, inproc, 127/8, ::1, lo)."""
-    transport, _, address = endpoint.partition("://")
-    if transport in ("ipc", "inproc"):
-        return True
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host in ("localhost", "lo"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "*", an interface name or a host name: not provably local
-        return False
 
 
 class CurveServerKeys:
