@@ -7,8 +7,8 @@ its result buffers. FrameAnalyzer (pipeline.py) computes what several measuremen
 per sum (the spectrum, the phase map when one is due, the segmentation, the particle, the
 front) and keeps the state across sums (the expansion reference, the front's window); it hands
 them to each registered measurement of the sum's mode in a context (`HrtemSum`, `LmSum`) and
-merges the values they return. A new quantity is its function here-registered plus its
-declaration in quantities.py.
+merges the values they return. A new quantity is its registered function plus its declaration
+in quantities.py: no edit to pipeline.py.
 
 A measurement takes arrays and numbers and returns numbers (`Measured`): no state, no I/O.
 Order: a mode's measurements run in the order of pipeline.py's list of analysis modules, then

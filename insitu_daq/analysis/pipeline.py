@@ -6,7 +6,8 @@ quantities that frame measures; a key present with None means "analysed, not mea
 key absent means "this frame does not measure that" (an LM frame has no d-spacings).
 
 Keys (stable, each declared in quantities.py, which the run file's /entry/analysis logs, the
-`analysis` topic, the metrics, conditions and report read):
+`analysis` topic, the metrics, conditions and report read), filled by the measurements the
+analysis modules register (measurement.py) from what this class computes once per sum:
 - HRTEM frames: `d_spacing_m.<reflection>` (measured d in metres, None when the reflection is
   not detected), `intensity.<reflection>` (relative power above background, see spectrum.py),
   and, with a phase map (below), `layered_fraction`, `disordered_fraction`,
