@@ -52,7 +52,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, stats
 
+from .measurement import LmSum, Measured, measures
 from .morphology import Segmentation
+from .quantities import FRONT_POSITION, FRONT_VELOCITY
 
 logger = logging.getLogger(__name__)
 
@@ -334,3 +336,20 @@ def front_speed(
         logger.debug("front speed not measurable: %.3g +- %.3g nm/s", slope, half_width)
         return None
     return FrontSpeed(float(slope), float(low), float(high), len(pairs), span)
+
+
+@measures("lm", FRONT_POSITION)
+def front_position(sum_: LmSum) -> Measured:
+    """The front's distance from the contact surface in the sum (None: no front seen)."""
+    position = sum_.front.position_nm
+    if position is None:
+        return Measured({FRONT_POSITION.key: None}, {"front": sum_.front.reason or "no front"})
+    return Measured({FRONT_POSITION.key: position})
+
+
+@measures("lm", FRONT_VELOCITY)
+def front_velocity(sum_: LmSum) -> Measured:
+    """The front's mean speed over the pipeline's window of positions (Theil-Sen)."""
+    window_s = sum_.settings.front_window_s
+    speed = front_speed(sum_.front_times, sum_.front_positions, window_s=window_s)
+    return Measured({FRONT_VELOCITY.key: None if speed is None else speed.speed_nm_s})

@@ -47,6 +47,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .measurement import LmSum, Measured, measures
+from .quantities import EXPANSION, PROJECTED_AREA
+
 logger = logging.getLogger(__name__)
 
 
@@ -313,3 +316,25 @@ def measure_expansion(
 ) -> float | None:
     """Projected-area expansion of the particle in `frame` relative to `reference`, or None."""
     return reference.expansion_of(measure_particle(segment(frame, pixel_size_nm, settings)))
+
+
+@measures("lm", PROJECTED_AREA)
+def projected_area(sum_: LmSum) -> Measured:
+    """The particle's projected area in m^2 (None: not segmented)."""
+    area = sum_.particle.area_nm2
+    if area is None:
+        return Measured(
+            {PROJECTED_AREA.key: None}, {"particle": sum_.particle.reason or "no particle"}
+        )
+    return Measured({PROJECTED_AREA.key: area * 1e-18})
+
+
+@measures("lm", EXPANSION)
+def expansion(sum_: LmSum) -> Measured:
+    """A / A_ref - 1 against the pipeline's expansion reference (pipeline.py's docstring)."""
+    reference = sum_.reference_area_nm2
+    if reference is None:
+        reason = "no reference: no LM frame before the bias step"
+        return Measured({EXPANSION.key: None}, {"expansion": reason})
+    area = sum_.particle.area_nm2
+    return Measured({EXPANSION.key: None if area is None else area / reference - 1.0})

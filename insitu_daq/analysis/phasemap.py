@@ -77,6 +77,8 @@ from functools import lru_cache
 import numpy as np
 import scipy.fft
 
+from .measurement import HrtemSum, Measured, measures
+from .quantities import PHASE_FRACTION, PHASE_PRESENCE
 from .reflections import DEFAULT_REFLECTIONS, PHASES, SHARED, ReflectionTable
 
 logger = logging.getLogger(__name__)
@@ -419,3 +421,17 @@ def phase_map(
         fractions=fractions,
         presence=presence,
     )
+
+
+@measures("hrtem", PHASE_FRACTION, PHASE_PRESENCE)
+def phase_shares(sum_: HrtemSum) -> Measured:
+    """Per phase: its fraction and presence over the particle tiles of the sum's phase map;
+    nothing at a result with no map due (the pipeline's cadence)."""
+    mapped = sum_.phase_map
+    if mapped is None:
+        return Measured({})
+    values: dict[str, float | None] = {}
+    for quantity, shares in ((PHASE_FRACTION, mapped.fractions), (PHASE_PRESENCE, mapped.presence)):
+        for phase in PHASES:
+            values[quantity.key_for(phase)] = None if shares is None else float(shares[phase])
+    return Measured(values, {} if mapped.fractions is not None else {"phase_map": mapped.reason})

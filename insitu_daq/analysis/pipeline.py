@@ -6,7 +6,8 @@ quantities that frame measures; a key present with None means "analysed, not mea
 key absent means "this frame does not measure that" (an LM frame has no d-spacings).
 
 Keys (stable, each declared in quantities.py, which the run file's /entry/analysis logs, the
-`analysis` topic, the metrics, conditions and report read):
+`analysis` topic, the metrics, conditions and report read), filled by the measurements the
+analysis modules register (measurement.py) from what this class computes once per sum:
 - HRTEM frames: `d_spacing_m.<reflection>` (measured d in metres, None when the reflection is
   not detected), `intensity.<reflection>` (relative power above background, see spectrum.py),
   and, with a phase map (below), `layered_fraction`, `disordered_fraction`,
@@ -77,16 +78,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .front import DEFAULT_FRONT, FrontSettings, front_speed, measure_front
+from .front import DEFAULT_FRONT, FrontSettings, measure_front
+from .measurement import MODES, HrtemSum, LmSum, registered
 from .morphology import DEFAULT_SEGMENTATION, SegmentationSettings, measure_particle, segment
 from .phasemap import DEFAULT_PHASE_MAP_SETTINGS, PhaseMapSettings, phase_map
-from .quantities import D_SPACING, INTENSITY, PHASE_FRACTION, PHASE_PRESENCE
-from .reflections import DEFAULT_REFLECTIONS, PHASES, ReflectionTable
+from .reflections import DEFAULT_REFLECTIONS, ReflectionTable
 from .spectrum import DEFAULT_SETTINGS, SpectrumSettings, analyze_frame
 
 logger = logging.getLogger(__name__)
 
-MODES = ("hrtem", "lm")
+# The analysis modules whose registered measurements (measurement.py) fill a result, in the
+# order of its keys: HRTEM d-spacings and intensities, then the phase map's shares; LM area and
+# expansion, then the front. Named here, not left to import order (a test may import phasemap
+# before spectrum); the imports above register them.
+MEASURING_MODULES = tuple(
+    f"{__package__}.{name}" for name in ("spectrum", "phasemap", "morphology", "front")
+)
 
 
 @dataclass(frozen=True)
@@ -249,9 +256,18 @@ class FrameAnalyzer:
         assert integration.total is not None
         self.last_integrated_frames = len(integration.frames)
         self.last_reasons = {}
-        if mode == "hrtem":
-            return self._hrtem(integration.total, time_s, pixel_nm)
-        return self._lm(integration.total, time_s, pixel_nm)
+        summed = integration.total
+        sum_ = (
+            self._hrtem(summed, time_s, pixel_nm)
+            if mode == "hrtem"
+            else self._lm(summed, time_s, pixel_nm)
+        )
+        values: dict[str, float | None] = {}
+        for measurement in registered(mode, MEASURING_MODULES):
+            measured = measurement.compute(sum_)
+            values.update(measured.values)
+            self.last_reasons.update(measured.reasons)
+        return values
 
     def _dose_target(self, mode: str) -> tuple[float, float]:
         """(counts per pixel, window s) of a mode's sum."""
@@ -260,31 +276,14 @@ class FrameAnalyzer:
             return settings.hrtem_counts_per_px, settings.hrtem_integration_s
         return settings.lm_counts_per_px, settings.lm_integration_s
 
-    def _hrtem(self, summed: np.ndarray, time_s: float, pixel_nm: float) -> dict[str, float | None]:
+    def _hrtem(self, summed: np.ndarray, time_s: float, pixel_nm: float) -> HrtemSum:
+        """What the HRTEM measurements share: the spectrum, and the phase map when due."""
         settings = self.settings
         spectrum = analyze_frame(summed, pixel_nm, settings.table, settings.spectrum)
-        values: dict[str, float | None] = {}
-        for name in settings.table.names:
-            measurement = spectrum.reflections.get(name)
-            d = None if measurement is None else measurement.d_angstrom
-            values[D_SPACING.key_for(name)] = None if d is None else d * 1e-10
-            intensity = None if measurement is None else measurement.intensity
-            ok = intensity is not None and math.isfinite(intensity)
-            values[INTENSITY.key_for(name)] = float(intensity) if ok else None
-        if not spectrum.measurable:
-            self.last_reasons["spectrum"] = spectrum.reason
+        mapped = None
         if self._phase_map_due(time_s):
             mapped = phase_map(summed, pixel_nm, settings.table, settings.phase_map)
-            for quantity, shares in (
-                (PHASE_FRACTION, mapped.fractions),
-                (PHASE_PRESENCE, mapped.presence),
-            ):
-                for phase in PHASES:
-                    value = None if shares is None else float(shares[phase])
-                    values[quantity.key_for(phase)] = value
-            if mapped.fractions is None:
-                self.last_reasons["phase_map"] = mapped.reason
-        return values
+        return HrtemSum(summed, pixel_nm, time_s, settings, spectrum, mapped)
 
     def _phase_map_due(self, time_s: float) -> bool:
         """Maps on a grid of `phase_map_interval_s` of run time: a result at or after the due
@@ -302,50 +301,39 @@ class FrameAnalyzer:
         self._next_phase_map_s = due if due > time_s else time_s + interval
         return True
 
-    def _lm(self, summed: np.ndarray, time_s: float, pixel_nm: float) -> dict[str, float | None]:
+    def _lm(self, summed: np.ndarray, time_s: float, pixel_nm: float) -> LmSum:
+        """What the LM measurements share: the segmentation, the particle, the expansion
+        reference, the front and its window of positions (kept across sums)."""
         settings = self.settings
         segmentation = segment(summed, pixel_nm, settings.segmentation)
         particle = measure_particle(segmentation)
-        area = particle.area_nm2
-        values: dict[str, float | None] = {
-            "projected_area_m2": None if area is None else area * 1e-18,
-        }
-        if area is None:
-            self.last_reasons["particle"] = particle.reason or "no particle"
-        values["expansion"] = self._expansion(area, time_s)
+        reference = self._expansion_reference(particle.area_nm2, time_s)
         front = measure_front(summed, segmentation, settings.front)
-        values["front_position_nm"] = front.position_nm
-        if front.position_nm is None:
-            self.last_reasons["front"] = front.reason or "no front"
         self._front.append((time_s, front.position_nm))
         while self._front and self._front[0][0] < time_s - settings.front_window_s:
             self._front.popleft()
         times = [t for t, _ in self._front]
         positions = [p for _, p in self._front]
-        speed = front_speed(times, positions, window_s=settings.front_window_s)
-        values["front_velocity_nm_s"] = None if speed is None else speed.speed_nm_s
-        return values
+        return LmSum(
+            summed, pixel_nm, time_s, settings, segmentation, particle, reference, front, times,
+            positions,
+        )  # fmt: skip
 
-    def _expansion(self, area: float | None, time_s: float) -> float | None:
+    def _expansion_reference(self, area: float | None, time_s: float) -> float | None:
+        """The area (nm^2) the expansion is measured against (module docstring), None before
+        any LM area; an area before the bias step joins the reference."""
         before_bias = self._bias_start_s is None or time_s < self._bias_start_s
         if before_bias:
             if area is not None:
                 self._pre_bias_areas.append(area)
                 if len(self._first_areas) < self.settings.reference_frames:
                     self._first_areas.append(area)
-            reference = statistics.median(self._first_areas) if self._first_areas else None
-        else:
-            if self.reference_area_nm2 is None and self._pre_bias_areas:
-                self.reference_area_nm2 = statistics.median(self._pre_bias_areas)
-                logger.info(
-                    "expansion reference: %.0f nm^2 from %d LM frames before the bias step",
-                    self.reference_area_nm2,
-                    len(self._pre_bias_areas),
-                )
-            reference = self.reference_area_nm2
-        if reference is None:
-            self.last_reasons["expansion"] = "no reference: no LM frame before the bias step"
-            return None
-        if area is None:
-            return None
-        return area / reference - 1.0
+            return statistics.median(self._first_areas) if self._first_areas else None
+        if self.reference_area_nm2 is None and self._pre_bias_areas:
+            self.reference_area_nm2 = statistics.median(self._pre_bias_areas)
+            logger.info(
+                "expansion reference: %.0f nm^2 from %d LM frames before the bias step",
+                self.reference_area_nm2,
+                len(self._pre_bias_areas),
+            )
+        return self.reference_area_nm2

@@ -5,8 +5,9 @@ declared here with everything its users need, the way a LiberTEM UDF declares it
 buffers: its unit and place in the run file (runfile/analysislog.py builds /entry/analysis
 from these), its Prometheus gauge (service/metrics.py), whether a protocol's `until:` may use it
 (control/conditions.py), its line in `insitu-daq report` (report/analysis.py) and its panel in
-the report figure (report/figure.py). A new quantity is its computation (a `values[...]` line in
-pipeline.py) plus its declaration here; its users iterate `QUANTITIES`.
+the report figure (report/figure.py). A new quantity is its computation (a function in an
+analysis module registered with `@measures(mode, QUANTITY)`, analysis/measurement.py) plus its
+declaration here; its users iterate `QUANTITIES`.
 
 Families: a quantity `per` "reflection" has one key per tracked reflection (the run's
 ReflectionTable), `per` "phase" one per phase (reflections.PHASES); its key has `{}` where the

@@ -54,6 +54,8 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage, sparse
 
+from .measurement import HrtemSum, Measured, measures
+from .quantities import D_SPACING, INTENSITY
 from .reflections import DEFAULT_REFLECTIONS, ReflectionTable
 
 logger = logging.getLogger(__name__)
@@ -641,3 +643,19 @@ def analyze_frame(
         return FrameSpectrum(False, reason, None, (), reflections)
     peaks = find_peaks(spectrum, settings.threshold_sigma)
     return FrameSpectrum(True, "", spectrum, peaks, reflections)
+
+
+@measures("hrtem", D_SPACING, INTENSITY)
+def reflection_spacings(sum_: HrtemSum) -> Measured:
+    """Per tracked reflection: its d in metres and its relative intensity (None: not
+    detected, or not finite), from the sum's spectrum."""
+    spectrum = sum_.spectrum
+    values: dict[str, float | None] = {}
+    for name in sum_.settings.table.names:
+        measurement = spectrum.reflections.get(name)
+        d = None if measurement is None else measurement.d_angstrom
+        values[D_SPACING.key_for(name)] = None if d is None else d * 1e-10
+        intensity = None if measurement is None else measurement.intensity
+        ok = intensity is not None and math.isfinite(intensity)
+        values[INTENSITY.key_for(name)] = float(intensity) if ok else None
+    return Measured(values, {} if spectrum.measurable else {"spectrum": spectrum.reason})

@@ -8,13 +8,25 @@ Frames are 25 ms exposures at the simulator's default dose (one frame of 40 fram
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 from sim_frames import cell, hrtem_optics
 
+from insitu_daq.analysis.front import front_speed, measure_front
+from insitu_daq.analysis.morphology import measure_particle, segment
+from insitu_daq.analysis.phasemap import phase_map
 from insitu_daq.analysis.pipeline import FrameAnalyzer, PipelineSettings
-from insitu_daq.analysis.quantities import value_keys
-from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS
+from insitu_daq.analysis.quantities import (
+    D_SPACING,
+    INTENSITY,
+    PHASE_FRACTION,
+    PHASE_PRESENCE,
+    value_keys,
+)
+from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS, PHASES
+from insitu_daq.analysis.spectrum import analyze_frame
 from insitu_daq.sim.model import NanobatteryModel
 from insitu_daq.sim.optics import Optics
 from insitu_daq.sim.render import FrameRenderer, Scene
@@ -245,3 +257,89 @@ def test_bad_input_is_refused() -> None:
         analyzer.analyze(np.zeros((16, 16)), 0.0, "lm", 0.0)
     with pytest.raises(ValueError, match="phase_map_interval_s"):
         PipelineSettings(phase_map_interval_s=-1.0)
+
+
+def _expected_hrtem(summed: np.ndarray, settings: PipelineSettings, mapped: bool) -> tuple:
+    """The HRTEM values and reasons straight from the pure functions (module docstring)."""
+    spectrum = analyze_frame(summed, 0.06, settings.table, settings.spectrum)
+    values: dict[str, float | None] = {}
+    for name in settings.table.names:
+        found = spectrum.reflections.get(name)
+        d, intensity = (None, None) if found is None else (found.d_angstrom, found.intensity)
+        values[D_SPACING.key_for(name)] = None if d is None else d * 1e-10
+        ok = intensity is not None and np.isfinite(intensity)
+        values[INTENSITY.key_for(name)] = float(intensity) if ok else None
+    reasons = {} if spectrum.measurable else {"spectrum": spectrum.reason}
+    if mapped:
+        shares = phase_map(summed, 0.06, settings.table, settings.phase_map)
+        for quantity, of in ((PHASE_FRACTION, shares.fractions), (PHASE_PRESENCE, shares.presence)):
+            for phase in PHASES:
+                values[quantity.key_for(phase)] = None if of is None else float(of[phase])
+        if shares.fractions is None:
+            reasons["phase_map"] = shares.reason
+    return values, reasons
+
+
+def test_results_are_the_pure_functions_of_each_sum() -> None:
+    """Every value of a result (keys, their order, None cases, the reasons) is what the
+    registered measurements' pure functions give on that result's sum, with the pipeline's
+    state (expansion reference, front window, phase-map cadence) taken by its documented
+    rules: HRTEM sums of the newest frames, a map on the cadence; LM frames before and after
+    the bias step, one frame a sum, including a blank one."""
+    settings = PipelineSettings(lm_integration_s=0.0, front_window_s=2.0, reference_frames=3)
+    analyzer = FrameAnalyzer(settings)
+    renderer, model = FrameRenderer(SHAPE, seed=12), _biased(4.3)
+    model.set_source(False, 0.0, 1.0e-7)
+    frames, maps = [], 0
+    for index in range(10):  # HRTEM: a map on the first result, then every 0.125 s
+        frame, _ = renderer.render(Scene.capture(model, hrtem_optics()), FRAME_S, index)
+        frames.append(frame)
+        result = analyzer.analyze(frame, index * FRAME_S, "hrtem", 0.06)
+        summed = np.sum(frames[-analyzer.last_integrated_frames :], axis=0, dtype=np.float32)
+        mapped = "layered_fraction" in result
+        assert mapped == (index % 5 == 0), index  # 0.125 s of 25 ms frames
+        maps += mapped
+        values, reasons = _expected_hrtem(summed, settings, mapped)
+        assert list(result.items()) == list(values.items()), index
+        assert list(analyzer.last_reasons.items()) == list(reasons.items()), index
+    assert maps == 2
+
+    areas: list[float] = []
+    track: list[tuple[float, float | None]] = []
+    speeds = 0
+    times = [0.1 * i for i in range(4)] + [30.0 + 0.25 * i for i in range(8)] + [32.5]
+    for index, t in enumerate(times):
+        if t == 30.0:
+            analyzer.bias_started(1.0)
+            model.set_source(True, 4.3, 1.0e-7)
+        model.advance_to(t)
+        model.set_beam(t < 32.5)  # the last frame blank: nothing measurable
+        frame, _ = renderer.render(Scene.capture(model, _lm_optics()), FRAME_S, 20 + index)
+        result = analyzer.analyze(frame, t, "lm", 1.0)
+        summed = frame.astype(np.float32)
+        segmentation = segment(summed, 1.0, settings.segmentation)
+        particle = measure_particle(segmentation)
+        area, reasons = particle.area_nm2, {}
+        if area is None:
+            reasons["particle"] = particle.reason or "no particle"
+        elif t < 1.0:
+            areas.append(area)
+        pool = areas[-3:] if t >= 1.0 else areas[:3]  # reference_frames=3
+        reference = statistics.median(pool) if pool else None
+        if reference is None:
+            reasons["expansion"] = "no reference: no LM frame before the bias step"
+        front = measure_front(summed, segmentation, settings.front)
+        if front.position_nm is None:
+            reasons["front"] = front.reason or "no front"
+        track = [(s, x) for s, x in [*track, (t, front.position_nm)] if s >= t - 2.0]
+        speed = front_speed([s for s, _ in track], [x for _, x in track], window_s=2.0)
+        speeds += speed is not None
+        expected = {
+            "projected_area_m2": None if area is None else area * 1e-18,
+            "expansion": None if area is None or reference is None else area / reference - 1.0,
+            "front_position_nm": front.position_nm,
+            "front_velocity_nm_s": None if speed is None else speed.speed_nm_s,
+        }
+        assert list(result.items()) == list(expected.items()), t
+        assert list(analyzer.last_reasons.items()) == list(reasons.items()), t
+    assert result["projected_area_m2"] is None and speeds > 0 and len(areas) == 4

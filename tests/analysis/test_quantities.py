@@ -1,7 +1,8 @@
 """A live-analysis quantity is declared once (analysis/quantities.py) and every user reads it:
 a quantity declared at test time, with no other edit, has its log in a real run file, its line
 in the report, its panel in the figure, its Prometheus gauge and its name in the `until:`
-grammar."""
+grammar; with a measurement registered for it (analysis/measurement.py), FrameAnalyzer's
+results carry it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from sim_frames import cell
 
 from insitu_daq.analysis import quantities
+from insitu_daq.analysis.measurement import LmSum, Measured, measures, unregister
+from insitu_daq.analysis.pipeline import FrameAnalyzer
 from insitu_daq.analysis.quantities import (
     QUANTITIES,
     Metric,
@@ -29,6 +33,8 @@ from insitu_daq.report.analysis import format_analysis, read_analysis
 from insitu_daq.report.figure import draw_report_figure
 from insitu_daq.runfile.writer import FrameGeometry, RunMetadata, RunWriter
 from insitu_daq.service.metrics import DaemonMetrics
+from insitu_daq.sim.optics import Optics
+from insitu_daq.sim.render import FrameRenderer, Scene
 
 # A throwaway quantity: the particle's aspect ratio, as a new LM measurement would add it.
 ASPECT = Quantity(
@@ -50,13 +56,16 @@ def declared(monkeypatch: pytest.MonkeyPatch) -> Quantity:
 
 
 def _write_run(path: Path, results: list[tuple[float, float | None]]) -> None:
+    _write_values(path, [(t, {"aspect_ratio": aspect, "expansion": 0.01}) for t, aspect in results])
+
+
+def _write_values(path: Path, results: list[tuple[float, dict[str, float | None]]]) -> None:
     meta = RunMetadata(
         run_id="q1", title="a declared quantity", start_time_ns=time.time_ns(),
         reflections=DEFAULT_REFLECTIONS.names,
     )  # fmt: skip
     writer = RunWriter(path, meta, FrameGeometry(("threshold_1",), (8, 8), "<u2", None))
-    for image_id, (t, aspect) in enumerate(results):
-        values = {"aspect_ratio": aspect, "expansion": 0.01}
+    for image_id, (t, values) in enumerate(results):
         writer.write_analysis({"time": t, "image_id": image_id, "values": values})
     writer.close(time.time_ns())
 
@@ -110,3 +119,43 @@ def test_every_key_belongs_to_exactly_one_declared_quantity() -> None:
     assert {f"{phase}_fraction" for phase in PHASES} <= set(live_quantities())
     # Presence is not a condition quantity: one false rock-salt tile would end a hold on noise.
     assert not {f"{phase}_presence" for phase in PHASES} & set(live_quantities())
+
+
+def _aspect_ratio(sum_: LmSum) -> Measured:
+    """Longest over shortest principal axis of the segmented particle (a new LM quantity)."""
+    mask = sum_.segmentation.particle
+    if mask is None:
+        return Measured({"aspect_ratio": None}, {"aspect": "no particle"})
+    rows, cols = np.nonzero(mask)
+    axes = np.linalg.eigvalsh(np.cov(np.stack([rows, cols]).astype(float)))
+    return Measured({"aspect_ratio": float(np.sqrt(axes[-1] / axes[0]))})
+
+
+def test_a_registered_measurement_fills_its_quantity_in_every_result(
+    declared: Quantity, tmp_path: Path
+) -> None:
+    """Declaration + one registered function, no pipeline edit: the value is in each LM
+    result after the built-in keys, and in the run file; unregistered, it is gone."""
+    optics = Optics()
+    optics.set_mode("lm")
+    frame, _ = FrameRenderer((1024, 1024), seed=2).render(
+        Scene.capture(cell(x=0.0), optics), 0.025, 0
+    )
+    measures("lm", declared)(_aspect_ratio)
+    try:
+        analyzer = FrameAnalyzer()
+        results = [analyzer.analyze(frame, t, "lm", 1.0) for t in (0.0, 1.0)]
+        hrtem = analyzer.analyze(frame, 2.0, "hrtem", 0.06)
+    finally:
+        unregister(_aspect_ratio)
+    for values in results:
+        assert list(values)[-1] == "aspect_ratio"
+        assert values["aspect_ratio"] == pytest.approx(1.0, abs=0.05)  # the sim's round particle
+        assert values["projected_area_m2"] is not None  # the built-in measurements still run
+    assert "aspect_ratio" not in hrtem  # registered for LM sums only
+    path = tmp_path / "run.h5"
+    _write_values(path, [(1.0, results[0]), (2.0, results[1])])
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["/entry/analysis/aspect/value"][:], [
+            results[0]["aspect_ratio"], results[1]["aspect_ratio"]])  # fmt: skip
+    assert "aspect_ratio" not in FrameAnalyzer().analyze(frame, 0.0, "lm", 1.0)
