@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from test_daemon_e2e import LiveStation
 
+from insitu_daq.control.conditions import persistence_s
+
 UNTIL_EXPANSION = """
 name: until_expansion
 description: LM reference at 0 V, +4.3 V until the particle has grown 10 %, a look in HRTEM
@@ -25,7 +27,7 @@ steps:
   - bias: {volts: 4.3, rate_volts_per_s: 1.0}
   - hold: {duration_s: 100, until: "expansion >= 0.1"}
   - microscope: {mode: hrtem}
-  - wait: {duration_s: 8}
+  - wait: {duration_s: 20}
   - bias: 0
   - acquire: stop
 """
@@ -63,12 +65,13 @@ def test_hold_ends_on_measured_expansion_and_the_run_file_has_the_analysis(
         before = measured & (t_exp < bias_start)
         assert before.sum() >= 3 and np.all(np.abs(expansion[before]) < 0.02)
         assert np.nanmax(expansion) >= 0.1
-        # The hold ended on the measurement: soon after the first frame measured >= 10 %
-        # (the result's way to the daemon and the runner's condition poll; < 0.5 s of wall
-        # time, which is 10 s of this run's 20x clock).
+        # The hold ended on the measurement (the "met" event, not its 100 s timeout), by event
+        # time: no earlier than the first frame measured >= 10 % plus the condition's
+        # persistence. How soon after that is wall-clock latency, which depends on the machine's
+        # load: bench/bench_closed_loop_load.py measures it, a test does not.
         crossing = t_exp[measured & (expansion >= 0.1)][0]
         hold_end = f["/entry/events/time"][:][messages.index(ended[0])]
-        assert 0 <= hold_end - crossing < 0.5 * live.time_scale
+        assert hold_end - crossing >= persistence_s("expansion")
 
         # HRTEM after the hold: (003) at 4.8 A within 1 %, on the run clock after the switch.
         t_d = process["d_spacing/lno_003/time"][:]
