@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..model import NanobatteryModel
 from ..scpi import (
@@ -139,8 +139,10 @@ class SourceMeterSimulator:
     FIRMWARE: ClassVar[str]
     DEFAULT_SERIAL: ClassVar[str]
     DEVICE_ERRORS: ClassVar[dict[int, str]] = {}
+    SETTINGS: ClassVar[type[SourceSettings]]  # the dialect's settings, as *RST leaves them
 
     def __init__(self, station: SimStation, serial_number: str | None = None) -> None:
+        self._last_reading: Any = None  # the dialect's last reading (:FETCh? returns it)
         self._station = station
         self.serial_number = serial_number or self.DEFAULT_SERIAL
         self._lock = threading.Lock()  # one message at a time, as the instrument does
@@ -156,7 +158,7 @@ class SourceMeterSimulator:
 
     # ----- the dialect -------------------------------------------------------------------------
     def _default_settings(self) -> SourceSettings:
-        raise NotImplementedError
+        return self.SETTINGS()
 
     def _build_tree(self) -> CommandTree:
         raise NotImplementedError
@@ -244,6 +246,7 @@ class SourceMeterSimulator:
 
     def reset(self) -> None:
         """*RST: output off, every setting to its default; the error queue is kept."""
+        self._last_reading = None
         self.settings = self._default_settings()
         self._apply_source()
         log.info("sourcemeter: reset")

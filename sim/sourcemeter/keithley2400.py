@@ -34,7 +34,6 @@ from ..scpi import (
     parse_string,
     split_outside_quotes,
 )
-from ..station import SimStation
 from .common import (
     NOT_MEASURED,
     OVER_RANGE,
@@ -129,18 +128,9 @@ class Keithley2400Simulator(SourceMeterSimulator):
     FIRMWARE = FIRMWARE
     DEFAULT_SERIAL = DEFAULT_SERIAL
     DEVICE_ERRORS = DEVICE_ERRORS
+    SETTINGS = Settings
     settings: Settings
-
-    def __init__(self, station: SimStation, serial_number: str | None = None) -> None:
-        self._last_reading: Reading | None = None
-        super().__init__(station, serial_number)
-
-    def _default_settings(self) -> Settings:
-        return Settings()
-
-    def reset(self) -> None:
-        self._last_reading = None
-        super().reset()
+    _last_reading: Reading | None
 
     # ----- readings ----------------------------------------------------------------------------
     def _conversions(self) -> int:

@@ -32,7 +32,6 @@ from ..scpi import (
     parse_string,
     split_outside_quotes,
 )
-from ..station import SimStation
 from .common import OVERFLOW, Sample, SourceMeterSimulator, SourceSettings
 
 DEFAULT_SERIAL = "04412345"
@@ -84,18 +83,9 @@ class Keithley2450Simulator(SourceMeterSimulator):
     MODEL = MODEL
     FIRMWARE = FIRMWARE
     DEFAULT_SERIAL = DEFAULT_SERIAL
+    SETTINGS = Settings
     settings: Settings
-
-    def __init__(self, station: SimStation, serial_number: str | None = None) -> None:
-        self._last_reading: Reading | None = None
-        super().__init__(station, serial_number)
-
-    def _default_settings(self) -> Settings:
-        return Settings()
-
-    def reset(self) -> None:
-        self._last_reading = None
-        super().reset()
+    _last_reading: Reading | None
 
     # ----- readings ----------------------------------------------------------------------------
     def _measure(self) -> Reading:
