@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -228,6 +229,16 @@ def _add_simple(sub: argparse._SubParsersAction, name: str, help_text: str, **ar
     p.set_defaults(func=_cmd_simple, command_name=name)
 
 
+def _login_name() -> str:
+    """Who typed the command, recorded with a control (getpass reads $LOGNAME, $USER...)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        return f"uid {os.getuid()}"
+
+
 def _cmd_simple(args: argparse.Namespace) -> int:
     import json
 
@@ -236,6 +247,8 @@ def _cmd_simple(args: argparse.Namespace) -> int:
         fields["text"] = " ".join(args.text)
     if args.command_name in ("pause", "abort") and args.reason:
         fields["reason"] = args.reason
+    if args.command_name in ("pause", "resume", "abort", "mark"):
+        fields["operator"] = _login_name()
     reply = _request(args, args.command_name, **fields)
     reply.pop("ok", None)
     if args.command_name == "status":

@@ -120,6 +120,11 @@ class Progress:
         return data
 
 
+def _by(operator: str | None, data: dict[str, Any]) -> dict[str, Any]:
+    """An event's data with who asked for it, when someone did."""
+    return data if operator is None else {**data, "operator": operator}
+
+
 @dataclass(frozen=True)
 class _BiasTarget:
     volts: float
@@ -226,8 +231,9 @@ class ProtocolRunner:
                     f"{where}: {exc.field}: {exc}", number, step.kind, exc.field
                 ) from None
 
-    def pause(self, reason: str = "paused") -> bool:
-        """Pause the run (from any thread); False if nothing is running."""
+    def pause(self, reason: str = "paused", operator: str | None = None) -> bool:
+        """Pause the run (from any thread); False if nothing is running. `operator`: who
+        asked, recorded in the event."""
         with self._cond:
             if self._state is not RunState.RUNNING:
                 return False
@@ -238,11 +244,13 @@ class ProtocolRunner:
             self._stop.set()
             self._cond.notify_all()
         self._emit_quietly(
-            EventKind.STATE, f"paused: {reason}", {"state": "paused", "reason": reason}
+            EventKind.STATE,
+            f"paused: {reason}",
+            _by(operator, {"state": "paused", "reason": reason}),
         )
         return True
 
-    def resume(self) -> bool:
+    def resume(self, operator: str | None = None) -> bool:
         """Resume a paused run; False if it is not paused."""
         with self._cond:
             if self._state is not RunState.PAUSED:
@@ -251,12 +259,12 @@ class ProtocolRunner:
             self._reason = None
             self._stop = threading.Event()  # the old one stays set for the interrupted verb
             self._cond.notify_all()
-        self._emit_quietly(EventKind.STATE, "resumed", {"state": "running"})
+        self._emit_quietly(EventKind.STATE, "resumed", _by(operator, {"state": "running"}))
         return True
 
-    def abort(self, reason: str = "aborted") -> bool:
+    def abort(self, reason: str = "aborted", operator: str | None = None) -> bool:
         """Abort the run (from any thread); returns at once, `wait()` for the end."""
-        return self._abort(reason, RunState.ABORTED)
+        return self._abort(reason, RunState.ABORTED, operator)
 
     def fail(self, reason: str) -> bool:
         """Abort the run because something outside it failed (from any thread): as `abort`,
@@ -264,7 +272,7 @@ class ProtocolRunner:
         already aborting (the first reason stands)."""
         return self._abort(reason, RunState.FAILED)
 
-    def _abort(self, reason: str, final: RunState) -> bool:
+    def _abort(self, reason: str, final: RunState, operator: str | None = None) -> bool:
         with self._cond:
             if self._state not in (RunState.RUNNING, RunState.PAUSED):
                 return False
@@ -277,7 +285,7 @@ class ProtocolRunner:
         self._emit_quietly(
             EventKind.STATE,
             f"aborting: {reason}",
-            {"state": "aborting", "reason": reason, "ends": final.value},
+            _by(operator, {"state": "aborting", "reason": reason, "ends": final.value}),
         )
         return True
 

@@ -252,6 +252,87 @@ def _table_of(reflections: tuple[ReflectionConfig, ...]) -> ReflectionTable:
     return ReflectionTable.from_records(r.model_dump(exclude_none=True) for r in reflections)
 
 
+WEB_ROLES = ("operator", "viewer")
+
+
+class WebUser(_Section):
+    """A person who may log in to the web view (docs/WEB.md): a password (kept as an scrypt
+    hash, `insitu-daq web --hash-password`) or a token (kept as its SHA-256), or both."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")]
+    role: str = "viewer"
+    password: str | None = None  # "scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>"
+    token: str | None = None  # "sha256$<hex>"
+
+    @field_validator("role")
+    @classmethod
+    def _role_known(cls, role: str) -> str:
+        if role not in WEB_ROLES:
+            raise ValueError(f"unknown role {role!r}; known: {', '.join(WEB_ROLES)}")
+        return role
+
+    @field_validator("password")
+    @classmethod
+    def _password_hashed(cls, password: str | None) -> str | None:
+        # A plain password in a config file is refused: the file is read by many.
+        if password is not None:
+            parts = password.split("$")
+            if len(parts) != 6 or parts[0] != "scrypt" or not all(parts[1:4]):
+                raise ValueError(
+                    "not an scrypt hash: make one with `insitu-daq web --hash-password`"
+                )
+        return password
+
+    @field_validator("token")
+    @classmethod
+    def _token_hashed(cls, token: str | None) -> str | None:
+        if token is not None:
+            kind, _, digest = token.partition("$")
+            if kind != "sha256" or len(digest) != 64:
+                raise ValueError(
+                    "not a sha256 token hash: make one with `insitu-daq web --new-token`"
+                )
+        return token
+
+    @model_validator(mode="after")
+    def _has_credential(self) -> WebUser:
+        if self.password is None and self.token is None:
+            raise ValueError(f"user {self.name!r} has neither password nor token")
+        return self
+
+
+class WebConfig(_Section):
+    """The web live view (`insitu-daq web`, docs/WEB.md)."""
+
+    bind: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    # The analysis process sends its previews here; the web process binds it.
+    preview_endpoint: str = "tcp://127.0.0.1:5590"
+    preview_rate_hz: Annotated[float, Field(gt=0, le=20)] = 4.0
+    public_view: bool = True  # anyone who reaches the page may watch; False: viewers log in
+    behind_proxy: bool = False  # served through a TLS-terminating reverse proxy (deploy/)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    users: tuple[WebUser, ...] = ()
+
+    @model_validator(mode="after")
+    def _safe_off_loopback(self) -> WebConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise ValueError(f"{missing}: tls_cert and tls_key go together")
+        local = is_loopback(f"tcp://{self.bind}:{self.port}")
+        if not local and self.tls_cert is None and not self.behind_proxy:
+            raise ValueError(
+                f"bind={self.bind!r} is not loopback: set tls_cert and tls_key, or "
+                "behind_proxy = true for a TLS-terminating proxy (deploy/README.md)"
+            )
+        names = [user.name for user in self.users]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"users: {name!r} is listed twice")
+        return self
+
+
 class StationConfig(_Section):
     name: str = "station"
     data_dir: Path = Path("runs")
@@ -269,6 +350,7 @@ class StationConfig(_Section):
     api: ApiConfig = ApiConfig()
     sample: SampleConfig = SampleConfig()
     analysis: AnalysisConfig = AnalysisConfig()
+    web: WebConfig = WebConfig()
 
     @field_validator("lock_dir")
     @classmethod

@@ -653,11 +653,11 @@ class Daemon:
             raise ValueError(str(exc)) from None
         return {"run_id": run.run_id, "run_file": str(run.path)}
 
-    def handle_pause(self, reason: str | None) -> dict[str, Any]:
-        self.runner.pause(reason or "paused by operator")
+    def handle_pause(self, reason: str | None, operator: str | None = None) -> dict[str, Any]:
+        self.runner.pause(reason or "paused by operator", operator)
         return {}
 
-    def handle_resume(self) -> dict[str, Any]:
+    def handle_resume(self, operator: str | None = None) -> dict[str, Any]:
         run = self._run
         if (
             run is not None
@@ -680,13 +680,13 @@ class Daemon:
                 raise RuntimeError(f"not resumed: {exc}") from None
             log.warning("recording again after: %s", run.recording_failure)
             run.recording_failure = self._last_recording_failure = None
-        self.runner.resume()
+        self.runner.resume(operator)
         return {}
 
-    def handle_abort(self, reason: str | None) -> dict[str, Any]:
-        self.runner.abort(reason or "aborted by operator")
+    def handle_abort(self, reason: str | None, operator: str | None = None) -> dict[str, Any]:
+        self.runner.abort(reason or "aborted by operator", operator)
         return {}
 
-    def handle_mark(self, text: str) -> dict[str, Any]:
-        self.event(EventKind.MARK, text)
+    def handle_mark(self, text: str, operator: str | None = None) -> dict[str, Any]:
+        self.event(EventKind.MARK, text, None if operator is None else {"operator": operator})
         return {}

@@ -316,6 +316,21 @@ def test_progress_describes_the_running_step(
 
 
 # ----- pause and resume ------------------------------------------------------------------------
+def test_pause_resume_and_abort_record_who_asked(
+    station: RecordingStation, make_runner: Callable[..., ProtocolRunner]
+) -> None:
+    runner = make_runner()
+    runner.start(biased_hold(600.0))
+    wait_for(in_hold(runner, after_s=1.0))
+    assert runner.pause("refocus", operator="alice")
+    assert runner.resume(operator="bob")
+    assert runner.abort("drifted", operator="alice")
+    assert runner.wait(5.0)
+    states = [c.args[2] for c in station.events(EventKind.STATE)]
+    asked = [(d["state"], d.get("operator")) for d in states if d.get("operator")]
+    assert asked == [("paused", "alice"), ("running", "bob"), ("aborting", "alice")]
+
+
 def test_pause_freezes_the_hold_timer_and_resume_continues(
     station: RecordingStation, make_runner: Callable[..., ProtocolRunner]
 ) -> None:

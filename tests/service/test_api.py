@@ -63,17 +63,22 @@ class RecordingHandler:
     def handle_run(self, protocol_text: str, fmt: str, name: str | None) -> dict[str, Any]:
         return self._call("run", protocol_text=protocol_text, fmt=fmt, name=name)
 
-    def handle_pause(self, reason: str | None) -> dict[str, Any]:
-        return self._call("pause", reason=reason)
+    def handle_pause(self, reason: str | None, operator: str | None) -> dict[str, Any]:
+        return self._call("pause", reason=reason, **_who(operator))
 
-    def handle_resume(self) -> dict[str, Any]:
-        return self._call("resume")
+    def handle_resume(self, operator: str | None) -> dict[str, Any]:
+        return self._call("resume", **_who(operator))
 
-    def handle_abort(self, reason: str | None) -> dict[str, Any]:
-        return self._call("abort", reason=reason)
+    def handle_abort(self, reason: str | None, operator: str | None) -> dict[str, Any]:
+        return self._call("abort", reason=reason, **_who(operator))
 
-    def handle_mark(self, text: str) -> dict[str, Any]:
-        return self._call("mark", text=text)
+    def handle_mark(self, text: str, operator: str | None) -> dict[str, Any]:
+        return self._call("mark", text=text, **_who(operator))
+
+
+def _who(operator: str | None) -> dict[str, str]:
+    """The operator as a recorded call field, when a request named one."""
+    return {} if operator is None else {"operator": operator}
 
 
 @pytest.fixture
@@ -130,6 +135,18 @@ def raw_request(endpoint: str, frames: list[bytes]) -> dict[str, Any]:
         ("resume", {}, ("resume", {})),
         ("abort", {"reason": "particle drifted"}, ("abort", {"reason": "particle drifted"})),
         ("mark", {"text": "first rock-salt spots"}, ("mark", {"text": "first rock-salt spots"})),
+        # Who asked reaches the handler (the daemon records it in the event).
+        (
+            "abort",
+            {"reason": "drift", "operator": "alice"},
+            ("abort", {"reason": "drift", "operator": "alice"}),
+        ),
+        ("resume", {"operator": "bob"}, ("resume", {"operator": "bob"})),
+        (
+            "mark",
+            {"text": "spots", "operator": "alice"},
+            ("mark", {"text": "spots", "operator": "alice"}),
+        ),
     ],
 )
 def test_every_command_reaches_the_handler_validated(

@@ -25,6 +25,9 @@ class RequestError(ValueError):
 
 
 Text = Annotated[str, Field(min_length=1, max_length=2000)]
+# Who asked (a control that changes the run is recorded with it): the web view's logged-in
+# user, the command line's login name. Optional: a script may not say.
+Operator = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class ControlHandler(Protocol):
@@ -39,13 +42,13 @@ class ControlHandler(Protocol):
 
     def handle_run(self, protocol_text: str, fmt: str, name: str | None) -> dict[str, Any]: ...
 
-    def handle_pause(self, reason: str | None) -> dict[str, Any]: ...
+    def handle_pause(self, reason: str | None, operator: str | None) -> dict[str, Any]: ...
 
-    def handle_resume(self) -> dict[str, Any]: ...
+    def handle_resume(self, operator: str | None) -> dict[str, Any]: ...
 
-    def handle_abort(self, reason: str | None) -> dict[str, Any]: ...
+    def handle_abort(self, reason: str | None, operator: str | None) -> dict[str, Any]: ...
 
-    def handle_mark(self, text: str) -> dict[str, Any]: ...
+    def handle_mark(self, text: str, operator: str | None) -> dict[str, Any]: ...
 
 
 class _Request(BaseModel):
@@ -84,32 +87,36 @@ class RunRequest(_Request):
 class PauseRequest(_Request):
     cmd: Literal["pause"]
     reason: Text | None = None
+    operator: Operator | None = None
 
     def apply(self, handler: ControlHandler) -> Mapping[str, Any]:
-        return handler.handle_pause(reason=self.reason)
+        return handler.handle_pause(reason=self.reason, operator=self.operator)
 
 
 class ResumeRequest(_Request):
     cmd: Literal["resume"]
+    operator: Operator | None = None
 
     def apply(self, handler: ControlHandler) -> Mapping[str, Any]:
-        return handler.handle_resume()
+        return handler.handle_resume(operator=self.operator)
 
 
 class AbortRequest(_Request):
     cmd: Literal["abort"]
     reason: Text | None = None
+    operator: Operator | None = None
 
     def apply(self, handler: ControlHandler) -> Mapping[str, Any]:
-        return handler.handle_abort(reason=self.reason)
+        return handler.handle_abort(reason=self.reason, operator=self.operator)
 
 
 class MarkRequest(_Request):
     cmd: Literal["mark"]
     text: Text
+    operator: Operator | None = None
 
     def apply(self, handler: ControlHandler) -> Mapping[str, Any]:
-        return handler.handle_mark(text=self.text)
+        return handler.handle_mark(text=self.text, operator=self.operator)
 
 
 ControlRequest = Annotated[
