@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .front import DEFAULT_FRONT, FrontSettings, measure_front
-from .measurement import MODES, HrtemSum, LmSum, registered
+from .measurement import MODES, HrtemSum, LmSum, SumContext, registered
 from .morphology import DEFAULT_SEGMENTATION, SegmentationSettings, measure_particle, segment
 from .phasemap import DEFAULT_PHASE_MAP_SETTINGS, PhaseMapSettings, phase_map
 from .reflections import DEFAULT_REFLECTIONS, ReflectionTable
@@ -211,6 +211,7 @@ class FrameAnalyzer:
         self._front: collections.deque[tuple[float, float | None]] = collections.deque()
         self.last_integrated_frames = 0
         self.last_reasons: dict[str, str] = {}  # why a quantity was None, for the log
+        self.last_sum: SumContext | None = None  # what the last `measure` measured
 
     # ----- inputs besides frames -------------------------------------------------------------
     def bias_started(self, time_s: float) -> None:
@@ -262,6 +263,7 @@ class FrameAnalyzer:
             if mode == "hrtem"
             else self._lm(summed, time_s, pixel_nm)
         )
+        self.last_sum = sum_
         values: dict[str, float | None] = {}
         for measurement in registered(mode, MEASURING_MODULES):
             measured = measurement.compute(sum_)

@@ -306,7 +306,7 @@ class WebConfig(_Section):
 
     bind: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
-    # The analysis process sends its previews here; the web process binds it.
+    # The analysis process binds it and publishes its previews; the web process connects.
     preview_endpoint: str = "tcp://127.0.0.1:5590"
     preview_rate_hz: Annotated[float, Field(gt=0, le=20)] = 4.0
     public_view: bool = True  # anyone who reaches the page may watch; False: viewers log in

@@ -18,6 +18,7 @@ import zmq
 from insitu_daq.analysis.pipeline import PipelineSettings
 from insitu_daq.core.imaging import ImagingState
 from insitu_daq.core.worker import WorkerHandle
+from insitu_daq.live.preview import PreviewTarget
 from insitu_daq.live.process import _child_main
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,10 @@ class LiveAnalysis(WorkerHandle):
         on_result: Callable[[dict[str, Any]], None],
         start_timeout_s: float = 30.0,
         max_rate_hz: float | None = None,
+        preview: PreviewTarget | None = None,
     ) -> None:
         super().__init__(start_timeout_s)
+        self.preview = preview
         self.settings = settings
         self.on_result = on_result
         self.max_rate_hz = max_rate_hz
@@ -79,6 +82,7 @@ class LiveAnalysis(WorkerHandle):
                 parent_pid,
                 log_level,
                 self.max_rate_hz,
+                self.preview,
             ),
         )
 

@@ -59,6 +59,7 @@ from insitu_daq.core.imaging import ImagingState, ImagingTimeline, Verdict
 from insitu_daq.core.worker import start_worker_process
 from insitu_daq.drivers.stream2 import MalformedMessage
 from insitu_daq.live.frames import FrameHeaderError, decode_frame, parse_header
+from insitu_daq.live.preview import PreviewPublisher, PreviewTarget
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class AnalysisProcess:
         results_endpoint: str,
         parent_pid: int,
         max_rate_hz: float | None = None,
+        preview: PreviewTarget | None = None,
     ) -> None:
         self.analyzer = FrameAnalyzer(settings)
         self.parent_pid = parent_pid
@@ -141,6 +143,7 @@ class AnalysisProcess:
         self.results.setsockopt(zmq.LINGER, 1000)
         self.results.setsockopt(zmq.SNDHWM, 1000)
         self.results.connect(results_endpoint)
+        self.previews = None if preview is None else PreviewPublisher(self._context, preview)
 
     def run(self) -> None:
         self._send({"kind": "ready", "pid": os.getpid()})
@@ -353,6 +356,19 @@ class AnalysisProcess:
         )
         self._skipped_since_result = 0
         self._settling_since_result = 0
+        self._offer_preview(header)
+
+    def _offer_preview(self, header: dict[str, Any]) -> None:
+        """The result's sum to the web view, if one is due (live/preview.py). A preview that
+        fails is logged and counted; the analysis goes on."""
+        sum_ = self.analyzer.last_sum
+        if self.previews is None or sum_ is None:
+            return
+        try:
+            self.previews.offer(sum_, header, self.analyzer.last_integrated_frames)
+        except Exception:
+            self.counters["errors"] += 1
+            log.exception("preview of frame %s failed", header.get("image_id"))
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -369,13 +385,15 @@ def _child_main(
     parent_pid: int,
     log_level: int,
     max_rate_hz: float | None = None,
+    preview: PreviewTarget | None = None,
 ) -> None:
     """Entry point of the spawned analysis process."""
     start_worker_process("analysis", log_level)
     _lower_priority()
     process = AnalysisProcess(
-        settings, frame_endpoint, control_endpoint, results_endpoint, parent_pid, max_rate_hz
-    )
+        settings, frame_endpoint, control_endpoint, results_endpoint, parent_pid, max_rate_hz,
+        preview,
+    )  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: process.stop())
     process.run()
 

@@ -66,6 +66,7 @@ from insitu_daq.core.stationlock import (
 )
 from insitu_daq.ingest import IngestClient, IngestError
 from insitu_daq.live.client import AnalysisError, LiveAnalysis
+from insitu_daq.live.preview import PreviewTarget
 from insitu_daq.runfile.writer import RunMetadata
 from insitu_daq.service.api.events import EventPublisher
 from insitu_daq.service.api.server import ControlServer
@@ -163,6 +164,7 @@ class Daemon:
                 self._analysis_settings,
                 on_result=self._on_analysis,
                 max_rate_hz=config.analysis.max_rate_hz,
+                preview=PreviewTarget(config.web.preview_endpoint, config.web.preview_rate_hz),
             )
         self.imaging = ImagingAnnouncer([] if self.analysis is None else [self.analysis])
         self.ingest = IngestClient(
