@@ -132,6 +132,61 @@ def _add_daemon(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_daemon)
 
 
+def _add_web(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("web", help="serve the live view and past runs as a web page (docs/WEB.md)")
+    p.add_argument("--config", help="station TOML: its [web], [api] and data_dir")
+    p.add_argument("--port", type=int, help="listen here instead of [web] port")
+    tools = p.add_mutually_exclusive_group()
+    tools.add_argument(
+        "--hash-password", action="store_true",
+        help="read a password (twice) and print its hash for a [[web.users]] entry",
+    )  # fmt: skip
+    tools.add_argument(
+        "--new-token", action="store_true",
+        help="print a new token (give it to its holder) and its hash (put it in the config)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_web)
+
+
+def _cmd_web(args: argparse.Namespace) -> int:
+    from insitu_daq.core.config import load_config
+
+    if args.hash_password:
+        return _print_password_hash()
+    if args.new_token:
+        from insitu_daq.web.auth import new_token
+
+        token, hashed = new_token()
+        print(f"token (give it to its holder; not kept anywhere): {token}")
+        print(f'config: token = "{hashed}"')
+        return 0
+    if args.config is None:
+        raise SystemExit("insitu-daq web: --config is required to serve")
+    from insitu_daq.web.server import serve
+
+    config = load_config(args.config)
+    if args.port is not None:
+        config = config.model_copy(
+            update={"web": config.web.model_copy(update={"port": args.port})}
+        )
+    # uvicorn ends on SIGINT and SIGTERM by itself, closing the viewers' sockets.
+    serve(config, announce=lambda line: print(line, flush=True))
+    return 0
+
+
+def _print_password_hash() -> int:
+    import getpass
+
+    from insitu_daq.web.auth import hash_password
+
+    first = getpass.getpass("password: ")
+    if not first or first != getpass.getpass("again: "):
+        print("the two differ (or are empty); nothing printed", file=sys.stderr)
+        return 1
+    print(f'password = "{hash_password(first)}"')
+    return 0
+
+
 def _cmd_daemon(args: argparse.Namespace) -> int:
     from insitu_daq.core.config import load_config
     from insitu_daq.service.daemon import Daemon
@@ -314,6 +369,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-figure", action="store_true", help="do not draw the report figure")
     p.add_argument(
+        "--web", action="store_true",
+        help="keep the web view up after the run, to look at the finished run (Ctrl-C ends it)",
+    )  # fmt: skip
+    p.add_argument(
         "--source-meter",
         default=DEFAULT_SOURCE_METER,
         metavar="MODEL",
@@ -336,6 +395,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         figure=not args.no_figure,
         source_meter_model=args.source_meter,
+        web=args.web,
     )
 
 
@@ -349,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sim(sub)
     _add_daemon(sub)
+    _add_web(sub)
     _add_run(sub)
     _add_simple(sub, "status", "show the daemon's state")
     _add_simple(sub, "pause", "pause the running protocol", **{"--reason": {}})

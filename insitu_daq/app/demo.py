@@ -38,6 +38,7 @@ import h5py
 
 from insitu_daq.app.children import (
     EXIT_GRACE_S,
+    ChildExitedError,
     ChildProcess,
     check_children,
     child_process,
@@ -65,7 +66,9 @@ TRUTH_POLL_RUN_S = 0.5
 MIN_TRUTH_POLL_S, MAX_TRUTH_POLL_S = 0.02, 0.25
 DEMO_FILES_DIR = "demo"  # in the data dir: station.toml and the two logs
 SIM_LOG, DAEMON_LOG = "sim.log", "daemon.log"
-SIM_READY_TEXT = "simulated station running"  # `insitu-daq sim` prints it once it serves
+SIM_READY_TEXT = "simulated station running"
+WEB_READY_TEXT = "insitu-daq web:"  # the web view prints its address once it serves
+WEB_LOG = "web.log"  # `insitu-daq sim` prints it once it serves
 
 
 def free_ports(n: int) -> list[int]:
@@ -191,6 +194,9 @@ port = {ports["microscope"]}
 control = "tcp://127.0.0.1:{ports["control"]}"
 events = "tcp://127.0.0.1:{ports["events"]}"
 metrics_port = {ports["metrics"]}
+[web]
+port = {ports["web"]}
+preview_endpoint = "tcp://127.0.0.1:{ports["preview"]}"
 [analysis]
 # The simulated camera's 40 frames/s: at a time scale of {time_scale:g} a run second has
 # {time_scale:g}x fewer frames, so analyse every one (a real station keeps the default cap).
@@ -231,19 +237,25 @@ def run_demo(
     protocol: str = DEFAULT_PROTOCOL,
     figure: bool = True,
     source_meter_model: str = DEFAULT_SOURCE_METER,
+    web: bool = False,
 ) -> int:
+    """The reference experiment on the simulated station, watched on the web view's page;
+    with `web`, the page stays up after the run until Ctrl-C."""
     from insitu_daq.app.progress import follow_run
     from insitu_daq.service.api import ControlClient
 
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    names = ["source_meter", "holder", "microscope", "camera", "control", "events", "metrics"]
+    names = [
+        "source_meter", "holder", "microscope", "camera", "control", "events", "metrics", "web",
+        "preview",
+    ]  # fmt: skip
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     # The station config and the two processes' logs, kept for the user (replaced by the next
     # demo in this data dir): a child that dies is reported with the end of its log.
     files = data_dir / DEMO_FILES_DIR
     files.mkdir(exist_ok=True)
-    for stale in (SIM_LOG, DAEMON_LOG):
+    for stale in (SIM_LOG, DAEMON_LOG, WEB_LOG):
         (files / stale).unlink(missing_ok=True)
     config = files / "station.toml"
     config.write_text(station_toml(ports, data_dir, time_scale, source_meter_model))
@@ -259,6 +271,7 @@ def run_demo(
     daemon_command = module_command(
         "insitu_daq", "daemon", "--config", str(config), "--time-scale", str(time_scale)
     )
+    web_command = module_command("insitu_daq", "web", "--config", str(config))
     print(f"insitu-daq demo: simulated station + daemon, time scale {time_scale:g}")
     with contextlib.ExitStack() as running:  # left in reverse: the daemon stops first
         sim = running.enter_context(
@@ -272,6 +285,14 @@ def run_demo(
         control = f"tcp://127.0.0.1:{ports['control']}"
         events = f"tcp://127.0.0.1:{ports['events']}"
         wait_for_daemon(control, daemon, [sim], timeout_s=60.0)
+        # The page is for watching: a web view that fails to start is reported, and the
+        # experiment goes on without it.
+        page = running.enter_context(child_process("web view", web_command, files / WEB_LOG))
+        try:
+            wait_for_output(page, WEB_READY_TEXT, timeout_s=30.0)
+            print(f"live view    http://127.0.0.1:{ports['web']}/")
+        except (RuntimeError, ChildExitedError) as exc:
+            print(f"no live view: {exc}")
         with ControlClient(control, timeout_s=10.0) as client:
             reply = client.request(
                 "run", protocol_text=reference_protocol(protocol), format="yaml",
@@ -299,4 +320,19 @@ def run_demo(
 
         drawn = draw_report_figure(run_file, run_file.with_suffix(".png"))
         print(f"\nfigure       {drawn.path}")
+    if web:
+        keep_page_up(web_command, files / WEB_LOG, ports["web"], run_file)
     return outcome
+
+
+def keep_page_up(command: list[str], log_path: Path, port: int, run_file: Path) -> None:
+    """The web view, serving the finished run (the station is down), until Ctrl-C."""
+    with child_process("web view", command, log_path) as page:
+        wait_for_output(page, WEB_READY_TEXT, timeout_s=30.0)
+        address = f"http://127.0.0.1:{port}/"
+        print(
+            f"\nweb view     {address}?run={run_file.stem}  (runs: {address}runs); Ctrl-C ends it"
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            while page.process.poll() is None:
+                time.sleep(0.5)

@@ -585,6 +585,10 @@ class Daemon:
             "run_id": run.run_id if run else None,
             "last_run_id": self._last_run_id,
             "run_file": str(run.path) if run else None,
+            # The daemon clock's reading at the run's start: the event stream's bias and event
+            # times are on the daemon clock, the run file's (and analysis results') on the
+            # run's, which is this much later.
+            "run_offset_s": run.offset_s if run else None,
             "recording_failure": run.recording_failure if run else self._last_recording_failure,
             "data_disk": self._data_disk_status(),
             "bias": {

@@ -1,0 +1,159 @@
+"""What flows into the live state: the daemon's event stream, and the analysis' previews.
+
+Each feed is one thread with its own ZeroMQ socket. Both reconnect by themselves (ZeroMQ
+does), so the web process may start before the daemon, and outlive or outwait a restart.
+
+The preview feed takes only the newest preview of each mode. It drains its socket before
+encoding, and a preview older than one already waiting is dropped (counted). So a slow PNG
+encode on a busy PC never makes the page fall behind the camera. Encoding runs here, once a
+preview, not once a viewer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import numpy as np
+import zmq
+
+from insitu_daq.core.config import StationConfig
+from insitu_daq.live.preview import TOPIC
+from insitu_daq.service.api.events import EventSubscriber
+from insitu_daq.web.images import (
+    PHASE_LEGEND,
+    encode_png,
+    frame_meta,
+    frame_png,
+    phase_overlay,
+    spectrum_png,
+)
+from insitu_daq.web.state import LiveState
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often a feed thread looks at its stop flag
+
+
+class EventFeed(threading.Thread):
+    """The daemon's event stream into the live state."""
+
+    def __init__(self, config: StationConfig, state: LiveState) -> None:
+        super().__init__(name="event feed", daemon=True)
+        self._config, self._state = config, state
+        self._stop_flag = threading.Event()
+
+    def run(self) -> None:
+        handlers = {
+            "status": self._state.on_status,
+            "bias": self._state.on_bias,
+            "analysis": self._state.on_analysis,
+            "event": self._state.on_event,
+        }
+        # On the daemon's PC, over loopback: the stream needs no CURVE keys there (core/config.py
+        # requires them only off loopback, where the web process is not meant to run).
+        with EventSubscriber(self._config.api.events) as subscriber:
+            while not self._stop_flag.is_set():
+                message = subscriber.receive(POLL_S)
+                if message is None:
+                    continue
+                topic, payload = message
+                try:
+                    handlers[topic](payload)
+                except Exception:  # one odd message must not end the page's feed
+                    self._state.counters["feed_errors"] += 1
+                    log.exception("event %s not shown", topic)
+
+    def stop(self) -> None:
+        self._stop_flag.set()
+
+
+class PreviewFeed(threading.Thread):
+    """The analysis process's previews (live/preview.py) into the live state, as PNGs."""
+
+    def __init__(self, config: StationConfig, state: LiveState) -> None:
+        super().__init__(name="preview feed", daemon=True)
+        self._endpoint = config.web.preview_endpoint
+        self._table = config.analysis.table()
+        self._state = state
+        self._stop_flag = threading.Event()
+        self.received = 0
+        self.dropped = 0  # older previews skipped for a newer one of the same mode
+        self.malformed = 0
+
+    def run(self) -> None:
+        context = zmq.Context()
+        socket = context.socket(zmq.SUB)
+        socket.setsockopt(zmq.RCVHWM, 4)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SUBSCRIBE, TOPIC)
+        socket.connect(self._endpoint)
+        try:
+            while not self._stop_flag.is_set():
+                if not socket.poll(int(POLL_S * 1000)):
+                    continue
+                newest: dict[str, list[zmq.Frame]] = {}
+                while socket.poll(0):  # drain: only the newest of each mode is shown
+                    parts = socket.recv_multipart(copy=False)
+                    self.received += 1
+                    mode = self._mode_of(parts)
+                    if mode is None:
+                        continue
+                    if mode in newest:
+                        self.dropped += 1
+                    newest[mode] = parts
+                for parts in newest.values():
+                    self._show(parts)
+        finally:
+            socket.close(linger=0)
+            context.term()
+
+    def stop(self) -> None:
+        self._stop_flag.set()
+
+    def _mode_of(self, parts: list[zmq.Frame]) -> str | None:
+        try:
+            meta = json.loads(parts[1].bytes)
+            mode = meta["mode"]
+            if mode not in ("hrtem", "lm"):
+                raise ValueError(f"mode {mode!r}")
+        except (IndexError, KeyError, TypeError, ValueError) as exc:
+            self.malformed += 1
+            log.warning("preview skipped: %s", exc)
+            return None
+        return str(mode)
+
+    def _show(self, parts: list[zmq.Frame]) -> None:
+        try:
+            meta = json.loads(parts[1].bytes)
+            image = np.frombuffer(parts[2].buffer, dtype=meta["dtype"]).reshape(meta["shape"])
+            image = image.copy()  # the frame's buffer goes back to ZeroMQ
+            pixel_nm = float(meta["pixel_nm"])
+        except (IndexError, KeyError, TypeError, ValueError) as exc:
+            self.malformed += 1
+            log.warning("preview skipped: %s", exc)
+            return
+        mode = meta["mode"]
+        common = {
+            key: meta.get(key) for key in ("time", "image_id", "received_ns", "integrated_frames")
+        }
+        png, shown = frame_png(image)
+        self._state.set_preview(
+            mode, {**common, **frame_meta(image, pixel_nm, shown)}, png, source=image
+        )
+        if mode != "hrtem":
+            return
+        spectrum, rings = spectrum_png(image, pixel_nm, self._table)
+        self._state.set_preview("fft", {**common, **rings}, spectrum)
+        mapped = meta.get("phase_map")
+        if mapped and len(parts) > 3:
+            labels = np.frombuffer(parts[3].buffer, np.uint8).reshape(mapped["shape"])
+            overlay = phase_overlay(
+                labels, int(mapped["tile_px"]), tuple(mapped["origin"]), image.shape, shown
+            )
+            self._state.set_preview(
+                "phase",
+                {**common, "time": mapped.get("time"), "legend": PHASE_LEGEND},
+                encode_png(overlay),
+            )
