@@ -279,9 +279,9 @@ class WebView:
             WebSocketRoute("/ws", self.websocket),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ]
-        return Starlette(
-            routes=routes, lifespan=lifespan, middleware=[Middleware(_SecurityHeaders)]
-        )
+        app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(_SecurityHeaders)])
+        app.state.view = self  # for tests and tools that hold the app
+        return app
 
 
 def _figure_of(path: Path) -> Path:

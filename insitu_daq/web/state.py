@@ -104,7 +104,7 @@ class SeriesBuffer:
                     self.columns[key] = [None] * n
             for key, column in self.columns.items():
                 column.append(row.get(key))
-        if len(self) > self.limit:
+        while len(self) > self.limit:
             half = len(self) // 2
             for key, column in self.columns.items():
                 self.columns[key] = column[:half:2] + column[half:]
@@ -121,7 +121,7 @@ class Preview:
     full_png: bytes | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # a viewer is itself, whatever it holds: hashable by identity
 class Viewer:
     """One connected page: what it has not been sent yet."""
 
