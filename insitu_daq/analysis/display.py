@@ -23,7 +23,10 @@ import math
 import numpy as np
 from scipy import fft, ndimage
 
+from .reflections import ReflectionTable
+
 SCALE_BAR_STEPS = (1, 2, 5)  # bar lengths: 1, 2, 5 x 10^n nm
+RING_MARGIN = 1.25  # a spectrum reaches this much beyond the widest tracked ring
 SPECTRUM_SMOOTHING_PX = 1.5  # Gaussian sigma on the binned power (displayed px)
 
 
@@ -100,6 +103,12 @@ def radial_background(log_power: np.ndarray) -> np.ndarray:
     sums = np.bincount(radius, weights=log_power.ravel())
     counts = np.bincount(radius)
     return (sums / np.maximum(counts, 1))[radius].reshape(log_power.shape)
+
+
+def spectrum_reach(table: ReflectionTable) -> float:
+    """The |q| (1/nm) a spectrum should show: RING_MARGIN beyond the tracked reflection of
+    smallest d."""
+    return RING_MARGIN * max(10.0 / reflection.d_angstrom for reflection in table)
 
 
 def ring_radius_fraction(d_angstrom: float, q_max_per_nm: float) -> float:

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from insitu_daq.analysis.display import (
+    ring_radius_fraction,
+    spectrum_image,
+    spectrum_reach,
+    stretch,
+)
 from insitu_daq.analysis.quantities import Quantity, registered
+from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS, ReflectionTable
 from insitu_daq.report.analysis import AnalysisRecord, Series, read_analysis
 from insitu_daq.report.events import HoldSpan, hold_span, imaging_modes, mode_at, read_events
 from insitu_daq.runfile import layout
@@ -70,6 +77,7 @@ class KeyFrame:
     mode: str | None
     image: np.ndarray  # float64 sum
     frames: int
+    pixel_nm: float | None = None  # specimen-plane sampling (None: not recorded)
 
 
 def _text(dataset: h5py.Dataset | None) -> str:
@@ -83,16 +91,6 @@ def _centre_crop(image: np.ndarray, edge: int) -> np.ndarray:
     rows, cols = image.shape
     top, left = max(0, (rows - edge) // 2), max(0, (cols - edge) // 2)
     return image[top : top + edge, left : left + edge]
-
-
-def power_spectrum(frame: np.ndarray) -> np.ndarray:
-    """log10 of the Hann-windowed FFT power, zero frequency centred (display only)."""
-    image = frame.astype(np.float32)
-    image -= image.mean()
-    rows, cols = image.shape
-    window = np.outer(np.hanning(rows), np.hanning(cols)).astype(np.float32)
-    power = np.abs(np.fft.fftshift(np.fft.fft2(image * window))) ** 2
-    return np.log10(power + 1e-12 + np.percentile(power, 1.0))
 
 
 def _key_frame_times(hold: HoldSpan | None, frame_time: np.ndarray) -> list[tuple[str, float]]:
@@ -172,8 +170,30 @@ def key_frames(
             log.warning("frame %d unreadable: %s", index, exc)
             continue
         mode = mode_at(changes, frame_time[index])
-        frames.append(KeyFrame(label, run[0], float(frame_time[index]), mode, image, len(run)))
+        pixel_nm = _pixel_nm(detector, index)
+        frames.append(
+            KeyFrame(label, run[0], float(frame_time[index]), mode, image, len(run), pixel_nm)
+        )
     return frames
+
+
+def _reflection_table(analysis: AnalysisRecord) -> ReflectionTable:
+    """The run's tracked reflections (its analysis parameters), else SCIENCE.md's table."""
+    records = analysis.parameters.get("reflections")
+    if isinstance(records, list) and records:
+        try:
+            return ReflectionTable.from_records(records)
+        except (TypeError, ValueError, KeyError) as exc:
+            log.warning("the run's reflection table is unusable (%s): the default is drawn", exc)
+    return DEFAULT_REFLECTIONS
+
+
+def _pixel_nm(detector: h5py.Group, index: int) -> float | None:
+    """A frame's specimen-plane pixel (nm), from its `pixel_size` column (runfile/frames.py)."""
+    if "pixel_size" not in detector or index >= len(detector["pixel_size"]):
+        return None
+    metres = float(detector["pixel_size"][index])
+    return metres * 1e9 if np.isfinite(metres) and metres > 0 else None
 
 
 # ----- drawing ---------------------------------------------------------------------------------
@@ -232,6 +252,7 @@ def draw_report_figure(run_file: str | Path, out: str | Path) -> DrawnFigure:
         changes = imaging_modes(events, initial)
         hold = hold_span(events)
         analysis = read_analysis(entry)
+        table = _reflection_table(analysis)
         t = read_column(f, layout.BIAS_VOLTAGE.time)  # (absent: no reading in the run)
         volts = read_column(f, layout.BIAS_VOLTAGE.column("value"))[: len(t)]
         amps = read_column(f, layout.CURRENT.column("value"))[: len(t)]
@@ -286,15 +307,35 @@ def draw_report_figure(run_file: str | Path, out: str | Path) -> DrawnFigure:
         )
         if crop.shape != frame.image.shape:
             image_ax.set_xlabel(f"centre {crop.shape[1]} x {crop.shape[0]} px", fontsize=8)
-        spectrum = power_spectrum(frame.image)
-        low, high = np.percentile(spectrum, (50.0, 99.95))
-        fft_ax.imshow(spectrum, cmap="magma", vmin=low, vmax=high)
-        fft_ax.set_title("FFT power (log), whole frame", fontsize=9)
+        _draw_spectrum(fft_ax, frame, table)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI, format="png")
     plt.close(fig)
     return DrawnFigure(out, panels, frames)
+
+
+def _draw_spectrum(ax: Axes, frame: KeyFrame, table: ReflectionTable) -> None:
+    """The frame's power spectrum over its background (analysis/display.py, as the web view
+    shows it), out to just beyond the tracked reflections, with their rings marked."""
+    from matplotlib.patches import Circle
+
+    if frame.pixel_nm is None:  # no q scale: the whole transform, as it is
+        spectrum, _ = spectrum_image(frame.image, 1.0, math.inf)
+        ax.imshow(stretch(spectrum, 1.0, 99.9), cmap="magma")
+        ax.set_title("FFT power over background (log)", fontsize=9)
+        return
+    spectrum, q_max = spectrum_image(frame.image, frame.pixel_nm, spectrum_reach(table))
+    half = spectrum.shape[0] / 2
+    ax.imshow(stretch(spectrum, 1.0, 99.9), cmap="magma")
+    for reflection in table:
+        radius = ring_radius_fraction(reflection.d_angstrom, q_max) * half
+        if radius < half:
+            ring = Circle((half, half), radius, fill=False, lw=0.6, ls=":", color="w", alpha=0.7)
+            ax.add_patch(ring)
+            ax.text(half + radius * 0.71, half - radius * 0.71, f"{reflection.d_angstrom:g}",
+                    color="w", fontsize=6, alpha=0.8)  # fmt: skip
+    ax.set_title(f"FFT power over background (log), |q| < {q_max:.1f}/nm; rings: d (A)", fontsize=8)
 
 
 def _draw_bias(ax: Axes, t: np.ndarray, volts: np.ndarray, amps: np.ndarray) -> bool:

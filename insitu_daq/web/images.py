@@ -17,13 +17,13 @@ from insitu_daq.analysis.display import (
     ring_radius_fraction,
     scale_bar,
     spectrum_image,
+    spectrum_reach,
     stretch,
 )
 from insitu_daq.analysis.phasemap import TileClass
 from insitu_daq.analysis.reflections import ReflectionTable
 
 MAX_SIDE = 512  # px a side of a preview as shown; `full=1` gives the frame's own size
-RING_MARGIN = 1.25  # the spectrum reaches this much beyond the widest tracked ring
 
 # The phase map's colours, as in matplotlib's tab10 (the report figure's phase lines).
 PHASE_COLOURS: dict[TileClass, tuple[int, int, int, int]] = {
@@ -63,16 +63,11 @@ def frame_meta(image: np.ndarray, pixel_nm: float, shown_shape: tuple[int, int])
     }
 
 
-def spectrum_q_max(table: ReflectionTable) -> float:
-    """The spectrum's reach (1/nm): RING_MARGIN beyond the tracked reflection of smallest d."""
-    return RING_MARGIN * max(10.0 / reflection.d_angstrom for reflection in table)
-
-
 def spectrum_png(
     image: np.ndarray, pixel_nm: float, table: ReflectionTable
 ) -> tuple[bytes, dict[str, Any]]:
     """(PNG of the HRTEM sum's power spectrum, meta: its q reach and the table's rings)."""
-    spectrum, q_max = spectrum_image(image, pixel_nm, spectrum_q_max(table), MAX_SIDE)
+    spectrum, q_max = spectrum_image(image, pixel_nm, spectrum_reach(table), MAX_SIDE)
     rings = [
         {
             "name": reflection.name,
