@@ -6,6 +6,7 @@ renamed metric from silently blanking a panel or disarming an alert.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -620,16 +621,201 @@ def test_unit_shares_the_station_locks_with_a_daemon_started_by_hand() -> None:
     assert load_config(DEPLOY / "station.example.toml").lock_dir is None  # the shared default
 
 
+# ----- the web view: its systemd unit and nginx ---------------------------------------------
+WEB_UNIT = parse_unit((DEPLOY / "insitu-daq-web.service").read_text())
+WEB_SERVICE = WEB_UNIT["Service"]
+WEB_ADDRESS = "127.0.0.1:8080"  # docs/WEB.md: [web] bind and port as the proxy expects them
+
+
+def one(section: dict[str, list[str]], key: str) -> str:
+    values = section.get(key, [])
+    assert len(values) == 1, f"{key}: {values}"
+    return values[0]
+
+
+def cli_commands() -> set[str]:
+    parser = build_parser()
+    return {
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    }
+
+
+def test_web_unit_runs_the_web_view_with_the_station_config() -> None:
+    command = shlex.split(one(WEB_SERVICE, "ExecStart"))
+    assert Path(command[0]).name == "insitu-daq"
+    assert command[0] == shlex.split(only("ExecStart"))[0], "the daemon's installation"
+    assert command[1:] == ["web", "--config", "/etc/insitu-daq/station.toml"]
+    if "web" in cli_commands():  # the CLI really accepts this command line
+        args = build_parser().parse_args(command[1:])
+        assert args.command == "web"
+        assert args.config == "/etc/insitu-daq/station.toml"
+    assert WEB_UNIT["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_web_unit_starts_after_the_daemon_and_never_stops_it() -> None:
+    unit = WEB_UNIT["Unit"]
+    assert "insitu-daq.service" in " ".join(unit.get("After", [])).split()
+    # docs/WEB.md: the web view can fail or be restarted during a run without touching it.
+    for key in ("Requires", "Requisite", "BindsTo", "PartOf"):
+        assert "insitu-daq.service" not in " ".join(unit.get(key, [])), key
+    assert one(WEB_SERVICE, "Restart") == "on-failure"
+
+
+def test_web_unit_has_network_and_read_access_only() -> None:
+    user = one(WEB_SERVICE, "User")
+    assert user not in ("root", only("User")), "its own user, not the daemon's"
+    groups = " ".join(WEB_SERVICE.get("SupplementaryGroups", [])).split()
+    assert "dialout" not in groups, "no instruments"
+    assert only("Group") in groups, "reads the run files and station config (group-readable)"
+    assert one(WEB_SERVICE, "NoNewPrivileges") == "yes"
+    assert one(WEB_SERVICE, "ProtectSystem") == "strict"  # the data folder read-only with it
+    assert one(WEB_SERVICE, "ProtectHome") == "yes"
+    assert one(WEB_SERVICE, "PrivateDevices") == "yes"
+    assert one(WEB_SERVICE, "CapabilityBoundingSet") == ""
+    assert "ReadWritePaths" not in WEB_SERVICE
+    assert "StateDirectory" not in WEB_SERVICE, "/var/lib/insitu-daq is the daemon's"
+    families = set(one(WEB_SERVICE, "RestrictAddressFamilies").split())
+    assert {"AF_INET", "AF_INET6", "AF_UNIX"} >= families >= {"AF_INET"}
+
+
+def parse_nginx(text: str) -> list[tuple[str, list[str], list[Any] | None]]:
+    """An nginx config as a tree of (directive, arguments, block or None); comments dropped,
+    quotes removed."""
+    token = re.compile(
+        r"""(#[^\n]*)|("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|([{};])|([^\s{};"'#]+)"""
+    )
+    stack: list[list[Any]] = [[]]
+    words: list[str] = []
+    for comment, quoted, punctuation, word in token.findall(text):
+        if comment:
+            continue
+        if quoted or word:
+            words.append(quoted[1:-1] if quoted else word)
+        elif punctuation == ";":
+            stack[-1].append((words[0], words[1:], None))
+            words = []
+        elif punctuation == "{":
+            block: list[Any] = []
+            stack[-1].append((words[0], words[1:], block))
+            stack.append(block)
+            words = []
+        else:
+            assert not words, f"directive without ';': {words}"
+            stack.pop()
+    assert len(stack) == 1 and not words, "unbalanced braces"
+    return stack[0]
+
+
+def directives(block: list[Any], name: str) -> list[list[str]]:
+    return [args for directive, args, _ in block if directive == name]
+
+
+def blocks(block: list[Any], name: str) -> list[tuple[list[str], list[Any]]]:
+    return [(args, inner) for directive, args, inner in block if directive == name and inner]
+
+
+def nginx_seconds(value: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h|d)?", value).groups()  # type: ignore[union-attr]
+    return int(number) * {"ms": 1e-3, None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def nginx_bytes(value: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kKmMgG]?)", value).groups()  # type: ignore[union-attr]
+    return int(number) * 1024 ** " kmg".index(unit.lower() or " ")
+
+
+NGINX = parse_nginx((DEPLOY / "nginx-insitu-daq-web.conf").read_text())
+NGINX_SERVERS = [inner for _, inner in blocks(NGINX, "server")]
+HTTPS_SERVERS = [s for s in NGINX_SERVERS if any("ssl" in a for a in directives(s, "listen"))]
+
+
+def location(server: list[Any], path: str) -> list[Any]:
+    found = [inner for args, inner in blocks(server, "location") if args[-1] == path]
+    assert len(found) == 1, f"location {path}: {len(found)} found"
+    return found[0]
+
+
+def test_nginx_serves_https_and_redirects_http_to_it() -> None:
+    assert len(HTTPS_SERVERS) == 1
+    (https,) = HTTPS_SERVERS
+    assert any(args[0].endswith("443") for args in directives(https, "listen"))
+    assert directives(https, "ssl_certificate") and directives(https, "ssl_certificate_key")
+    (protocols,) = directives(https, "ssl_protocols")
+    assert set(protocols) <= {"TLSv1.2", "TLSv1.3"}
+    plain = [s for s in NGINX_SERVERS if s not in HTTPS_SERVERS]
+    assert plain, "no HTTP server redirecting to HTTPS"
+    for server in plain:
+        assert any(args[0].endswith("80") for args in directives(server, "listen"))
+        assert [args[:1] for args in directives(server, "return")] in ([["301"]], [["308"]])
+        assert directives(server, "return")[0][1].startswith("https://")
+        assert not blocks(server, "location"), "plain HTTP serves nothing"
+
+
+def upstream_addresses(proxy_pass: str) -> list[str]:
+    name = re.fullmatch(r"http://([^/]+)/?", proxy_pass).group(1)  # type: ignore[union-attr]
+    upstreams = {args[0]: inner for args, inner in blocks(NGINX, "upstream")}
+    if name not in upstreams:
+        return [name]
+    return [args[0] for args in directives(upstreams[name], "server")]
+
+
+def test_nginx_proxies_the_page_and_the_websocket_to_the_web_view() -> None:
+    (https,) = HTTPS_SERVERS
+    proxied = [inner for _, inner in blocks(https, "location") if directives(inner, "proxy_pass")]
+    assert location(https, "/") in proxied and location(https, "/ws") in proxied
+    for loc in proxied:
+        (proxy_pass,) = directives(loc, "proxy_pass")
+        assert upstream_addresses(proxy_pass[0]) == [WEB_ADDRESS]
+        assert directives(loc, "proxy_http_version") == [["1.1"]]
+        # proxy_set_header is not inherited into a location that sets any: each sets all.
+        headers = {args[0].lower(): args[1] for args in directives(loc, "proxy_set_header")}
+        assert headers.get("x-forwarded-for") in ("$remote_addr", "$proxy_add_x_forwarded_for")
+        assert headers.get("x-forwarded-proto") == "$scheme"
+        assert headers.get("host") == "$host"
+
+
+def test_nginx_proxies_the_websocket_with_its_upgrade_unbuffered() -> None:
+    (https,) = HTTPS_SERVERS
+    ws = location(https, "/ws")
+    headers = {args[0].lower(): args[1] for args in directives(ws, "proxy_set_header")}
+    assert headers["upgrade"] == "$http_upgrade"
+    connection = headers["connection"]
+    if connection.startswith("$"):  # a map: "upgrade" when the client asked for an upgrade
+        maps = {args[1]: inner for args, inner in blocks(NGINX, "map")}
+        assert blocks(NGINX, "map") and connection in maps, f"{connection} is not a map"
+        assert [args for key, args, _ in maps[connection] if key == "default"] == [["upgrade"]]
+    else:
+        assert connection.lower() == "upgrade"
+    assert directives(ws, "proxy_buffering") == [["off"]]
+    (timeout,) = directives(ws, "proxy_read_timeout")
+    assert nginx_seconds(timeout[0]) >= 600, "a live view stays open for a long time"
+
+
+def test_nginx_limits_bodies_and_sends_security_headers() -> None:
+    (https,) = HTTPS_SERVERS
+    (size,) = directives(https, "client_max_body_size")
+    assert 0 < nginx_bytes(size[0]) <= 1024**2, "the page posts only small JSON"
+    headers = {args[0].lower(): args[1:] for args in directives(https, "add_header")}
+    for name in ("strict-transport-security", "x-content-type-options", "x-frame-options"):
+        assert name in headers, name
+        assert headers[name][-1] == "always", f"{name} on error answers too"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"][0]
+    for _, inner in blocks(https, "location"):  # add_header there would drop the server's
+        assert not directives(inner, "add_header")
+
+
 # ----- README --------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "name",
-    [
-        "insitu-daq.service",
-        "prometheus.yml",
-        "alerts.yml",
-        "grafana-alerts.yml",
-        "grafana-dashboard.json",
-    ],
-)
+def deploy_files() -> list[str]:
+    return sorted(
+        str(path.relative_to(DEPLOY))
+        for path in DEPLOY.rglob("*")
+        if path.is_file() and path.name != "README.md" and "__pycache__" not in path.parts
+    )
+
+
+@pytest.mark.parametrize("name", deploy_files())
 def test_readme_lists_the_file(name: str) -> None:
     assert f"| `{name}` |" in (DEPLOY / "README.md").read_text()
