@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -285,13 +286,31 @@ class WebView:
 
 
 def _figure_of(path: Path) -> Path:
-    """The report figure next to the run file, drawn the first time it is asked for."""
-    figure = path.with_suffix(".png")
-    if not figure.exists() or figure.stat().st_mtime < path.stat().st_mtime:
+    """The run's report figure: the one next to the run file if it is up to date (the demo and
+    `insitu-daq report` draw it there), else one drawn into the web view's own cache the first
+    time it is asked for. The web view may only read the data folder
+    (deploy/insitu-daq-web.service)."""
+    beside = path.with_suffix(".png")
+    if _up_to_date(beside, path):
+        return beside
+    cached = figure_cache() / f"{path.stem}.png"
+    if not _up_to_date(cached, path):
         from insitu_daq.report.figure import draw_report_figure
 
-        draw_report_figure(path, figure)
-    return figure
+        draw_report_figure(path, cached)
+    return cached
+
+
+def _up_to_date(figure: Path, run_file: Path) -> bool:
+    return figure.exists() and figure.stat().st_mtime >= run_file.stat().st_mtime
+
+
+def figure_cache() -> Path:
+    """systemd's CacheDirectory ($CACHE_DIRECTORY), else ~/.cache/insitu-daq/figures."""
+    root = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    folder = Path(root) if root else Path.home() / ".cache" / "insitu-daq" / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 async def _json_body(request: Request) -> dict[str, Any] | None:
