@@ -66,9 +66,9 @@ TRUTH_POLL_RUN_S = 0.5
 MIN_TRUTH_POLL_S, MAX_TRUTH_POLL_S = 0.02, 0.25
 DEMO_FILES_DIR = "demo"  # in the data dir: station.toml and the two logs
 SIM_LOG, DAEMON_LOG = "sim.log", "daemon.log"
-SIM_READY_TEXT = "simulated station running"
+SIM_READY_TEXT = "simulated station running"  # `insitu-daq sim` prints it once it serves
 WEB_READY_TEXT = "insitu-daq web:"  # the web view prints its address once it serves
-WEB_LOG = "web.log"  # `insitu-daq sim` prints it once it serves
+WEB_LOG = "web.log"
 
 
 def free_ports(n: int) -> list[int]:
@@ -194,13 +194,21 @@ port = {ports["microscope"]}
 control = "tcp://127.0.0.1:{ports["control"]}"
 events = "tcp://127.0.0.1:{ports["events"]}"
 metrics_port = {ports["metrics"]}
-[web]
-port = {ports["web"]}
-preview_endpoint = "tcp://127.0.0.1:{ports["preview"]}"
-[analysis]
+{web_section(ports)}[analysis]
 # The simulated camera's 40 frames/s: at a time scale of {time_scale:g} a run second has
 # {time_scale:g}x fewer frames, so analyse every one (a real station keeps the default cap).
 max_rate_hz = 40
+"""
+
+
+def web_section(ports: dict[str, int]) -> str:
+    """The config's [web] section on the demo's ports ("" without a "web" port: the default
+    [web], for a station whose tests need no page)."""
+    if "web" not in ports:
+        return ""
+    return f"""[web]
+port = {ports["web"]}
+preview_endpoint = "tcp://127.0.0.1:{ports["preview"]}"
 """
 
 
