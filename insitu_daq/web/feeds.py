@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import numpy as np
 import zmq
@@ -24,10 +25,10 @@ from insitu_daq.service.api.events import EventSubscriber
 from insitu_daq.web.images import (
     PHASE_LEGEND,
     encode_png,
+    frame_jpeg,
     frame_meta,
-    frame_png,
     phase_overlay,
-    spectrum_png,
+    spectrum_jpeg,
 )
 from insitu_daq.web.state import LiveState
 
@@ -78,6 +79,7 @@ class PreviewFeed(threading.Thread):
         self._table = config.analysis.table()
         self._state = state
         self._stop_flag = threading.Event()
+        self._phase_map_time: float | None = None
         self.received = 0
         self.dropped = 0  # older previews skipped for a newer one of the same mode
         self.malformed = 0
@@ -93,18 +95,19 @@ class PreviewFeed(threading.Thread):
             while not self._stop_flag.is_set():
                 if not socket.poll(int(POLL_S * 1000)):
                     continue
-                newest: dict[str, list[zmq.Frame]] = {}
+                newest: dict[str, tuple[list[zmq.Frame], int]] = {}
                 while socket.poll(0):  # drain: only the newest of each mode is shown
                     parts = socket.recv_multipart(copy=False)
+                    arrived_ns = time.time_ns()
                     self.received += 1
                     mode = self._mode_of(parts)
                     if mode is None:
                         continue
                     if mode in newest:
                         self.dropped += 1
-                    newest[mode] = parts
-                for parts in newest.values():
-                    self._show(parts)
+                    newest[mode] = (parts, arrived_ns)
+                for parts, arrived_ns in newest.values():
+                    self._show(parts, arrived_ns)
         finally:
             socket.close(linger=0)
             context.term()
@@ -124,7 +127,7 @@ class PreviewFeed(threading.Thread):
             return None
         return str(mode)
 
-    def _show(self, parts: list[zmq.Frame]) -> None:
+    def _show(self, parts: list[zmq.Frame], arrived_ns: int) -> None:
         try:
             meta = json.loads(parts[1].bytes)
             image = np.frombuffer(parts[2].buffer, dtype=meta["dtype"]).reshape(meta["shape"])
@@ -138,16 +141,21 @@ class PreviewFeed(threading.Thread):
         common = {
             key: meta.get(key) for key in ("time", "image_id", "received_ns", "integrated_frames")
         }
-        png, shown = frame_png(image)
+        # When the preview reached this process: splits the page's frame-to-screen latency
+        # into the analysis' part and the page's (bench/bench_web.py).
+        common["arrived_ns"] = arrived_ns
+        jpeg, shown = frame_jpeg(image)
         self._state.set_preview(
-            mode, {**common, **frame_meta(image, pixel_nm, shown)}, png, source=image
+            mode, {**common, **frame_meta(image, pixel_nm, shown)}, jpeg, source=image
         )
         if mode != "hrtem":
             return
-        spectrum, rings = spectrum_png(image, pixel_nm, self._table)
+        spectrum, rings = spectrum_jpeg(image, pixel_nm, self._table)
         self._state.set_preview("fft", {**common, **rings}, spectrum)
         mapped = meta.get("phase_map")
-        if mapped and len(parts) > 3:
+        # A map is made every phase_map_interval_s: the same one comes with several sums.
+        if mapped and len(parts) > 3 and mapped.get("time") != self._phase_map_time:
+            self._phase_map_time = mapped.get("time")
             labels = np.frombuffer(parts[3].buffer, np.uint8).reshape(mapped["shape"])
             overlay = phase_overlay(
                 labels, int(mapped["tile_px"]), tuple(mapped["origin"]), image.shape, shown
@@ -156,4 +164,5 @@ class PreviewFeed(threading.Thread):
                 "phase",
                 {**common, "time": mapped.get("time"), "legend": PHASE_LEGEND},
                 encode_png(overlay),
+                media_type="image/png",
             )

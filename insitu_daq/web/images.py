@@ -1,7 +1,10 @@
-"""Previews as PNG: a frame sum, its power spectrum with the tracked rings, the phase map.
+"""Previews as images: a frame sum, its power spectrum with the tracked rings, the phase map.
 
 Each preview is encoded once, whatever the number of viewers (docs/WEB.md). The pixels come
-from analysis/display.py, which the report figure uses too.
+from analysis/display.py, which the report figure uses too. Frames and spectra are JPEG: a
+low-dose frame is mostly shot noise, which PNG cannot compress (a 512 x 512 PNG took 60 ms
+and ~200 kB, the JPEG takes ~3 ms and ~60 kB). The phase map is PNG: it needs transparency,
+and its flat tiles compress well.
 """
 
 from __future__ import annotations
@@ -38,6 +41,16 @@ PHASE_LEGEND = [
 ]
 
 
+JPEG_QUALITY = 88
+
+
+def encode_jpeg(array: np.ndarray) -> bytes:
+    """JPEG bytes of a uint8 gray (H, W) array."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
 def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of a uint8 gray (H, W) or RGBA (H, W, 4) array. Compression level 1: a
     512 x 512 preview in ~5 ms, where the default level takes ~4x longer for ~10 % fewer bytes."""
@@ -46,10 +59,10 @@ def encode_png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def frame_png(image: np.ndarray, full: bool = False) -> tuple[bytes, tuple[int, int]]:
-    """(PNG of the contrast-stretched frame sum, its shape as shown)."""
+def frame_jpeg(image: np.ndarray, full: bool = False) -> tuple[bytes, tuple[int, int]]:
+    """(JPEG of the contrast-stretched frame sum, its shape as shown)."""
     shown = np.asarray(image, np.float32) if full else downsample(image, MAX_SIDE)
-    return encode_png(stretch(shown)), (int(shown.shape[0]), int(shown.shape[1]))
+    return encode_jpeg(stretch(shown)), (int(shown.shape[0]), int(shown.shape[1]))
 
 
 def frame_meta(image: np.ndarray, pixel_nm: float, shown_shape: tuple[int, int]) -> dict[str, Any]:
@@ -63,10 +76,10 @@ def frame_meta(image: np.ndarray, pixel_nm: float, shown_shape: tuple[int, int])
     }
 
 
-def spectrum_png(
+def spectrum_jpeg(
     image: np.ndarray, pixel_nm: float, table: ReflectionTable
 ) -> tuple[bytes, dict[str, Any]]:
-    """(PNG of the HRTEM sum's power spectrum, meta: its q reach and the table's rings)."""
+    """(JPEG of the HRTEM sum's power spectrum, meta: its q reach and the table's rings)."""
     spectrum, q_max = spectrum_image(image, pixel_nm, spectrum_reach(table), MAX_SIDE)
     rings = [
         {
@@ -78,7 +91,7 @@ def spectrum_png(
         }
         for reflection in table
     ]
-    return encode_png(stretch(spectrum, 1.0, 99.9)), {"q_max_per_nm": q_max, "rings": rings}
+    return encode_jpeg(stretch(spectrum, 1.0, 99.9)), {"q_max_per_nm": q_max, "rings": rings}
 
 
 def phase_overlay(
@@ -89,18 +102,23 @@ def phase_overlay(
     shown_shape: tuple[int, int],
 ) -> np.ndarray:
     """The phase map as RGBA, the size of the shown frame: each tile its phase's colour,
-    everything else transparent."""
+    everything else transparent. Built at the shown size (nearest neighbour keeps the tiles'
+    edges sharp), not at the frame's."""
     lut = np.zeros((256, 4), np.uint8)
     for tile, rgba in PHASE_COLOURS.items():
         lut[int(tile)] = rgba
-    coloured = lut[np.asarray(labels, np.uint8)]
-    canvas = np.zeros((*frame_shape, 4), np.uint8)
-    rows = min(labels.shape[0] * tile_px, frame_shape[0] - origin[0])
-    cols = min(labels.shape[1] * tile_px, frame_shape[1] - origin[1])
-    tiles = np.repeat(np.repeat(coloured, tile_px, axis=0), tile_px, axis=1)
-    canvas[origin[0] : origin[0] + rows, origin[1] : origin[1] + cols] = tiles[:rows, :cols]
-    # Shown size: nearest neighbour keeps the tiles' edges sharp.
-    step_r, step_c = frame_shape[0] / shown_shape[0], frame_shape[1] / shown_shape[1]
-    pick_r = (np.arange(shown_shape[0]) * step_r).astype(int)
-    pick_c = (np.arange(shown_shape[1]) * step_c).astype(int)
-    return canvas[pick_r][:, pick_c]
+    tiles_r = _tile_index(shown_shape[0], frame_shape[0], origin[0], tile_px, labels.shape[0])
+    tiles_c = _tile_index(shown_shape[1], frame_shape[1], origin[1], tile_px, labels.shape[1])
+    overlay = lut[np.asarray(labels, np.uint8)[np.ix_(np.clip(tiles_r, 0, None),
+                                                      np.clip(tiles_c, 0, None))]]  # fmt: skip
+    overlay[tiles_r < 0] = 0
+    overlay[:, tiles_c < 0] = 0
+    return overlay
+
+
+def _tile_index(shown: int, frame: int, origin: int, tile_px: int, tiles: int) -> np.ndarray:
+    """The tile each shown pixel falls in along one axis (-1: outside the map)."""
+    frame_px = (np.arange(shown) * (frame / shown)).astype(np.int64)
+    index = (frame_px - origin) // tile_px
+    index[(frame_px < origin) | (index >= tiles)] = -1
+    return index

@@ -40,6 +40,7 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "insitu_session"
 CONTROLS = {"pause": ("reason",), "resume": (), "abort": ("reason",), "mark": ("text",)}
 PREVIEW_KINDS = ("hrtem", "lm", "fft", "phase")
+WEB_NICENESS = 15
 CONTROL_TIMEOUT_S = 10.0  # an abort waits for nothing but the daemon's reply
 SECURITY_HEADERS = {
     # Everything the page uses comes from here: no inline script or style, no CDN.
@@ -166,10 +167,11 @@ class WebView:
         if kind not in PREVIEW_KINDS:
             return _error(404, f"no preview {kind!r}")
         full = request.query_params.get("full") == "1"
-        png = await run_in_threadpool(self.state.preview_png, kind, full)
-        if png is None:
+        found = await run_in_threadpool(self.state.preview_image, kind, full)
+        if found is None:
             return _error(404, f"no {kind} preview yet")
-        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+        data, media_type = found
+        return Response(data, media_type=media_type, headers={"Cache-Control": "no-store"})
 
     async def websocket(self, websocket: WebSocket) -> None:
         if not self.may_view(websocket):
@@ -226,12 +228,12 @@ class WebView:
             path = self._run_path(request)
             time_s = float(request.query_params.get("t", "0"))
             full = request.query_params.get("full") == "1"
-            png, _ = await run_in_threadpool(
+            data, meta = await run_in_threadpool(
                 replay.preview_at, path, request.path_params["kind"], time_s, full
             )
         except (ValueError, KeyError, OSError) as exc:
             return _error(404, str(exc))
-        return Response(png, media_type="image/png")
+        return Response(data, media_type=meta.get("media_type", "image/jpeg"))
 
     async def metrics(self, request: Request) -> Response:
         counters = {
@@ -271,11 +273,11 @@ class WebView:
             Route("/api/logout", self.logout, methods=["POST"]),
             Route("/api/control/{verb}", self.control, methods=["POST"]),
             Route("/api/live", self.live),
-            Route("/api/preview/{kind}.png", self.preview),
+            Route("/api/preview/{kind}", self.preview),
             Route("/api/runs", self.runs),
             Route("/api/runs/{name}/replay", self.run_replay),
             Route("/api/runs/{name}/figure.png", self.run_figure),
-            Route("/api/runs/{name}/preview/{kind}.png", self.run_preview),
+            Route("/api/runs/{name}/preview/{kind}", self.run_preview),
             Route("/metrics", self.metrics),
             WebSocketRoute("/ws", self.websocket),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
@@ -331,11 +333,22 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"ok": False, "error": message}, status_code=status)
 
 
+def _lower_priority() -> None:
+    """Yield the CPU to everything that records or decides (nice +WEB_NICENESS, before any
+    thread starts): the ingest and daemon run at 0 and the analysis at +10, because a hold's
+    `until:` waits for its results. A page that lags on a busy PC is the right loss."""
+    try:
+        os.nice(WEB_NICENESS)
+    except OSError as exc:
+        log.warning("could not lower the web view's priority: %s", exc)
+
+
 def serve(config: StationConfig, announce: Callable[[str], None] = print) -> None:
     """Serve the web view until interrupted (uvicorn handles SIGINT and SIGTERM)."""
     import uvicorn
 
     web = config.web
+    _lower_priority()
     view = WebView(config)
     scheme = "https" if web.tls_cert else "http"
     server = uvicorn.Server(

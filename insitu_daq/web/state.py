@@ -116,9 +116,10 @@ class SeriesBuffer:
 @dataclass
 class Preview:
     meta: dict[str, Any]
-    png: bytes
-    source: Any = None  # the frame sum (float32 array), for the full-resolution PNG
-    full_png: bytes | None = None
+    data: bytes  # the encoded image
+    media_type: str
+    source: Any = None  # the frame sum (float32 array), for the full-resolution image
+    full: bytes | None = None
 
 
 @dataclass(eq=False)  # a viewer is itself, whatever it holds: hashable by identity
@@ -263,30 +264,38 @@ class LiveState:
                 viewer.analysis.extend([row])
                 viewer.poke()
 
-    def set_preview(self, kind: str, meta: dict[str, Any], png: bytes, source: Any = None) -> None:
+    def set_preview(
+        self,
+        kind: str,
+        meta: dict[str, Any],
+        data: bytes,
+        source: Any = None,
+        media_type: str = "image/jpeg",
+    ) -> None:
         with self._lock:
             self._versions[kind] += 1
             version = self._versions[kind]
-            meta = {**meta, "version": version, "url": f"/api/preview/{kind}.png?v={version}"}
+            meta = {**meta, "version": version, "url": f"/api/preview/{kind}?v={version}"}
             if kind == "fft":
                 meta["rings"] = [self._ring_seen(ring) for ring in meta.get("rings", [])]
-            self.previews[kind] = Preview(meta, png, source)
+            self.previews[kind] = Preview(meta, data, media_type, source)
             for viewer in self._viewers:
                 viewer.previews[kind] = meta
                 viewer.poke()
 
-    def preview_png(self, kind: str, full: bool = False) -> bytes | None:
-        from insitu_daq.web.images import frame_png  # Pillow only where PNGs are made
+    def preview_image(self, kind: str, full: bool = False) -> tuple[bytes, str] | None:
+        """(the encoded preview, its media type); `full`: the frame at its own size."""
+        from insitu_daq.web.images import frame_jpeg  # Pillow only where images are made
 
         with self._lock:
             preview = self.previews.get(kind)
         if preview is None:
             return None
         if not full or preview.source is None:
-            return preview.png
-        if preview.full_png is None:
-            preview.full_png, _ = frame_png(preview.source, full=True)
-        return preview.full_png
+            return preview.data, preview.media_type
+        if preview.full is None:
+            preview.full, _ = frame_jpeg(preview.source, full=True)
+        return preview.full, "image/jpeg"
 
     # ----- under the lock --------------------------------------------------------------------
     def _reset(self, run_id: str | None, offset_s: float | None) -> None:

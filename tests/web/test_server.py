@@ -199,20 +199,20 @@ def test_the_page_gets_a_snapshot_then_the_stream_s_changes(
 def test_previews_are_served_by_version_and_full_size_on_demand(client: TestClient) -> None:
     import numpy as np
 
-    from insitu_daq.web.images import frame_meta, frame_png
+    from insitu_daq.web.images import frame_jpeg, frame_meta
 
-    assert client.get("/api/preview/hrtem.png").status_code == 404  # none yet
+    assert client.get("/api/preview/hrtem").status_code == 404  # none yet
     image = np.random.default_rng(0).poisson(5.0, (1024, 1024)).astype(np.float32)
-    png, shown = frame_png(image)
+    jpeg, shown = frame_jpeg(image)
     state = client.app.state.view.state  # type: ignore[attr-defined]
-    state.set_preview("hrtem", frame_meta(image, 0.06, shown), png, source=image)
+    state.set_preview("hrtem", frame_meta(image, 0.06, shown), jpeg, source=image)
     meta = client.get("/api/live").json()["previews"]["hrtem"]
     assert meta["shown_shape"] == [512, 512] and meta["url"].endswith("v=1")
     assert meta["scale_bar"]["length_nm"] in (10.0, 20.0)
     small = client.get(meta["url"])
     full = client.get(meta["url"] + "&full=1")
-    assert small.headers["content-type"] == "image/png"
-    assert _png_size(small.content) == (512, 512) and _png_size(full.content) == (1024, 1024)
+    assert small.headers["content-type"] == "image/jpeg"
+    assert _image_size(small.content) == (512, 512) and _image_size(full.content) == (1024, 1024)
 
 
 def test_without_public_view_watching_needs_a_login(tmp_path: Path) -> None:
@@ -226,7 +226,7 @@ def test_without_public_view_watching_needs_a_login(tmp_path: Path) -> None:
         assert client.get("/api/live").status_code == 200
 
 
-def _png_size(data: bytes) -> tuple[int, int]:
+def _image_size(data: bytes) -> tuple[int, int]:
     import io
 
     from PIL import Image

@@ -106,7 +106,7 @@ def test_spectrum_rings_say_what_the_newest_hrtem_result_detected(
     shown = {ring["name"]: ring for ring in state.snapshot()["previews"]["fft"]["rings"]}
     assert shown["lno_003"]["detected"] and shown["lno_003"]["intensity"] == 3.0
     assert not shown["nio_200"]["detected"]
-    assert state.snapshot()["previews"]["fft"]["url"] == "/api/preview/fft.png?v=1"
+    assert state.snapshot()["previews"]["fft"]["url"] == "/api/preview/fft?v=1"
 
 
 def test_a_long_run_keeps_its_whole_span_in_bounded_points() -> None:

@@ -136,7 +136,7 @@ export class ReplayController {
       } else {
         t = Math.round(this.time * 10) / 10;
       }
-      const url = `/api/runs/${encodeURIComponent(this.name)}/preview/${kind}.png?t=${t}`;
+      const url = `/api/runs/${encodeURIComponent(this.name)}/preview/${kind}?t=${t}`;
       this.wantedImage[kind] = { url, meta: { time: t, replay: true } };
     }
     this.pumpImages();
