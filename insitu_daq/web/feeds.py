@@ -142,7 +142,7 @@ class PreviewFeed(threading.Thread):
             key: meta.get(key) for key in ("time", "image_id", "received_ns", "integrated_frames")
         }
         # When the preview reached this process: splits the page's frame-to-screen latency
-        # into the analysis' part and the page's (bench/bench_web.py).
+        # into the analysis' part and the page's.
         common["arrived_ns"] = arrived_ns
         jpeg, shown = frame_jpeg(image)
         self._state.set_preview(
