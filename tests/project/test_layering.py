@@ -25,7 +25,8 @@ ALLOWED: dict[str, set[str]] = {
     "report": {"core", "analysis", "runfile"},
     "verify": {"core", "analysis", "report"},
     "service": {"core", "analysis", "drivers", "control", "ingest", "live", "runfile"},
-    "app": {"core", "analysis", "control", "report", "runfile", "service", "sim", "verify"},
+    "web": {"core", "analysis", "runfile", "report", "service"},
+    "app": {"core", "analysis", "control", "report", "runfile", "service", "sim", "verify", "web"},
 }
 
 
