@@ -17,6 +17,9 @@ from insitu_daq.runfile.layout import EVENTS
 # or "microscope: mode lm, beam on, ... (step)"; a setting without a mode changes no mode.
 _MODE_IN_MESSAGE = re.compile(r"^microscope: mode (?:\S+ -> )?(?P<mode>[a-z]+)\b")
 _STEP_MESSAGE = re.compile(r"^step (?P<number>\d+)/\d+ (?P<kind>[a-z]+)(?P<done> done)?\b")
+# The runner's last state event: "protocol <name> finished", "... aborted: <reason>".
+_OUTCOME_MESSAGE = re.compile(r"^protocol .+? (?P<outcome>finished|aborted|failed)(?::|$)")
+UNKNOWN_OUTCOME = "unknown"
 
 
 def imaging_modes(
@@ -81,6 +84,14 @@ def hold_span(events: list[tuple[float, str, str]]) -> HoldSpan | None:
     if start is None:
         return None
     return HoldSpan(start[0], None, "not ended", start[2])
+
+
+def outcome(events: list[tuple[float, str, str]]) -> str:
+    """How the protocol ended, by the last state event: "finished", "aborted" or "failed";
+    UNKNOWN_OUTCOME while it runs (or paused), or when no protocol ran."""
+    states = [message for _, kind, message in events if kind == "state"]
+    match = _OUTCOME_MESSAGE.match(states[-1]) if states else None
+    return match["outcome"] if match else UNKNOWN_OUTCOME
 
 
 def read_events(entry: h5py.Group) -> list[tuple[float, str, str]]:

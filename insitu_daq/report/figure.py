@@ -37,8 +37,9 @@ from insitu_daq.analysis.quantities import Quantity, registered
 from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS, ReflectionTable
 from insitu_daq.report.analysis import AnalysisRecord, Series, read_analysis
 from insitu_daq.report.events import HoldSpan, hold_span, imaging_modes, mode_at, read_events
+from insitu_daq.report.frames import event_modes, sum_rows
 from insitu_daq.runfile import layout
-from insitu_daq.runfile.h5util import read_column
+from insitu_daq.runfile.h5util import open_for_reading, read_column, read_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -47,9 +48,6 @@ log = logging.getLogger(__name__)
 
 FIGURE_SIZE_IN = (16.0, 11.0)
 DPI = 100  # -> 1600 x 1100 px
-# A frame this soon after an imaging-mode switch may still show the previous mode (the camera
-# integrates across the switch; live analysis skips it as settling too): run seconds.
-SETTLE_S = 0.3
 KEY_FRAME_EDGE_S = 2.0  # key frames this far inside the hold's ends
 KEY_IMAGE_SPAN_S = 1.0  # run seconds of frames summed into one key image
 MAX_FRAMES_SUMMED = 40  # one second at the camera's 40 fps
@@ -80,13 +78,6 @@ class KeyFrame:
     pixel_nm: float | None = None  # specimen-plane sampling (None: not recorded)
 
 
-def _text(dataset: h5py.Dataset | None) -> str:
-    if dataset is None:
-        return ""
-    value = dataset[()]
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _centre_crop(image: np.ndarray, edge: int) -> np.ndarray:
     rows, cols = image.shape
     top, left = max(0, (rows - edge) // 2), max(0, (cols - edge) // 2)
@@ -108,17 +99,10 @@ def _key_frame_times(hold: HoldSpan | None, frame_time: np.ndarray) -> list[tupl
 
 
 def _settled_in(changes: list[tuple[float, str]], frame_time: np.ndarray, mode: str) -> np.ndarray:
-    """Frames taken in `mode` at least SETTLE_S after the switch into it."""
+    """Frames taken in `mode` at least SETTLE_S (report/frames.py) after the switch into it."""
     if not changes:
         return np.ones(len(frame_time), dtype=bool)
-    times = np.array([t for t, _ in changes])
-    modes = [m for _, m in changes]
-    which = np.searchsorted(times, frame_time, side="right") - 1
-    ok = np.zeros(len(frame_time), dtype=bool)
-    for i, change in enumerate(which):
-        if change >= 0 and modes[change] == mode:
-            ok[i] = frame_time[i] - times[change] >= SETTLE_S
-    return ok
+    return event_modes(changes, frame_time) == mode
 
 
 def _stretch(candidates: np.ndarray, frame_time: np.ndarray, centre: int) -> list[int]:
@@ -163,9 +147,7 @@ def key_frames(
         index = int(indices[np.argmin(np.abs(frame_time[indices] - wanted))])
         run = _stretch(candidates, frame_time, index)
         try:
-            image = np.zeros(detector["data"].shape[1:], dtype=np.float64)
-            for i in run:
-                image += detector["data"][i]
+            image = sum_rows(detector["data"], run)
         except OSError as exc:  # a compression filter this h5py lacks (hdf5plugin missing)
             log.warning("frame %d unreadable: %s", index, exc)
             continue
@@ -245,10 +227,10 @@ def draw_report_figure(run_file: str | Path, out: str | Path) -> DrawnFigure:
     from matplotlib.gridspec import GridSpec
 
     run_file, out = Path(run_file), Path(out)
-    with h5py.File(run_file, "r", libver="latest", swmr=True) as f:
+    with open_for_reading(run_file) as f:
         entry = f[layout.ENTRY]
         events = read_events(entry)
-        initial = _text(f.get(layout.MICROSCOPE_MODE)) or None
+        initial = read_text(f, layout.MICROSCOPE_MODE) or None
         changes = imaging_modes(events, initial)
         hold = hold_span(events)
         analysis = read_analysis(entry)
@@ -258,7 +240,7 @@ def draw_report_figure(run_file: str | Path, out: str | Path) -> DrawnFigure:
         amps = read_column(f, layout.CURRENT.column("value"))[: len(t)]
         frame_time = f[layout.DETECTOR]["frame_time"][:]
         frames = key_frames(f, hold, changes)
-        title = f"{_text(f.get(layout.RUN_ID))}  ({_text(f.get(layout.TITLE))})"
+        title = f"{read_text(f, layout.RUN_ID)}  ({read_text(f, layout.TITLE)})"
     if len(title) > TITLE_LENGTH:
         title = title[: TITLE_LENGTH - 4] + "...)"
 

@@ -16,8 +16,9 @@ import h5py
 import numpy as np
 
 from insitu_daq.report.events import read_events
+from insitu_daq.report.frames import frame_stacks
 from insitu_daq.runfile import layout
-from insitu_daq.runfile.h5util import read_column
+from insitu_daq.runfile.h5util import open_for_reading, read_column
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class RunSummary:
     # Frames of later geometries (runfile/frames.py): (NXdetector path, frames, frame shape).
     other_geometries: list[tuple[str, int, tuple[int, ...]]] = field(default_factory=list)
     imaging_frames: dict[str, int] = field(default_factory=dict)  # per-frame imaging_mode
+    # Run s of the file's last record (frame, bias reading or event): how long the run has
+    # lasted on its own clock (end_time - start_time is wall time, which the demo's
+    # time-scaled run clock outruns).
+    last_time_s: float = 0.0
 
     @property
     def frame_rate_hz(self) -> float | None:
@@ -102,7 +107,7 @@ def _holds(time: np.ndarray, volts: np.ndarray, setpoint: np.ndarray, amps: np.n
 
 def summarize(path: str | Path) -> RunSummary:
     path = Path(path)
-    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+    with open_for_reading(path) as f:
         detector = f[layout.DETECTOR]
         frame_time = detector["frame_time"][:]
         image_id = detector["image_id"][:]
@@ -126,6 +131,9 @@ def summarize(path: str | Path) -> RunSummary:
         setpoint = read_column(f, layout.BIAS_VOLTAGE.column("setpoint"))
         amps = read_column(f, layout.CURRENT.column("value"))
         events = read_events(f[layout.ENTRY])
+        last_times = [x[-1] for x in (t, frame_time) if len(x)]
+        last_times += [g["frame_time"][-1] for g in others if len(g["frame_time"])]
+        last_times += [max(time for time, _, _ in events)] if events else []
         return RunSummary(
             path=path,
             run_id=_text(f[layout.RUN_ID]),
@@ -151,14 +159,13 @@ def summarize(path: str | Path) -> RunSummary:
                 (g.name, len(g["frame_time"]), tuple(g["data"].shape[1:])) for g in others
             ],
             imaging_frames=dict(modes),
+            last_time_s=float(max(last_times, default=0.0)),
         )
 
 
 def _other_geometries(file: h5py.File) -> list[h5py.Group]:
     """The NXdetector groups of frame geometries after the first (detector_1, detector_2...)."""
-    instrument = file[layout.INSTRUMENT]
-    stacks = {layout.stack_of(name): name for name in instrument}
-    return [instrument[stacks[k]] for k in sorted(k for k in stacks if k)]
+    return frame_stacks(file)[1:]
 
 
 def format_summary(summary: RunSummary, events: int = 12) -> str:

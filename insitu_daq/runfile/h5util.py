@@ -1,5 +1,6 @@
 """HDF5 building blocks of the run file, re-finding handles after the file is reopened, and
-reading back a log that may be absent (`read_column`, for the report).
+reading a run file back (`open_for_reading`; `read_column`, `read_text`: a log or text
+that may be absent), for the report.
 
 The run file is written in SWMR mode, in which HDF5 cannot create objects (DESIGN.md: the
 file is read while written). When a run needs new datasets (a new frame geometry,
@@ -11,6 +12,7 @@ and by which path, `rebind` puts fresh handles from the reopened file in the sam
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -24,6 +26,33 @@ def read_column(group: h5py.Group, path: str, dtype: str = "<f8") -> np.ndarray:
     wrote: runfile/finish.py)."""
     dataset = group.get(path)
     return np.zeros(0, dtype=dtype) if dataset is None else dataset[:]
+
+
+def open_for_reading(path: str | Path) -> h5py.File:
+    """A run file open read-only: plainly when no writer has it open, else as a SWMR reader.
+
+    Not SWMR always: a SWMR reader skips HDF5's end-of-file check (the file may grow), and
+    reading a truncated file (a copy cut short) then retries each block past its end without
+    end (HDF5 2.0: minutes, then still waiting). Opened plainly, HDF5 refuses a truncated file
+    at once; a file a writer in another process has open (its consistency flags set: a run
+    being written, or a writer that died) is refused with "already open for write" and read
+    as a SWMR reader. (In the writer's own process HDF5 shares its open file: plain works.)
+    """
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        if "already open for" not in str(exc):
+            raise
+    return h5py.File(path, "r", libver="latest", swmr=True)
+
+
+def read_text(group: h5py.Group, path: str) -> str:
+    """A scalar string dataset's text; "" when absent."""
+    dataset = group.get(path)
+    if dataset is None:
+        return ""
+    value = dataset[()]
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def group(parent: h5py.Group, name: str, nx_class: str, **attrs: Any) -> h5py.Group:

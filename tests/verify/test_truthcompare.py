@@ -1,6 +1,6 @@
 """The demo's "measured next to truth" printout, from a real run file and truth samples.
 
-The run file is test_report_figure's (RunWriter + AnalysisLog, events from a real
+The run file is tests/run_files.py's (RunWriter + AnalysisLog, events from a real
 ProtocolRunner); the truth samples are shaped like the simulated microscope's `truth` reply
 (tests/drivers/test_microscope.py checks that reply against the model).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_report_figure import write_run
+from run_files import write_run
 
 from insitu_daq.report.analysis import AnalysisRecord, read_analysis
 from insitu_daq.report.events import HoldSpan, hold_span, read_events
