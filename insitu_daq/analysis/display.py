@@ -75,18 +75,13 @@ def spectrum_image(
     `max_side`). Its centre pixel is q = 0 and its half-width is q_max (module docstring)."""
     image = np.asarray(frame, dtype=np.float32)
     rows, cols = image.shape
-    # The middle max_side x max_side of the frame: the transform has max_side px a side at
-    # full resolution in q, and costs ~4x less than the whole 1024 x 1024 frame's.
-    side = min(rows, cols, max_side) & ~1
+    side, half = _transform_size(image.shape, pixel_nm, q_max_per_nm, max_side)
+    q_max = half / (side * pixel_nm)
     top, left = (rows - side) // 2, (cols - side) // 2
     image = image[top : top + side, left : left + side]
     image = image - image.mean()
     window = np.hanning(side).astype(np.float32)
     power = np.abs(fft.fftshift(fft.fft2(image * window[:, None] * window[None, :]))) ** 2
-    q_max = min(q_max_per_nm, nyquist_per_nm(pixel_nm))
-    # Frequency step of the transform: 1 / (side * pixel) per pixel.
-    half = min(side // 2, max(2, round(q_max * side * pixel_nm)))
-    q_max = half / (side * pixel_nm)
     centre = side // 2
     cropped = power[centre - half : centre + half, centre - half : centre + half]
     binned = downsample(cropped, max_side)
@@ -96,6 +91,28 @@ def spectrum_image(
     binned = ndimage.gaussian_filter(binned, SPECTRUM_SMOOTHING_PX)
     log_power = np.log10(np.maximum(binned, np.finfo(np.float32).tiny))
     return (log_power - radial_background(log_power)).astype(np.float32), q_max
+
+
+def spectrum_extent(
+    shape: tuple[int, ...], pixel_nm: float, q_max_per_nm: float, max_side: int = 512
+) -> float:
+    """The q_max (1/nm) `spectrum_image` reaches for a frame of `shape`, without computing it
+    (where a page draws the rings of a spectrum it will ask for later)."""
+    side, half = _transform_size(shape, pixel_nm, q_max_per_nm, max_side)
+    return half / (side * pixel_nm)
+
+
+def _transform_size(
+    shape: tuple[int, ...], pixel_nm: float, q_max_per_nm: float, max_side: int
+) -> tuple[int, int]:
+    """(side of the transformed middle of the frame, half-width of the kept spectrum), px.
+    The middle max_side x max_side of the frame: the transform has max_side px a side at full
+    resolution in q, and costs ~4x less than the whole 1024 x 1024 frame's. Its frequency
+    step is 1 / (side * pixel) per pixel."""
+    side = min(shape[0], shape[1], max_side) & ~1
+    q_max = min(q_max_per_nm, nyquist_per_nm(pixel_nm))
+    half = min(side // 2, max(2, round(q_max * side * pixel_nm)))
+    return side, half
 
 
 def radial_background(log_power: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ from insitu_daq.report.frames import FrameIndex, frame_stacks, read_frame_index,
 from insitu_daq.report.summary import RunSummary, summarize
 from insitu_daq.runfile import layout
 from insitu_daq.runfile.h5util import open_for_reading, read_column, read_text
-from insitu_daq.web.images import encode_jpeg
+from insitu_daq.web.images import MAX_SIDE, encode_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ RUN_SUFFIX = ".h5"
 FIGURE_SUFFIX = ".png"  # `insitu-daq report RUN.h5` draws RUN.png
 ERROR_LENGTH = 200  # characters of a listed file's one-line error
 MAX_SERIES_POINTS = 20_000  # the page keeps at most this many points a series (docs/WEB.md)
-PREVIEW_MAX_SIDE = 512  # px a side of a preview unless full resolution is asked for
+PREVIEW_MAX_SIDE = MAX_SIDE  # px a side of a preview unless full resolution is asked for
 IMAGE_KINDS = ("hrtem", "lm")
 PREVIEW_KINDS = (*IMAGE_KINDS, "fft")
 # An LM preview is the dose sum of the frames within this many run s of the nearest one, as
@@ -66,7 +66,6 @@ LM_SUM_S = 0.25
 # 40 fps): the lattice spots of a single low-dose frame are lost in its noise.
 FFT_SUM_S = 0.5
 FFT_MAX_FRAMES = 40
-FFT_Q_MARGIN = 1.25  # the spectrum reaches this times the table's largest 1/d
 # Per preview kind: (run s around the nearest frame, most frames) summed into it.
 _SUMMED: dict[str, tuple[float, int | None]] = {
     "hrtem": (0.0, 1),
@@ -214,8 +213,9 @@ def resolve_run(data_dir: Path, name: str) -> Path:
 # ----- a run as a state object -------------------------------------------------------------
 def replay_state(path: Path) -> dict[str, Any]:
     """The run in `path` as one state object shaped like docs/WEB.md's, `"mode": "replay"`:
-    every series, every event, the frame times of each imaging mode and no previews (the page
-    asks `preview_at` for the frame at the time it shows)."""
+    every series, every event, the frame times of each imaging mode, and of the previews only
+    where the spectrum's rings fall (the page asks `preview_at` for the frame at the time it
+    shows)."""
     with open_for_reading(path) as f:
         entry = f[layout.ENTRY]
         events = read_events(entry)
@@ -225,7 +225,8 @@ def replay_state(path: Path) -> dict[str, Any]:
         run_id = read_text(f, layout.RUN_ID)
         title = read_text(f, layout.TITLE)
         protocol = read_text(f, layout.PROTOCOL_FILE_NAME)
-    reflections = reflection_table(analysis)
+        reflections = reflection_table(analysis)
+        fft = _spectrum_rings(f, index, reflections)
     quantities = quantity_entries(reflections)
     ends = [x[-1] for x in (bias["t"], index.time) if len(x)]
     ends += [max(time for time, _, _ in events)] if events else []
@@ -250,8 +251,42 @@ def replay_state(path: Path) -> dict[str, Any]:
         ],
         "frame_times": {mode: _frame_times(index, mode) for mode in IMAGE_KINDS},
         "duration_s": float(max(ends, default=0.0)),
-        "previews": {},
+        "previews": {"fft": fft} if fft else {},
     }
+
+
+def _spectrum_rings(
+    f: h5py.File, index: FrameIndex, reflections: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Where the tracked rings fall on the run's replayed spectra (their q reach, from the
+    first HRTEM frame of known pixel size), for the page to draw before it asks for one. None
+    without such a frame."""
+    known = (index.mode == "hrtem") & np.isfinite(index.pixel_m)
+    if not known.any():
+        return None
+    first = int(np.argmax(known))
+    shape = frame_stacks(f)[int(index.stack[first])]["data"].shape[1:]
+    pixel_nm = float(index.pixel_m[first]) * 1e9
+    q_max = display.spectrum_extent(shape, pixel_nm, _reach(reflections), PREVIEW_MAX_SIDE)
+    return {"q_max_per_nm": q_max, "rings": _rings(reflections, q_max)}
+
+
+def _reach(reflections: list[dict[str, Any]]) -> float:
+    spacings = [float(r["d_angstrom"]) for r in reflections if r.get("d_angstrom")]
+    return display.RING_MARGIN * 10.0 / min(spacings) if spacings else math.inf
+
+
+def _rings(reflections: list[dict[str, Any]], q_max: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": r["name"],
+            "label": r["label"],
+            "d_angstrom": r["d_angstrom"],
+            "radius_fraction": display.ring_radius_fraction(float(r["d_angstrom"]), q_max),
+        }
+        for r in reflections
+        if r.get("d_angstrom")
+    ]
 
 
 def _frame_index(f: h5py.File, events: list[tuple[float, str, str]]) -> FrameIndex:
@@ -468,25 +503,14 @@ def _picture(
 def _spectrum(
     image: np.ndarray, pixel_nm: float | None, reflections: list[dict[str, Any]], full: bool
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The power spectrum (analysis/display.py spectrum_image) up to FFT_Q_MARGIN x the
+    """The power spectrum (analysis/display.py spectrum_image) up to display.RING_MARGIN x the
     table's largest 1/d, with each reflection's ring. Without a pixel size it spans the whole
     transform (to Nyquist, in units of the frame's pixels) and has no rings: where they fall is
     not known."""
     side = max(image.shape) if full else PREVIEW_MAX_SIDE
-    spacings = [float(r["d_angstrom"]) for r in reflections if r.get("d_angstrom")]
     if pixel_nm is None:
         spectrum, _ = display.spectrum_image(image, 1.0, display.nyquist_per_nm(1.0), side)
         return display.stretch(spectrum), {"scale_bar": None, "q_max_per_nm": None, "rings": []}
-    wanted = FFT_Q_MARGIN * 10.0 / min(spacings) if spacings else math.inf
-    spectrum, q_max = display.spectrum_image(image, pixel_nm, wanted, side)
-    rings = [
-        {
-            "name": r["name"],
-            "label": r["label"],
-            "d_angstrom": r["d_angstrom"],
-            "radius_fraction": display.ring_radius_fraction(float(r["d_angstrom"]), q_max),
-        }
-        for r in reflections
-        if r.get("d_angstrom")
-    ]
+    spectrum, q_max = display.spectrum_image(image, pixel_nm, _reach(reflections), side)
+    rings = _rings(reflections, q_max)
     return display.stretch(spectrum), {"scale_bar": None, "q_max_per_nm": q_max, "rings": rings}

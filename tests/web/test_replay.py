@@ -134,7 +134,12 @@ def test_replay_state_holds_the_file_s_series_events_and_frame_times(data_dir: P
     path = data_dir / "newer.h5"
     state = replay.replay_state(path)
     json.dumps(state, allow_nan=False)
-    assert state["mode"] == "replay" and state["previews"] == {}
+    assert state["mode"] == "replay"
+    # Where the rings fall on the spectra the page will ask for (preview_at), known at once.
+    _, spectrum = replay.preview_at(path, "fft", state["frame_times"]["hrtem"][-1])
+    assert state["previews"] == {
+        "fft": {"q_max_per_nm": spectrum["q_max_per_nm"], "rings": spectrum["rings"]}
+    }
     assert state["status"]["run_id"] == "newer"
     assert state["status"]["protocol"] == {"protocol": "figure", "state": "finished"}
     with h5py.File(path, "r") as f:
