@@ -339,7 +339,8 @@ def keep_page_up(command: list[str], log_path: Path, port: int, run_file: Path) 
         wait_for_output(page, WEB_READY_TEXT, timeout_s=30.0)
         address = f"http://127.0.0.1:{port}/"
         print(
-            f"\nweb view     {address}?run={run_file.stem}  (runs: {address}runs); Ctrl-C ends it"
+            f"\nweb view     {address}?run={run_file.stem}  (runs: {address}runs); Ctrl-C ends it",
+            flush=True,  # a pipe is block-buffered: whoever waits for the address gets it now
         )
         with contextlib.suppress(KeyboardInterrupt):
             while page.process.poll() is None:

@@ -125,6 +125,12 @@ def _by(operator: str | None, data: dict[str, Any]) -> dict[str, Any]:
     return data if operator is None else {**data, "operator": operator}
 
 
+def _by_whom(operator: str | None) -> str:
+    """ " by alice" for an event's message: the run file's event log keeps only kind and
+    message, and who paused or aborted a run belongs in it."""
+    return "" if operator is None else f" by {operator}"
+
+
 @dataclass(frozen=True)
 class _BiasTarget:
     volts: float
@@ -245,7 +251,7 @@ class ProtocolRunner:
             self._cond.notify_all()
         self._emit_quietly(
             EventKind.STATE,
-            f"paused: {reason}",
+            f"paused{_by_whom(operator)}: {reason}",
             _by(operator, {"state": "paused", "reason": reason}),
         )
         return True
@@ -259,7 +265,9 @@ class ProtocolRunner:
             self._reason = None
             self._stop = threading.Event()  # the old one stays set for the interrupted verb
             self._cond.notify_all()
-        self._emit_quietly(EventKind.STATE, "resumed", _by(operator, {"state": "running"}))
+        self._emit_quietly(
+            EventKind.STATE, f"resumed{_by_whom(operator)}", _by(operator, {"state": "running"})
+        )
         return True
 
     def abort(self, reason: str = "aborted", operator: str | None = None) -> bool:
@@ -284,7 +292,7 @@ class ProtocolRunner:
             self._cond.notify_all()
         self._emit_quietly(
             EventKind.STATE,
-            f"aborting: {reason}",
+            f"aborting{_by_whom(operator)}: {reason}",
             _by(operator, {"state": "aborting", "reason": reason, "ends": final.value}),
         )
         return True

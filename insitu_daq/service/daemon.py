@@ -694,5 +694,8 @@ class Daemon:
         return {}
 
     def handle_mark(self, text: str, operator: str | None = None) -> dict[str, Any]:
-        self.event(EventKind.MARK, text, None if operator is None else {"operator": operator})
+        if operator is None:
+            self.event(EventKind.MARK, text)
+        else:  # who marked, in the run file's event log (kind and message) too
+            self.event(EventKind.MARK, f"{text} ({operator})", {"operator": operator})
         return {}

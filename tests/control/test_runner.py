@@ -329,6 +329,9 @@ def test_pause_resume_and_abort_record_who_asked(
     states = [c.args[2] for c in station.events(EventKind.STATE)]
     asked = [(d["state"], d.get("operator")) for d in states if d.get("operator")]
     assert asked == [("paused", "alice"), ("running", "bob"), ("aborting", "alice")]
+    messages = [c.args[1] for c in station.events(EventKind.STATE)]
+    assert "paused by alice: refocus" in messages and "resumed by bob" in messages
+    assert "aborting by alice: drifted" in messages
 
 
 def test_pause_freezes_the_hold_timer_and_resume_continues(

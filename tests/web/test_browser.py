@@ -261,7 +261,9 @@ def test_an_operator_marks_and_aborts_and_the_bias_is_made_safe(
 
     events = summarize(station.run_file)
     aborting = [m for _, kind, m in events.events if kind == "state" and "aborting" in m]
-    assert aborting, events.events
+    assert aborting == [f"aborting by {OPERATOR}: aborted from the web page"], events.events
+    marks = [m for _, kind, m in events.events if kind == "mark"]
+    assert f"front reached the core ({OPERATOR})" in marks
 
 
 def test_the_finished_run_replays_from_its_file(
