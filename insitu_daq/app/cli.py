@@ -387,6 +387,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from insitu_daq.app.demo import run_demo
 
+    # SIGTERM (a test's timeout, a closed terminal's session) as Ctrl-C: the run is aborted
+    # and the demo's children (station, daemon, web view) stopped on the way out. Python's
+    # default would end the demo on the spot and leave them running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     return run_demo(
         time_scale=args.time_scale,
         data_dir=Path(args.data_dir),

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import h5py
 import pytest
 
 from insitu_daq import __version__
@@ -159,3 +160,46 @@ def test_the_demo_shows_the_log_of_a_daemon_killed_mid_run(tmp_path: Path) -> No
     assert "\n".join(line[4:] for line in tail) in log_text
     assert f"insitu-daq {__version__}: daemon running" in log_text
     assert list(tmp_path.glob("*_lno_control_0v.h5"))  # the interrupted run's file is kept
+
+
+def test_a_terminated_demo_aborts_its_run_and_leaves_no_process_behind(tmp_path: Path) -> None:
+    demo = subprocess.Popen(
+        module_command("insitu_daq", "demo", "--protocol", "lno_control_0v.yaml",
+                       "--time-scale", "10", "--frame-size", "256", "--no-figure",
+                       "--data-dir", str(tmp_path)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    with _killed_at_the_end() as leftovers:
+        try:
+            assert demo.stdout is not None
+            for line in demo.stdout:
+                if line.startswith("["):  # the first status line: the run is under way
+                    break
+            else:
+                raise AssertionError(f"the demo did not start a run: {demo.communicate()}")
+            children = _descendants(demo.pid)  # station, daemon, web view, guardian, workers
+            leftovers += children
+            assert len(children) >= 4, [_argv(pid) for pid in children]
+            demo.terminate()
+            out, err = demo.communicate(timeout=90)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+        assert demo.returncode == 1, out + err
+        assert "interrupted: aborting the run" in out
+        alive = [pid for pid in children if _argv(pid) and Path(f"/proc/{pid}").exists()]
+        alive = [pid for pid in alive if "(Z)" not in _state_of(pid)]
+        assert alive == [], [_argv(pid) for pid in alive]
+    (run_file,) = tmp_path.glob("*_lno_control_0v.h5")
+    with h5py.File(run_file, "r") as f:
+        messages = [m.decode() for m in f["/entry/events/message"][:]]
+    assert any("aborted" in m for m in messages), messages[-5:]
+
+
+def _state_of(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "(gone)"
+    return f"({stat.rsplit(')', 1)[1].split()[0]})"
