@@ -3,8 +3,10 @@
 Each feed is one thread with its own ZeroMQ socket. Both reconnect by themselves (ZeroMQ
 does), so the web process may start before the daemon, and outlive or outwait a restart.
 
-The preview feed takes only the newest preview of each mode. It drains its socket before
-encoding, and a preview older than one already waiting is dropped (counted). So a slow PNG
+The preview feed subscribes only while a page is connected, so with nobody watching the
+analysis process copies no sum and this process encodes nothing (live/preview.py hears the
+subscription come and go). It takes only the newest preview of each mode: it drains its socket
+before encoding, and a preview older than one already waiting is dropped (counted). So a slow
 encode on a busy PC never makes the page fall behind the camera. Encoding runs here, once a
 preview, not once a viewer.
 """
@@ -89,10 +91,14 @@ class PreviewFeed(threading.Thread):
         socket = context.socket(zmq.SUB)
         socket.setsockopt(zmq.RCVHWM, 4)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.SUBSCRIBE, TOPIC)
         socket.connect(self._endpoint)
+        subscribed = False
         try:
             while not self._stop_flag.is_set():
+                watched = self._state.viewers > 0
+                if watched != subscribed:
+                    socket.setsockopt(zmq.SUBSCRIBE if watched else zmq.UNSUBSCRIBE, TOPIC)
+                    subscribed = watched
                 if not socket.poll(int(POLL_S * 1000)):
                     continue
                 newest: dict[str, tuple[list[zmq.Frame], int]] = {}

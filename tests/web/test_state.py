@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,3 +135,41 @@ def test_malformed_messages_are_counted_not_shown(loop: asyncio.AbstractEventLoo
     state.on_analysis({"time": "soon", "values": {}})
     assert state.counters["bias_malformed"] == 1 and state.counters["analysis_malformed"] == 1
     assert state.snapshot()["series"]["bias"]["t"] == []
+
+
+def test_previews_are_asked_for_only_while_a_page_is_connected(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    """With nobody watching, the analysis process copies no sum (it hears no subscription)."""
+    import zmq
+
+    from insitu_daq.core.config import parse_config
+    from insitu_daq.live.preview import PreviewPublisher, PreviewTarget
+    from insitu_daq.web.feeds import PreviewFeed
+
+    endpoint = f"ipc://{tmp_path}/previews"
+    config = parse_config({"web": {"preview_endpoint": endpoint}})
+    context = zmq.Context()
+    publisher = PreviewPublisher(context, PreviewTarget(endpoint, 4.0))
+    state = LiveState(DEFAULT_REFLECTIONS, "station")
+    feed = PreviewFeed(config, state)
+    feed.start()
+    try:
+        time.sleep(0.5)
+        assert not publisher.watched  # the web process is up, no page: nothing asked
+        viewer = state.add_viewer(loop)
+        _until(lambda: publisher.watched)
+        state.remove_viewer(viewer)
+        _until(lambda: not publisher.watched)
+    finally:
+        feed.stop()
+        feed.join(5.0)
+        publisher.close()
+        context.destroy(linger=0)
+
+
+def _until(predicate: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
