@@ -3,12 +3,12 @@
 Each feed is one thread with its own ZeroMQ socket. Both reconnect by themselves (ZeroMQ
 does), so the web process may start before the daemon, and outlive or outwait a restart.
 
-The preview feed subscribes only while a page is connected, so with nobody watching the
-analysis process copies no sum and this process encodes nothing (live/preview.py hears the
-subscription come and go). It takes only the newest preview of each mode: it drains its socket
-before encoding, and a preview older than one already waiting is dropped (counted). So a slow
-encode on a busy PC never makes the page fall behind the camera. Encoding runs here, once a
-preview, not once a viewer.
+The preview feed takes only the newest preview of each mode: it drains its socket before
+encoding, and a preview older than one already waiting is dropped (counted). So a slow encode on
+a busy PC never makes the page fall behind the camera. Encoding runs here, once a preview, not
+once a viewer, and only while a page is connected. With nobody watching, the newest preview of
+each mode is held as received (two buffers), so a page opened in an HRTEM-only stretch still
+shows the last low-magnification image.
 """
 
 from __future__ import annotations
@@ -92,13 +92,14 @@ class PreviewFeed(threading.Thread):
         socket.setsockopt(zmq.RCVHWM, 4)
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(self._endpoint)
-        subscribed = False
+        socket.setsockopt(zmq.SUBSCRIBE, TOPIC)
+        held: dict[str, tuple[list[zmq.Frame], int]] = {}  # newest of each mode, not encoded
         try:
             while not self._stop_flag.is_set():
-                watched = self._state.viewers > 0
-                if watched != subscribed:
-                    socket.setsockopt(zmq.SUBSCRIBE if watched else zmq.UNSUBSCRIBE, TOPIC)
-                    subscribed = watched
+                if held and self._state.viewers:  # a page came: it sees the newest at once
+                    for parts, arrived_ns in held.values():
+                        self._show(parts, arrived_ns)
+                    held.clear()
                 if not socket.poll(int(POLL_S * 1000)):
                     continue
                 newest: dict[str, tuple[list[zmq.Frame], int]] = {}
@@ -112,6 +113,9 @@ class PreviewFeed(threading.Thread):
                     if mode in newest:
                         self.dropped += 1
                     newest[mode] = (parts, arrived_ns)
+                if not self._state.viewers:
+                    held.update(newest)
+                    continue
                 for parts, arrived_ns in newest.values():
                     self._show(parts, arrived_ns)
         finally:

@@ -21,7 +21,10 @@ from busy_pc import cpu_hogs, run_closed_loop_demo
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.mark.parametrize("hogs", [1, 2])
+# Two busy processes on this 2-core PC: every process of the demo is preempted, the harsher of
+# the two loads issue 9 ran (one busy process was the case it saw). One busy process is no
+# longer run here, for the suite's time (~60 s); bench/bench_closed_loop_load.py runs both.
+@pytest.mark.parametrize("hogs", [2])
 def test_the_closed_loop_hold_ends_no_earlier_than_the_truth_beside_busy_processes(
     tmp_path: Path, hogs: int
 ) -> None:

@@ -27,7 +27,7 @@ from insitu_daq.app.demo import WEB_READY_TEXT, free_ports
 from insitu_daq.core.module_command import module_command
 from insitu_daq.web.auth import hash_password
 
-TIME_SCALE = 10.0
+TIME_SCALE = 20.0
 OPERATOR, PASSWORD = "alice", "tip-in-contact"
 VIEWER, VIEWER_PASSWORD = "vic", "just-looking"
 # Chromium as the machine probe starts it: no background networking (this machine's closed
@@ -38,14 +38,14 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 WATCHED = """
 name: watched_run
-description: contact, record LM then HRTEM (150 s at 0 V), hold +4.3 V until stopped
+description: contact, record LM then HRTEM (200 s at 0 V), hold +4.3 V until stopped
 steps:
   - microscope: {mode: lm, beam: on, dose_rate_e_per_a2_s: 10}
   - approach: {speed_nm_s: 500, max_travel_nm: 5000}
   - acquire: start
   - wait: 2
   - microscope: {mode: hrtem, dose_rate_e_per_a2_s: 35}
-  - wait: 150
+  - wait: 200
   - bias: {volts: 4.3, rate_volts_per_s: 1.0}
   - hold: {duration_s: 3000}
   - bias: 0
