@@ -30,6 +30,7 @@ from insitu_daq.web.images import (
     frame_jpeg,
     frame_meta,
     phase_overlay,
+    smoothing_of,
     spectrum_jpeg,
 )
 from insitu_daq.web.state import LiveState
@@ -154,7 +155,7 @@ class PreviewFeed(threading.Thread):
         # When the preview reached this process: splits the page's frame-to-screen latency
         # into the analysis' part and the page's.
         common["arrived_ns"] = arrived_ns
-        jpeg, shown = frame_jpeg(image)
+        jpeg, shown = frame_jpeg(image, smoothing_px=smoothing_of(mode))
         self._state.set_preview(
             mode, {**common, **frame_meta(image, pixel_nm, shown)}, jpeg, source=image
         )

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from insitu_daq.analysis.display import (
-    downsample,
     ring_radius_fraction,
     scale_bar,
+    shown_frame,
     spectrum_image,
     spectrum_reach,
     stretch,
@@ -27,6 +27,7 @@ from insitu_daq.analysis.phasemap import TileClass
 from insitu_daq.analysis.reflections import ReflectionTable
 
 MAX_SIDE = 512  # px a side of a preview as shown; `full=1` gives the frame's own size
+HRTEM_SMOOTHING_PX = 0.8
 
 # The phase map's colours, as in matplotlib's tab10 (the report figure's phase lines).
 PHASE_COLOURS: dict[TileClass, tuple[int, int, int, int]] = {
@@ -59,10 +60,17 @@ def encode_png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def frame_jpeg(image: np.ndarray, full: bool = False) -> tuple[bytes, tuple[int, int]]:
-    """(JPEG of the contrast-stretched frame sum, its shape as shown)."""
-    shown = np.asarray(image, np.float32) if full else downsample(image, MAX_SIDE)
-    return encode_jpeg(stretch(shown)), (int(shown.shape[0]), int(shown.shape[1]))
+def frame_jpeg(
+    image: np.ndarray, full: bool = False, smoothing_px: float = 0.0
+) -> tuple[bytes, tuple[int, int]]:
+    """(JPEG of the frame sum as shown (analysis/display.py shown_frame), its shape)."""
+    shown = shown_frame(image, None if full else MAX_SIDE, smoothing_px)
+    return encode_jpeg(shown), (int(shown.shape[0]), int(shown.shape[1]))
+
+
+def smoothing_of(mode: str) -> float:
+    """The preview smoothing of an imaging mode, shown px (display.shown_frame says why)."""
+    return HRTEM_SMOOTHING_PX if mode == "hrtem" else 0.0
 
 
 def frame_meta(image: np.ndarray, pixel_nm: float, shown_shape: tuple[int, int]) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from insitu_daq.report.frames import FrameIndex, frame_stacks, read_frame_index,
 from insitu_daq.report.summary import RunSummary, summarize
 from insitu_daq.runfile import layout
 from insitu_daq.runfile.h5util import open_for_reading, read_column, read_text
-from insitu_daq.web.images import MAX_SIDE, encode_jpeg
+from insitu_daq.web.images import MAX_SIDE, encode_jpeg, smoothing_of
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def preview_at(
     if kind == "fft":
         shown, extra = _spectrum(image, meta["pixel_nm"], reflections, full)
     else:
-        shown, extra = _picture(image, meta["pixel_nm"], full)
+        shown, extra = _picture(image, meta["pixel_nm"], full, smoothing_of(kind))
     meta.update(extra, shown_shape=list(shown.shape), media_type="image/jpeg")
     return encode_jpeg(shown), _json_safe(meta)
 
@@ -488,16 +488,18 @@ def _frames_for(index: FrameIndex, mode: str, kind: str, time_s: float, run: str
 
 
 def _picture(
-    image: np.ndarray, pixel_nm: float | None, full: bool
+    image: np.ndarray, pixel_nm: float | None, full: bool, smoothing_px: float
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The image as uint8 (0.5-99.5 percentile stretch), downsampled unless `full`, and its
-    scale bar (None without a pixel size)."""
-    small = image if full else display.downsample(image, PREVIEW_MAX_SIDE)
+    """The image as shown (display.shown_frame: downsampled unless `full`, smoothed as the live
+    preview of its mode, stretched) and its scale bar (None without a pixel size)."""
+    shown = display.shown_frame(
+        image, None if full else PREVIEW_MAX_SIDE, 0.0 if full else smoothing_px
+    )
     bar = None
     if pixel_nm is not None:
         length_nm, fraction = display.scale_bar(pixel_nm, image.shape[1])
         bar = {"length_nm": length_nm, "fraction": fraction}
-    return display.stretch(small), {"scale_bar": bar}
+    return shown, {"scale_bar": bar}
 
 
 def _spectrum(

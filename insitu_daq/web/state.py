@@ -294,7 +294,7 @@ class LiveState:
         if not full or preview.source is None:
             return preview.data, preview.media_type
         if preview.full is None:
-            preview.full, _ = frame_jpeg(preview.source, full=True)
+            preview.full, _ = frame_jpeg(preview.source, full=True, smoothing_px=0.0)
         return preview.full, "image/jpeg"
 
     # ----- under the lock --------------------------------------------------------------------

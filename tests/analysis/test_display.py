@@ -18,11 +18,15 @@ from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS
 
 
 def _fringes(
-    d_angstrom: float, pixel_nm: float, shape: tuple[int, int], counts: float
+    d_angstrom: float,
+    pixel_nm: float,
+    shape: tuple[int, int],
+    counts: float,
+    contrast: float = 0.3,
 ) -> np.ndarray:
     """Poisson counts of lattice fringes of spacing d along x (a low-dose HRTEM sum)."""
     x = np.arange(shape[1]) * pixel_nm
-    pattern = 1.0 + 0.3 * np.cos(2 * np.pi * x / (d_angstrom / 10.0))
+    pattern = 1.0 + contrast * np.cos(2 * np.pi * x / (d_angstrom / 10.0))
     rng = np.random.default_rng(7)
     return rng.poisson(counts * np.broadcast_to(pattern, shape)).astype(np.float32)
 
@@ -79,3 +83,22 @@ def test_scale_bars_are_round_and_about_a_fifth_of_the_width(
     assert length == pytest.approx(length_nm)
     assert 0.1 <= fraction <= 0.4
     assert fraction == pytest.approx(length / (pixel_nm * width_px))
+
+
+def test_the_smoothed_hrtem_preview_shows_the_fringes_better_than_the_plain_one() -> None:
+    """~5 counts/px fringes of 10 % contrast at 4.8 A (8 px at 0.06 nm), shown at 512 px: the
+    preview smoothing (web/images.py HRTEM_SMOOTHING_PX) brings the shown image closer to the
+    noise-free lattice."""
+    from insitu_daq.analysis.display import shown_frame
+    from insitu_daq.web.images import HRTEM_SMOOTHING_PX
+
+    frame = _fringes(4.8, 0.06, (1024, 1024), 5.0, contrast=0.1)
+    x = np.arange(1024) * 0.06
+    truth = downsample(np.broadcast_to(np.cos(2 * np.pi * x / 0.48), (1024, 1024)), 512)
+
+    def likeness(shown: np.ndarray) -> float:
+        return float(np.corrcoef(shown.ravel().astype(float), truth.ravel())[0, 1])
+
+    plain = likeness(shown_frame(frame, 512))
+    smoothed = likeness(shown_frame(frame, 512, HRTEM_SMOOTHING_PX))
+    assert smoothed > 1.15 * plain, (plain, smoothed)  # measured 0.277 -> 0.346
