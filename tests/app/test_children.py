@@ -124,21 +124,25 @@ def _killed_at_the_end() -> Iterator[list[int]]:
                     os.kill(pid, signal.SIGKILL)
 
 
-def test_the_demo_shows_the_log_of_a_daemon_killed_mid_run(tmp_path: Path) -> None:
+def _demo_under_way(tmp_path: Path) -> subprocess.Popen[str]:
+    """The no-bias control demo, once its first status line says the run is under way."""
     demo = subprocess.Popen(
         module_command("insitu_daq", "demo", "--protocol", "lno_control_0v.yaml",
                        "--time-scale", "10", "--frame-size", "256", "--no-figure",
                        "--data-dir", str(tmp_path)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
+    assert demo.stdout is not None
+    for line in demo.stdout:
+        if line.startswith("["):
+            return demo
+    raise AssertionError(f"the demo did not start a run: {demo.communicate()}")
+
+
+def test_the_demo_shows_the_log_of_a_daemon_killed_mid_run(tmp_path: Path) -> None:
+    demo = _demo_under_way(tmp_path)
     with _killed_at_the_end() as leftovers:
         try:
-            assert demo.stdout is not None
-            for line in demo.stdout:
-                if line.startswith("["):  # the first status line: the run is under way
-                    break
-            else:
-                raise AssertionError(f"the demo did not start a run: {demo.communicate()}")
             (daemon,) = (pid for pid in _children(demo.pid) if "daemon" in _argv(pid))
             leftovers += [*_descendants(daemon), *_children(demo.pid)]  # guardian, ingest, ...
             os.kill(daemon, signal.SIGKILL)
@@ -163,20 +167,9 @@ def test_the_demo_shows_the_log_of_a_daemon_killed_mid_run(tmp_path: Path) -> No
 
 
 def test_a_terminated_demo_aborts_its_run_and_leaves_no_process_behind(tmp_path: Path) -> None:
-    demo = subprocess.Popen(
-        module_command("insitu_daq", "demo", "--protocol", "lno_control_0v.yaml",
-                       "--time-scale", "10", "--frame-size", "256", "--no-figure",
-                       "--data-dir", str(tmp_path)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+    demo = _demo_under_way(tmp_path)
     with _killed_at_the_end() as leftovers:
         try:
-            assert demo.stdout is not None
-            for line in demo.stdout:
-                if line.startswith("["):  # the first status line: the run is under way
-                    break
-            else:
-                raise AssertionError(f"the demo did not start a run: {demo.communicate()}")
             children = _descendants(demo.pid)  # station, daemon, web view, guardian, workers
             leftovers += children
             assert len(children) >= 4, [_argv(pid) for pid in children]
