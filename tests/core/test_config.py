@@ -6,8 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from insitu_daq.core.config import ConfigError, load_config, parse_config
+from insitu_daq.core.config import ConfigError, StationConfig, load_config, parse_config
 from insitu_daq.core.instrument_models import SOURCE_METERS
 from insitu_daq.core.module_command import module_command
 
@@ -85,6 +86,12 @@ def test_shipped_station_configs_are_valid() -> None:
     example = load_config(deploy / "station.example.toml")
     assert example.limits.max_bias_volts == 5.0
     assert example.holder.port == "/dev/ttyUSB0"
+    # The example documents every section of the config, the web view's too.
+    text = (deploy / "station.example.toml").read_text()
+    for section in StationConfig.model_fields:
+        if isinstance(getattr(example, section), BaseModel):
+            assert f"\n[{section}]" in text, section
+    assert example.web.bind == "127.0.0.1" and not example.web.behind_proxy
 
 
 @pytest.mark.parametrize(
