@@ -61,10 +61,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -655,24 +657,138 @@ steps:
 """
 MEMORY_COLUMNS = (
     "minutes", "heap_used_mb", "heap_used_after_gc_mb", "heap_total_mb", "dom_nodes",
-    "listeners", "renderer_rss_mb", "chromium_pss_mb", "web_rss_mb", "analysis_points",
-    "events", "previews_shown",
+    "listeners", "renderer_rss_mb", "renderer_anon_mb", "renderer_file_mb", "chromium_pss_mb",
+    "web_rss_mb", "analysis_points", "events", "previews_shown",
 )  # fmt: skip
 
 
-def page_sample(page: Any, cdp: Any, web_pid: int, minutes: float) -> dict[str, float]:
+class PlaywrightTarget:
+    """The memory run's page through Playwright (as tests/web/test_browser.py drives it), CDP
+    through `page.context.new_cdp_session(page)`. Playwright enables the Network domain on
+    every page it drives."""
+
+    def __init__(self, playwright: Any, url: str, chromium: str) -> None:
+        self.viewers = Viewers(playwright, url, chromium)
+        self.viewers.open(1)
+        self.page = self.viewers.pages[0]
+        self.cdp = self.page.context.new_cdp_session(self.page)
+
+    def send(self, method: str) -> dict[str, Any]:
+        return self.cdp.send(method)
+
+    def evaluate(self, expression: str) -> Any:
+        return self.page.evaluate(expression)
+
+    def wait(self, seconds: float) -> None:
+        self.page.wait_for_timeout(seconds * 1e3)  # Playwright's events are handled meanwhile
+
+    @property
+    def errors(self) -> list[str]:
+        return list(self.viewers.errors)
+
+    def close(self) -> None:
+        self.viewers.close()
+
+
+class CdpTarget:
+    """The memory run's page in a Chromium started here without Playwright, on the DevTools
+    protocol over its WebSocket with only what the samples use (Performance,
+    HeapProfiler.collectGarbage, Runtime.evaluate): no Network domain, whose agent keeps
+    recent response bodies in the renderer for the client to ask for."""
+
+    def __init__(self, url: str, chromium: str, folder: Path) -> None:
+        from websockets.sync.client import connect
+
+        profile = folder / "chromium-profile"
+        self.process = subprocess.Popen(
+            [chromium, *CHROMIUM_ARGS, "--remote-debugging-port=0", f"--user-data-dir={profile}",
+             f"--window-size={VIEWPORT['width']},{VIEWPORT['height']}", url],
+            stdout=subprocess.DEVNULL, stderr=(folder / "chromium.log").open("w"),
+        )  # fmt: skip
+        deadline = time.monotonic() + 30.0
+        port_file = profile / "DevToolsActivePort"
+        while not port_file.exists() or not port_file.read_text().strip():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(
+                    f"Chromium did not open its DevTools port; {folder}/chromium.log"
+                )
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as reply:
+                pages = [t for t in json.load(reply) if t.get("type") == "page"]
+            if pages and pages[0].get("url", "").startswith(url):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no page on {url} in Chromium")
+            time.sleep(0.2)
+        self.socket = connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
+        self._id = 0
+        while not self.evaluate("window.insituState !== null && window.insituState !== undefined"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the page got no state")
+            time.sleep(0.2)
+
+    def send(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        self._id += 1
+        self.socket.send(json.dumps({"id": self._id, "method": method, "params": params or {}}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=60))
+            if message.get("id") == self._id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+        return result.get("result", {}).get("value")
+
+    def wait(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    @property
+    def errors(self) -> list[str]:
+        return []  # not collected here (Runtime events are off)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.socket.close()
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def rss_split_mb(pid: int) -> tuple[float, float]:
+    """(RssAnon, RssFile + RssShmem) of a process in MB: Chromium's shared memory (decoded
+    images among it) is file-backed, in /tmp when started with --disable-dev-shm-usage."""
+    values = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in ("RssAnon", "RssFile", "RssShmem"):
+                values[name] = int(rest.split()[0]) / 1024
+    return values.get("RssAnon", math.nan), values.get("RssFile", 0.0) + values.get("RssShmem", 0.0)
+
+
+def page_sample(target: Any, web_pid: int, minutes: float) -> dict[str, float]:
     def metrics() -> dict[str, float]:
-        return {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+        return {m["name"]: m["value"] for m in target.send("Performance.getMetrics")["metrics"]}
 
     before = metrics()
-    cdp.send("HeapProfiler.collectGarbage")
+    target.send("HeapProfiler.collectGarbage")
     after = metrics()
     processes = chromium_processes()
-    renderers = [rss_mb(pid) or 0.0 for pid, kind in processes.items() if kind == "renderer"]
-    page_state = page.evaluate(
-        """() => { const s = window.insituState;
+    renderers = [(rss_mb(pid) or 0.0, pid) for pid, kind in processes.items() if kind == "renderer"]
+    renderer_rss, renderer = max(renderers, default=(math.nan, 0))  # the page's: the largest
+    anon, file_backed = rss_split_mb(renderer) if renderer else (math.nan, math.nan)
+    page_state = target.evaluate(
+        """(() => { const s = window.insituState;
           return [s ? s.series.analysis.t.length : 0, s ? s.events.length : 0,
-                  Object.values(window.insituStats.previewsShown).reduce((a, b) => a + b, 0)]; }"""
+                  Object.values(window.insituStats.previewsShown).reduce((a, b) => a + b, 0)];
+        })()"""
     )
     return {
         "minutes": minutes,
@@ -681,7 +797,9 @@ def page_sample(page: Any, cdp: Any, web_pid: int, minutes: float) -> dict[str, 
         "heap_total_mb": after["JSHeapTotalSize"] / 2**20,
         "dom_nodes": after["Nodes"],
         "listeners": after["JSEventListeners"],
-        "renderer_rss_mb": max(renderers, default=math.nan),  # the page's: the largest
+        "renderer_rss_mb": renderer_rss,
+        "renderer_anon_mb": anon,
+        "renderer_file_mb": file_backed,
         "chromium_pss_mb": sum(pss_mb(pid) for pid in processes),
         "web_rss_mb": rss_mb(web_pid) or math.nan,
         "analysis_points": page_state[0],
@@ -691,9 +809,14 @@ def page_sample(page: Any, cdp: Any, web_pid: int, minutes: float) -> dict[str, 
 
 
 def measure_memory(
-    folder: Path, playwright: Any, chromium: str, minutes: float, every: float, csv: Path | None,
+    folder: Path,
+    playwright: Any | None,
+    chromium: str,
+    minutes: float,
+    every: float,
+    csv: Path | None,
     frame_size: int,
-) -> None:  # fmt: skip
+) -> None:
     names = ["source_meter", "holder", "microscope", "camera", "control", "events", "metrics",
              "web", "preview"]  # fmt: skip
     ports = dict(zip(names, free_ports(len(names)), strict=True))
@@ -735,23 +858,25 @@ def measure_memory(
                 "run", protocol_text=MEMORY_PROTOCOL.format(hold_s=hold_s), format="yaml"
             )
         print(f"  run {reply['run_id']} started; page {url}", flush=True)
-        viewers = Viewers(playwright, url.rstrip("/"), chromium)
-        running.callback(viewers.close)
+        if playwright is not None:
+            target: Any = PlaywrightTarget(playwright, url.rstrip("/"), chromium)
+        else:
+            target = CdpTarget(url, chromium, folder)
+        running.callback(target.close)
         running.callback(_abort, control)
-        viewers.open(1)
-        page = viewers.pages[0]
-        cdp = page.context.new_cdp_session(page)
-        cdp.send("Performance.enable")
+        target.send("Performance.enable")
         started = time.monotonic()
         next_at = started
         while True:
             now = time.monotonic()
             elapsed_min = (now - started) / 60
-            sample = page_sample(page, cdp, web.pid, elapsed_min)
+            sample = page_sample(target, web.pid, elapsed_min)
             samples.append(sample)
             print(f"  {elapsed_min:5.1f} min  heap {sample['heap_used_mb']:6.1f} MB (after GC"
                   f" {sample['heap_used_after_gc_mb']:6.1f})  DOM nodes {sample['dom_nodes']:.0f}"
-                  f"  renderer {sample['renderer_rss_mb']:6.1f} MB  chromium"
+                  f"  renderer {sample['renderer_rss_mb']:6.1f} MB (anon"
+                  f" {sample['renderer_anon_mb']:6.1f}, file {sample['renderer_file_mb']:6.1f})"
+                  f"  chromium"
                   f" {sample['chromium_pss_mb']:6.1f} MB (PSS)  web {sample['web_rss_mb']:6.1f} MB"
                   f"  points {sample['analysis_points']:.0f}  events {sample['events']:.0f}"
                   f"  images {sample['previews_shown']:.0f}", flush=True)  # fmt: skip
@@ -761,8 +886,8 @@ def measure_memory(
                 break
             check_children([sim, daemon, web])
             next_at += every
-            page.wait_for_timeout(max(0.0, next_at - time.monotonic()) * 1e3)
-        errors = list(viewers.errors)
+            target.wait(max(0.0, next_at - time.monotonic()))
+        errors = target.errors
     if errors:
         print(f"  the page raised: {errors[:5]}")
     report_memory(samples, minutes)
@@ -794,7 +919,8 @@ def report_memory(samples: list[dict[str, float]], minutes: float) -> None:
               f" {data['chromium_pss_mb'][i]:13.1f} {data['web_rss_mb'][i]:8.1f}")  # fmt: skip
     window = t >= t[-1] - 15.0
     label = f"minutes {t[window][0]:.1f}-{t[-1]:.1f}"
-    for column in ("heap_used_after_gc_mb", "heap_used_mb", "renderer_rss_mb", "chromium_pss_mb",
+    for column in ("heap_used_after_gc_mb", "heap_used_mb", "renderer_rss_mb", "renderer_anon_mb",
+                   "renderer_file_mb", "chromium_pss_mb",
                    "web_rss_mb", "dom_nodes"):  # fmt: skip
         slope = slope_mb_per_min(t[window], data[column][window])
         unit = "/min" if column == "dom_nodes" else " MB/min"
@@ -842,6 +968,12 @@ def main() -> int:
     parser.add_argument("--every", type=float, default=30.0, help="s between memory samples")
     parser.add_argument("--csv", type=Path, default=None, help="memory samples to this file")
     parser.add_argument("--frame-size", type=int, default=1024, help="memory mode: camera side")
+    parser.add_argument(
+        "--driver",
+        choices=("playwright", "cdp"),
+        default="playwright",
+        help="memory mode: drive the page with Playwright, or with bare CDP (no Network domain)",
+    )
     parser.add_argument("--chromium", default=CHROMIUM)
     args = parser.parse_args()
 
@@ -850,6 +982,10 @@ def main() -> int:
           f" {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)  # fmt: skip
     try:
         if args.memory_minutes > 0:
+            if args.driver == "cdp":
+                measure_memory(folder, None, args.chromium, args.memory_minutes,
+                               args.every, args.csv, args.frame_size)  # fmt: skip
+                return 0
             from playwright.sync_api import sync_playwright
 
             with sync_playwright() as playwright:
