@@ -349,6 +349,78 @@ class Viewers:
         self.browser.close()
 
 
+class ClientViewers:
+    """N viewers loading the web process as remote browsers would, without rendering: each a
+    WebSocket and, for every preview version an update names, that image fetched over HTTP
+    (newest only, one at a time), in a thread here. Stands in for viewers on other PCs: their
+    rendering is not charged to this machine; only this process's small share is."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.fetched = 0
+        self.errors: list[str] = []
+
+    @property
+    def pages(self) -> list[threading.Thread]:
+        return self._threads
+
+    def open(self, n: int, timeout_s: float = 30.0, settle_s: float = 1.0) -> None:
+        if len(self._threads) >= n:
+            return
+        while len(self._threads) < n:
+            thread = threading.Thread(target=self._watch, name="client viewer", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        time.sleep(settle_s)
+
+    def _watch(self) -> None:
+        from websockets.sync.client import connect
+
+        ws_url = "ws" + self.url.removeprefix("http") + "/ws"
+        try:
+            with connect(ws_url, max_size=None) as socket:
+                while not self._stop.is_set():
+                    try:
+                        raw = socket.recv(timeout=0.2)
+                    except TimeoutError:
+                        continue
+                    message = json.loads(raw)
+                    for kind, preview in (message.get("previews") or {}).items():
+                        if kind in KINDS and preview and preview.get("url"):
+                            with urllib.request.urlopen(self.url + preview["url"]) as reply:
+                                reply.read()
+                            with self._lock:
+                                self.fetched += 1
+        except Exception as exc:  # reported, not fatal: the trial's figures say what happened
+            self.errors.append(repr(exc))
+
+    def close_pages(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5.0)
+        self._threads = []
+        self._stop = threading.Event()
+
+    def shown(self) -> int:
+        return self.fetched
+
+    def close(self) -> None:
+        self.close_pages()
+
+
+def idle_page_cost(viewers: Viewers, n: int, seconds: float = 10.0) -> float:
+    """Cores Chromium takes with `n` pages open on the live page and nothing happening (no run,
+    no previews, no results; the page's 1 s timers only)."""
+    viewers.open(n)
+    before, started = cpu_of({"chromium": "chromium"}), time.monotonic()
+    time.sleep(seconds)
+    after = cpu_of({"chromium": "chromium"})
+    return (after["chromium"] - before["chromium"]) / (time.monotonic() - started)
+
+
 # ----- 1: ingest throughput with 0 and N viewers ---------------------------------------------
 @dataclass
 class ThroughputTrial:
@@ -362,7 +434,7 @@ class ThroughputTrial:
 def throughput_trial(
     folder: Path,
     web: WebView,
-    viewers: Viewers,
+    viewers: Viewers | ClientViewers,
     publisher: EventPublisher,
     beat: StatusBeat,
     replay: tuple[list[s2.EncodedChannels], list[bytes]],
@@ -426,7 +498,7 @@ def throughput_trial(
 def measure_throughput(
     folder: Path,
     web: WebView,
-    viewers: Viewers,
+    viewers: Viewers | ClientViewers,
     publisher: EventPublisher,
     beat: StatusBeat,
     n_frames: int,
@@ -439,8 +511,8 @@ def measure_throughput(
     mb = statistics.fmean(len(p) for p in payloads) / 1e6
     print(f"\n1. ingest throughput: {n_frames} HRTEM frames {SHAPE[0]}x{SHAPE[1]} bslz4"
           f" ({mb:.2f} MB/frame) replayed as fast as taken; analysis + previews on, web process"
-          f" subscribed; 0 vs {n_viewers} viewers, trials 0,{n_viewers},{n_viewers},0,...,"
-          f" {pairs} adjacent pairs", flush=True)  # fmt: skip
+          f" subscribed; 0 vs {n_viewers} viewers ({type(viewers).__name__}), trials"
+          f" 0,{n_viewers},{n_viewers},0,..., {pairs} adjacent pairs", flush=True)  # fmt: skip
     replay = (encoded, payloads)
     for variant in (0, n_viewers):  # warm-up, not counted (bench_analysis_live.py: why)
         throughput_trial(folder, web, viewers, publisher, beat, replay, n_frames, variant, -1)
@@ -954,6 +1026,13 @@ def main() -> int:
         "--frames", type=int, default=6000, help="bslz4 frames per throughput trial"
     )
     parser.add_argument("--pairs", type=int, default=4, help="adjacent (0, N) trial pairs")
+    parser.add_argument(
+        "--viewer-kind",
+        choices=("chromium", "client"),
+        default="chromium",
+        help="throughput's viewers: Chromium pages on this machine, or clients that load the"
+        " web process as remote browsers would (WebSocket + each new image), rendering nothing",
+    )
     parser.add_argument("--seconds", type=float, default=30.0, help="per latency mode")
     parser.add_argument("--modes", nargs="+", choices=("hrtem", "lm"), default=["hrtem", "lm"])
     parser.add_argument("--skip-throughput", action="store_true")
@@ -995,8 +1074,14 @@ def main() -> int:
         with web_setup(folder, args.chromium) as parts:
             web, viewers, publisher, beat = parts
             if not args.skip_throughput:
-                measure_throughput(folder, web, viewers, publisher, beat, args.frames,
+                cores = idle_page_cost(viewers, args.viewers)
+                viewers.close_pages()
+                print(f"\n  {args.viewers} Chromium pages open, nothing happening: Chromium takes"
+                      f" {cores:.2f} cores", flush=True)  # fmt: skip
+                watching = viewers if args.viewer_kind == "chromium" else ClientViewers(web.url)
+                measure_throughput(folder, web, watching, publisher, beat, args.frames,
                                    args.pairs, args.viewers)  # fmt: skip
+                watching.close_pages()
             if not args.skip_latency:
                 viewers.close_pages()
                 viewers.hook = True  # the latency page only: it parses each message again
