@@ -794,12 +794,19 @@ class CdpTarget:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no page on {url} in Chromium")
             time.sleep(0.2)
-        self.socket = connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
+        self._connection = connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
+        self.socket = self._connection.__enter__()
         self._id = 0
-        while not self.evaluate("window.insituState !== null && window.insituState !== undefined"):
+        while not self._has_state():
             if time.monotonic() > deadline:
                 raise RuntimeError("the page got no state")
             time.sleep(0.2)
+
+    def _has_state(self) -> bool:
+        try:
+            return bool(self.evaluate("window.insituState != null"))
+        except RuntimeError:  # no execution context yet: the page is still loading
+            return False
 
     def send(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         self._id += 1
@@ -824,7 +831,7 @@ class CdpTarget:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.socket.close()
+            self._connection.__exit__(None, None, None)
         self.process.terminate()
         try:
             self.process.wait(10)
