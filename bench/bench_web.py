@@ -49,10 +49,18 @@ every preview, which come straight from the analysis process).
    samples at 0, 5, 15, 30 min (or the nearest) and the slope over the last 15 minutes
    (least squares; flat = the page thins its series, growing = a leak).
 
+Diagnostics: `--viewer-kind client` runs 1's N viewers as clients that load the web process as
+remote browsers would (a WebSocket each, every new preview image fetched over HTTP, in threads
+here, nothing rendered), and 1 starts with the cores N idle Chromium pages take. `--driver
+cdp` runs 3's page in a Chromium started here without Playwright, sampled over bare CDP
+(Playwright enables the Network domain, whose agent keeps response bodies in the renderer).
+
 Run (about 6 minutes with the defaults; the memory mode as long as asked, in the background):
     .venv/bin/python bench/bench_web.py [--viewers 5] [--frames 6000] [--pairs 4]
-        [--seconds 30] [--modes hrtem lm] [--skip-throughput] [--skip-latency] [--profile]
+        [--viewer-kind chromium|client] [--seconds 30] [--modes hrtem lm]
+        [--skip-throughput] [--skip-latency] [--profile]
     .venv/bin/python bench/bench_web.py --memory-minutes 30 [--every 30] [--csv FILE]
+        [--driver playwright|cdp]
 Chromium: Debian's /usr/bin/chromium (`--chromium PATH`); Playwright's own browsers are not
 used. Needs $INSITU_DAQ_TESTDATA only as the test suite does (not at all here).
 """
