@@ -785,30 +785,37 @@ class CdpTarget:
              f"--window-size={VIEWPORT['width']},{VIEWPORT['height']}", url],
             stdout=subprocess.DEVNULL, stderr=(folder / "chromium.log").open("w"),
         )  # fmt: skip
-        deadline = time.monotonic() + 30.0
-        port_file = profile / "DevToolsActivePort"
-        while not port_file.exists() or not port_file.read_text().strip():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(
-                    f"Chromium did not open its DevTools port; {folder}/chromium.log"
-                )
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        while True:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as reply:
-                pages = [t for t in json.load(reply) if t.get("type") == "page"]
-            if pages and pages[0].get("url", "").startswith(url):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no page on {url} in Chromium")
-            time.sleep(0.2)
-        self._connection = connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
-        self.socket = self._connection.__enter__()
-        self._id = 0
-        while not self._has_state():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the page got no state")
-            time.sleep(0.2)
+        try:
+            deadline = time.monotonic() + 30.0
+            port_file = profile / "DevToolsActivePort"
+            while not port_file.exists() or not port_file.read_text().strip():
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"Chromium did not open its DevTools port; {folder}/chromium.log"
+                    )
+                time.sleep(0.1)
+            port = int(port_file.read_text().split()[0])
+            while True:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/json/list", timeout=5
+                ) as reply:
+                    pages = [t for t in json.load(reply) if t.get("type") == "page"]
+                if pages and pages[0].get("url", "").startswith(url):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no page on {url} in Chromium")
+                time.sleep(0.2)
+            self._connection = connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
+            self.socket = self._connection.__enter__()
+            self._id = 0
+            while not self._has_state():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the page got no state")
+                time.sleep(0.2)
+        except BaseException:  # no Chromium left behind by a start that failed
+            self.process.kill()
+            self.process.wait()
+            raise
 
     def _has_state(self) -> bool:
         try:
