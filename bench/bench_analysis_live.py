@@ -69,6 +69,7 @@ from insitu_daq.drivers.stream2 import ImageMessage, decode_message
 from insitu_daq.ingest import IngestClient
 from insitu_daq.ingest.tap import AnalysisTap
 from insitu_daq.live.client import LiveAnalysis
+from insitu_daq.live.preview import PreviewTarget
 from insitu_daq.runfile.writer import FrameGeometry, RunMetadata
 from insitu_daq.service.daemon import pipeline_settings
 from insitu_daq.sim import stream2_encode as s2
@@ -91,10 +92,13 @@ class Daemon:
     """The daemon's side of the live analysis, as service/daemon.py wires it (only what is
     timed)."""
 
-    def __init__(self, folder: Path, endpoint: str, analysis: str) -> None:
+    def __init__(
+        self, folder: Path, endpoint: str, analysis: str, preview: PreviewTarget | None = None
+    ) -> None:
         """analysis: "on" (as the daemon), "off" (disabled: no tap); diagnostics: "idle" (on,
         the analysis process under SCHED_IDLE instead of its nice +5), "tap" (the ingest
-        offers frames on its tap but no analysis process is connected)."""
+        offers frames on its tap but no analysis process is connected). `preview`: where the
+        analysis publishes previews for the web view (bench_web.py; none here)."""
         self.results: list[tuple[int, dict[str, Any]]] = []  # (wall ns at receipt, result)
         self.idle = analysis == "idle"
         self.analysis = (
@@ -102,6 +106,7 @@ class Daemon:
                 pipeline_settings(ANALYSIS_DEFAULTS),
                 on_result=self._on_result,
                 max_rate_hz=ANALYSIS_DEFAULTS.max_rate_hz,
+                preview=preview,
             )
             if analysis in ("on", "idle")
             else None
