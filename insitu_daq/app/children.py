@@ -66,8 +66,11 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 
 @contextlib.contextmanager
-def child_process(name: str, command: list[str], log_path: Path) -> Iterator[ChildProcess]:
-    """Run `command` with its output in `log_path`; SIGTERM it (then SIGKILL) on the way out."""
+def child_process(
+    name: str, command: list[str], log_path: Path, stop_timeout_s: float = 30.0
+) -> Iterator[ChildProcess]:
+    """Run `command` with its output in `log_path`; SIGTERM it on the way out, then SIGKILL
+    it if it has not exited within `stop_timeout_s`."""
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command,
@@ -78,7 +81,7 @@ def child_process(name: str, command: list[str], log_path: Path) -> Iterator[Chi
         try:
             yield ChildProcess(name, process, log_path)
         finally:
-            terminate(process)
+            terminate(process, stop_timeout_s)
 
 
 def terminate(process: subprocess.Popen, timeout_s: float = 30.0) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -69,6 +70,7 @@ SIM_LOG, DAEMON_LOG = "sim.log", "daemon.log"
 SIM_READY_TEXT = "simulated station running"  # `insitu-daq sim` prints it once it serves
 WEB_READY_TEXT = "insitu-daq web:"  # the web view prints its address once it serves
 WEB_LOG = "web.log"
+WEB_STOP_S = 5.0  # the web view stops in ~2 s; nothing of the station depends on it
 
 
 def free_ports(n: int) -> list[int]:
@@ -334,14 +336,24 @@ def run_demo(
 
 
 def keep_page_up(command: list[str], log_path: Path, port: int, run_file: Path) -> None:
-    """The web view, serving the finished run (the station is down), until Ctrl-C."""
-    with child_process("web view", command, log_path) as page:
-        wait_for_output(page, WEB_READY_TEXT, timeout_s=30.0)
-        address = f"http://127.0.0.1:{port}/"
-        print(
-            f"\nweb view     {address}?run={run_file.stem}  (runs: {address}runs); Ctrl-C ends it",
-            flush=True,  # a pipe is block-buffered: whoever waits for the address gets it now
-        )
-        with contextlib.suppress(KeyboardInterrupt):
-            while page.process.poll() is None:
-                time.sleep(0.5)
+    """The web view, serving the finished run (the station is down), until Ctrl-C. A Ctrl-C
+    that comes while it starts ends it as well; a second one while it stops is ignored (it has
+    nothing to make safe, and is killed if it takes more than WEB_STOP_S)."""
+    page = None
+    try:
+        with child_process("web view", command, log_path, stop_timeout_s=WEB_STOP_S) as page:
+            wait_for_output(page, WEB_READY_TEXT, timeout_s=30.0)
+            address = f"http://127.0.0.1:{port}/"
+            print(
+                f"\nweb view     {address}?run={run_file.stem}  (runs: {address}runs);"
+                " Ctrl-C ends it",
+                flush=True,  # a pipe is block-buffered: whoever waits for the address gets it
+            )
+            try:
+                while page.process.poll() is None:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # while the page stops
+    except KeyboardInterrupt:  # while it started, or between the lines above
+        if page is not None and page.process.poll() is None:
+            page.process.kill()

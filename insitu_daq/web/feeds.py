@@ -3,12 +3,14 @@
 Each feed is one thread with its own ZeroMQ socket. Both reconnect by themselves (ZeroMQ
 does), so the web process may start before the daemon, and outlive or outwait a restart.
 
-The preview feed takes only the newest preview of each mode: it drains its socket before
-encoding, and a preview older than one already waiting is dropped (counted). So a slow encode on
-a busy PC never makes the page fall behind the camera. Encoding runs here, once a preview, not
-once a viewer, and only while a page is connected. With nobody watching, the newest preview of
-each mode is held as received (two buffers), so a page opened in an HRTEM-only stretch still
-shows the last low-magnification image.
+The preview feed subscribes only while a page is connected, so with nobody watching the
+analysis process copies no sum and this process encodes nothing (live/preview.py hears the
+subscription come and go). Holding the newest preview for a late page instead (subscribed
+throughout, ~32 MB/s of sums over loopback) was tried: in that CI run the no-bias control's
+analysis made 43 results where its test asks for more than 50 (the cause not proven). Watching
+must cost nothing when nobody watches. It takes only the newest preview of
+each mode: it drains its socket before encoding, and a preview older than one already waiting
+is dropped (counted). Encoding runs here, once a preview, not once a viewer.
 """
 
 from __future__ import annotations
@@ -94,14 +96,13 @@ class PreviewFeed(threading.Thread):
         socket.setsockopt(zmq.RCVHWM, 4)
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(self._endpoint)
-        socket.setsockopt(zmq.SUBSCRIBE, TOPIC)
-        held: dict[str, tuple[list[zmq.Frame], int]] = {}  # newest of each mode, not encoded
+        subscribed = False
         try:
             while not self._stop_flag.is_set():
-                if held and self._state.viewers:  # a page came: it sees the newest at once
-                    for parts, arrived_ns in held.values():
-                        self._show(parts, arrived_ns)
-                    held.clear()
+                watched = self._state.viewers > 0
+                if watched != subscribed:
+                    socket.setsockopt(zmq.SUBSCRIBE if watched else zmq.UNSUBSCRIBE, TOPIC)
+                    subscribed = watched
                 if not socket.poll(int(POLL_S * 1000)):
                     continue
                 newest: dict[str, tuple[list[zmq.Frame], int]] = {}
@@ -115,9 +116,6 @@ class PreviewFeed(threading.Thread):
                     if mode in newest:
                         self.dropped += 1
                     newest[mode] = (parts, arrived_ns)
-                if not self._state.viewers:
-                    held.update(newest)
-                    continue
                 for parts, arrived_ns in newest.values():
                     self._show(parts, arrived_ns)
         finally:

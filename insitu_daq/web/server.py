@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -359,6 +360,14 @@ def serve(config: StationConfig, announce: Callable[[str], None] = print) -> Non
             proxy_headers=web.behind_proxy, ws_ping_interval=20.0,
         )
     )  # fmt: skip
+    # Bound and listening before the address is announced: whoever waits for the line (the
+    # demo, a test) may connect at once (uvicorn binds only inside run()).
+    family = socket.AF_INET6 if ":" in web.bind else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.bind((web.bind, web.port))
+    listening.listen(128)
+    port = listening.getsockname()[1]
     host = f"[{web.bind}]" if ":" in web.bind else web.bind
-    announce(f"insitu-daq web: {scheme}://{host}:{web.port}/")
-    server.run()
+    announce(f"insitu-daq web: {scheme}://{host}:{port}/")
+    server.run(sockets=[listening])

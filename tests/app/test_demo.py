@@ -40,7 +40,12 @@ def test_demo_runs_the_reference_experiment_and_prints_what_it_measured(tmp_path
         assert json.loads(replayed.read())["series"]["bias"]["t"]
     finally:
         demo.send_signal(signal.SIGINT)  # Ctrl-C ends the page and the demo
-        rest, _ = demo.communicate(timeout=30)
+        try:
+            rest, _ = demo.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            rest, _ = demo.communicate()
+            raise AssertionError(f"Ctrl-C did not end the demo within 60 s:\n{rest}") from None
     out += rest
     assert demo.returncode == 0, out
     assert re.search(r"live view    http://127\.0\.0\.1:\d+/", out), out  # while it ran

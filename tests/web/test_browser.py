@@ -45,7 +45,9 @@ steps:
   - acquire: start
   - wait: 2
   - microscope: {mode: hrtem, dose_rate_e_per_a2_s: 35}
-  - wait: 200
+  - wait:
+      duration_s: 200
+      interleave: {mode: lm, every_s: 20, dwell_s: 3, dose_rate_e_per_a2_s: 10}
   - bias: {volts: 4.3, rate_volts_per_s: 1.0}
   - hold: {duration_s: 3000}
   - bias: 0
