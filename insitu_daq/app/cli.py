@@ -433,6 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Ctrl-C ends the demo and its page and aborts `run`'s run, so it is honoured even when
+    # started with SIGINT ignored (a background job of a non-interactive shell, some CI
+    # runners): Python raises KeyboardInterrupt only if SIGINT was at its default at start-up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
