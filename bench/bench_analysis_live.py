@@ -58,7 +58,13 @@ from typing import Any
 
 import numpy as np
 import zmq
-from bench_ingest import check_file, chunk_payload, cpu_seconds, drop_file
+from bench_ingest import (
+    check_file,
+    chunk_payload,
+    cpu_seconds,
+    drop_file,
+    wait_until_ingested,
+)
 from simproc import SHAPE, StationProcess, render_frames
 
 from insitu_daq.analysis.quantities import PHASE_FRACTION, RESULT_KEYS
@@ -80,7 +86,6 @@ from insitu_daq.sim.station import SimStation
 ANALYSIS_DEFAULTS = AnalysisConfig()
 
 WARMUP_S = 2.0  # results of frames that arrived this soon after the camera started: left out
-POLL_S = 0.02
 PHASE_KEY = PHASE_FRACTION.key_for(PHASES[0])  # present in a result only when it has a phase map
 
 
@@ -330,16 +335,7 @@ def throughput_trial(
             cpu = cpu_of(pids)
             started = time.monotonic()
             camera.replay(encoded, n_frames)
-            deadline = started + 600.0
-            while True:
-                stats = daemon.ingest.sync()
-                if stats["frames_written_total"] >= n_frames:
-                    break
-                if stats["frames_received_total"] >= n_frames and stats["frames_held"] == 0:
-                    break  # all in, some not written: check_file says which
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ingest stalled: {stats['frames_written_total']} written")
-                time.sleep(POLL_S)
+            stats = wait_until_ingested(daemon.ingest, n_frames)
             summary = daemon.ingest.close_run()
             elapsed = time.monotonic() - started
             cpu = {name: (s - cpu[name]) / n_frames * 1e3 for name, s in cpu_of(pids).items()}

@@ -230,6 +230,21 @@ def _profiled_child_main(*args: object) -> None:  # runs in the spawned ingest p
         profile.dump_stats(os.environ["BENCH_INGEST_PROFILE"])
 
 
+def wait_until_ingested(client: IngestClient, n_frames: int, timeout_s: float = 600.0) -> dict:
+    """Poll the ingest until it has written `n_frames`, or received them all with none held
+    (then check_file says which were not written); its last stats. RuntimeError if it stalls."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = client.sync()
+        if stats["frames_written_total"] >= n_frames:
+            return stats
+        if stats["frames_received_total"] >= n_frames and stats["frames_held"] == 0:
+            return stats
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ingest stalled: {stats['frames_written_total']} written")
+        time.sleep(POLL_S)
+
+
 def ingest_run(
     folder: Path,
     encoded: list[s2.EncodedChannels],
@@ -262,16 +277,7 @@ def ingest_run(
             hdf5_before = hdf5_seconds(client.sync())
             started = time.monotonic()
             camera.replay(encoded, n_frames)
-            deadline = started + 600.0
-            while True:
-                stats = client.sync()
-                if stats["frames_written_total"] >= n_frames:
-                    break
-                if stats["frames_received_total"] >= n_frames and stats["frames_held"] == 0:
-                    break  # all in, some not written: the check below says which
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ingest stalled: {stats['frames_written_total']} written")
-                time.sleep(POLL_S)
+            wait_until_ingested(client, n_frames)
             summary = client.close_run()
             cached = time.monotonic()
             cpu = {"camera": cpu_seconds() - cpu_camera, "ingest": cpu_seconds(pid) - cpu_ingest}

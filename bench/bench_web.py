@@ -87,7 +87,13 @@ from typing import Any
 
 import numpy as np
 from bench_analysis_live import ANALYSIS_DEFAULTS, Daemon, percentile, spread
-from bench_ingest import check_file, chunk_payload, cpu_seconds, drop_file
+from bench_ingest import (
+    check_file,
+    chunk_payload,
+    cpu_seconds,
+    drop_file,
+    wait_until_ingested,
+)
 from bench_memory import rss_mb, slope_mb_per_min
 from simproc import SHAPE, StationProcess, render_frames
 
@@ -120,7 +126,6 @@ PREVIEW_RATE_HZ = 4.0  # [web] preview_rate_hz, the default
 KINDS = ("hrtem", "lm", "fft")
 WARMUP_S = 3.0  # latency trials: the first of the camera's frames, FFT plans, first renders
 SETTLE_S = 0.5  # after a run opens: the web process's SUB has reconnected to the new analysis
-POLL_S = 0.02
 
 # Added to the page before its own scripts: every preview version a WebSocket message names,
 # with the page's Date.now() when the message came (the page's own listener runs after this).
@@ -471,16 +476,7 @@ def throughput_trial(
             cpu = cpu_of(pids)
             started = time.monotonic()
             camera.replay(encoded, n_frames)
-            deadline = started + 600.0
-            while True:
-                stats = daemon.ingest.sync()
-                if stats["frames_written_total"] >= n_frames:
-                    break
-                if stats["frames_received_total"] >= n_frames and stats["frames_held"] == 0:
-                    break  # all in, some not written: check_file says which
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ingest stalled: {stats['frames_written_total']} written")
-                time.sleep(POLL_S)
+            stats = wait_until_ingested(daemon.ingest, n_frames)
             summary = daemon.ingest.close_run()
             elapsed = time.monotonic() - started
             after = cpu_of(pids)

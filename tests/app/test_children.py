@@ -124,33 +124,33 @@ def _killed_at_the_end() -> Iterator[list[int]]:
                     os.kill(pid, signal.SIGKILL)
 
 
-def _demo_under_way(tmp_path: Path) -> subprocess.Popen[str]:
-    """The no-bias control demo, once its first status line says the run is under way."""
+@contextlib.contextmanager
+def _demo_under_way(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """The no-bias control demo, once its first status line says the run is under way; killed
+    on the way out if it is still running."""
     demo = subprocess.Popen(
         module_command("insitu_daq", "demo", "--protocol", "lno_control_0v.yaml",
                        "--time-scale", "10", "--frame-size", "256", "--no-figure",
                        "--data-dir", str(tmp_path)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
-    assert demo.stdout is not None
-    for line in demo.stdout:
-        if line.startswith("["):
-            return demo
-    raise AssertionError(f"the demo did not start a run: {demo.communicate()}")
+    try:
+        assert demo.stdout is not None
+        if not any(line.startswith("[") for line in demo.stdout):
+            raise AssertionError(f"the demo did not start a run: {demo.communicate()}")
+        yield demo
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
 
 
 def test_the_demo_shows_the_log_of_a_daemon_killed_mid_run(tmp_path: Path) -> None:
-    demo = _demo_under_way(tmp_path)
-    with _killed_at_the_end() as leftovers:
-        try:
-            (daemon,) = (pid for pid in _children(demo.pid) if "daemon" in _argv(pid))
-            leftovers += [*_descendants(daemon), *_children(demo.pid)]  # guardian, ingest, ...
-            os.kill(daemon, signal.SIGKILL)
-            out, err = demo.communicate(timeout=90)
-        finally:
-            if demo.poll() is None:
-                demo.kill()
-                demo.wait()
+    with _demo_under_way(tmp_path) as demo, _killed_at_the_end() as leftovers:
+        (daemon,) = (pid for pid in _children(demo.pid) if "daemon" in _argv(pid))
+        leftovers += [*_descendants(daemon), *_children(demo.pid)]  # guardian, ingest, ...
+        os.kill(daemon, signal.SIGKILL)
+        out, err = demo.communicate(timeout=90)
     assert demo.returncode == 1, out + err
     daemon_log = tmp_path / DEMO_FILES_DIR / "daemon.log"
     first, *tail = err.splitlines()
@@ -167,18 +167,12 @@ def test_the_demo_shows_the_log_of_a_daemon_killed_mid_run(tmp_path: Path) -> No
 
 
 def test_a_terminated_demo_aborts_its_run_and_leaves_no_process_behind(tmp_path: Path) -> None:
-    demo = _demo_under_way(tmp_path)
-    with _killed_at_the_end() as leftovers:
-        try:
-            children = _descendants(demo.pid)  # station, daemon, web view, guardian, workers
-            leftovers += children
-            assert len(children) >= 4, [_argv(pid) for pid in children]
-            demo.terminate()
-            out, err = demo.communicate(timeout=90)
-        finally:
-            if demo.poll() is None:
-                demo.kill()
-                demo.wait()
+    with _demo_under_way(tmp_path) as demo, _killed_at_the_end() as leftovers:
+        children = _descendants(demo.pid)  # station, daemon, web view, guardian, workers
+        leftovers += children
+        assert len(children) >= 4, [_argv(pid) for pid in children]
+        demo.terminate()
+        out, err = demo.communicate(timeout=90)
         assert demo.returncode == 1, out + err
         assert "interrupted: aborting the run" in out
         alive = [pid for pid in children if _argv(pid) and Path(f"/proc/{pid}").exists()]
