@@ -312,7 +312,10 @@ def run_demo(
         print(f"run {reply['run_id']}: protocol {protocol}")
         interval = truth_poll_interval(time_scale)
         with TruthPoller("127.0.0.1", ports["microscope"], interval) as truth:
-            outcome = follow_run(control, events, reply["run_id"], timeout_s=10.0)
+            outcome = follow_run(
+                control, events, reply["run_id"], timeout_s=10.0,
+                daemon_alive=lambda: not (sim.exited or daemon.exited),
+            )  # fmt: skip
         if outcome != 0:  # the run failed, or the daemon fell silent: a child may be dead
             check_children([sim, daemon], grace_s=EXIT_GRACE_S)
     print()

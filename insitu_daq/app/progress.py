@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 FINAL_STATES = ("finished", "aborted", "failed")
@@ -33,12 +34,19 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def follow_run(
-    control: str, events: str, run_id: str, timeout_s: float = 5.0, out: TextIO = sys.stdout
+    control: str,
+    events: str,
+    run_id: str,
+    timeout_s: float = 5.0,
+    out: TextIO = sys.stdout,
+    daemon_alive: Callable[[], bool] = lambda: True,
 ) -> int:
     """Print status until the run ends; Ctrl-C aborts the run (the bias is made safe first).
 
-    Returns 0 when the protocol finished, 1 when it was aborted or failed; the last line says
-    how it ended, and why when it did not finish (`run <id>: failed: disk full in /data (...)`).
+    Returns 0 when the protocol finished, 1 when it was aborted or failed, or when no status
+    came for `timeout_s` (5 s at least) or `daemon_alive()` says the daemon is gone (a caller
+    that started it knows at once); the last line says how it ended, and why when it did not
+    finish (`run <id>: failed: disk full in /data (...)`).
     """
     from insitu_daq.service.api import ControlClient, EventSubscriber
 
@@ -49,6 +57,9 @@ def follow_run(
             while True:
                 message = subscriber.receive(timeout_s=1.0)
                 if message is None:
+                    if not daemon_alive():
+                        print("the daemon has stopped", file=out, flush=True)
+                        return 1
                     if time.monotonic() - last_heard > max(timeout_s, 5.0):
                         print("no status from the daemon", file=out, flush=True)
                         return 1

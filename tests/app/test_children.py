@@ -152,6 +152,7 @@ def test_the_demo_shows_the_log_of_a_daemon_killed_mid_run(tmp_path: Path) -> No
         os.kill(daemon, signal.SIGKILL)
         out, err = demo.communicate(timeout=90)
     assert demo.returncode == 1, out + err
+    assert "the daemon has stopped" in out  # seen at once, not after the status silence
     daemon_log = tmp_path / DEMO_FILES_DIR / "daemon.log"
     first, *tail = err.splitlines()
     assert first == (
