@@ -3,7 +3,8 @@
 The simulated camera serves its SIMPLON REST API and streams Stream V2 (in this process, over
 real HTTP and ZeroMQ); `insitu-daq daemon` (a real process) arms it at `acquire: start`,
 knows the series id it will stream, and disarms it at `acquire: stop`. The run file is read
-back.
+back. Then the detector's API stops answering: the next `acquire: start` fails its step with
+one line and the bias is made safe.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ steps:
   - wait: 12
   - acquire: stop
 """
+BIASED = """
+name: biased
+description: the bias on, then recording
+steps:
+  - bias: {volts: 0.5, rate_volts_per_s: 1.0}
+  - acquire: start
+  - wait: 12
+"""
 
 
 def _image_of(series_id: int, image_id: int, shape: tuple[int, int]) -> bytes:
@@ -37,7 +46,9 @@ def _image_of(series_id: int, image_id: int, shape: tuple[int, int]) -> bytes:
     )  # fmt: skip
 
 
-def test_armed_acquisition_records_exactly_its_series(tmp_path: Path) -> None:
+def test_armed_series_is_recorded_alone_and_a_silent_detector_fails_the_step_safely(
+    tmp_path: Path,
+) -> None:
     shape = (128, 128)
     live = LiveStation(tmp_path, frame_shape=shape, detector_api=True, analysis=False)
     try:
@@ -57,6 +68,18 @@ def test_armed_acquisition_records_exactly_its_series(tmp_path: Path) -> None:
         status = live.wait_closed(reply["run_id"])
         assert status["protocol"]["state"] == "finished", live.daemon_log()
         assert api.detector.state == "idle"  # disarmed
+
+        # The detector's API gone: `acquire: start` fails with one line, the bias made safe.
+        api.stop()
+        failing = live.run(BIASED, "biased")
+        status = live.wait_closed(failing["run_id"])
+        assert status["protocol"]["state"] == "failed"
+        reason = status["protocol"]["reason"]
+        assert reason.startswith("step 2 (acquire): arming the detector: GET http://"), reason
+        assert "\n" not in reason
+        _, history, (volts, amps, _) = live.model_state()
+        assert (volts, amps) == (0.0, 0.0), "output still on"
+        assert max(v for _, v in history) == 0.5  # it was on, then ramped down
     finally:
         live.close()
 
