@@ -124,9 +124,10 @@ class DetectorConfig(_Section):
     # control = "simplon", the rate it is armed at.
     default_frame_rate_hz: Annotated[float, Field(gt=0, le=100_000)] = 40.0
     # Who starts the detector's series. "none": nobody here, the daemon records what it
-    # streams (listen-only). "simplon": `acquire: start` configures and arms it over its
-    # DECTRIS SIMPLON REST API at `api_url`, knows the series id it will stream, triggers
-    # it, and `acquire: stop` disarms it (control/detector.py).
+    # streams (listen-only). "simplon": `acquire: start` configures it (the rate above,
+    # count_time_s, default_compression) and arms it over its DECTRIS SIMPLON REST API at
+    # `api_url`, knows the series id it will stream, triggers it, and `acquire: stop`
+    # disarms it (insitu_daq/control/detector.py).
     control: Literal["none", "simplon"] = "none"
     api_url: str = "http://127.0.0.1:8000"
     api_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0  # every request but trigger
