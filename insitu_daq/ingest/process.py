@@ -364,11 +364,16 @@ class IngestProcess:
                 {"bytes": len(buf)},
             )
             return
+        # Another series than the one the detector was armed for is no sign of it: its
+        # geometry is not the run's, and its images do not end a silence.
+        armed = self.sequencer.takes(message.series_id)
         if isinstance(message, StartMessage):
-            self.recorder.observe_start(message)
+            if armed:
+                self.recorder.observe_start(message)
         elif isinstance(message, ImageMessage):
             self.counts["frames_received_total"] += 1
-            self._detector_heard(received_ns)
+            if armed:
+                self._detector_heard(received_ns)
         self._take(self.sequencer.push(message, time.monotonic()))
 
     def _take(self, released: Released) -> None:

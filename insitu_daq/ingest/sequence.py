@@ -307,9 +307,12 @@ class FrameSequencer:
             )
         )
 
+    def takes(self, series_id: int) -> bool:
+        """False for a series other than the armed one (when one is expected)."""
+        return self._expected is None or series_id == self._expected
+
     def _foreign(self, series_id: int) -> bool:
-        """Not the armed series (when one is expected)."""
-        return self._expected is not None and series_id != self._expected
+        return not self.takes(series_id)
 
     def _adopt(self, msg: ImageMessage, out: Released) -> bool:
         """True when an unknown 'stale' series keeps coming while the current one is silent:
