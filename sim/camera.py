@@ -161,6 +161,8 @@ class SimulatedCamera:
         self._next_series_id = 1
         self._pending_faults: collections.deque[Fault] = collections.deque()
         self._renderer: Any = None
+        # The SIMPLON API's /stream/api/.../config/mode (sim/simplon.py): "disabled" sends nothing.
+        self.stream_enabled = True
 
     # ----- server shape ---------------------------------------------------------------------
     @property
@@ -231,16 +233,38 @@ class SimulatedCamera:
     def armed(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def prepare(self) -> None:
+        """Load the renderer now rather than at the first series (seconds on a cold start:
+        its scipy imports); what the SIMPLON API's `initialize` does (sim/simplon.py)."""
+        if self._renderer is None:
+            from .render import FrameRenderer
+
+            self._renderer = FrameRenderer(self.shape, self.seed)
+
+    @property
+    def next_series_id(self) -> int:
+        """The series_id the next arm() without one takes."""
+        return self._next_series_id
+
     def arm(
         self,
         n_images: int | None = None,
         series_id: int | None = None,
         faults: Mapping[int, Fault | str] | None = None,
+        frame_time_s: float | None = None,
+        count_time_s: float | None = None,
     ) -> int:
-        """Start a series of `n_images` (None: until disarm); returns its series_id."""
+        """Start a series of `n_images` (None: until disarm); returns its series_id.
+
+        `frame_time_s`, `count_time_s`: this series' timing (the SIMPLON API's configuration,
+        sim/simplon.py); default the camera's frame rate, exposing all but the dead time.
+        """
         if n_images is not None and n_images < 0:
             raise ValueError("n_images must be >= 0")
-        series = self._new_series(n_images, series_id, faults, self.frame_time_s, self.shape)
+        frame_time = self.frame_time_s if frame_time_s is None else frame_time_s
+        series = self._new_series(n_images, series_id, faults, frame_time, self.shape)
+        if count_time_s is not None:
+            series.count_time_s = count_time_s
         self._launch(series)
         return series.series_id
 
@@ -340,10 +364,8 @@ class SimulatedCamera:
 
     def _run_series(self, series: _Series) -> None:
         try:
-            if series.replay is None and self._renderer is None:
-                from .render import FrameRenderer
-
-                self._renderer = FrameRenderer(self.shape, self.seed)
+            if series.replay is None:
+                self.prepare()
             # Armed once ready to expose, as a DCU: the series clock starts here.
             series.arm_mono, series.arm_wall_ns = time.monotonic(), time.time_ns()
             if not self._send(self._start_message(series)):
@@ -580,6 +602,8 @@ class SimulatedCamera:
     # ----- transport ------------------------------------------------------------------------
     def _send(self, data: bytes, deadline: float | None = None) -> bool:
         """Send one message; wait (polling for stop()) while no receiver takes it."""
+        if not self.stream_enabled:  # the DCU's stream output is off: nothing leaves
+            return True
         while not self._closing.is_set():
             with self._send_lock:
                 sock = self._socket

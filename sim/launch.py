@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .camera import SimulatedCamera
 from .holder import SimulatedHolder
 from .microscope import SimulatedMicroscope
+from .simplon import SimplonServer
 from .sourcemeter import SimulatedSourceMeter
 from .station import SimStation
 
@@ -22,6 +23,9 @@ class StationPorts:
     holder: int = 5026
     microscope: int = 5027
     camera: int = 31001
+    # The camera's SIMPLON REST API (sim/simplon.py); None: not served, the camera free-runs
+    # as a listen-only station expects (`insitu-daq sim --camera-api-port 8000` serves it).
+    camera_api: int | None = None
 
 
 @dataclass
@@ -33,6 +37,7 @@ class SimulatedInstruments:
     holder: SimulatedHolder
     microscope: SimulatedMicroscope
     camera: SimulatedCamera
+    camera_api: SimplonServer | None = None
     _started: list = field(default_factory=list)
 
     @classmethod
@@ -49,7 +54,7 @@ class SimulatedInstruments:
     ) -> SimulatedInstruments:
         ports = ports or StationPorts()
         station = SimStation(seed=seed, time_scale=time_scale)
-        return cls(
+        sims = cls(
             station=station,
             source_meter=SimulatedSourceMeter(
                 station, host=host, port=ports.source_meter, model=source_meter_model
@@ -68,15 +73,22 @@ class SimulatedInstruments:
                 seed=seed,
             ),
         )
+        if ports.camera_api is not None:
+            sims.camera_api = SimplonServer(sims.camera, host=host, port=ports.camera_api)
+        return sims
 
     @property
     def instruments(self) -> dict[str, object]:
-        return {
+        """Each instrument by name, in the order they start (the camera before its API)."""
+        instruments: dict[str, object] = {
             "source_meter": self.source_meter,
             "holder": self.holder,
             "microscope": self.microscope,
             "camera": self.camera,
         }
+        if self.camera_api is not None:
+            instruments["camera_api"] = self.camera_api
+        return instruments
 
     def start(self) -> None:
         try:

@@ -34,6 +34,15 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holder-port", type=int, default=5026)
     p.add_argument("--microscope-port", type=int, default=5027)
     p.add_argument("--camera-port", type=int, default=31001)
+    p.add_argument(
+        "--camera-api-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve the camera's DECTRIS SIMPLON REST API on PORT (e.g. 8000; 0 picks a"
+        ' free one), for a station config with [detector] control = "simplon"; default: not'
+        " served (the camera free-runs, as a listen-only station expects)",
+    )
     p.add_argument("--time-scale", type=float, default=1.0, help="model seconds per wall second")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frame-size", type=int, default=1024, help="square frame edge in pixels")
@@ -55,11 +64,16 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from insitu_daq.sim.launch import StationPorts
 
     ports = StationPorts(
-        args.source_meter_port, args.holder_port, args.microscope_port, args.camera_port
+        args.source_meter_port,
+        args.holder_port,
+        args.microscope_port,
+        args.camera_port,
+        camera_api=args.camera_api_port,
     )
     # Before binding anything: a second sim on these ports is refused, naming the first.
-    requested = {name: f"{args.host}:{port}" for name, port in asdict(ports).items()}
-    lock = StationLock.acquire(sim_resources(asdict(ports).values()), sim_owner(requested))
+    served = {name: port for name, port in asdict(ports).items() if port is not None}
+    requested = {name: f"{args.host}:{port}" for name, port in served.items()}
+    lock = StationLock.acquire(sim_resources(served.values()), sim_owner(requested))
     with lock:
         return _serve_sim(args, lock, ports)
 

@@ -10,6 +10,7 @@ import ipaddress
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -119,8 +120,43 @@ class DetectorConfig(_Section):
     default_dtype: Literal["uint8", "uint16", "uint32"] = "uint16"  # little-endian
     default_compression: Literal["bslz4", "lz4", "none"] = "bslz4"
     # Frames per second the detector is assumed to send before it has been heard: only for
-    # planning a run's recording (the rate measured from the stream replaces it).
+    # planning a run's recording (the rate measured from the stream replaces it); with
+    # control = "simplon", the rate it is armed at.
     default_frame_rate_hz: Annotated[float, Field(gt=0, le=100_000)] = 40.0
+    # Who starts the detector's series. "none": nobody here, the daemon records what it
+    # streams (listen-only). "simplon": `acquire: start` configures it (the rate above,
+    # count_time_s, default_compression) and arms it over its DECTRIS SIMPLON REST API at
+    # `api_url`, knows the series id it will stream, triggers it, and `acquire: stop`
+    # disarms it (insitu_daq/control/detector.py).
+    control: Literal["none", "simplon"] = "none"
+    api_url: str = "http://127.0.0.1:8000"
+    api_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0  # every request but trigger
+    # An armed series' exposure per image (unset: the frame time less the detector's readout
+    # time) and the most images it may hold: the detector ends it by itself after that many
+    # (~69 h at 40 frames/s), `acquire: stop` disarms it before.
+    count_time_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    series_max_images: Annotated[int, Field(ge=1, le=2**31 - 1)] = 10_000_000
+
+    @field_validator("api_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http:// or https:// address")
+        return url
+
+    @field_validator("count_time_s")
+    @classmethod
+    def _exposure_fits_the_frame(
+        cls, count_time_s: float | None, info: ValidationInfo
+    ) -> float | None:
+        rate = info.data.get("default_frame_rate_hz")
+        if count_time_s is not None and rate is not None and count_time_s >= 1 / rate:
+            raise ValueError(
+                f"{count_time_s:g} s is not shorter than the frame time {1 / rate:g} s "
+                "(1 / default_frame_rate_hz)"
+            )
+        return count_time_s
 
 
 class MicroscopeConfig(_Section):

@@ -175,9 +175,14 @@ class IngestClient(WorkerHandle):
             "open_run", timeout, meta=meta, path=str(path), clock=clock, geometry=geometry
         )
 
-    def start_recording(self) -> dict[str, Any]:
-        """Frames received from now on are written (until stop_recording)."""
-        return self._request("start_recording", 10.0)
+    def start_recording(self, series_id: int | None = None) -> dict[str, Any]:
+        """Frames received from now on are written (until stop_recording).
+
+        `series_id`: the detector was armed for this series, so only its frames are taken
+        (any other series' are dropped as stale; ingest/sequence.py)."""
+        if series_id is None:
+            return self._request("start_recording", 10.0)
+        return self._request("start_recording", 10.0, series_id=int(series_id))
 
     def stop_recording(self) -> dict[str, Any]:
         return self._request("stop_recording", 10.0)

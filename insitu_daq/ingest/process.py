@@ -364,11 +364,16 @@ class IngestProcess:
                 {"bytes": len(buf)},
             )
             return
+        # Another series than the one the detector was armed for is no sign of it: its
+        # geometry is not the run's, and its images do not end a silence.
+        armed = self.sequencer.takes(message.series_id)
         if isinstance(message, StartMessage):
-            self.recorder.observe_start(message)
+            if armed:
+                self.recorder.observe_start(message)
         elif isinstance(message, ImageMessage):
             self.counts["frames_received_total"] += 1
-            self._detector_heard(received_ns)
+            if armed:
+                self._detector_heard(received_ns)
         self._take(self.sequencer.push(message, time.monotonic()))
 
     def _take(self, released: Released) -> None:
@@ -703,6 +708,8 @@ class IngestProcess:
 
     def _op_start_recording(self, request_id: int, command: dict[str, Any]) -> dict[str, Any]:
         run = self._require_run()
+        if "series_id" in command:  # an armed detector: only its series is taken
+            self._take(self.sequencer.expect(command["series_id"]))
         if not run.is_recording:
             run.recording.append([time.time_ns(), None])
         return {"recording": True, "time": run.clock.now()}
@@ -963,7 +970,11 @@ class IngestProcess:
             "analysis_offers_withheld": 0 if self._tap is None else self._tap.offers_withheld,
             "analysis_last_offered_id": None if self._tap is None else self._tap.last_offered_id,
         }
-        stats["detector"] = {"endpoint": self.detector.endpoint, **self.recorder.detector_stats()}
+        stats["detector"] = {
+            "endpoint": self.detector.endpoint,
+            **self.recorder.detector_stats(),
+            "expected_series_id": self.sequencer.expected_series_id,  # armed (SIMPLON)
+        }
         run = self._run
         stats["run"] = (
             None

@@ -24,7 +24,10 @@ series' straggler can arrive late; none of that may stop ingest, and all of it i
   is taken from its first images, and its first `image_id` from the lowest one seen once the
   window fills;
 - a new series (a `start`, or images of a newer `series_id`) ends the current one: its held
-  images are released (gaps reported) and the bookkeeping starts afresh.
+  images are released (gaps reported) and the bookkeeping starts afresh;
+- an armed series (`expect(series_id)`: the daemon armed the detector and was told the id
+  it will stream): only that series is taken; a `start` or image of any other series_id,
+  older or newer, is foreign and dropped as stale, never adopted, until `expect(None)`.
 
 `DetectorClockMap` maps a series' detector times (exact `Fraction` seconds since its
 `series_date`, on the detector's own clock) onto the run clock. An image can only arrive
@@ -124,6 +127,7 @@ class FrameSequencer:
         self.adopt_after = 2 * window_frames + 1
         self._stale_key: SeriesKey | None = None
         self._stale_streak = 0
+        self._expected: int | None = None  # the armed series' id (expect())
         # counters
         self.images_total = 0  # images pushed
         self.released_total = 0
@@ -151,6 +155,28 @@ class FrameSequencer:
     def next_image_id(self) -> int | None:
         return None if self._series is None else self._series.expected
 
+    @property
+    def expected_series_id(self) -> int | None:
+        return self._expected
+
+    def expect(self, series_id: int | None) -> Released:
+        """Take only the series `series_id` from now on (None: any, as before).
+
+        A current series of another id ends here: its held images are released now, so
+        nothing of it is taken once the armed series' images may come."""
+        self._expected = series_id
+        out = Released()
+        series = self._series
+        if (
+            series_id is not None
+            and series is not None
+            and series.series_id != series_id
+            and not series.ended
+        ):
+            self._finish(out)
+            series.ended = True
+        return out
+
     # ----- input -----------------------------------------------------------------------------
     def push(self, message: Message, now: float) -> Released:
         """One decoded message, in arrival order."""
@@ -177,6 +203,16 @@ class FrameSequencer:
 
     # ----- messages --------------------------------------------------------------------------
     def _start(self, msg: StartMessage, out: Released) -> None:
+        if self._foreign(msg.series_id):
+            out.events.append(
+                SequenceEvent(
+                    EventKind.STALE,
+                    f"start of series {msg.series_id} ignored: the detector was armed for "
+                    f"series {self._expected}",
+                    {"series_id": msg.series_id, "expected": self._expected},
+                )
+            )
+            return
         series = self._series
         if series is not None and series.key == (msg.series_id, msg.series_unique_id):
             # images of this series came first (cannot on one PUSH socket, but harmless)
@@ -195,6 +231,17 @@ class FrameSequencer:
 
     def _image(self, msg: ImageMessage, now: float, out: Released) -> None:
         self.images_total += 1
+        if self._foreign(msg.series_id):
+            self.stale_total += 1
+            out.events.append(
+                SequenceEvent(
+                    EventKind.STALE,
+                    f"image {msg.image_id} of series {msg.series_id} dropped: the detector "
+                    f"was armed for series {self._expected}",
+                    {"series_id": msg.series_id, "image_id": msg.image_id},
+                )
+            )
+            return
         verdict = self._classify(msg)
         if verdict == "stale" and self._adopt(msg, out):
             verdict = "new"
@@ -259,6 +306,13 @@ class FrameSequencer:
                 {"series_id": series.series_id, "image_id": image_id},
             )
         )
+
+    def takes(self, series_id: int) -> bool:
+        """False for a series other than the armed one (when one is expected)."""
+        return self._expected is None or series_id == self._expected
+
+    def _foreign(self, series_id: int) -> bool:
+        return not self.takes(series_id)
 
     def _adopt(self, msg: ImageMessage, out: Released) -> bool:
         """True when an unknown 'stale' series keeps coming while the current one is silent:

@@ -46,6 +46,7 @@ from typing import Any
 from insitu_daq import __version__
 from insitu_daq.analysis.pipeline import PipelineSettings
 from insitu_daq.control.bias import BiasController
+from insitu_daq.control.detector import detector_control
 from insitu_daq.control.guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
 from insitu_daq.control.guardian import Guardian, bias_confirmed_safe
 from insitu_daq.control.instruments.monitor import InstrumentMonitor
@@ -167,6 +168,10 @@ class Daemon:
                 preview=PreviewTarget(config.web.preview_endpoint, config.web.preview_rate_hz),
             )
         self.imaging = ImagingAnnouncer([] if self.analysis is None else [self.analysis])
+        self.detector = detector_control(  # None: a listen-only station
+            config.detector,
+            on_trigger_failed=lambda why: self.event(EventKind.INSTRUMENT, f"detector: {why}"),
+        )
         self.ingest = IngestClient(
             config,
             on_event=self.bus.publisher("ingest_event"),

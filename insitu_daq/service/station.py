@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from insitu_daq.control.conditions import LiveUpdate
+from insitu_daq.core.records import EventKind
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the daemon builds its station: only its type is needed here
     from insitu_daq.service.daemon import Daemon
@@ -45,10 +48,40 @@ class DaemonStation:
         self._daemon.bias.make_safe()
 
     def start_recording(self) -> None:
-        self._daemon.ingest.start_recording()
+        detector = self._daemon.detector
+        if detector is None:  # listen-only: record what the detector streams
+            self._daemon.ingest.start_recording()
+            return
+        # Armed first, so the ingest knows the one series it may take before it can come.
+        series = detector.arm()
+        try:
+            self._daemon.ingest.start_recording(series_id=series.series_id)
+            detector.trigger()
+        except BaseException:
+            # Not recording after all (the step fails with the reason raised): undo both.
+            for undo in (self._daemon.ingest.stop_recording, detector.disarm):
+                try:
+                    undo()
+                except Exception:
+                    log.exception("undoing a failed start of recording")
+            raise
+        self._daemon.event(
+            EventKind.DETECTOR,
+            f"detector armed and triggered: series {series.series_id}, "
+            f"{1 / series.frame_time_s:g} frames/s, count time {series.count_time_s:g} s",
+            {"series_id": series.series_id, "frame_time_s": series.frame_time_s,
+             "count_time_s": series.count_time_s, "nimages": series.nimages},
+        )  # fmt: skip
 
     def stop_recording(self) -> None:
         self._daemon.ingest.stop_recording()
+        detector = self._daemon.detector
+        series = None if detector is None else detector.disarm()
+        if series is not None:
+            self._daemon.event(
+                EventKind.DETECTOR, f"detector disarmed: series {series.series_id}",
+                {"series_id": series.series_id},
+            )  # fmt: skip
 
     def set_microscope(
         self,

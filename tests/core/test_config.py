@@ -52,6 +52,9 @@ def test_relative_data_dir_is_relative_to_the_config_file(tmp_path: Path) -> Non
         ('[holder]\nmodel = "mems"\n', "holder.model"),
         ("[holder]\npoll_interval_s = 0\n", "holder.poll_interval_s"),
         ('[microscope]\nmodel = "titan"\n', "microscope.model"),
+        ('[detector]\ncontrol = "epics"\n', "detector.control"),
+        ('[detector]\napi_url = "127.0.0.1:8000"\n', "detector.api_url"),
+        ("[detector]\ncount_time_s = 0.05\n", "detector.count_time_s"),
     ],
 )
 def test_wrong_value_is_refused_with_one_line_naming_the_field(

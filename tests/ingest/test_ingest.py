@@ -274,6 +274,30 @@ def test_camera_faults_are_counted_evented_and_ingest_goes_on(shared: Harness) -
     assert ingest.close_run()["frames_written"] == 5
 
 
+def test_another_series_than_the_armed_one_is_not_written_nor_a_sign_of_the_detector(
+    own: list[Harness], tmp_path: Path
+) -> None:
+    # [detector] control = "simplon": the daemon armed the detector for series 7 and told the
+    # ingest so, but series 1 streams (someone else armed it): none of it is written, and the
+    # recording says the detector is silent.
+    harness = Harness(tmp_path, silent_after_s=0.3)
+    own.append(harness)
+    camera, ingest = harness.camera, harness.ingest
+    camera.arm()
+    _wait_for(lambda: ingest.sync()["frames_received_total"] > 5, what="series 1 streaming")
+    harness.open_run("armed")
+    ingest.start_recording(series_id=7)
+    _wait_for(
+        lambda: any(e["message"].startswith("detector silent") for e in harness.events),
+        what="a detector silent event",
+    )
+    assert camera.disarm()
+    _delivered(harness)
+    summary = ingest.close_run()
+    assert summary["frames_written"] == 0
+    assert summary["dropped_by_reason"]["stale_series"] > 5  # series 1 went on all along
+
+
 def test_only_frames_received_between_start_and_stop_recording_are_written(
     shared: Harness,
 ) -> None:

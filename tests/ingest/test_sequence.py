@@ -318,3 +318,21 @@ def test_a_series_reusing_the_ended_series_id_is_a_new_series_not_stale(feed: Fe
     ]
     assert feed.sequencer.stale_total == 1
     assert feed.sequencer.series_total == 2
+
+
+def test_an_armed_series_is_the_only_one_taken(feed: Feed) -> None:
+    # Free-running series 3 streams; the detector is armed for series 4. Its held images are
+    # released at once; then neither series 3's stragglers nor a newer series 9 (which a
+    # listening sequencer would take as the next series) are taken, however long they come.
+    feed.push(start(3), image(0, 3), image(2, 3))  # 2 held: 1 missing
+    feed.out.extend(feed.sequencer.expect(4))
+    assert [(m.series_id, m.image_id) for m in feed.out.frames] == [(3, 0), (3, 2)]
+    feed.push(image(3, 3), start(9), *[image(i, 9) for i in range(12)])
+    feed.push(start(4), image(0, 4), image(0, 9), image(1, 4))
+    assert [(m.series_id, m.image_id) for m in feed.out.frames[2:]] == [(4, 0), (4, 1)]
+    assert feed.sequencer.stale_total == 14
+    assert len(feed.kinds(EventKind.STALE)) == 15  # and the start of series 9
+    feed.out.extend(feed.sequencer.expect(None))  # listening again: the next series is taken
+    feed.push(image(0, 10), image(1, 10))
+    feed.wait(1.0)
+    assert [(m.series_id, m.image_id) for m in feed.out.frames[4:]] == [(10, 0), (10, 1)]

@@ -52,12 +52,16 @@ class LiveStation:
         frame_shape: tuple[int, int] = (128, 128),
         data_dir: Path | None = None,
         extra_config: str = "",
+        detector_api: bool = False,
+        analysis: bool = True,
     ) -> None:
         """`data_dir`: where run files go (default tmp_path/runs); `extra_config`: TOML
-        appended to the station config (sections the demo's config does not have)."""
+        appended to the station config (sections the demo's config does not have);
+        `detector_api`: the camera serves its SIMPLON API and the daemon arms it
+        ([detector] control = "simplon"); `analysis`: False runs no live analysis."""
         self.time_scale = time_scale
         self.sims = SimulatedInstruments.create(
-            ports=StationPorts(0, 0, 0, 0),
+            ports=StationPorts(0, 0, 0, 0, camera_api=0 if detector_api else None),
             time_scale=time_scale,
             frame_shape=frame_shape,
             frame_rate_hz=40.0,
@@ -76,7 +80,13 @@ class LiveStation:
         }
         self.data_dir = data_dir or tmp_path / "runs"
         config = self.config_path = tmp_path / "station.toml"
-        config.write_text(station_toml(ports, self.data_dir, time_scale) + extra_config)
+        text = station_toml(ports, self.data_dir, time_scale)
+        if self.sims.camera_api is not None:
+            arming = f'control = "simplon"\napi_url = "{self.sims.camera_api.url}"\n'
+            text = text.replace("[detector]\n", f"[detector]\n{arming}", 1)
+        if not analysis:  # no analysis process: the daemon is up in about half the time
+            text = text.replace("[analysis]\n", "[analysis]\nenabled = false\n", 1)
+        config.write_text(text + extra_config)
         self.control = f"tcp://127.0.0.1:{control}"
         self.log = (tmp_path / "daemon.log").open("w")
         self.process = subprocess.Popen(

@@ -15,6 +15,7 @@ from insitu_daq.core.config import SourceMeterConfig
 from insitu_daq.core.module_command import module_command
 from insitu_daq.drivers.holder import OpenCellHolder
 from insitu_daq.drivers.microscope import RemoteMicroscope
+from insitu_daq.drivers.simplon import SimplonDetector
 from insitu_daq.drivers.stream2 import ImageMessage, Stream2Receiver
 
 ENDPOINT_LINE = re.compile(r"^\s+(\w+)\s+(\w+)\s+(\S+)$")
@@ -25,7 +26,7 @@ def sim_process():
     command = module_command(
         "insitu_daq", "sim",
         "--source-meter-port", "0", "--holder-port", "0",
-        "--microscope-port", "0", "--camera-port", "0",
+        "--microscope-port", "0", "--camera-port", "0", "--camera-api-port", "0",
         "--frame-size", "128", "--frame-rate", "20", "--time-scale", "50",
         "--source-meter", "keithley2450",  # the default, 2400, is every other test's
     )  # fmt: skip
@@ -56,6 +57,7 @@ def test_sim_serves_every_instrument_and_stops_on_ctrl_c(sim_process) -> None:
         ("holder", "url"),
         ("microscope", "tcp"),
         ("camera", "stream2"),
+        ("camera_api", "simplon"),
     }, endpoints
 
     resource = endpoints[("source_meter", "visa")]
@@ -76,6 +78,7 @@ def test_sim_serves_every_instrument_and_stops_on_ctrl_c(sim_process) -> None:
         images = [m for m in (receiver.receive() for _ in range(4)) if isinstance(m, ImageMessage)]
     assert images, "no image from the simulated camera"
     assert images[0].channel().shape == (128, 128)
+    assert SimplonDetector(endpoints[("camera_api", "simplon")]).state() == "na"  # not armed
 
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=20)
