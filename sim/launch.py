@@ -6,12 +6,20 @@ import logging
 from dataclasses import dataclass, field
 
 from .camera import SimulatedCamera
+from .heating_holder import SimulatedHeatingHolder
 from .holder import SimulatedHolder
 from .microscope import SimulatedMicroscope
 from .sourcemeter import SimulatedSourceMeter
 from .station import SimStation
 
 log = logging.getLogger(__name__)
+
+
+# The holder models a simulated station offers (the station config's holder.model).
+HOLDERS: dict[str, type[SimulatedHolder] | type[SimulatedHeatingHolder]] = {
+    "open_cell": SimulatedHolder,
+    "mems_heating": SimulatedHeatingHolder,
+}
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,7 @@ class SimulatedInstruments:
 
     station: SimStation
     source_meter: SimulatedSourceMeter
-    holder: SimulatedHolder
+    holder: SimulatedHolder | SimulatedHeatingHolder
     microscope: SimulatedMicroscope
     camera: SimulatedCamera
     _started: list = field(default_factory=list)
@@ -46,6 +54,7 @@ class SimulatedInstruments:
         frame_rate_hz: float = 40.0,
         compression: str | None = "bslz4",
         source_meter_model: str = "keithley2400",
+        holder_model: str = "open_cell",
     ) -> SimulatedInstruments:
         ports = ports or StationPorts()
         station = SimStation(seed=seed, time_scale=time_scale)
@@ -54,7 +63,7 @@ class SimulatedInstruments:
             source_meter=SimulatedSourceMeter(
                 station, host=host, port=ports.source_meter, model=source_meter_model
             ),
-            holder=SimulatedHolder(station, host=host, port=ports.holder),
+            holder=HOLDERS[holder_model](station, host=host, port=ports.holder),
             microscope=SimulatedMicroscope(
                 station, host=host, port=ports.microscope, frame_shape=frame_shape
             ),
