@@ -7,9 +7,11 @@ column `per_frame` of the frame's NXdetector. A frame is filled in once a readin
 its time is known, or at close from the last readings. Unlike the per-frame bias (a commanded
 staircase between readings: runfile/framebias.py) nothing steps between readings here.
 
+A frame retimed (a better detector-clock mapping: RunWriter.retime_frames) is filled again
+at its new time, from the readings kept: the last KEEP_S of run time (a retime moves frames by
+milliseconds; older ones keep their value).
+
 What it leaves out, on purpose:
-- A frame retimed after it was filled keeps its value (a retime moves a frame by well under a
-  millisecond; the temperature moves by less than its readout's resolution in that time).
 - A run whose log gets no reading at all (a holder without a heater) writes nothing: the
   column stays empty and the run file's finishing removes it (runfile/finish.py), as it does
   the empty log. Frames kept waiting for a first reading are bounded to KEEP_S of run time;
@@ -24,7 +26,9 @@ import numpy as np
 from insitu_daq.runfile.h5util import growing, put
 from insitu_daq.runfile.layout import Log
 
-KEEP_S = 60.0  # run-clock seconds of frames kept waiting for a first reading
+# Run-clock seconds of frames kept waiting for a first reading, and of readings kept behind
+# the newest for retimed frames.
+KEEP_S = 60.0
 
 
 class FrameSeries:
@@ -65,6 +69,24 @@ class FrameSeries:
             del pending[:drop]
             self._unfilled[stack] += drop
 
+    def retime(self, stack: int, first: int, frame_times: np.ndarray) -> None:
+        """Frames [first, first+len) of `stack` now have these times."""
+        written = self._written[stack]
+        waiting = written + self._unfilled[stack]  # index of the first pending frame
+        pending = self._pending[stack]
+        for index, frame_time in enumerate(frame_times, first):
+            if index >= waiting and index - waiting < len(pending):
+                pending[index - waiting] = float(frame_time)
+        again = frame_times[: max(0, written - first)]
+        if len(again) and self._times:
+            times, values = np.asarray(self._times), np.asarray(self._values)
+            keep = again >= times[0]  # older than the readings kept: left as filled
+            rows = np.flatnonzero(keep) + first
+            if len(rows):
+                self._datasets[stack][rows[0] : rows[-1] + 1] = np.interp(
+                    again[keep], times, values
+                )
+
     def add_rows(self, times: np.ndarray, values: np.ndarray) -> None:
         self._times.extend(float(t) for t in times)
         self._values.extend(float(v) for v in values)
@@ -93,11 +115,13 @@ class FrameSeries:
         self._forget_old_rows()
 
     def _forget_old_rows(self) -> None:
-        """Keep the readings from the last one before the oldest waiting frame (or the last)."""
+        """Keep the readings of the last KEEP_S, and from the last one before the oldest
+        waiting frame."""
+        times = self._times
+        keep_from = max(0, int(np.searchsorted(times, times[-1] - KEEP_S)) - 1)
         oldest = min((pending[0] for pending in self._pending if pending), default=None)
-        keep_from = len(self._times) - 1
         if oldest is not None:
-            keep_from = min(keep_from, max(0, int(np.searchsorted(self._times, oldest)) - 1))
+            keep_from = min(keep_from, max(0, int(np.searchsorted(times, oldest)) - 1))
         if keep_from > 0:
             del self._times[:keep_from]
             del self._values[:keep_from]

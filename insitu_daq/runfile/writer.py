@@ -423,10 +423,13 @@ class RunWriter:
         self, first: int, frame_times: np.ndarray, offset: float, error: float, stack: int = 0
     ) -> None:
         """Rewrite frame_time of frames [first, first+len) of `stack` after a better clock
-        mapping (their bias and imaging are decided again at the new times)."""
+        mapping (their bias, imaging and per-frame series are decided again at the new
+        times)."""
         self._stacks[stack].retime(
             first, np.asarray(frame_times), offset, error, self._frame_bias_estimator
         )
+        for series in self._frame_series:
+            series.retime(stack, first, np.asarray(frame_times))
 
     # ----- imaging ---------------------------------------------------------------------------
     def add_imaging_state(self, state: ImagingState, seq: int | None = None) -> None:

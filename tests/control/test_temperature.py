@@ -156,8 +156,9 @@ def test_a_staircase_ramps_settles_and_acquires_at_each_level_with_the_beam_on_o
     assert runner.progress.state is RunState.FINISHED, runner.progress.reason
     levels_seen = [c.args[2]["celsius"] for c in heated.events(EventKind.TEMPERATURE)]
     assert levels_seen == [37.0, 52.0]
-    # Limits checked before each setpoint written; the beam on only around each acquisition.
-    assert [c.args[0] for c in heated.calls("check_temperature")] == [37.0, 52.0]
+    # Limits checked before the run (the highest level), then before each setpoint written;
+    # the beam on only around each acquisition.
+    assert [c.args[0] for c in heated.calls("check_temperature")] == [52.0, 37.0, 52.0]
     toggles = [
         (c.name, c.args[1]) if c.name == "set_microscope" else (c.name, None)
         for c in heated.calls("set_microscope", "start_recording", "stop_recording")

@@ -43,7 +43,7 @@ def test_the_setpoint_ramps_at_the_rate_asked_and_the_chip_follows_it(rate: floa
     ramping = times < ramp_s
     # The setpoint is a straight line at the rate (never a step), then stays at the target.
     np.testing.assert_allclose(setpoints[ramping], ROOM + rate * times[ramping], atol=1e-9)
-    assert np.all(setpoints[~ramping] == ROOM + 15.0)
+    np.testing.assert_allclose(setpoints[~ramping], ROOM + 15.0, atol=1e-6)
     # The chip lags the setpoint by 2 zeta r / omega once the ramp is under way.
     steady = (times > 5.0) & ramping
     lag = setpoints[steady] - temperatures[steady]
@@ -71,10 +71,10 @@ def test_overshoot_is_bounded_and_the_chip_settles_within_seconds(
 
 def test_heater_off_cools_the_membrane_to_room_temperature_in_milliseconds() -> None:
     chip = _heat(1000.0, 500.0)
-    chip.advance_to(10.0)
+    chip.advance_to(20.0)
     assert chip.temperature_c == pytest.approx(500.0, abs=0.01)
     chip.switch_heater(False)
-    chip.advance_to(10.05)
+    chip.advance_to(20.05)
     assert chip.temperature_c == pytest.approx(ROOM, abs=0.1)
     assert chip.power_w() == 0.0
     assert chip.setpoint_c == chip.temperature_c  # the setpoint follows the chip
