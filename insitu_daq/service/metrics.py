@@ -46,7 +46,7 @@ from insitu_daq.analysis.quantities import D_SPACING, find, registered
 from insitu_daq.control.runner import RunState
 from insitu_daq.ingest.failure import KINDS as FAILURE_KINDS
 from insitu_daq.ingest.wire import DROP_REASONS, HDF5_WRITE_BUCKETS_S
-from insitu_daq.runfile.layout import HEATER, TEMPERATURE
+from insitu_daq.runfile.layout import TEMPERATURE
 
 log = logging.getLogger(__name__)
 
@@ -307,9 +307,6 @@ class DaemonMetrics:
             ["sensor"],
             registry=r,
         )
-        self.heater_power = Gauge(
-            f"{PREFIX}heater_power_watts", "heating chip's heater power", ["sensor"], registry=r
-        )
         self.bias_samples = Counter(
             f"{PREFIX}bias_samples_total", "bias/current samples taken", registry=r
         )
@@ -435,15 +432,13 @@ class DaemonMetrics:
 
     def observe_series(self, name: str, rows: Sequence[Sequence[Any]]) -> None:
         """An instrument's series rows (time, half-width, *columns): the newest of those with
-        a metric (a heating holder's temperature and heater power)."""
-        if not rows:
+        a metric (a heating holder's temperature; its heater power has no Prometheus base unit,
+        watts not being one, and stays in the run file)."""
+        if not rows or name != TEMPERATURE.record:
             return
         newest = rows[-1]
-        if name == TEMPERATURE.record:
-            self.temperature.labels("chip").set(float(newest[2]))
-            self.temperature_setpoint.labels("chip").set(float(newest[3]))
-        elif name == HEATER.record:
-            self.heater_power.labels("chip").set(float(newest[2]))
+        self.temperature.labels("chip").set(float(newest[2]))
+        self.temperature_setpoint.labels("chip").set(float(newest[3]))
 
     def count_trip(self) -> None:
         self.compliance_trips.inc()
