@@ -88,13 +88,14 @@ class HolderStatus:
     error: HolderFault | None  # last error not yet read with last_error(), if any
 
 
-class OpenCellHolder(ClosedOnExit):
-    """The holder's piezo needle controller on a serial line."""
+class LineController(ClosedOnExit):
+    """A holder controller's serial line: one command line out, its one reply line back.
+
+    The transport every holder controller of this family shares (HOLDER_PROTOCOL.md,
+    HEATER_PROTOCOL.md: the same framing, `OK`/`ERR <code> <text>` replies and errors).
+    """
 
     ERRORS: ClassVar[tuple[type[Exception], ...]] = (HolderError,)
-    # What it reports for the run file: series name (a log in insitu_daq/runfile/layout.py) ->
-    # the HolderStatus attributes giving that log's columns, in its order.
-    SERIES: ClassVar[dict[str, tuple[str, ...]]] = {"holder_position": ("position_nm",)}
 
     @staticmethod
     def lost(exc: BaseException) -> bool:
@@ -144,6 +145,14 @@ class OpenCellHolder(ClosedOnExit):
 
     def close(self) -> None:
         self._serial.close()
+
+
+class OpenCellHolder(LineController):
+    """The holder's piezo needle controller on a serial line."""
+
+    # What it reports for the run file: series name (a log in insitu_daq/runfile/layout.py) ->
+    # the HolderStatus attributes giving that log's columns, in its order.
+    SERIES: ClassVar[dict[str, tuple[str, ...]]] = {"holder_position": ("position_nm",)}
 
     # ----- queries -----------------------------------------------------------------------------
     def identify(self) -> str:

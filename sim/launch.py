@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from .camera import SimulatedCamera
+from .heating_holder import SimulatedHeatingHolder
 from .holder import SimulatedHolder
 from .microscope import SimulatedMicroscope
 from .simplon import SimplonServer
@@ -13,6 +14,13 @@ from .sourcemeter import SimulatedSourceMeter
 from .station import SimStation
 
 log = logging.getLogger(__name__)
+
+
+# The holder models a simulated station offers (the station config's holder.model).
+HOLDERS: dict[str, type[SimulatedHolder] | type[SimulatedHeatingHolder]] = {
+    "open_cell": SimulatedHolder,
+    "mems_heating": SimulatedHeatingHolder,
+}
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ class SimulatedInstruments:
 
     station: SimStation
     source_meter: SimulatedSourceMeter
-    holder: SimulatedHolder
+    holder: SimulatedHolder | SimulatedHeatingHolder
     microscope: SimulatedMicroscope
     camera: SimulatedCamera
     camera_api: SimplonServer | None = None
@@ -51,6 +59,7 @@ class SimulatedInstruments:
         frame_rate_hz: float = 40.0,
         compression: str | None = "bslz4",
         source_meter_model: str = "keithley2400",
+        holder_model: str = "open_cell",
     ) -> SimulatedInstruments:
         ports = ports or StationPorts()
         station = SimStation(seed=seed, time_scale=time_scale)
@@ -59,7 +68,7 @@ class SimulatedInstruments:
             source_meter=SimulatedSourceMeter(
                 station, host=host, port=ports.source_meter, model=source_meter_model
             ),
-            holder=SimulatedHolder(station, host=host, port=ports.holder),
+            holder=HOLDERS[holder_model](station, host=host, port=ports.holder),
             microscope=SimulatedMicroscope(
                 station, host=host, port=ports.microscope, frame_shape=frame_shape
             ),

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .heating import HeatingChip
 from .model import CellParameters, NanobatteryModel
 from .optics import Optics
 
@@ -43,13 +44,18 @@ class SimStation:
         self.clock = SimClock(time_scale)
         self._model = NanobatteryModel(params=params or CellParameters(), seed=seed)
         self.optics = Optics()  # set by the microscope, read by the camera
+        # The MEMS heating chip (sim/heating.py), on the same clock: a heating holder drives
+        # it; anyone may read its temperature history (`chip.temperature_at`) under `lock`.
+        self.chip = HeatingChip()
         self._lock = threading.RLock()
 
     @contextmanager
     def model(self) -> Iterator[NanobatteryModel]:
         """The model brought up to the present model time, held under the station lock."""
         with self._lock:
-            self._model.advance_to(self.clock.now())
+            now = self.clock.now()
+            self._model.advance_to(now)
+            self.chip.advance_to(now)
             yield self._model
 
     @property

@@ -31,6 +31,12 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:
         " (keithley2400, keithley2450; default keithley2400)",
     )
     p.add_argument("--source-meter-port", type=int, default=5025)
+    p.add_argument(
+        "--holder",
+        default="open_cell",
+        choices=("open_cell", "mems_heating"),
+        help="holder to simulate, as the station config's holder.model (default open_cell)",
+    )
     p.add_argument("--holder-port", type=int, default=5026)
     p.add_argument("--microscope-port", type=int, default=5027)
     p.add_argument("--camera-port", type=int, default=31001)
@@ -90,6 +96,7 @@ def _serve_sim(args: argparse.Namespace, lock: StationLock, ports: StationPorts)
         frame_rate_hz=args.frame_rate,
         compression=None if args.compression == "none" else args.compression,
         source_meter_model=args.source_meter,
+        holder_model=args.holder,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -226,7 +233,8 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
 def _add_safe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "safe",
-        help="no daemon running and the bias may be on: ramp the source-meter to 0 V, output off",
+        help="no daemon running and the bias may be on: ramp the source-meter to 0 V, output"
+        " off (and a heating holder's heater off)",
     )
     p.add_argument("--config", required=True, help="station TOML (source-meter, limits, retry)")
     _add_station_time_scale(p)
@@ -239,6 +247,7 @@ def _cmd_safe(args: argparse.Namespace) -> int:
     import zmq
 
     from insitu_daq.control.guardian import make_source_meter_safe
+    from insitu_daq.control.heater import make_holder_safe, model_heats
     from insitu_daq.core.config import load_config
     from insitu_daq.service.api import ControlClient, ControlError, ControlTimeoutError
 
@@ -264,6 +273,11 @@ def _cmd_safe(args: argparse.Namespace) -> int:
     if not make_source_meter_safe(config, args.time_scale, persist_s=0.0):
         raise RuntimeError(f"source-meter {resource} not reached: its output may still be on")
     print(f"source-meter {resource}: at 0 V, output off", flush=True)
+    if model_heats(config):  # a heating holder: its heater off too (control/heater.py)
+        logging.getLogger("insitu_daq.control.heater").setLevel(logging.INFO)
+        if not make_holder_safe(config, persist_s=0.0):
+            raise RuntimeError(f"heating holder {config.holder.port} not reached: heater may be on")
+        print(f"heating holder {config.holder.port}: heater off", flush=True)
     return 0
 
 

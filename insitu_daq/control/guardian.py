@@ -1,4 +1,5 @@
-"""The bias guardian: a separate process that makes the source-meter safe if the daemon dies.
+"""The bias guardian: a separate process that makes the source-meter safe if the daemon dies
+(and a heating holder's heater: off, after the bias; control/heater.py).
 
 Why a process. The daemon makes the bias safe on every way it can see itself stop (signals,
 exceptions, atexit), but nothing inside a process survives SIGKILL, a segfault in a C
@@ -23,7 +24,8 @@ reparented. (Linux's PR_SET_PDEATHSIG is deliberately not used: it fires when th
 that started the child exits, which would be a false alarm whenever the daemon is started
 from a worker thread, and the pipe already wakes the guardian as promptly.)
 
-What it holds. The daemon passes it the descriptor of its source-meter lock
+What it holds. The daemon passes it the descriptor of its source-meter lock (and, with a
+heating holder, of its holder lock: the guardian switches that heater off too)
 (core/stationlock.py): flock locks belong to the open file, so the lock stays taken while the
 guardian lives, even after the daemon is gone. A daemon started while a guardian ramps the bias
 down is refused ("still held after daemon PID N exited: its bias guardian is making the bias safe")
@@ -63,6 +65,7 @@ import pyvisa
 
 from insitu_daq.control import staircase
 from insitu_daq.control.bias import DRIVER_ERRORS, BiasController
+from insitu_daq.control.heater import make_holder_safe, model_heats
 from insitu_daq.control.instruments.factory import open_source_meter, source_meter_class
 from insitu_daq.control.limits import LimitError, SafetyCheck
 from insitu_daq.control.retry import call_with_retries
@@ -448,6 +451,7 @@ def main() -> int:
     # then). The factory caches the driver class it resolves here for the rescue's open. A
     # resource manager holds no instrument session.
     source_meter_class(config.source_meter.model)
+    heats = model_heats(config)  # imports (and caches) the holder's driver class now too
     manager = pyvisa.ResourceManager(config.source_meter.visa_library)
     sys.stdout.write(READY + "\n")
     sys.stdout.flush()
@@ -458,11 +462,22 @@ def main() -> int:
         log.info("daemon pid %d stopped with the bias safe; standing down", parent_pid)
         return 0
     log.warning("%s: making the source-meter safe", verdict)
+    # A heating holder's heater off (control/heater.py) alongside: each keeps trying for
+    # minutes when its instrument does not answer, and must not hold up the other.
+    heater: list[bool] = []
+    heater_thread = threading.Thread(
+        target=lambda: heater.append(make_holder_safe(config)), name="guardian-heater"
+    )
+    if heats:
+        log.warning("%s: switching the heating holder's heater off", verdict)
+        heater_thread.start()
     try:
         safe = make_source_meter_safe(config, time_scale, manager)
     finally:
         manager.close()
-    return 0 if safe else 1
+        if heats:
+            heater_thread.join()
+    return 0 if safe and all(heater) else 1
 
 
 if __name__ == "__main__":

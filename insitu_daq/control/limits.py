@@ -4,7 +4,9 @@ One rule set, one wording: a protocol's bias step is checked at load (`Protocol.
 validate_against`), a ramp the bias controller is asked for before its goal is set
 (`BiasController.check`/`ramp_to`), and every level written to the source-meter with the output
 on before the write (the controller's goal loop, and the staircase ramp the guardian,
-`insitu-daq safe` and a controller without its I/O thread ramp down with). A refusal is one
+`insitu-daq safe` and a controller without its I/O thread ramp down with); a heating holder's
+temperature target and ramp rate likewise, at load and before every setpoint written
+(control/heater.py). A refusal is one
 line naming the field and the limit (`volts: +4.3 V is beyond the station's maximum bias of
 4 V (limits.max_bias_volts)`); a protocol error prefixes the step.
 """
@@ -89,3 +91,34 @@ class SafetyCheck:
                 f"{limits.max_bias_volts:g} V (limits.max_bias_volts)",
                 "step",
             )
+
+    def temperature(
+        self, celsius: float, rate_c_per_s: float | None = None, field: str = "celsius"
+    ) -> float:
+        """A heating holder's setpoint ramp to `celsius` at that rate (None: the maximum);
+        returns the rate to ramp at. The controller ramps its setpoint itself (never a step),
+        so a target and a rate within the limits are all there is to check before writing.
+        `field`: what the caller calls the target (a staircase's `to_celsius`)."""
+        limits = self.limits
+        if not math.isfinite(celsius):
+            raise LimitError(f"{field}: {celsius} C is not a finite number", field)
+        if celsius > limits.max_temperature_c:
+            raise LimitError(
+                f"{field}: {celsius:g} C is beyond the station's maximum temperature of "
+                f"{limits.max_temperature_c:g} C (limits.max_temperature_c)",
+                field,
+            )
+        if rate_c_per_s is None:
+            return limits.max_temperature_rate_c_per_s
+        if not math.isfinite(rate_c_per_s) or rate_c_per_s <= 0:
+            raise LimitError(
+                f"rate_c_per_s: {rate_c_per_s} C/s must be a positive number", "rate_c_per_s"
+            )
+        if rate_c_per_s > limits.max_temperature_rate_c_per_s:
+            raise LimitError(
+                f"rate_c_per_s: {rate_c_per_s:g} C/s is beyond the station's maximum "
+                f"temperature ramp rate of {limits.max_temperature_rate_c_per_s:g} C/s "
+                "(limits.max_temperature_rate_c_per_s)",
+                "rate_c_per_s",
+            )
+        return rate_c_per_s

@@ -53,6 +53,8 @@ from insitu_daq.control.steps.interleave import Interleave
 from insitu_daq.control.steps.mark import Mark
 from insitu_daq.control.steps.microscope import Microscope
 from insitu_daq.control.steps.retract import Retract
+from insitu_daq.control.steps.temperature import Temperature
+from insitu_daq.control.steps.temperature_staircase import TemperatureStaircase
 from insitu_daq.control.steps.wait import Wait
 from insitu_daq.core.config import ConfigError, SafetyLimits
 from insitu_daq.core.uniquekeys import load_yaml, toml_error
@@ -76,6 +78,8 @@ __all__ = [
     "ProtocolError",
     "Retract",
     "Step",
+    "Temperature",
+    "TemperatureStaircase",
     "Wait",
 ]
 

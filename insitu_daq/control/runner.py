@@ -749,6 +749,9 @@ class _StepVerbs:
     ) -> dict[str, Any]:
         return self._runner._timed(duration_s, condition, interleave)
 
+    def step_time(self) -> float:
+        return self._runner._step_time()
+
     def set_recording(self, on: bool) -> None:
         self._runner._set_recording(on)
 

@@ -56,6 +56,12 @@ class Station(Protocol):
         holder type's own verbs (a heating holder's temperature) with no verb here for each."""
         ...
 
+    def check_temperature(self, celsius: float, rate_c_per_s: float | None) -> float:
+        """The rate a heating holder's ramp to `celsius` goes at (None: the station's maximum);
+        LimitError beyond the station's limits, StepRefused (control/steps/) if its holder has
+        no heater. Called before every setpoint written (control/steps/temperature.py)."""
+        ...
+
     # ----- bias ------------------------------------------------------------------------------
     def check_bias(self, volts: float, rate_volts_per_s: float | None) -> None:
         """Raise LimitError (control.limits) if a ramp to `volts` at that rate breaks a limit."""

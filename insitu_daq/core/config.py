@@ -177,6 +177,10 @@ class SafetyLimits(_Section):
     max_ramp_rate_volts_per_s: Annotated[float, Field(gt=0, le=100)] = 1.0
     # Largest single level change while ramping: the ramp is a staircase of these.
     ramp_step_volts: Annotated[float, Field(gt=0, le=1)] = 0.01
+    # A heating holder's (control/heater.py): the highest target and the fastest setpoint ramp
+    # a protocol may ask for. Conservative defaults: a heating station raises them on purpose.
+    max_temperature_c: Annotated[float, Field(gt=0, le=1200)] = 100.0
+    max_temperature_rate_c_per_s: Annotated[float, Field(gt=0, le=1000)] = 1.0
 
 
 class SamplingConfig(_Section):

@@ -11,7 +11,10 @@ SOURCE_METERS = {
     "keithley2400": "insitu_daq.drivers.sourcemeter.keithley2400:Keithley2400",
     "keithley2450": "insitu_daq.drivers.sourcemeter.keithley2450:Keithley2450",
 }
-HOLDERS = {"open_cell": "insitu_daq.drivers.holder:OpenCellHolder"}
+HOLDERS = {
+    "open_cell": "insitu_daq.drivers.holder:OpenCellHolder",
+    "mems_heating": "insitu_daq.drivers.heating_holder:MemsHeatingHolder",
+}
 MICROSCOPES = {"remote": "insitu_daq.drivers.microscope:RemoteMicroscope"}
 
 # The config section of each kind -> its models (core/config.py checks `model` against these).

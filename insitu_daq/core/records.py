@@ -58,6 +58,7 @@ class EventKind:
     INSTRUMENT = "instrument"  # lost / retried / back
     MICROSCOPE = "microscope"  # imaging mode / beam / dose rate set (steps, interleave bursts)
     DETECTOR = "detector"  # armed (its series id) / disarmed, when the station controls it
+    TEMPERATURE = "temperature"  # a heating holder's level, its heater switched off
     GAP = "frame_gap"  # image_id gap
     DUPLICATE = "frame_duplicate"
     OUT_OF_ORDER = "frame_out_of_order"

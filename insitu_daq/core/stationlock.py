@@ -72,6 +72,8 @@ KEPT_AFTER_EXIT = {
     "source-meter": "its bias guardian is making the bias safe (log: {guardian_log});"
     " start again once it has finished",
     "detector": "its ingest process is closing the run file; start again in a few seconds",
+    "holder": "its guardian is switching the heating holder's heater off (log:"
+    " {guardian_log}); start again once it has finished",
 }
 LEADS = {"daemon": "station already served by", "sim": "simulated station already running as"}
 

@@ -78,6 +78,9 @@ class Log:
     chunk: int = 1024  # rows per HDF5 chunk
     description: str = ""  # the group's @description
     record: str | None = None  # the generic wire series (ingest write_series) feeding it
+    # A per-frame column of this name in each NXdetector: the log's first column interpolated
+    # at frame_time, as bias_voltage is (runfile/frameseries.py); NaN without a reading.
+    per_frame: str | None = None
 
     @property
     def time(self) -> str:
@@ -133,6 +136,24 @@ HOLDER_POSITION = Log(
     time_errors=True,  # stamped at the midpoint of the status query (control/.../monitor.py)
     record="holder_position",
 )
+# A heating holder's (drivers/heating_holder.py SERIES). Celsius: the controller, the protocol
+# and the limits speak it; "degC" is UDUNITS' symbol, which NeXus units follow (NX_TEMPERATURE),
+# so a reader wanting K converts exactly.
+TEMPERATURE = Log(
+    "/entry/sample/temperature",
+    (Column("value", "<f8", "degC"), Column("setpoint", "<f8", "degC")),
+    time_errors=True,  # stamped at the midpoint of the status query, as the holder position
+    record="holder_temperature",
+    description="the heating chip's temperature and the controller's ramping setpoint",
+    per_frame="temperature",
+)
+HEATER = Log(
+    "/entry/instrument/holder/heater",
+    (Column("power", "<f8", "W"), Column("resistance", "<f8", "ohm")),
+    time_errors=True,  # (its own time: a generic series writes every column it declares)
+    record="holder_heater",
+    description="the heating chip's heater power and resistance",
+)
 EVENTS = Log(
     "/entry/events",
     (Column("kind", f"S{KIND_LENGTH}"), Column("message", f"S{MESSAGE_LENGTH}")),
@@ -140,6 +161,16 @@ EVENTS = Log(
 )
 
 # Every growing log outside /entry/analysis, in the order the writer makes them.
-LOGS: tuple[Log, ...] = (HOLDER_POSITION, BIAS_VOLTAGE, CURRENT, OUTPUT_LEVEL, EVENTS)
+LOGS: tuple[Log, ...] = (
+    HOLDER_POSITION,
+    BIAS_VOLTAGE,
+    CURRENT,
+    OUTPUT_LEVEL,
+    TEMPERATURE,
+    HEATER,
+    EVENTS,
+)
 # The logs fed by generic wire series, by series name.
 SERIES: dict[str, Log] = {log.record: log for log in LOGS if log.record}
+# The logs with a per-frame column in each NXdetector.
+PER_FRAME: tuple[Log, ...] = tuple(log for log in LOGS if log.per_frame)

@@ -49,6 +49,7 @@ from insitu_daq.runfile.analysislog import AnalysisLog
 from insitu_daq.runfile.finish import FinishResult, finish_run_file
 from insitu_daq.runfile.framebias import FrameBiasEstimator
 from insitu_daq.runfile.frames import FrameGeometry, FrameStack
+from insitu_daq.runfile.frameseries import FrameSeries
 from insitu_daq.runfile.h5util import fixed as _fixed
 from insitu_daq.runfile.h5util import group as _group
 from insitu_daq.runfile.h5util import growing as _growing
@@ -70,6 +71,7 @@ from insitu_daq.runfile.layout import (
     MESSAGE_LENGTH,
     MICROSCOPE,
     OUTPUT_LEVEL,
+    PER_FRAME,
     PROTOCOL,
     PROTOCOL_FILE_NAME,
     RUN_ID,
@@ -171,6 +173,8 @@ class RunWriter:
         )
         self._closed = False
         self._stacks: list[FrameStack] = []
+        # Per-frame columns of logged series (a heating holder's temperature: layout.PER_FRAME).
+        self._frame_series = [FrameSeries(declared) for declared in PER_FRAME]
         try:
             self._build(geometry)
             self._file.swmr_mode = True
@@ -287,6 +291,8 @@ class RunWriter:
         group = _group(self._file, path, "NXdetector")
         stack = FrameStack.create(group, geometry, self._start, meta.detector_description, scalars)
         self._stacks.append(stack)
+        for series in self._frame_series:
+            series.add_stack(group)
         if index:
             self._link_nxdata(self._file, frames_nxdata(index), path)
         return stack
@@ -410,15 +416,20 @@ class RunWriter:
             clock_offset_error,
         )
         self._stacks[stack].write(chunks, row, half_exposure)
+        for series in self._frame_series:
+            series.add_frame(stack, frame_time)
 
     def retime_frames(
         self, first: int, frame_times: np.ndarray, offset: float, error: float, stack: int = 0
     ) -> None:
         """Rewrite frame_time of frames [first, first+len) of `stack` after a better clock
-        mapping (their bias and imaging are decided again at the new times)."""
+        mapping (their bias, imaging and per-frame series are decided again at the new
+        times)."""
         self._stacks[stack].retime(
             first, np.asarray(frame_times), offset, error, self._frame_bias_estimator
         )
+        for series in self._frame_series:
+            series.retime(stack, first, np.asarray(frame_times))
 
     # ----- imaging ---------------------------------------------------------------------------
     def add_imaging_state(self, state: ImagingState, seq: int | None = None) -> None:
@@ -475,6 +486,9 @@ class RunWriter:
         fields = {field: rows[field] for field in rows.dtype.names or ()}
         self._append(declared, self.series_written[name], **fields)
         self.series_written[name] += len(rows)
+        for series in self._frame_series:
+            if series.declared is declared:
+                series.add_rows(rows["time"], rows[series.column])
 
     def write_analysis(self, result: dict[str, Any]) -> None:
         """A live-analysis result (from the analysis process, through the ingest), kept by
@@ -501,6 +515,8 @@ class RunWriter:
             stack.write_pending_rows()
             stack.fill_bias(self._frame_bias_estimator, final)
             stack.fill_imaging(self.imaging, final)
+        for series in self._frame_series:
+            series.fill(final)
 
     def flush(self) -> None:
         self._fill(final=False)

@@ -49,12 +49,14 @@ from insitu_daq.control.bias import BiasController
 from insitu_daq.control.detector import detector_control
 from insitu_daq.control.guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
 from insitu_daq.control.guardian import Guardian, bias_confirmed_safe
+from insitu_daq.control.heater import heater_off, model_heats
 from insitu_daq.control.instruments.monitor import InstrumentMonitor
 from insitu_daq.control.instruments.positioner import HolderControl, MicroscopeControl
-from insitu_daq.control.limits import LimitError
+from insitu_daq.control.limits import LimitError, SafetyCheck
 from insitu_daq.control.protocol import Protocol, ProtocolError
 from insitu_daq.control.runner import ProtocolRunner, RunState
 from insitu_daq.control.station import StationError
+from insitu_daq.control.steps import StepRefused
 from insitu_daq.core.clock import RunClock
 from insitu_daq.core.config import AnalysisConfig, StationConfig
 from insitu_daq.core.imaging import ImagingState
@@ -154,6 +156,8 @@ class Daemon:
             on_lost=self._on_lost,
         )
         self.holder = HolderControl(config.holder, config.retry, on_retry=self._on_retry)
+        self.heats = model_heats(config)  # a heating holder: its heater made safe as the bias
+        self._heater_unsafe = False  # a heater off that failed: tried again when it answers
         self.microscope = MicroscopeControl(
             config.microscope, config.retry, on_retry=self._on_retry
         )
@@ -216,7 +220,10 @@ class Daemon:
         try:
             # First: it makes the bias safe should this process die in a way stop() cannot see.
             # It keeps the source-meter's lock until it has done so (core/stationlock.py).
-            self.guardian.start(keep_locked=self._lock_fds("source-meter"))
+            # A heating holder's lock too: the guardian switches its heater off.
+            guarded = self._lock_fds("source-meter")
+            guarded += self._lock_fds("holder") if self.heats else ()
+            self.guardian.start(keep_locked=guarded)
             if self.analysis is not None:
                 self.analysis.start()  # spawns and returns: it starts while the ingest does
             self._make_data_dir()
@@ -350,14 +357,45 @@ class Daemon:
             self.analysis.stop()
 
     def _stop_bias(self) -> None:
-        """Bias safe; the guardian then stands down, or takes over if that is not confirmed."""
+        """Bias safe and a heater off; the guardian then stands down, or takes over if either
+        is not confirmed."""
         try:
             self.bias.stop()
         finally:
-            if bias_confirmed_safe(self.bias):
+            heater_safe = self.make_heater_safe()
+            if bias_confirmed_safe(self.bias) and heater_safe:
                 self.guardian.stand_down()
             else:
                 self.guardian.take_over()
+
+    # ----- a heating holder --------------------------------------------------------------------
+    def check_temperature(self, celsius: float, rate_c_per_s: float | None) -> float:
+        """The rate to ramp at; LimitError beyond the limits, StepRefused without a heater."""
+        if not self.heats:
+            raise StepRefused(
+                f"the station's holder ({self.config.holder.model}) has no heater", "celsius"
+            )
+        return SafetyCheck(self.config.limits).temperature(celsius, rate_c_per_s)
+
+    def make_heater_safe(self) -> bool:
+        """A heating holder's heater off (control/heater.py: why off, not a ramp down); True
+        once confirmed off, or when the holder has none. Never raises."""
+        if not self.heats:
+            return True
+        try:
+            found = self.holder.call(heater_off)
+        except Exception as exc:
+            self._heater_unsafe = True
+            log.critical("heater NOT confirmed off (again when the holder answers): %s", exc)
+            return False
+        self._heater_unsafe = False
+        if found.heater_on:
+            self.event(
+                EventKind.TEMPERATURE,
+                f"heater off (chip at {found.temperature_c:.1f} C)",
+                {"heater_on": False, "temperature_c": found.temperature_c},
+            )
+        return True
 
     def serve_until_signal(self) -> None:
         """Block until SIGINT/SIGTERM (main thread only), then stop safely."""
@@ -572,6 +610,10 @@ class Daemon:
         self.event(EventKind.INSTRUMENT, message)
         if not answering:  # as when a holder step finds it lost: the run fails, bias made safe
             self.runner.fail(message)
+        elif self._heater_unsafe and not self.runner.busy:
+            # Its run failed while it was lost: the heater it could not switch off, now
+            # (the monitor's thread: a short exchange on the link it has just read through).
+            self.make_heater_safe()
 
     def _on_trip(self, reason: str) -> None:
         self.metrics.count_trip()

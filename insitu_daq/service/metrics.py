@@ -46,6 +46,7 @@ from insitu_daq.analysis.quantities import D_SPACING, find, registered
 from insitu_daq.control.runner import RunState
 from insitu_daq.ingest.failure import KINDS as FAILURE_KINDS
 from insitu_daq.ingest.wire import DROP_REASONS, HDF5_WRITE_BUCKETS_S
+from insitu_daq.runfile.layout import TEMPERATURE
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +293,20 @@ class DaemonMetrics:
         self.sample_current = Gauge(
             f"{PREFIX}sample_current_amperes", "current through the sample (newest)", registry=r
         )
+        # A heating holder's chip (its series on the record bus), labelled so that a station
+        # without one shows no series rather than a made-up 0 C.
+        self.temperature = Gauge(
+            f"{PREFIX}temperature_celsius",
+            "heating chip temperature (newest reading)",
+            ["sensor"],
+            registry=r,
+        )
+        self.temperature_setpoint = Gauge(
+            f"{PREFIX}temperature_setpoint_celsius",
+            "heating controller's ramping setpoint (newest reading)",
+            ["sensor"],
+            registry=r,
+        )
         self.bias_samples = Counter(
             f"{PREFIX}bias_samples_total", "bias/current samples taken", registry=r
         )
@@ -414,6 +429,16 @@ class DaemonMetrics:
         self.sample_current.set(float(newest["current"]))
         self.bias_samples.inc(len(batch))
         self.bias_last_sample.set(time.time())
+
+    def observe_series(self, name: str, rows: Sequence[Sequence[Any]]) -> None:
+        """An instrument's series rows (time, half-width, *columns): the newest of those with
+        a metric (a heating holder's temperature; its heater power has no Prometheus base unit,
+        watts not being one, and stays in the run file)."""
+        if not rows or name != TEMPERATURE.record:
+            return
+        newest = rows[-1]
+        self.temperature.labels("chip").set(float(newest[2]))
+        self.temperature_setpoint.labels("chip").set(float(newest[3]))
 
     def count_trip(self) -> None:
         self.compliance_trips.inc()

@@ -130,7 +130,10 @@ def protocol_seconds(
         spec = STEPS[step.kind]
         seconds = spec.max_seconds(step, state, limits) if index >= from_step else 0.0
         total += seconds
-        recorded += seconds if state.recording else 0.0
+        if spec.recorded_seconds is not None and index >= from_step:
+            recorded += spec.recorded_seconds(step, state, limits)
+        else:
+            recorded += seconds if state.recording else 0.0
         state = spec.after(step, state)
     # Every run ends with the bias made safe at the maximum rate, recording still on if the
     # protocol did not stop it (the runner stops it after the ramp-down).

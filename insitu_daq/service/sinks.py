@@ -129,6 +129,9 @@ class MetricsSink(RecordSink):
         if len(readings):
             self._metrics.observe_samples(readings)
 
+    def on_series(self, record: tuple[str, list[tuple[Any, ...]]]) -> None:
+        self._metrics.observe_series(*record)
+
     def on_analysis(self, result: dict[str, Any]) -> None:
         self._metrics.observe_analysis(result["values"], result.get("latency_s"))
         totals = result.get("totals")

@@ -33,6 +33,9 @@ class DaemonStation:
     def holder_call(self, action: Callable[[Any], T], stop: threading.Event) -> T:
         return self._daemon.holder.call(action, stop)
 
+    def check_temperature(self, celsius: float, rate_c_per_s: float | None) -> float:
+        return self._daemon.check_temperature(celsius, rate_c_per_s)
+
     def check_bias(self, volts: float, rate_volts_per_s: float | None) -> None:
         self._daemon.bias.check(volts, rate_volts_per_s)
 
@@ -46,6 +49,7 @@ class DaemonStation:
 
     def make_safe(self) -> None:
         self._daemon.bias.make_safe()
+        self._daemon.make_heater_safe()  # after the bias: never raises either
 
     def start_recording(self) -> None:
         detector = self._daemon.detector

@@ -237,7 +237,7 @@ def test_stopping_the_monitor_of_a_lost_holder_does_not_wait_for_its_retries(hol
 
 
 def test_a_series_no_run_file_log_declares_is_refused_naming_it() -> None:
-    with pytest.raises(ValueError, match="holder series 'holder_temperature': no run-file log"):
-        series_logs("holder", {"holder_temperature": ("temperature_c",)})
+    with pytest.raises(ValueError, match="holder series 'holder_humidity': no run-file log"):
+        series_logs("holder", {"holder_humidity": ("humidity",)})
     with pytest.raises(ValueError, match=r"2 attributes .* for the columns of /entry/instrument"):
         series_logs("holder", {"holder_position": ("position_nm", "fine_extension_nm")})

@@ -38,6 +38,7 @@ CONTRACT_METRICS = {
     "insitu_daq_d_spacing_meters": "gauge",
 }
 BASE_UNITS = ("_volts", "_amperes", "_seconds", "_meters", "_meters_per_second", "_bytes", "_ratio")
+BASE_UNITS += ("_celsius",)  # Prometheus's base unit of temperature (a heating holder's)
 # Gauges without a unit: 0/1 flags (`_up`, one-hot `_state`) and `_info` labels.
 UNITLESS_SUFFIXES = ("_up", "_state", "_info")
 

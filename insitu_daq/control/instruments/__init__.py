@@ -1,5 +1,5 @@
 """The instruments the daemon drives (source-meter, holder, microscope), seen through small typed
-protocols.
+protocols (a heating holder is a holder with a heater: `HeatingHolder`).
 
 Drivers satisfy these structurally (ophyd-async style typed devices): a driver in drivers/ never
 imports control/, and the daemon, the bias controller, the guardian and the positioners name
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # annotations only: importing this module loads no driver (or pyvisa)
+    from insitu_daq.drivers.heating_holder import HeatingHolderStatus
     from insitu_daq.drivers.holder import HolderStatus
     from insitu_daq.drivers.microscope import ImagingMode, MicroscopeState
     from insitu_daq.drivers.sourcemeter import Identity, Reading
@@ -98,6 +99,27 @@ class Holder(Link, Protocol):
     def stop(self) -> None: ...
 
     def set_bias_routing(self, routing: str) -> None: ...
+
+
+@runtime_checkable
+class HeatingHolder(Holder, Protocol):
+    """A holder with a heater (a MEMS heating chip): the controller ramps its own setpoint at
+    the rate it is given (C per station second). What control/heater.py and the temperature
+    steps use; `heater.heats(driver)` tells a holder model that has one."""
+
+    def status(self) -> HeatingHolderStatus: ...
+
+    def heater_on(self) -> None: ...
+
+    def heater_off(self) -> None: ...
+
+    def heater_enabled(self) -> bool: ...
+
+    def set_ramp_rate(self, c_per_s: float) -> None: ...
+
+    def set_temperature(self, celsius: float) -> None: ...
+
+    def hold(self) -> None: ...
 
 
 @runtime_checkable

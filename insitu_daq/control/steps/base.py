@@ -85,6 +85,7 @@ class PlanState:
     bias_volts: float = 0.0  # the bias level (V)
     recording: bool = False  # frames written to the run file
     mode: str | None = None  # the microscope's imaging mode, if a step has set it
+    temperature_c: float | None = None  # a heating holder's target, once a step has set one
 
 
 class StepContext(Protocol):
@@ -117,6 +118,11 @@ class StepContext(Protocol):
         self, duration_s: float, condition: Until | None, interleave: Any | None
     ) -> dict[str, Any]:
         """Let `duration_s` of step time pass (or until `condition`), with interleave bursts."""
+        ...
+
+    def step_time(self) -> float:
+        """The step's clock now (run-clock s, pauses excluded): `timed` lasts until it reads
+        `duration_s`, so a step that waits more than once waits until step_time() + its wait."""
         ...
 
     def set_recording(self, on: bool) -> None:
@@ -161,6 +167,10 @@ class StepSpec(Generic[S]):
     after: Callable[[S, PlanState], PlanState] = _unchanged
     # Lasts `duration_s` of step time (hold, wait): progress shows the time remaining.
     timed: bool = False
+    # Of its longest duration, how long it records (run-clock s) when it switches recording
+    # itself (a temperature staircase acquiring at each level); None: all of it while the
+    # steps before left recording on, none otherwise.
+    recorded_seconds: Callable[[S, PlanState, SafetyLimits], float] | None = None
 
     @property
     def kind(self) -> str:

@@ -1,0 +1,202 @@
+"""End to end with a heating holder: the simulated station (here) with its MEMS heating holder,
+`insitu-daq daemon` (a real process) over real sockets, the run file read back.
+
+One daemon for both checks (its start is most of the cost): a short temperature staircase
+whose run file holds the temperature log and every frame's temperature, with the heater off
+when the run has ended; then a second run heating when the daemon is SIGKILLed, after which
+its guardian switches the heater off.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from insitu_daq.app.children import ChildProcess
+from insitu_daq.app.demo import free_ports, station_toml, wait_for_daemon
+from insitu_daq.core.module_command import module_command
+from insitu_daq.service.api import ControlClient
+from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
+
+TIME_SCALE = 20.0
+FINAL = ("finished", "aborted", "failed")
+
+STAIRCASE = """
+name: short_staircase
+steps:
+  - microscope: {mode: hrtem, beam: on, dose_rate_e_per_a2_s: 35}
+  - acquire: start
+  - wait: 5
+  - temperature_staircase: {to_celsius: 52, step_c: 15, rate_c_per_s: 5, settle_s: 10}
+  - acquire: stop
+"""
+HEAT_AND_HOLD = """
+name: heat_and_hold
+steps:
+  - temperature: {celsius: 300, rate_c_per_s: 5}
+  - hold: 600
+"""
+
+
+class HeatingStation:
+    """The simulators with a heating holder here, the daemon a subprocess, a control client."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.sims = SimulatedInstruments.create(
+            ports=StationPorts(0, 0, 0, 0),
+            time_scale=TIME_SCALE,
+            frame_shape=(64, 64),
+            holder_model="mems_heating",
+        )
+        self.sims.start()
+        self.sims.camera.arm()
+        control, events, metrics = free_ports(3)
+        ports = {
+            "source_meter": int(self.sims.source_meter.endpoints["visa"].split("::")[2]),
+            "holder": int(self.sims.holder.endpoints["url"].rsplit(":", 1)[1]),
+            "microscope": int(self.sims.microscope.endpoints["tcp"].rsplit(":", 1)[1]),
+            "camera": int(self.sims.camera.endpoints["stream2"].rsplit(":", 1)[1]),
+            "control": control,
+            "events": events,
+            "metrics": metrics,
+        }
+        self.data_dir = tmp_path / "runs"
+        self.metrics = f"http://127.0.0.1:{metrics}/metrics"
+        toml = station_toml(ports, self.data_dir, TIME_SCALE).replace(
+            "[holder]\n", '[holder]\nmodel = "mems_heating"\npoll_interval_s = 0.05\n', 1
+        )
+        toml += "[limits]\nmax_temperature_c = 400\nmax_temperature_rate_c_per_s = 10\n"
+        config = tmp_path / "station.toml"
+        config.write_text(toml)
+        self.control = f"tcp://127.0.0.1:{control}"
+        self.log = (tmp_path / "daemon.log").open("w")
+        self.process = subprocess.Popen(
+            module_command("insitu_daq", "daemon", "--config", str(config),
+                           "--time-scale", str(TIME_SCALE)),
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        try:
+            daemon = ChildProcess("daemon", self.process, Path(self.log.name))
+            wait_for_daemon(self.control, daemon, timeout_s=30.0)
+        except RuntimeError as exc:
+            self.close()
+            raise AssertionError(f"{exc}\n{self.daemon_log()}") from None
+
+    def daemon_log(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def request(self, cmd: str, **fields: object) -> dict:
+        with ControlClient(self.control, timeout_s=10.0) as client:
+            return client.request(cmd, **fields)
+
+    def run(self, text: str, name: str) -> dict:
+        return self.request("run", protocol_text=text, format="yaml", name=name)
+
+    def wait_for(self, predicate, timeout_s: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.request("status")
+            if predicate(status):
+                return status
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; last status {status}\n{self.daemon_log()}")
+
+    def chip(self) -> tuple[float, bool]:
+        with self.sims.station.model():
+            return self.sims.station.chip.temperature_c, self.sims.station.chip.heater_on
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.sims.stop()
+        self.log.close()
+
+
+@pytest.fixture
+def heating(tmp_path: Path) -> Iterator[HeatingStation]:
+    station = HeatingStation(tmp_path)
+    yield station
+    station.close()
+
+
+def test_heating_run_logs_temperature_per_frame_and_the_guardian_switches_the_heater_off(
+    heating: HeatingStation,
+) -> None:
+    reply = heating.run(STAIRCASE, "short_staircase")
+    status = heating.wait_for(
+        lambda s: (
+            s["last_run_id"] == reply["run_id"]
+            and s["run_id"] is None
+            and s["protocol"]["state"] in FINAL
+        )
+    )
+    assert status["protocol"]["state"] == "finished", status["protocol"]["reason"]
+    # Every run ends with the heater off (control/heater.py), as with the bias at 0 V.
+    assert heating.chip()[1] is False
+    metrics = urllib.request.urlopen(heating.metrics, timeout=5).read().decode()
+    assert 'insitu_daq_temperature_celsius{sensor="chip"}' in metrics
+
+    with h5py.File(reply["run_file"], "r") as f:
+        log = f["/entry/sample/temperature"]
+        assert log.attrs["NX_class"] == "NXlog"
+        assert log["value"].attrs["units"] == "degC"
+        times, values, setpoints = log["time"][:], log["value"][:], log["setpoint"][:]
+        assert len(times) > 20  # read every 0.05 s of wall time, 1 station s
+        assert values.min() == pytest.approx(22.0, abs=0.5)  # room temperature, heater off
+        assert values.max() == pytest.approx(52.0, abs=1.5)  # the last level, overshoot
+        assert set(np.round(setpoints[setpoints > 30])) >= {37.0, 52.0}  # both levels held
+        assert f["/entry/instrument/holder/heater/power"][:].max() > 0.0
+        detector = f["/entry/instrument/detector"]
+        frame_time = detector["frame_time"][:]
+        per_frame = detector["temperature"][:]
+        assert detector["temperature"].attrs["units"] == "degC"
+        assert len(frame_time) > 40 and len(per_frame) == len(frame_time)
+        # The log at each frame's time, as bias_voltage is the bias log's.
+        np.testing.assert_allclose(per_frame, np.interp(frame_time, times, values), atol=1e-9)
+        assert per_frame.min() < 30.0 and per_frame.max() > 50.0  # the movie saw the heating
+        kinds = [k.decode() for k in f["/entry/events/kind"][:]]
+        messages = [m.decode() for m in f["/entry/events/message"][:]]
+    assert kinds.count("temperature") >= 3  # two levels, and the heater off at the end
+    assert any(m.startswith("heater off") for m in messages)
+
+    # The daemon dies while the chip is hot: its guardian switches the heater off.
+    heating.run(HEAT_AND_HOLD, "heat_and_hold")
+    deadline = time.monotonic() + 20
+    while heating.chip()[0] < 60.0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    temperature, heater_on = heating.chip()
+    assert heater_on and temperature >= 60.0, heating.daemon_log()
+    killed = time.monotonic()
+    heating.process.send_signal(signal.SIGKILL)
+    heating.process.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while heating.chip()[1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print(f"\nheater off {time.monotonic() - killed:.2f} s after the daemon's SIGKILL")
+    temperature, heater_on = heating.chip()
+    log = heating.data_dir / "guardian.log"
+    assert not heater_on, log.read_text()
+    assert temperature == pytest.approx(22.0, abs=0.5)
+    while "heater OFF" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)  # it writes its log line once it has read the heater back off
+    assert "heater OFF (it was on" in log.read_text()
+    # Done with the instruments once the source-meter is seen safe too (its output was never
+    # on): only then are the simulators stopped, or it would retry them for 10 minutes.
+    while "nothing to do" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "output already off" in log.read_text()
