@@ -231,7 +231,9 @@ def station_toml(
 ) -> str:
     """The demo station's config; `holder_model` (e.g. mems_heating): that holder, and for a
     heating holder the limits its protocols need."""
-    holder = f'model = "{holder_model}"\n' if holder_model else ""
+    # A heating holder read every 0.1 s of wall time: its ramps and levels resolved in the log
+    # whatever the time scale (the default 0.5 s is 5 run s at a time scale of 10).
+    holder = f'model = "{holder_model}"\npoll_interval_s = 0.1\n' if holder_model else ""
     limits = HEATING_LIMITS if holder_model == HEATING_HOLDER else ""
     # Ramp steps scale with the time scale so the staircase keeps its shape on the wall clock.
     return f"""name = "demo (simulated station, time scale {time_scale:g})"

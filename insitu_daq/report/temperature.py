@@ -6,8 +6,10 @@ stays at one value for at least MIN_LEVEL_S of run time. The controller ramps it
 (control/heater.py), so a ramp is a setpoint that changes at every reading and is no level;
 with the heater off the setpoint follows the chip (sim/heating.py), which at room temperature
 is one more level. The chip's temperature during a level (its overshoot and settling included)
-is what `min_c`/`max_c` show; the frames recorded at a level are those whose frame_time falls
-in it.
+is what `min_c`/`max_c` show. The frames recorded at a level are those from its first reading
+up to the first reading at another setpoint (the end of the log for the last one): the
+controller is read every poll interval, and a staircase's acquisition ends a level, so frames
+after its last reading but before the next ramp's first belong to it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class TemperatureLevel:
     mean_c: float  # the chip, over the stretch
     min_c: float
     max_c: float
-    frames: int  # frames recorded in the stretch
+    frames: int  # frames recorded from its first reading to the next setpoint's
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def temperature_levels(
     min_level_s: float = MIN_LEVEL_S,
 ) -> list[TemperatureLevel]:
     """The stretches of constant setpoint lasting at least `min_level_s`, in time order,
-    with the chip's temperature over each and the frames whose time falls in it."""
+    with the chip's temperature over each and the frames recorded at it (module docstring)."""
     levels: list[TemperatureLevel] = []
     if len(time) < 2:
         return levels
@@ -63,7 +65,8 @@ def temperature_levels(
         t, chip = time[start:stop], celsius[start:stop]
         if stop - start < 2 or t[-1] - t[0] < min_level_s:
             continue  # one reading of a ramp, or a stretch too short to be held
-        frames = int(np.count_nonzero((frame_time >= t[0]) & (frame_time <= t[-1])))
+        until = time[stop] if stop < len(time) else np.inf
+        frames = int(np.count_nonzero((frame_time >= t[0]) & (frame_time < until)))
         levels.append(
             TemperatureLevel(
                 setpoint_c=float(setpoint[start]),
