@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .camera import SimulatedCamera
 from .holder import SimulatedHolder
 from .microscope import SimulatedMicroscope
+from .model import DriftLaw
 from .sourcemeter import SimulatedSourceMeter
 from .station import SimStation
 
@@ -46,9 +47,10 @@ class SimulatedInstruments:
         frame_rate_hz: float = 40.0,
         compression: str | None = "bslz4",
         source_meter_model: str = "keithley2400",
+        drift: DriftLaw | None = None,  # the field's drift (model.py); None: still
     ) -> SimulatedInstruments:
         ports = ports or StationPorts()
-        station = SimStation(seed=seed, time_scale=time_scale)
+        station = SimStation(seed=seed, time_scale=time_scale, drift=drift)
         return cls(
             station=station,
             source_meter=SimulatedSourceMeter(

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .model import CellParameters, NanobatteryModel
+from .model import CellParameters, DriftLaw, LinearDrift, NanobatteryModel
 from .optics import Optics
 
 
@@ -39,9 +39,12 @@ class SimStation:
         params: CellParameters | None = None,
         seed: int = 0,
         time_scale: float = 1.0,
+        drift: DriftLaw | None = None,
     ) -> None:
         self.clock = SimClock(time_scale)
-        self._model = NanobatteryModel(params=params or CellParameters(), seed=seed)
+        self._model = NanobatteryModel(
+            params=params or CellParameters(), seed=seed, drift=drift or LinearDrift()
+        )
         self.optics = Optics()  # set by the microscope, read by the camera
         self._lock = threading.RLock()
 
