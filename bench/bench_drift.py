@@ -25,7 +25,13 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
-from insitu_daq.analysis.drift import DriftSettings, measure_shift, registration_image, shift_image
+from insitu_daq.analysis.drift import (
+    DriftSettings,
+    Reference,
+    measure_shift,
+    registration_image,
+    shift_image,
+)
 from insitu_daq.analysis.pipeline import FrameAnalyzer, PipelineSettings
 from insitu_daq.analysis.spectrum import SpectrumSettings, analyze_frame
 from insitu_daq.sim.model import LinearDrift, NanobatteryModel
@@ -58,19 +64,19 @@ def frames(mode: str) -> list[np.ndarray]:
     return out
 
 
-def registration(mode: str) -> Callable[[np.ndarray], object]:
-    """The per-frame registration against a sum (the pipeline's `_register`)."""
-    summed = np.zeros(SHAPE, dtype=np.float32)
+def registration(mode: str, first: np.ndarray) -> Callable[[np.ndarray], object]:
+    """The per-frame registration as the pipeline's `_register` does it: against a reference
+    prepared once, HRTEM measured once, LM twice and smoothed."""
+    region = SETTINGS.region_px if mode == "hrtem" else SETTINGS.lm_region_px
+    reference = Reference.of(registration_image(first.astype(np.float32), region))
 
     def work(frame: np.ndarray) -> object:
-        summed[...] += frame
-        region = SETTINGS.region_px if mode == "hrtem" else SETTINGS.lm_region_px
-        reference, moving = registration_image(summed, region), registration_image(frame, region)
+        moving = registration_image(frame, region)
         if mode == "hrtem":
-            return measure_shift(reference, moving, (0.0, 0.0), SETTINGS.hrtem_search_px)
-        return measure_shift(
-            reference, moving, (0.0, 0.0), SETTINGS.lm_search_px, SETTINGS.lm_smooth_px
-        )
+            return measure_shift(
+                reference, moving, (0.0, 0.0), SETTINGS.hrtem_search_px, refine=False
+            )
+        return measure_shift(reference, moving, (0.0, 0.0), 32.0, SETTINGS.lm_smooth_px)
 
     return work
 
@@ -106,8 +112,8 @@ def main() -> None:
             lambda f: analyze_frame(f, HRTEM_NM, settings=one),
             hrtem,
         ),
-        "HRTEM registration": (registration("hrtem"), hrtem),
-        "LM registration": (registration("lm"), lm),
+        "HRTEM registration": (registration("hrtem", hrtem[0]), hrtem),
+        "LM registration": (registration("lm", lm[0]), lm),
         "sub-pixel shift (drift.shift_image)": (lambda f: shift_image(f, 0.3, 0.7), hrtem),
         "sub-pixel shift (ndimage.fourier_shift)": (ndimage_shift, hrtem),
         "FrameAnalyzer.add HRTEM, drift off": (analyzer_add(False, "hrtem", HRTEM_NM), hrtem),

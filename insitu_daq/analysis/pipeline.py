@@ -47,12 +47,15 @@ Segmentation needs ~25 counts per vacuum pixel (morphology.py): one 25 ms LM fra
 moves ~5 nm/s at most, so the default 0.5 s window blurs it by at most ~2.5 nm.
 
 Drift-corrected sums (`settings.drift.enabled`, the station's `[analysis] drift`; drift.py
-says what is measured and why). Each frame is registered against its mode's sum before it is
-added: its shift from the sum's anchor (the drift position the sum is aligned to) is searched
-near the prediction (the newest drift position moved on at the fitted rate), and the frame
-goes into the sum moved back by that shift (a sub-pixel Fourier shift; not below
+says what is measured and why). Each frame is registered before it is added, against a
+reference: the central square of its mode's sum, taken anew while the sum builds up to its
+dose, then kept until the field has moved `refresh_px` from it (renewed with every frame, the
+reference would pass each frame's error on to the next: a random walk, which took an LM
+track 0.6 px behind in 3 s). Its shift is searched near the prediction (the newest drift
+position moved on at the fitted rate), and the frame goes into the sum moved back to the
+sum's anchor, the drift position the sum is aligned to (a sub-pixel Fourier shift; not below
 `min_shift_px`), so a sum of a drifting field stays as sharp as one of a still field. The
-frame's drift position (anchor + shift, nm) joins the run's track, from which each result
+frame's drift position (nm) joins the run's track, from which each result
 reports its newest frame's position and the Theil-Sen rate (`drift_x_nm`, `drift_y_nm`,
 `drift_rate_nm_s`). A new sum (a mode's first frame, a new pixel size or frame shape) is
 anchored where the track predicts, so both modes' positions are one run-wide track in nm.
@@ -95,6 +98,7 @@ from .drift import (
     DriftRate,
     DriftSettings,
     DriftTrack,
+    Reference,
     drift_rate,
     measure_shift,
     registration_image,
@@ -205,7 +209,7 @@ class _Integration:
     last_offset_px: tuple[float, float] = (0.0, 0.0)
     # What frames are registered against (drift.py's central square of the sum), the drift
     # position it is aligned to, and its dose (mean counts per pixel): see FrameAnalyzer.
-    reference: np.ndarray | None = None
+    reference: Reference | None = None
     reference_px: tuple[float, float] = (0.0, 0.0)
     reference_counts: float = 0.0
 
@@ -367,7 +371,7 @@ class FrameAnalyzer:
             counts_per_px, _ = self._dose_target(mode)
             region = settings.region_px if mode == "hrtem" else settings.lm_region_px
             if integration.reference is None or integration.reference_counts < counts_per_px:
-                integration.reference = registration_image(integration.total, region)
+                integration.reference = Reference.of(registration_image(integration.total, region))
                 integration.reference_px = integration.anchor_px
                 integration.reference_counts = integration.mean_counts
             ref = integration.reference_px
@@ -377,7 +381,9 @@ class FrameAnalyzer:
                 near = (predicted[1] / pixel_nm - ref[0], predicted[0] / pixel_nm - ref[1])
             moving = registration_image(frame, region)
             if mode == "hrtem":
-                shift = measure_shift(integration.reference, moving, near, settings.hrtem_search_px)
+                shift = measure_shift(
+                    integration.reference, moving, near, settings.hrtem_search_px, refine=False
+                )
             else:
                 shift = measure_shift(
                     integration.reference, moving, near, settings.lm_search_px,
