@@ -175,7 +175,8 @@ class PipelineSettings:
 
 DRIFT_TRACK_POINTS = 100  # drift positions kept per rate window (Theil-Sen is O(n^2))
 DRIFT_RATE_REFIT_S = 0.25  # run s between fits of the rate the prediction uses
-MAX_SUMMED_FRAMES = 64  # bounds the ring's memory (64 x 2 MB at 1024 x 1024 uint16)
+# Bounds the ring's memory: 64 x 2 MB at 1024 x 1024 uint16 (4 MB a frame shifted by drift).
+MAX_SUMMED_FRAMES = 64
 DOSE_ROW_STRIDE = 8  # rows sampled for a frame's mean counts (the dose bookkeeping)
 
 
