@@ -107,17 +107,17 @@ def test_rate_is_robust_to_one_bad_pair_and_the_correction_undoes_the_drift() ->
 
 
 def test_lm_drift_position_within_half_a_pixel_and_rate_within_10_percent() -> None:
-    """10 s of LM frames 0.25 s apart, the field drifting 0.5 nm/s at 30 degrees (1 nm/px):
+    """10 s of LM frames 0.5 s apart, the field drifting 0.5 nm/s at 30 degrees (1 nm/px):
     every position within 0.5 px of the truth since the first frame, the rate within 10 %."""
     renderer, model = FrameRenderer((1024, 1024), seed=7), cell(x=0.0, tip_nm=0.0)
     model.drift = LinearDrift(DRIFT_NM_S, DIRECTION_DEG)
     analyzer = FrameAnalyzer(PipelineSettings(drift=ON))
     first = None
-    for index, t in enumerate(np.arange(0.0, 10.01, 0.25)):
+    for index, t in enumerate(np.arange(0.0, 10.01, 0.5)):
         frame, truth = _render(renderer, model, _lm_optics(), float(t), 0.025, index)
         first = first or (truth.drift_x_nm, truth.drift_y_nm)
         analyzer.add(frame, float(t), "lm", 1.0)
-        if index % 5:  # every frame is registered; every 5th measured (segmentation's cost)
+        if index % 4:  # every frame is registered; every 4th measured (segmentation's cost)
             continue
         result = analyzer.measure()
         assert result["drift_x_nm"] == pytest.approx(truth.drift_x_nm - first[0], abs=0.5), t
