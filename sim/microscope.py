@@ -9,7 +9,8 @@ mode, pixel size and field centre live in `station.optics` (what the camera rend
 
 One request exists only here, not on a real microscope nor in the driver: `truth`, the
 model's ground truth now (extraction, expansion, phase fractions, front, the lattice spacings
-the HRTEM field shows), so a demo or test can put live analysis next to what it should find.
+the HRTEM field shows, the field's drift offset `drift_x_nm`/`drift_y_nm`), so a demo or test
+can put live analysis next to what it should find.
 """
 
 from __future__ import annotations
@@ -240,11 +241,16 @@ class MicroscopeController:
                 "front_velocity_nm_s": m.front_velocity_nm_s(),
                 "contact": m.contact,
             }
+            # The field's true offset (model.py DriftLaw): the HRTEM field below is where the
+            # camera sees it, the microscope's centre less the drift (render.py Scene).
+            offset = m.field_offset_nm()
+            state["drift_x_nm"], state["drift_y_nm"] = offset
             structure = NanobatteryModel(params=m.params, x=m.x, tip_position_nm=m.tip_position_nm)
             hrtem = self._station.optics.modes[ImagingMode.HRTEM]
         # Outside the lock: the structure is a detached copy (phase sampling takes ~1-2 ms).
         state["particle_phase_fractions"] = structure.phase_fractions()
-        field = self._hrtem_field_labels(structure, hrtem.pixel_size_nm, hrtem.field_center_nm)
+        center = (hrtem.field_center_nm[0] - offset[0], hrtem.field_center_nm[1] - offset[1])
+        field = self._hrtem_field_labels(structure, hrtem.pixel_size_nm, center)
         counts = np.bincount(field.ravel(), minlength=len(Phase))
         particle = sum(int(counts[phase]) for phase in _PARTICLE_PHASES)
         state["field_particle_coverage"] = particle / field.size

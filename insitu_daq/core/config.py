@@ -262,6 +262,9 @@ class AnalysisConfig(_Section):
     min_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 2.0
     reference_frames: Annotated[int, Field(ge=1, le=1000)] = 10  # LM frames before the bias
     front_window_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    # Measure the field's drift and sum frames drift-corrected (analysis/drift.py): off by
+    # default, as it costs each frame a registration (and a shift when the field moved).
+    drift: bool = False
     # A live value older than this (wall seconds) is no longer "live": hold-until sees None.
     live_value_max_age_s: Annotated[float, Field(gt=0, le=600)] = 5.0
 

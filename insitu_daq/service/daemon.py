@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from insitu_daq import __version__
+from insitu_daq.analysis.drift import DriftSettings
 from insitu_daq.analysis.pipeline import PipelineSettings
 from insitu_daq.control.bias import BiasController
 from insitu_daq.control.detector import detector_control
@@ -121,6 +122,7 @@ def pipeline_settings(config: AnalysisConfig) -> PipelineSettings:
         phase_map_interval_s=config.phase_map_interval_s,
         reference_frames=config.reference_frames,
         front_window_s=config.front_window_s,
+        drift=DriftSettings(enabled=config.drift),
     )
 
 
