@@ -52,9 +52,11 @@ class LiveStation:
         frame_shape: tuple[int, int] = (128, 128),
         data_dir: Path | None = None,
         extra_config: str = "",
+        dose_budget_e_per_a2: float | None = None,
     ) -> None:
         """`data_dir`: where run files go (default tmp_path/runs); `extra_config`: TOML
-        appended to the station config (sections the demo's config does not have)."""
+        appended to the station config (sections the demo's config does not have);
+        `dose_budget_e_per_a2`: its [dose] budget (None: the demo's)."""
         self.time_scale = time_scale
         self.sims = SimulatedInstruments.create(
             ports=StationPorts(0, 0, 0, 0),
@@ -76,7 +78,9 @@ class LiveStation:
         }
         self.data_dir = data_dir or tmp_path / "runs"
         config = self.config_path = tmp_path / "station.toml"
-        config.write_text(station_toml(ports, self.data_dir, time_scale) + extra_config)
+        budget = dose_budget_e_per_a2
+        toml = station_toml(ports, self.data_dir, time_scale, dose_budget_e_per_a2=budget)
+        config.write_text(toml + extra_config)
         self.control = f"tcp://127.0.0.1:{control}"
         self.log = (tmp_path / "daemon.log").open("w")
         self.process = subprocess.Popen(

@@ -85,6 +85,8 @@ class PlanState:
     bias_volts: float = 0.0  # the bias level (V)
     recording: bool = False  # frames written to the run file
     mode: str | None = None  # the microscope's imaging mode, if a step has set it
+    beam: bool | None = None  # the beam unblanked, if a step has set it (control/dose.py)
+    dose_rates: tuple[tuple[str, float], ...] = ()  # (mode, e/A^2/s) the steps have set
 
 
 class StepContext(Protocol):
