@@ -48,8 +48,8 @@ def read_dose(f: h5py.File) -> DoseSummary | None:
     exposures = exposures_of(f)
     frames = 0.0
     for stack in frame_stacks(f):
-        if "dose" in stack:
-            frames += float(np.nansum(read_column(stack, "dose")))
+        if layout.FRAME_DOSE.name in stack:
+            frames += float(np.nansum(read_column(stack, layout.FRAME_DOSE.name)))
     if not exposures:
         return None if frames == 0.0 else DoseSummary(frames_e_per_a2=frames)
     dose_map = map_of(exposures, CELL_NM)

@@ -44,6 +44,7 @@ from insitu_daq.core.imaging import ImagingState, ImagingTimeline, Verdict
 from insitu_daq.drivers.stream2 import hdf5_filter_options
 from insitu_daq.runfile.framebias import FrameBiasEstimator
 from insitu_daq.runfile.h5util import fixed, growing, put, scalar
+from insitu_daq.runfile.layout import FRAME_CUMULATIVE_DOSE, FRAME_DOSE
 
 DATE_LENGTH = 40
 MODE_LENGTH = 16
@@ -117,8 +118,8 @@ class FrameStack:
         self._mode = detector["imaging_mode"]
         self._pixel = detector["pixel_size"]
         self._dose = detector["dose_rate"]
-        self._frame_dose = detector["dose"]
-        self._cumulative_dose = detector["cumulative_dose"]
+        self._frame_dose = detector[FRAME_DOSE.name]
+        self._cumulative_dose = detector[FRAME_CUMULATIVE_DOSE.name]
         self.frames = 0
         self._pending_rows: list[tuple[Any, ...]] = []
         # Per-frame bias: the times of the frames not filled in yet (from _bias_first on).
@@ -172,12 +173,9 @@ class FrameStack:
         growing(detector, "dose_rate", "<f8", "e/angstrom^2/s").attrs["description"] = (
             "dose rate at the specimen during the frame, 0 with the beam blanked (NaN: not known)"
         )
-        growing(detector, "dose", "<f8", "e/angstrom^2").attrs["description"] = (
-            "dose the frame's exposure gave its field (NaN: not known)"
-        )
-        growing(detector, "cumulative_dose", "<f8", "e/angstrom^2").attrs["description"] = (
-            "sum of dose over this group's frames up to this one (unknown doses add nothing)"
-        )
+        for column in (FRAME_DOSE, FRAME_CUMULATIVE_DOSE):
+            dataset = growing(detector, column.name, column.dtype, column.units)
+            dataset.attrs["description"] = column.description
         for name, (value, units) in scalars.items():
             scalar(detector, name, value, units)
         scalar(detector, "detector_description", description or "unknown")

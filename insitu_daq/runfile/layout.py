@@ -133,6 +133,18 @@ HOLDER_POSITION = Log(
     time_errors=True,  # stamped at the midpoint of the status query (control/.../monitor.py)
     record="holder_position",
 )
+# Each frame's electron dose, columns of every NXdetector group (runfile/frames.py fills them
+# once the frame's imaging state is decided).
+FRAME_DOSE = Column(
+    "dose", "<f8", "e/angstrom^2", "dose the frame's exposure gave its field (NaN: not known)"
+)
+FRAME_CUMULATIVE_DOSE = Column(
+    "cumulative_dose",
+    "<f8",
+    "e/angstrom^2",
+    "sum of dose over this group's frames up to this one (unknown doses add nothing)",
+)
+
 # Electron dose per region (analysis/dose.py, service/dose.py): what each stretch of beam-on
 # time gave one field of the specimen. The map at close (finish.py) is made from these rows.
 DOSE = "/entry/dose"  # NXcollection: the exposure log and the map
@@ -162,13 +174,7 @@ EVENTS = Log(
 )
 
 # Every growing log outside /entry/analysis, in the order the writer makes them.
-LOGS: tuple[Log, ...] = (
-    HOLDER_POSITION,
-    BIAS_VOLTAGE,
-    CURRENT,
-    OUTPUT_LEVEL,
-    DOSE_EXPOSURE,
-    EVENTS,
-)
+LOGS: tuple[Log, ...] = (HOLDER_POSITION, BIAS_VOLTAGE, CURRENT, OUTPUT_LEVEL, EVENTS)
+LOGS += (DOSE_EXPOSURE,)  # the dose given to each field (service/dose.py)
 # The logs fed by generic wire series, by series name.
 SERIES: dict[str, Log] = {log.record: log for log in LOGS if log.record}

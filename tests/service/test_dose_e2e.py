@@ -78,6 +78,10 @@ def test_a_region_reaching_its_budget_blanks_the_beam_and_pauses_the_run(
         n = len(detector["frame_time"])
         frame_time = detector["frame_time"][:n]
         dose = detector["dose"][:n]
+        exposure = (detector["detector_stop_time"][:n] - detector["detector_start_time"][:n]) * (
+            TIME_SCALE  # detector seconds are wall seconds
+        )
+        modes = detector["imaging_mode"][:n]
         cumulative = detector["cumulative_dose"][:n]
         counts = detector["data"][:n].reshape(n, -1).mean(axis=1)
         dose_map = f["entry/dose/map/dose"][()]
@@ -88,17 +92,30 @@ def test_a_region_reaching_its_budget_blanks_the_beam_and_pauses_the_run(
     assert "nm field at (440, 0) nm has taken" in message  # the HRTEM field, 32 px wide
     assert f"of its {BUDGET:g} e/A^2" in message and "beam blanked" in message
 
-    # The map and the frames add up to what the simulator delivered: the map (one field)
-    # within 2 %, the frames within that and the two frames at the beam's edges.
-    frame_dose = HRTEM_RATE * (frame_time[1] - frame_time[0])
+    # The map adds up to what the simulator delivered (one field, within 2 %); each lit frame's
+    # dose is the rate times its exposure; the frames together hold the delivered dose in the
+    # share of the lit time they exposed (a camera running late on a busy PC leaves gaps).
+    frame_dose = HRTEM_RATE * np.median(exposure)
+    lit = (dose > 0) & (modes == b"hrtem")
     assert BUDGET <= dose_map.max() <= BUDGET + 2 * frame_dose
     assert dose_map.max() == pytest.approx(delivered, rel=0.02)
     assert exposed == pytest.approx(delivered, rel=0.02)
-    assert np.nansum(dose) == pytest.approx(delivered, rel=0.02, abs=2 * frame_dose)
+    assert dose[lit] == pytest.approx(HRTEM_RATE * exposure[lit], rel=1e-3)
+    beam_on = next(t for t, k, m in events if k == "microscope" and "beam on" in m)
+    exposed_s = np.minimum(frame_time + exposure / 2, blanked_at) - np.maximum(
+        frame_time - exposure / 2, beam_on
+    )
+    share = exposed_s.clip(0).sum() / (blanked_at - beam_on)
+    print(
+        f"delivered {delivered:.1f} e/A^2 (simulator), map {dose_map.max():.1f}, exposure log"
+        f" {exposed:.1f}, frames {np.nansum(dose):.1f} ({lit.sum()} lit of {n})"
+        f" exposing {share:.1%} of the lit time"
+    )
+    assert np.nansum(dose) == pytest.approx(delivered * share, rel=0.03)
     assert cumulative[-1] == pytest.approx(np.nansum(dose))
     assert np.all(np.diff(cumulative) >= 0)
     # Frames go dark once the beam is blanked, and their dose says so.
-    after = frame_time > blanked_at + 2 * frame_dose / HRTEM_RATE
+    after = frame_time > blanked_at + 2 * np.median(exposure)
     assert after.sum() >= 3
     assert np.all(dose[after] == 0.0) and np.all(counts[after] == 0.0)
     assert counts[~after].max() > 0
