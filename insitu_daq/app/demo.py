@@ -52,6 +52,7 @@ from insitu_daq.app.children import (
     reporting_child_deaths,
     wait_for_output,
 )
+from insitu_daq.core.config import DoseConfig
 from insitu_daq.core.module_command import module_command
 from insitu_daq.report.analysis import read_analysis
 from insitu_daq.report.events import hold_span, read_events
@@ -228,14 +229,17 @@ def station_toml(
     time_scale: float,
     source_meter_model: str = DEFAULT_SOURCE_METER,
     holder_model: str | None = None,
+    dose_budget_e_per_a2: float | None = None,
 ) -> str:
-    """The demo station's config; `holder_model` (e.g. mems_heating): that holder, and for a
-    heating holder the limits its protocols need."""
+    """The demo station's config. `holder_model` (e.g. mems_heating): that holder, and for a
+    heating holder the limits its protocols need. `dose_budget_e_per_a2`: the [dose] budget;
+    None: SCIENCE.md's 5000 e/A^2 x the time scale (below)."""
     # A heating holder read every 0.1 s of wall time: its ramps and levels resolved in the log
     # whatever the time scale (the default 0.5 s is 5 run s at a time scale of 10).
     holder = f'model = "{holder_model}"\npoll_interval_s = 0.1\n' if holder_model else ""
     limits = HEATING_LIMITS if holder_model == HEATING_HOLDER else ""
     # Ramp steps scale with the time scale so the staircase keeps its shape on the wall clock.
+    budget = dose_budget_e_per_a2 or DoseConfig().budget_e_per_a2 * max(1.0, time_scale)
     return f"""name = "demo (simulated station, time scale {time_scale:g})"
 data_dir = "{data_dir}"
 [source_meter]
@@ -255,6 +259,12 @@ metrics_port = {ports["metrics"]}
 # The simulated camera's 40 frames/s: at a time scale of {time_scale:g} a run second has
 # {time_scale:g}x fewer frames, so analyse every one (a real station keeps the default cap).
 max_rate_hz = 40
+[dose]
+# Faster than real time the simulated bias ramps take longer than their rate says (each
+# staircase step is a SCPI round trip on the wall clock: at 20x the reference ramp to +4.3 V
+# took 74 run s instead of 8.6), and the HRTEM field takes that much more dose than the
+# protocol plans. Real time keeps SCIENCE.md's budget; at time scale s it is s times it.
+budget_e_per_a2 = {budget:g}
 {limits}"""
 
 
@@ -325,7 +335,9 @@ def run_demo(
     protocol_text = reference_protocol(protocol)
     holder = HEATING_HOLDER if protocol_heats(protocol_text, Path(protocol).stem) else None
     config = files / "station.toml"
-    config.write_text(station_toml(ports, data_dir, time_scale, source_meter_model, holder))
+    config.write_text(
+        station_toml(ports, data_dir, time_scale, source_meter_model, holder_model=holder)
+    )
     sim_command = module_command(
         "insitu_daq", "sim", "--time-scale", str(time_scale),
         "--source-meter", source_meter_model,

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from insitu_daq.report.dose import DoseSummary, format_dose, read_dose
 from insitu_daq.report.events import read_events
 from insitu_daq.report.frames import frame_stacks
 from insitu_daq.report.temperature import (
@@ -69,6 +70,7 @@ class RunSummary:
     last_time_s: float = 0.0
     # A heating holder's temperature log (report/temperature.py); None: the run has none.
     temperature: TemperatureSummary | None = None
+    dose: DoseSummary | None = None  # per region against its budget (report/dose.py)
 
     @property
     def frame_rate_hz(self) -> float | None:
@@ -171,6 +173,7 @@ def summarize(path: str | Path) -> RunSummary:
             imaging_frames=dict(modes),
             last_time_s=float(max(last_times, default=0.0)),
             temperature=temperature,
+            dose=read_dose(f),
         )
 
 
@@ -215,6 +218,8 @@ def format_summary(summary: RunSummary, events: int = 12) -> str:
         )
     if summary.temperature is not None:
         lines += temperature_lines(summary.temperature)
+    if summary.dose is not None:
+        lines += format_dose(summary.dose)
     counts = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.event_counts.items()))
     lines.append(f"events       {counts or 'none'}")
     for time, kind, message in summary.events[:events]:

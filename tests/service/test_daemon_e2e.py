@@ -54,11 +54,13 @@ class LiveStation:
         extra_config: str = "",
         detector_api: bool = False,
         analysis: bool = True,
+        dose_budget_e_per_a2: float | None = None,
     ) -> None:
         """`data_dir`: where run files go (default tmp_path/runs); `extra_config`: TOML
         appended to the station config (sections the demo's config does not have);
         `detector_api`: the camera serves its SIMPLON API and the daemon arms it
-        ([detector] control = "simplon"); `analysis`: False runs no live analysis."""
+        ([detector] control = "simplon"); `analysis`: False runs no live analysis;
+        `dose_budget_e_per_a2`: its [dose] budget (None: the demo's)."""
         self.time_scale = time_scale
         self.sims = SimulatedInstruments.create(
             ports=StationPorts(0, 0, 0, 0, camera_api=0 if detector_api else None),
@@ -80,7 +82,8 @@ class LiveStation:
         }
         self.data_dir = data_dir or tmp_path / "runs"
         config = self.config_path = tmp_path / "station.toml"
-        text = station_toml(ports, self.data_dir, time_scale)
+        budget = dose_budget_e_per_a2
+        text = station_toml(ports, self.data_dir, time_scale, dose_budget_e_per_a2=budget)
         if self.sims.camera_api is not None:
             arming = f'control = "simplon"\napi_url = "{self.sims.camera_api.url}"\n'
             text = text.replace("[detector]\n", f"[detector]\n{arming}", 1)
