@@ -157,7 +157,9 @@ class LiveStation:
 
 @pytest.fixture
 def live(tmp_path: Path):
-    station = LiveStation(tmp_path)
+    # No live analysis: nothing here reads it, and without its process the daemon is up in
+    # about half the time (tests/service/test_daemon_analysis_e2e.py and tests/verify run it).
+    station = LiveStation(tmp_path, analysis=False)
     yield station
     station.close()
 
