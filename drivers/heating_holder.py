@@ -3,7 +3,8 @@
 One method per controller command, over pySerial (`serial_for_url`: a serial device or any
 pySerial URL, `socket://host:port`), on the holder family's line transport
 (`LineController`: an `ERR` reply raises `HolderError` with its code, silence
-`HolderTimeout`). The protocol strings live in `_Command` and nowhere else.
+`HolderTimeout`; identity, routing, error register and status parsing come with it too).
+The heater's protocol strings live in `_Command` and nowhere else.
 
 It is a holder model (core/instrument_models.py `mems_heating`), not an instrument of its own:
 the chip is the specimen carrier, the same holder carries the sample's electrical contacts, and

@@ -4,7 +4,9 @@ One method per controller command, over pySerial: `serial_for_url` takes a seria
 (`/dev/ttyUSB0`, `/dev/pts/3`) or any pySerial URL (`socket://host:port` for a
 serial-to-Ethernet adapter). Moves only start a motion and return; `wait_until_idle()` waits
 for it. An `ERR` reply raises `HolderError` with the controller's code; no reply within the
-timeout raises `HolderTimeout`. The protocol strings live in `_Command` and nowhere else.
+timeout raises `HolderTimeout`. The protocol strings live in `_Command` and nowhere else
+(those every holder controller shares, and the verbs sending them, in `LineCommand` and
+`LineController`).
 """
 
 from __future__ import annotations
