@@ -41,6 +41,27 @@ class MicroscopeState:
     field_center_nm: tuple[float, float]
 
 
+ELEMENTARY_CHARGE_C = 1.602176634e-19
+A2_PER_NM2 = 100.0
+
+
+@dataclass(frozen=True)
+class Illumination:
+    """The beam at the specimen as a TEM reports it: its current (the screen current, 0 with
+    the beam blanked) and the area it lights. The dose rate is the one over the other."""
+
+    beam_current_amperes: float
+    illuminated_area_nm2: float
+
+    @property
+    def dose_rate_e_per_a2_s(self) -> float:
+        """Electrons per square angstrom per second at the specimen (NaN: no area known)."""
+        area_a2 = self.illuminated_area_nm2 * A2_PER_NM2
+        if not area_a2 > 0:
+            return float("nan")
+        return self.beam_current_amperes / ELEMENTARY_CHARGE_C / area_a2
+
+
 class MicroscopeError(Exception):
     """The microscope refused a request or the link to it failed."""
 
@@ -60,6 +81,7 @@ class _Command:
     SET_DOSE_RATE = "set_dose_rate"
     GET_DOSE_RATE = "get_dose_rate"
     GET_CUMULATIVE_DOSE = "get_cumulative_dose"
+    GET_ILLUMINATION = "get_illumination"
     SET_MODE = "set_mode"
     SET_PIXEL_SIZE = "set_pixel_size"
     SET_FIELD_CENTER = "set_field_center"
@@ -179,3 +201,11 @@ class RemoteMicroscope(ClosedOnExit):
     def cumulative_dose(self) -> float:
         """Electron dose delivered since the microscope started, e/A^2."""
         return float(self._request(_Command.GET_CUMULATIVE_DOSE)["cumulative_dose_e_per_a2"])
+
+    def illumination(self) -> Illumination:
+        """The beam current at the specimen (0 blanked) and the illuminated area."""
+        reply = self._request(_Command.GET_ILLUMINATION)
+        return Illumination(
+            beam_current_amperes=float(reply["beam_current_amperes"]),
+            illuminated_area_nm2=float(reply["illuminated_area_nm2"]),
+        )

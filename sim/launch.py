@@ -9,6 +9,7 @@ from .camera import SimulatedCamera
 from .heating_holder import SimulatedHeatingHolder
 from .holder import SimulatedHolder
 from .microscope import SimulatedMicroscope
+from .model import DriftLaw
 from .simplon import SimplonServer
 from .sourcemeter import SimulatedSourceMeter
 from .station import SimStation
@@ -60,9 +61,10 @@ class SimulatedInstruments:
         compression: str | None = "bslz4",
         source_meter_model: str = "keithley2400",
         holder_model: str = "open_cell",
+        drift: DriftLaw | None = None,  # the field's drift (model.py); None: still
     ) -> SimulatedInstruments:
         ports = ports or StationPorts()
-        station = SimStation(seed=seed, time_scale=time_scale)
+        station = SimStation(seed=seed, time_scale=time_scale, drift=drift)
         sims = cls(
             station=station,
             source_meter=SimulatedSourceMeter(

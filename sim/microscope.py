@@ -5,11 +5,14 @@ speaks the small JSON-lines protocol of drivers/MICROSCOPE_PROTOCOL.md over TCP,
 driver's `RemoteMicroscope` is exercised over a real socket. `MicroscopeController` turns one
 request object into one reply object (the state machine); `SimulatedMicroscope` serves it.
 The beam and dose live in the shared model (what the camera's frames record); the imaging
-mode, pixel size and field centre live in `station.optics` (what the camera renders).
+mode, pixel size, field centre and each mode's illumination (beam current and lit area, so
+the dose rate follows the mode) live in `station.optics` (what the camera renders). A mode
+switch or a new dose rate sets the model's rate from the optics; a blanked beam gives none.
 
 One request exists only here, not on a real microscope nor in the driver: `truth`, the
 model's ground truth now (extraction, expansion, phase fractions, front, the lattice spacings
-the HRTEM field shows), so a demo or test can put live analysis next to what it should find.
+the HRTEM field shows, the field's drift offset `drift_x_nm`/`drift_y_nm`), so a demo or test
+can put live analysis next to what it should find.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ class MicroscopeController:
         self.requests_total = 0
         self.errors_total = 0  # requests answered with ok=false (malformed ones included)
         self.malformed_total = 0  # lines that were not a JSON request object at all
+        with station.model() as m:  # the power-on mode's illumination
+            m.set_beam(m.beam_on, station.optics.illumination.dose_rate_e_per_a2_s)
         # cmd -> (allowed parameters, required parameters, action)
         self._commands: dict[str, tuple[set[str], set[str], Callable[[dict[str, Any]], Reply]]] = {
             "identify": (set(), set(), self._identify),
@@ -85,6 +90,7 @@ class MicroscopeController:
             "get_dose_rate": (set(), set(), self._get_dose_rate),
             "set_dose_rate": ({"dose_rate_e_per_a2_s"}, {"dose_rate_e_per_a2_s"}, self._set_dose),
             "get_cumulative_dose": (set(), set(), self._get_cumulative_dose),
+            "get_illumination": (set(), set(), self._get_illumination),
             "set_mode": ({"mode"}, {"mode"}, self._set_mode),
             "set_pixel_size": ({"pixel_size_nm"}, {"pixel_size_nm"}, self._set_pixel_size),
             "set_field_center": ({"x_nm", "y_nm"}, {"x_nm", "y_nm"}, self._set_field_center),
@@ -179,6 +185,8 @@ class MicroscopeController:
     def _unblank_beam(self, params: dict[str, Any]) -> Reply:
         rate = self._dose_rate(params) if params else None
         with self._station.model() as m:
+            if rate is not None:
+                self._station.optics.set_dose_rate(rate)
             m.set_beam(True, rate)
         return {}
 
@@ -189,6 +197,7 @@ class MicroscopeController:
     def _set_dose(self, params: dict[str, Any]) -> Reply:
         rate = self._dose_rate(params)
         with self._station.model() as m:
+            self._station.optics.set_dose_rate(rate)  # the present mode's, as a TEM keeps it
             m.set_beam(m.beam_on, rate)  # the model accumulates the old rate up to now first
         return {}
 
@@ -204,12 +213,23 @@ class MicroscopeController:
         with self._station.model() as m:
             return {"cumulative_dose_e_per_a2": m.cumulative_dose_e_per_a2}
 
+    def _get_illumination(self, params: dict[str, Any]) -> Reply:
+        """The beam current at the specimen (the screen current a TEM reads: 0 blanked) and
+        the area it lights."""
+        with self._station.model() as m:
+            illumination = self._station.optics.illumination
+            return {
+                "beam_current_amperes": illumination.beam_current_amperes if m.beam_on else 0.0,
+                "illuminated_area_nm2": illumination.area_nm2,
+            }
+
     def _set_mode(self, params: dict[str, Any]) -> Reply:
         names = [mode.value for mode in ImagingMode]
         if params["mode"] not in names:
             raise RequestError(f"mode must be one of {', '.join(names)}")
-        with self._station.lock:
+        with self._station.model() as m:  # the dose so far at the old mode's rate, then the new
             self._station.optics.set_mode(params["mode"])
+            m.set_beam(m.beam_on, self._station.optics.illumination.dose_rate_e_per_a2_s)
         return {}
 
     def _set_pixel_size(self, params: dict[str, Any]) -> Reply:
@@ -240,11 +260,16 @@ class MicroscopeController:
                 "front_velocity_nm_s": m.front_velocity_nm_s(),
                 "contact": m.contact,
             }
+            # The field's true offset (model.py DriftLaw): the HRTEM field below is where the
+            # camera sees it, the microscope's centre less the drift (render.py Scene).
+            offset = m.field_offset_nm()
+            state["drift_x_nm"], state["drift_y_nm"] = offset
             structure = NanobatteryModel(params=m.params, x=m.x, tip_position_nm=m.tip_position_nm)
             hrtem = self._station.optics.modes[ImagingMode.HRTEM]
         # Outside the lock: the structure is a detached copy (phase sampling takes ~1-2 ms).
         state["particle_phase_fractions"] = structure.phase_fractions()
-        field = self._hrtem_field_labels(structure, hrtem.pixel_size_nm, hrtem.field_center_nm)
+        center = (hrtem.field_center_nm[0] - offset[0], hrtem.field_center_nm[1] - offset[1])
+        field = self._hrtem_field_labels(structure, hrtem.pixel_size_nm, center)
         counts = np.bincount(field.ravel(), minlength=len(Phase))
         particle = sum(int(counts[phase]) for phase in _PARTICLE_PHASES)
         state["field_particle_coverage"] = particle / field.size

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -100,6 +101,35 @@ class CellParameters:
         return 2.0 * radius * (1.0 - math.sqrt(max(0.0, 1.0 - x)))
 
 
+# Where the specimen has drifted to at a model time: (x, y) in nm, in the image's axes (+x
+# along the frame's columns, +y along its rows), relative to model time 0. The renderer draws
+# the field displaced by it and the truth reports it (render.py, microscope.py). The hook for
+# a drift that is not linear (a heating holder's, growing with temperature): assign any such
+# function to `NanobatteryModel.drift`; it is called with the model time under the station
+# lock, so it may read a temperature the model integrates, and must be cheap and pure.
+DriftLaw = Callable[[float], tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class LinearDrift:
+    """Drift at a constant velocity (the room-temperature biasing case): `speed_nm_s` along
+    `direction_deg` (0 = +x, the frame's columns; 90 = +y, its rows). The default is still."""
+
+    speed_nm_s: float = 0.0
+    direction_deg: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.speed_nm_s) and self.speed_nm_s >= 0):
+            raise ValueError(f"drift speed must be >= 0 nm/s, not {self.speed_nm_s!r}")
+        if not math.isfinite(self.direction_deg):
+            raise ValueError(f"drift direction must be finite, not {self.direction_deg!r}")
+
+    def __call__(self, time_s: float) -> tuple[float, float]:
+        angle = math.radians(self.direction_deg)
+        distance = self.speed_nm_s * time_s
+        return distance * math.cos(angle), distance * math.sin(angle)
+
+
 @dataclass(frozen=True)
 class CellState:
     """Ground truth of the cell at one model time (what a perfect measurement would give)."""
@@ -155,6 +185,7 @@ class NanobatteryModel:
     dose_rate_e_per_a2_s: float = 35.0
     cumulative_dose_e_per_a2: float = 0.0
     charge_coulomb: float = 0.0
+    drift: DriftLaw = field(default_factory=LinearDrift)  # the field's offset (DriftLaw)
     _source: _SourceSetting = field(default_factory=_SourceSetting)
     _motion: _TipMotion | None = None
     # (model time, applied bias) at each change: the truth for frame-to-bias alignment.
@@ -329,6 +360,11 @@ class NanobatteryModel:
             self._motion = None
 
     # ----- structure -------------------------------------------------------------------------
+    def field_offset_nm(self) -> tuple[float, float]:
+        """Where the specimen has drifted to now (DriftLaw): (x, y) nm in the image's axes."""
+        x_nm, y_nm = self.drift(self.time_s)
+        return float(x_nm), float(y_nm)
+
     @property
     def expansion(self) -> float:
         return self.params.expansion(self.x)
@@ -376,12 +412,18 @@ class NanobatteryModel:
         labels[band] = Phase.DISORDERED
         pristine = inside & (r_core <= core) & (r_particle <= radius - p.surface_layer_nm)
         labels[pristine] = Phase.LAYERED
-        # The tungsten needle: a cone-ended rod coming from -x, apex at tip_position_nm.
-        tx = np.asarray(x_nm, dtype=np.float32) - np.float32(self.tip_position_nm)
-        tip_half_width = np.float32(p.tip_radius_nm) + np.maximum(-tx, 0) * np.float32(0.35)
-        needle = (tx <= 0) & (np.abs(py) <= tip_half_width) & ~inside
+        needle = (self.tip_outside_nm(x_nm, y_nm) <= 0) & ~inside
         labels[needle] = Phase.TIP
         return labels
+
+    def tip_outside_nm(self, x_nm: np.ndarray, y_nm: np.ndarray) -> np.ndarray:
+        """How far points lie outside the tungsten needle (nm, float32; <= 0 inside): the
+        larger of the distance beyond its side and beyond its apex. The needle is a
+        cone-ended rod coming from -x, apex at tip_position_nm. Near its outline this is the
+        distance to it (to 6 % on the cone), which the renderer uses for partial pixels."""
+        tx = np.asarray(x_nm, dtype=np.float32) - np.float32(self.tip_position_nm)
+        half_width = np.float32(self.params.tip_radius_nm) + np.maximum(-tx, 0) * np.float32(0.35)
+        return np.maximum(np.abs(np.asarray(y_nm, dtype=np.float32)) - half_width, tx)
 
     def phase_fractions(self, grid: int = 256) -> dict[str, float]:
         """Area fractions of the particle's phases, on a grid x grid sampling of its disk."""

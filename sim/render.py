@@ -33,6 +33,14 @@ Why it is shaped so (1024 x 1024 at 40 frames/s on a 2-core machine shared with 
 - HRTEM fringes depend only on where the field is, not on the state of the cell: one texture
   per phase is computed once per (pixel size, field centre) and frames are composited from them
   by label. The noise-free image is also reused while the scene's structure does not change.
+- Drift (model.py `DriftLaw`): the specimen moves by the scene's `field_offset_nm`, so the
+  field is drawn at the microscope's centre less that offset, exactly (fringes, grains and
+  edges at their sub-pixel positions, the needle's edge pixels by the share it covers; the
+  HRTEM tip's speckle alone is fixed to the pixels). A drifting field is a new field every
+  frame: only the textures of the phases it shows are drawn, and the rock-salt grains are
+  searched per pixel only where a grain boundary crosses a block. A 1024 x 1024 HRTEM frame
+  then costs ~46 ms with one phase in the field, ~390 ms with three, above the 25 ms frame
+  period (bench/README.md, drift); the still default reuses its textures as before.
 - Noise comes from banks of variates generated once per renderer, read at an offset that
   depends on (seed, frame_index); see `_NoiseBank`.
 """
@@ -42,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
 import numpy as np
@@ -158,6 +166,8 @@ class Scene:
     beam_on: bool
     dose_rate_e_per_a2_s: float
     cumulative_dose_e_per_a2: float
+    # Where the specimen has drifted to (model.field_offset_nm): the frame shows it displaced.
+    field_offset_nm: tuple[float, float] = (0.0, 0.0)
 
     @classmethod
     def capture(cls, model: NanobatteryModel, optics: Optics) -> Scene:
@@ -181,7 +191,16 @@ class Scene:
             beam_on=model.beam_on,
             dose_rate_e_per_a2_s=model.dose_rate_e_per_a2_s,
             cumulative_dose_e_per_a2=model.cumulative_dose_e_per_a2,
+            field_offset_nm=model.field_offset_nm(),
         )
+
+    @property
+    def specimen_center_nm(self) -> tuple[float, float]:
+        """The field's centre on the specimen (contact frame): the microscope's centre less
+        the drift, so the specimen appears moved by +offset in the frame. Evaluated exactly,
+        so fringes and edges move continuously (sub-pixel), not in whole pixels."""
+        (cx, cy), (ox, oy) = self.field_center_nm, self.field_offset_nm
+        return (cx - ox, cy - oy)
 
     @cached_property
     def structure(self) -> NanobatteryModel:
@@ -198,7 +217,7 @@ class Scene:
         return (
             self.mode,
             self.pixel_size_nm,
-            self.field_center_nm,
+            self.specimen_center_nm,
             self.params,
             self.x,
             self.tip_position_nm,
@@ -222,6 +241,8 @@ class FrameTruth:
     pixel_size_nm: float
     dose_e_per_a2: float
     cumulative_dose_e_per_a2: float
+    drift_x_nm: float = 0.0  # the field's true offset (Scene.field_offset_nm)
+    drift_y_nm: float = 0.0
 
     def to_dict(self) -> dict:
         """Plain floats, strings and dicts: encodable as JSON and CBOR."""
@@ -358,6 +379,35 @@ def _add_fringes(
         out += arg
 
 
+def _grain_map(tree: cKDTree, grid: _FieldGrid) -> np.ndarray:
+    """Index of the nearest grain seed of every pixel, in block layout. As the phase labels
+    (`_label_field`): a block whose four corners have one grain takes it whole, and only the
+    blocks a grain boundary crosses (~15 % at 0.06 nm/px, grains ~120 px across) are searched
+    pixel by pixel: 6x cheaper than searching every pixel, which a drifting field does every
+    frame."""
+    xc, yc = np.meshgrid(grid.x_corners, grid.y_corners)
+    _, corners = tree.query(np.column_stack((xc.ravel(), yc.ravel())), workers=1)
+    corners = corners.reshape(xc.shape)
+    top_left = corners[:-1, :-1]
+    uniform = (
+        (top_left == corners[:-1, 1:])
+        & (top_left == corners[1:, :-1])
+        & (top_left == corners[1:, 1:])
+    )
+    grain = np.empty(grid.full_shape, dtype=np.intp)
+    grain[...] = top_left[:, :, None, None]
+    rows, cols = np.nonzero(~uniform)
+    if rows.size:
+        b = grid.block
+        x = grid.x_rel[0, cols, 0, :].astype(np.float64) + grid.center_nm[0]  # (n, b)
+        y = grid.y_rel[rows, 0, :, 0].astype(np.float64) + grid.center_nm[1]
+        xs = np.broadcast_to(x[:, None, :], (rows.size, b, b))
+        ys = np.broadcast_to(y[:, :, None], (rows.size, b, b))
+        _, nearest = tree.query(np.column_stack((xs.ravel(), ys.ravel())), workers=1)
+        grain[rows, cols] = nearest.reshape(rows.size, b, b)
+    return grain
+
+
 def _rock_salt_texture(
     grid: _FieldGrid, reflections: tuple[Reflection, ...], seed: int
 ) -> np.ndarray:
@@ -375,9 +425,7 @@ def _rock_salt_texture(
     seeds = np.column_stack(
         ((ii + _hash_uniform(seed, ii, jj, 1)) * cell, (jj + _hash_uniform(seed, ii, jj, 2)) * cell)
     )
-    x, y = grid.contact_xy()
-    _, grain = cKDTree(seeds).query(np.column_stack((x.ravel(), y.ravel())), workers=1)
-    grain = grain.reshape(full)
+    grain = _grain_map(cKDTree(seeds), grid)
     theta = np.pi * _hash_uniform(seed, ii, jj, 3)
     cx, cy = grid.center_nm
     for k, refl in enumerate(reflections):
@@ -406,29 +454,48 @@ def _tip_texture(grid: _FieldGrid, seed: int) -> np.ndarray:
     return 1.0 + np.float32(HRTEM_TIP_MOTTLE) * np.clip(speckle, -2.0, 2.0)
 
 
-def _hrtem_textures(grid: _FieldGrid, seed: int, transfer_limit_px: float) -> np.ndarray:
-    """(phases, rows/b, cols/b, b, b) float32: the HRTEM image each phase would give here."""
-    textures = np.empty((_N_PHASES, *grid.full_shape), dtype=np.float32)
+@dataclass
+class _Textures:
+    """The HRTEM image each phase would give in one field, (phases, rows/b, cols/b, b, b)
+    float32, drawn on first use: a drifting field is a new field every frame, and most fields
+    show one or two phases (the rock-salt grains alone are ~70 % of drawing all five)."""
+
+    array: np.ndarray
+    drawn: set[int] = field(default_factory=set)
+
+    def of(
+        self, grid: _FieldGrid, seed: int, transfer_limit_px: float, phases: set[int]
+    ) -> np.ndarray:
+        for phase in sorted(phases - self.drawn):
+            self.array[phase] = _hrtem_texture(grid, seed, transfer_limit_px, Phase(phase))
+            self.drawn.add(phase)
+        return self.array
+
+
+def _hrtem_texture(
+    grid: _FieldGrid, seed: int, transfer_limit_px: float, phase: Phase
+) -> np.ndarray:
+    """(rows/b, cols/b, b, b) float32: the HRTEM image `phase` would give here."""
     pixel = grid.pixel_nm
-    textures[Phase.VACUUM] = HRTEM_MEAN[Phase.VACUUM]
-    for phase, reflections in (
-        (Phase.LAYERED, LAYERED_REFLECTIONS),
-        (Phase.DISORDERED, DISORDERED_REFLECTIONS),
-    ):
-        textures[phase] = 1.0
+    if phase == Phase.VACUUM:
+        return np.full(grid.full_shape, HRTEM_MEAN[Phase.VACUUM], dtype=np.float32)
+    if phase in (Phase.LAYERED, Phase.DISORDERED):
+        reflections = LAYERED_REFLECTIONS if phase == Phase.LAYERED else DISORDERED_REFLECTIONS
+        texture = np.ones(grid.full_shape, dtype=np.float32)
         _add_fringes(
-            textures[phase],
+            texture,
             grid,
             drawn_reflections(reflections, pixel, transfer_limit_px),
             LAYERED_ORIENTATION_DEG,
         )
-    textures[Phase.ROCK_SALT] = _rock_salt_texture(
-        grid, drawn_reflections(ROCK_SALT_REFLECTIONS, pixel, transfer_limit_px), seed
-    )
-    textures[Phase.TIP] = _tip_texture(grid, seed)
-    for phase in (Phase.LAYERED, Phase.DISORDERED, Phase.ROCK_SALT, Phase.TIP):
-        textures[phase] *= np.float32(HRTEM_MEAN[phase])
-    return textures
+    elif phase == Phase.ROCK_SALT:
+        texture = _rock_salt_texture(
+            grid, drawn_reflections(ROCK_SALT_REFLECTIONS, pixel, transfer_limit_px), seed
+        )
+    else:
+        texture = _tip_texture(grid, seed)
+    texture *= np.float32(HRTEM_MEAN[phase])
+    return texture
 
 
 # ----- noise -----------------------------------------------------------------------------------
@@ -533,9 +600,9 @@ class FrameRenderer:
         self.block = _block_size(self.shape)
         self._noise = _NoiseBank(rows * cols, self.seed)
         self._grid: _FieldGrid | None = None
-        self._textures: np.ndarray | None = None
+        self._textures: _Textures | None = None
         # Recent fields with their HRTEM textures, so toggling LM <-> HRTEM does not redraw them.
-        self._fields: dict[tuple, tuple[_FieldGrid, np.ndarray | None]] = {}
+        self._fields: dict[tuple, tuple[_FieldGrid, _Textures | None]] = {}
         self._mean_key: tuple | None = None
         self._mean: np.ndarray | None = None  # noise-free contrast, block layout
         self._mean_max = 0.0
@@ -573,6 +640,8 @@ class FrameRenderer:
             pixel_size_nm=scene.pixel_size_nm,
             dose_e_per_a2=dose,
             cumulative_dose_e_per_a2=scene.cumulative_dose_e_per_a2,
+            drift_x_nm=scene.field_offset_nm[0],
+            drift_y_nm=scene.field_offset_nm[1],
         )
         return frame, truth
 
@@ -588,7 +657,7 @@ class FrameRenderer:
         key = scene.structure_key()
         if key == self._mean_key:
             return
-        self._select_field(scene.pixel_size_nm, scene.field_center_nm)
+        self._select_field(scene.pixel_size_nm, scene.specimen_center_nm)
         grid = self._grid
         labels = _label_field(scene.structure, grid)
         if scene.mode == ImagingMode.HRTEM:
@@ -616,8 +685,10 @@ class FrameRenderer:
 
     def _hrtem_mean(self, grid: _FieldGrid, labels: _Labels) -> np.ndarray:
         if self._textures is None:
-            self._textures = _hrtem_textures(grid, self.seed, self.transfer_limit_px)
-        textures = self._textures
+            self._textures = _Textures(np.empty((_N_PHASES, *grid.full_shape), dtype=np.float32))
+        shown = set(np.unique(labels.block_labels).tolist())
+        shown.update(np.unique(labels.boundary_labels).tolist())
+        textures = self._textures.of(grid, self.seed, self.transfer_limit_px, shown)
         rows = np.arange(grid.blocks[0])[:, None]
         cols = np.arange(grid.blocks[1])[None, :]
         mean = textures[labels.block_labels, rows, cols]
@@ -655,7 +726,15 @@ class FrameRenderer:
         if labels.boundary_rows.size:
             r, c = labels.boundary_rows, labels.boundary_cols
             values = transmission(labels.boundary_labels, half[r, c])
-            values[labels.boundary_labels == Phase.TIP] = LM_TIP_TRANSMISSION
+            # The needle's edge pixels are as transparent as the share of them it covers
+            # (from the distance of their centre to its outline), so the needle moves
+            # continuously, not pixel by pixel, when the field drifts.
+            x = grid.x_rel[0, c, 0, :].astype(np.float64) + grid.center_nm[0]  # (n, b)
+            y = grid.y_rel[r, 0, :, 0].astype(np.float64) + grid.center_nm[1]
+            outside = scene.structure.tip_outside_nm(x[:, None, :], y[:, :, None])
+            covered = np.clip(0.5 - outside / np.float32(grid.pixel_nm), 0.0, 1.0)
+            clear = np.isin(labels.boundary_labels, (Phase.VACUUM, Phase.TIP))
+            values[clear] = (1.0 - (1.0 - LM_TIP_TRANSMISSION) * covered)[clear]
             mean[r, c] = values
         return mean
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .heating import HeatingChip
-from .model import CellParameters, NanobatteryModel
+from .model import CellParameters, DriftLaw, LinearDrift, NanobatteryModel
 from .optics import Optics
 
 
@@ -40,9 +40,12 @@ class SimStation:
         params: CellParameters | None = None,
         seed: int = 0,
         time_scale: float = 1.0,
+        drift: DriftLaw | None = None,
     ) -> None:
         self.clock = SimClock(time_scale)
-        self._model = NanobatteryModel(params=params or CellParameters(), seed=seed)
+        self._model = NanobatteryModel(
+            params=params or CellParameters(), seed=seed, drift=drift or LinearDrift()
+        )
         self.optics = Optics()  # set by the microscope, read by the camera
         # The MEMS heating chip (sim/heating.py), on the same clock: a heating holder drives
         # it; anyone may read its temperature history (`chip.temperature_at`) under `lock`.

@@ -1,7 +1,7 @@
 """The registry of live measurements: what fills a result's values, per imaging mode.
 
 A measurement is a function in an analysis module (spectrum.py, phasemap.py, morphology.py,
-front.py), registered with `@measures(mode, QUANTITY, ...)` naming the quantities
+front.py, drift.py), registered with `@measures(mode, QUANTITY, ...)` naming the quantities
 (quantities.py) whose keys it fills, the way a LiberTEM UDF holds its computation and declares
 its result buffers. FrameAnalyzer (pipeline.py) computes what several measurements share once
 per sum (the spectrum, the phase map when one is due, the segmentation, the particle, the
@@ -27,6 +27,7 @@ from .quantities import Quantity
 if TYPE_CHECKING:  # types only: the analysis modules import this module
     import numpy as np
 
+    from .drift import DriftTrack
     from .front import FrontMeasurement
     from .morphology import ParticleMeasurement, Segmentation
     from .phasemap import PhaseMap
@@ -51,6 +52,7 @@ class SumContext:
 class HrtemSum(SumContext):
     spectrum: FrameSpectrum
     phase_map: PhaseMap | None  # None: no map due at this result (the run-time cadence)
+    drift: DriftTrack | None = None  # None: drift not measured in this run (drift.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class LmSum(SumContext):
     # The front's window (settings.front_window_s), this sum's position last; None: not measured
     front_times: Sequence[float]
     front_positions: Sequence[float | None]
+    drift: DriftTrack | None = None  # None: drift not measured in this run (drift.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,21 @@ Segmentation needs ~25 counts per vacuum pixel (morphology.py): one 25 ms LM fra
 35 e/A^2/s has ~87, but at the 2 e/A^2/s a protocol may use for LM looks only ~5. The front
 moves ~5 nm/s at most, so the default 0.5 s window blurs it by at most ~2.5 nm.
 
+Drift-corrected sums (`settings.drift.enabled`, the station's `[analysis] drift`; drift.py
+says what is measured and why). Each frame is registered before it is added, against a
+reference: the central square of its mode's sum, taken anew while the sum builds up to its
+dose, then kept until the field has moved `refresh_px` from it (renewed with every frame, the
+reference would pass each frame's error on to the next: a random walk, which took an LM
+track 0.6 px behind in 3 s). Its shift is searched near the prediction (the newest drift
+position moved on at the fitted rate), and the frame goes into the sum moved back to the
+sum's anchor, the drift position the sum is aligned to (a sub-pixel Fourier shift; not below
+`min_shift_px`), so a sum of a drifting field stays as sharp as one of a still field. The
+frame's drift position (nm) joins the run's track, from which each result
+reports its newest frame's position and the Theil-Sen rate (`drift_x_nm`, `drift_y_nm`,
+`drift_rate_nm_s`). A new sum (a mode's first frame, a new pixel size or frame shape) is
+anchored where the track predicts, so both modes' positions are one run-wide track in nm.
+Off: no registration, no drift keys, the sums as before.
+
 Expansion reference: the median projected area of the LM frames taken before the bias step
 (at most the last `reference_frames` of them). The daemon says when the bias first left 0 V
 (`bias_started`); the reference is frozen by the first LM frame at or after that time. Until
@@ -78,6 +93,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .drift import (
+    DEFAULT_DRIFT,
+    DriftRate,
+    DriftSettings,
+    DriftTrack,
+    Reference,
+    drift_rate,
+    measure_shift,
+    registration_image,
+    shift_image,
+)
 from .front import DEFAULT_FRONT, FrontSettings, measure_front
 from .measurement import MODES, HrtemSum, LmSum, SumContext, registered
 from .morphology import DEFAULT_SEGMENTATION, SegmentationSettings, measure_particle, segment
@@ -92,7 +118,7 @@ logger = logging.getLogger(__name__)
 # expansion, then the front. Named here, not left to import order (a test may import phasemap
 # before spectrum); the imports above register them.
 MEASURING_MODULES = tuple(
-    f"{__package__}.{name}" for name in ("spectrum", "phasemap", "morphology", "front")
+    f"{__package__}.{name}" for name in ("spectrum", "phasemap", "morphology", "front", "drift")
 )
 
 
@@ -115,6 +141,7 @@ class PipelineSettings:
     phase_map: PhaseMapSettings = DEFAULT_PHASE_MAP_SETTINGS
     segmentation: SegmentationSettings = DEFAULT_SEGMENTATION
     front: FrontSettings = DEFAULT_FRONT
+    drift: DriftSettings = DEFAULT_DRIFT
 
     def __post_init__(self) -> None:
         if not (self.hrtem_integration_s >= 0 and self.lm_integration_s >= 0):
@@ -142,30 +169,73 @@ class PipelineSettings:
             "spectrum_threshold_sigma": self.spectrum.threshold_sigma,
             "phase_map_tile_px": self.phase_map.tile_px,
             "phase_map_threshold": self.phase_map.threshold,
+            **({"drift_corrected": True} if self.drift.enabled else {}),
         }
 
 
-MAX_SUMMED_FRAMES = 64  # bounds the ring's memory (64 x 2 MB at 1024 x 1024 uint16)
+DRIFT_TRACK_POINTS = 100  # drift positions kept per rate window (Theil-Sen is O(n^2))
+DRIFT_RATE_REFIT_S = 0.25  # run s between fits of the rate the prediction uses
+# Bounds the ring's memory: 64 x 2 MB at 1024 x 1024 uint16 (4 MB a frame shifted by drift).
+MAX_SUMMED_FRAMES = 64
 DOSE_ROW_STRIDE = 8  # rows sampled for a frame's mean counts (the dose bookkeeping)
 
 
 @dataclass
+class _Summed:
+    """One frame of a sum: as added (shifted by its drift, or as it came), its mean counts,
+    and the whole-pixel roll the sum has had since (re-anchoring)."""
+
+    time_s: float
+    image: np.ndarray
+    mean: float
+    roll: tuple[int, int] = (0, 0)
+
+
+@dataclass
 class _Integration:
-    """Running sum of the newest frames of one mode that reach a dose (module docstring)."""
+    """Running sum of the newest frames of one mode that reach a dose (module docstring).
+
+    With drift on (drift.py), the sum is aligned to its `anchor_px`, a drift position in the
+    mode's pixels (row, col): each frame goes in moved back by its offset from the anchor
+    (sub-pixel, unless below `min_shift_px`), and when the newest frame is `reanchor_px` from
+    it the sum and the anchor move by whole pixels (a roll: exact, and the frames still in the
+    sum are rolled the same when they leave)."""
 
     key: tuple | None = None  # (mode, shape, pixel size): a change starts a new sum
-    frames: collections.deque = field(default_factory=collections.deque)  # (time, frame, mean)
+    frames: collections.deque[_Summed] = field(default_factory=collections.deque)
     total: np.ndarray | None = None
     mean_counts: float = 0.0  # mean counts per pixel of the sum
     added: int = 0  # frames ever added (turns the rows sampled for the dose)
+    anchor_px: tuple[float, float] = (0.0, 0.0)
+    last_offset_px: tuple[float, float] = (0.0, 0.0)
+    # What frames are registered against (drift.py's central square of the sum), the drift
+    # position it is aligned to, and its dose (mean counts per pixel): see FrameAnalyzer.
+    reference: Reference | None = None
+    reference_px: tuple[float, float] = (0.0, 0.0)
+    reference_counts: float = 0.0
+
+    def restarts(self, key: tuple, time_s: float) -> bool:
+        """Whether a frame with this key and time starts the sum afresh: a new field, or a
+        frame older than the newest (it would break the window)."""
+        if key != self.key or self.total is None:
+            return True
+        return bool(self.frames) and time_s < self.frames[-1].time_s
+
+    def start(self, key: tuple, shape: tuple[int, ...]) -> None:
+        self.reset()
+        self.key, self.total = key, np.zeros(shape, dtype=np.float32)
 
     def add(
-        self, frame: np.ndarray, time_s: float, key: tuple, counts_per_px: float, window_s: float
+        self,
+        frame: np.ndarray,
+        time_s: float,
+        counts_per_px: float,
+        window_s: float,
+        offset_px: tuple[float, float] | None = None,
+        min_shift_px: float = 0.0,
     ) -> None:
-        # A new field, or a frame older than the newest (it would break the window): restart.
-        if key != self.key or self.total is None or (self.frames and time_s < self.frames[-1][0]):
-            self.reset()
-            self.key, self.total = key, np.zeros(frame.shape, dtype=np.float32)
+        """Add a frame (after `start` if `restarts`); `offset_px`: its drift from the anchor."""
+        assert self.total is not None
         # The dose is a target, not a result: every 8th row estimates a frame's mean counts
         # (0.04 vs 0.34 ms at 1024 x 1024). The first row turns with each frame, so fringes
         # whose period is a multiple of the stride (the (003)'s 8 px at 0.06 nm/px) cannot
@@ -173,21 +243,39 @@ class _Integration:
         self.added += 1
         start = self.added % DOSE_ROW_STRIDE
         mean = float(frame[start::DOSE_ROW_STRIDE].mean(dtype=np.float64))
-        self.frames.append((time_s, frame, mean))
-        self.total += frame
+        image = frame
+        if offset_px is not None:
+            self.last_offset_px = offset_px
+            if math.hypot(*offset_px) >= min_shift_px:
+                image = shift_image(frame, -offset_px[0], -offset_px[1])
+        self.frames.append(_Summed(time_s, image, mean))
+        self.total += image
         self.mean_counts += mean
         while len(self.frames) > 1 and (
-            self.frames[0][0] <= time_s - window_s
+            self.frames[0].time_s <= time_s - window_s
             or len(self.frames) > MAX_SUMMED_FRAMES
-            or self.mean_counts - self.frames[0][2] >= counts_per_px
+            or self.mean_counts - self.frames[0].mean >= counts_per_px
         ):
-            _, old, old_mean = self.frames.popleft()
-            self.total -= old  # exact: counts are integers far below float32's 2**24
-            self.mean_counts -= old_mean
+            old = self.frames.popleft()
+            # Exact for frames added as they came (integer counts, far below float32's 2**24);
+            # a shifted one leaves float32 rounding (~1e-7 of its counts).
+            self.total -= old.image if old.roll == (0, 0) else np.roll(old.image, old.roll, (0, 1))
+            self.mean_counts -= old.mean
+
+    def reanchor(self, by: tuple[int, int]) -> None:
+        """Move the sum and its anchor by whole pixels (row, col)."""
+        assert self.total is not None
+        self.total = np.roll(self.total, by, (0, 1))
+        for summed in self.frames:
+            summed.roll = (summed.roll[0] + by[0], summed.roll[1] + by[1])
+        self.anchor_px = (self.anchor_px[0] + by[0], self.anchor_px[1] + by[1])
+        self.last_offset_px = (self.last_offset_px[0] - by[0], self.last_offset_px[1] - by[1])
 
     def reset(self) -> None:
         self.key, self.total, self.mean_counts = None, None, 0.0
         self.frames.clear()
+        self.anchor_px = self.last_offset_px = (0.0, 0.0)
+        self.reference = None
 
 
 class FrameAnalyzer:
@@ -212,6 +300,14 @@ class FrameAnalyzer:
         self.last_integrated_frames = 0
         self.last_reasons: dict[str, str] = {}  # why a quantity was None, for the log
         self.last_sum: SumContext | None = None  # what the last `measure` measured
+        # Drift (drift.py): the run's track of positions (run s, x nm, y nm), thinned to
+        # DRIFT_TRACK_POINTS per rate window; the newest position (for the prediction); each
+        # mode's newest frame's position (None: not measured, with why); the rate as last fitted.
+        self._track: collections.deque[tuple[float, float, float]] = collections.deque()
+        self._drift_last: tuple[float, float, float] | None = None
+        self._drift_position: dict[str, tuple[float, float] | None] = {}
+        self._drift_reason: dict[str, str] = {}
+        self._rate: tuple[float, DriftRate | None] = (-math.inf, None)
 
     # ----- inputs besides frames -------------------------------------------------------------
     def bias_started(self, time_s: float) -> None:
@@ -239,13 +335,105 @@ class FrameAnalyzer:
             raise ValueError(f"pixel size {pixel_size_nm!r} nm is not a positive number")
         if mode not in MODES:
             raise ValueError(f"imaging mode {mode!r} not one of {MODES}")
-        pixel_nm = float(pixel_size_nm)
+        pixel_nm, time_s = float(pixel_size_nm), float(time_s)
         counts_per_px, window_s = self._dose_target(mode)
         integration = self._integrations[mode]
-        integration.add(
-            frame, float(time_s), (mode, frame.shape, pixel_nm), counts_per_px, window_s
+        key = (mode, frame.shape, pixel_nm)
+        if integration.restarts(key, time_s):
+            integration.start(key, frame.shape)
+        drift = self.settings.drift
+        offset = (
+            self._register(integration, frame, time_s, mode, pixel_nm) if drift.enabled else None
         )
-        self._newest = (mode, float(time_s), pixel_nm)
+        integration.add(frame, time_s, counts_per_px, window_s, offset, drift.min_shift_px)
+        if offset is not None and math.hypot(*offset) > drift.reanchor_px:
+            integration.reanchor((round(offset[0]), round(offset[1])))
+        self._newest = (mode, time_s, pixel_nm)
+
+    def _register(
+        self,
+        integration: _Integration,
+        frame: np.ndarray,
+        time_s: float,
+        mode: str,
+        pixel_nm: float,
+    ) -> tuple[float, float] | None:
+        """The frame's drift from its sum's anchor (px: row, col), searched near the
+        prediction (drift.py), and its drift position into the track; a new sum is anchored
+        at the predicted position. None: not measurable (a blank frame)."""
+        settings = self.settings.drift
+        predicted = self._predicted_nm(time_s)
+        if not integration.frames:  # a new sum: the prediction is its anchor
+            if predicted is not None:
+                integration.anchor_px = (predicted[1] / pixel_nm, predicted[0] / pixel_nm)
+            offset = (0.0, 0.0)
+        else:
+            assert integration.total is not None
+            counts_per_px, _ = self._dose_target(mode)
+            region = settings.region_px if mode == "hrtem" else settings.lm_region_px
+            if integration.reference is None or integration.reference_counts < counts_per_px:
+                integration.reference = Reference.of(registration_image(integration.total, region))
+                integration.reference_px = integration.anchor_px
+                integration.reference_counts = integration.mean_counts
+            ref = integration.reference_px
+            anchor, last = integration.anchor_px, integration.last_offset_px
+            near = (anchor[0] + last[0] - ref[0], anchor[1] + last[1] - ref[1])
+            if predicted is not None:
+                near = (predicted[1] / pixel_nm - ref[0], predicted[0] / pixel_nm - ref[1])
+            moving = registration_image(frame, region)
+            if mode == "hrtem":
+                shift = measure_shift(
+                    integration.reference, moving, near, settings.hrtem_search_px, refine=False
+                )
+            else:
+                shift = measure_shift(
+                    integration.reference, moving, near, settings.lm_search_px,
+                    settings.lm_smooth_px,
+                )  # fmt: skip
+            if shift is None:
+                self._drift_position[mode] = None
+                self._drift_reason[mode] = "no contrast to register (blank frame or sum)"
+                return None
+            if math.hypot(shift.dy, shift.dx) > settings.refresh_px:  # overlap shrinking
+                integration.reference = None
+            offset = (ref[0] + shift.dy - anchor[0], ref[1] + shift.dx - anchor[1])
+        row = integration.anchor_px[0] + offset[0]
+        col = integration.anchor_px[1] + offset[1]
+        x_nm, y_nm = col * pixel_nm, row * pixel_nm
+        self._drift_position[mode] = (x_nm, y_nm)
+        self._drift_last = (time_s, x_nm, y_nm)
+        spacing = settings.rate_window_s / DRIFT_TRACK_POINTS
+        if not self._track or time_s >= self._track[-1][0] + spacing:
+            self._track.append((time_s, x_nm, y_nm))
+        while self._track and self._track[0][0] < time_s - settings.rate_window_s:
+            self._track.popleft()
+        return offset
+
+    def _predicted_nm(self, time_s: float) -> tuple[float, float] | None:
+        """Where the field should be at `time_s` (x, y nm): the newest position moved on at
+        the rate (refitted every DRIFT_RATE_REFIT_S of run time). None before any position."""
+        if self._drift_last is None:
+            return None
+        fitted_at, rate = self._rate
+        if not fitted_at <= time_s < fitted_at + DRIFT_RATE_REFIT_S:
+            rate = self._drift_rate()
+            self._rate = (time_s, rate)
+        t, x, y = self._drift_last
+        if rate is None:
+            return x, y
+        return x + rate.vx_nm_s * (time_s - t), y + rate.vy_nm_s * (time_s - t)
+
+    def _drift_rate(self) -> DriftRate | None:
+        times, xs, ys = zip(*self._track, strict=True) if self._track else ((), (), ())
+        return drift_rate(times, xs, ys, self.settings.drift)
+
+    def _drift_track(self, mode: str) -> DriftTrack | None:
+        """The drift a result of `mode` reads (None: drift off)."""
+        if not self.settings.drift.enabled:
+            return None
+        times, xs, ys = zip(*self._track, strict=True) if self._track else ((), (), ())
+        position = self._drift_position.get(mode)
+        return DriftTrack(position, times, xs, ys, self._drift_reason.get(mode, ""))
 
     def measure(self) -> dict[str, float | None]:
         """The quantities of the sum of the newest frame's mode, stamped at that frame's time
@@ -285,7 +473,9 @@ class FrameAnalyzer:
         mapped = None
         if self._phase_map_due(time_s):
             mapped = phase_map(summed, pixel_nm, settings.table, settings.phase_map)
-        return HrtemSum(summed, pixel_nm, time_s, settings, spectrum, mapped)
+        return HrtemSum(
+            summed, pixel_nm, time_s, settings, spectrum, mapped, self._drift_track("hrtem")
+        )
 
     def _phase_map_due(self, time_s: float) -> bool:
         """Maps on a grid of `phase_map_interval_s` of run time: a result at or after the due
@@ -318,7 +508,7 @@ class FrameAnalyzer:
         positions = [p for _, p in self._front]
         return LmSum(
             summed, pixel_nm, time_s, settings, segmentation, particle, reference, front, times,
-            positions,
+            positions, self._drift_track("lm"),
         )  # fmt: skip
 
     def _expansion_reference(self, area: float | None, time_s: float) -> float | None:

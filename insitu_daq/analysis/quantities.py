@@ -194,11 +194,39 @@ PROJECTED_AREA = Quantity(
     ),
     condition=True,
 )  # fmt: skip
+# The field's drift (analysis/drift.py): where the specimen has moved to since the run's first
+# frame, in the frame's axes (+x along its columns, +y along its rows), and how fast. Measured
+# only where the station turns drift on ([analysis] drift = true).
+DRIFT_X = Quantity(
+    "drift_x_nm", "nm", "drift", column="x",
+    description="field drift along the frame's x (columns) since the run's first frame (nm)",
+    metric=Metric("drift_x_meters", "field drift along x since the run's first frame", 1e-9),
+    text=Text("drift x", unit=" nm"),
+)  # fmt: skip
+DRIFT_Y = Quantity(
+    "drift_y_nm", "nm", "drift", column="y",
+    description="field drift along the frame's y (rows) since the run's first frame (nm)",
+    metric=Metric("drift_y_meters", "field drift along y since the run's first frame", 1e-9),
+    text=Text("drift y", unit=" nm"),
+)  # fmt: skip
+# Usable in `until:`: a heating step holds until the drift has settled (drift_rate_nm_s < 0.1).
+DRIFT_RATE = Quantity(
+    "drift_rate_nm_s", "nm/s", "drift", column="rate",
+    description="field drift speed (nm/s, Theil-Sen over a sliding window)",
+    metric=Metric(
+        "drift_rate_meters_per_second",
+        "field drift speed (Theil-Sen over a sliding window)",
+        1e-9,
+    ),
+    condition=True,
+    text=Text("drift rate", unit=" nm/s"),
+)  # fmt: skip
 
 # Every quantity, in the order its users list them.
 QUANTITIES: tuple[Quantity, ...] = (
     D_SPACING, INTENSITY, PHASE_FRACTION, PHASE_PRESENCE,
     FRONT_POSITION, FRONT_VELOCITY, EXPANSION, PROJECTED_AREA,
+    DRIFT_X, DRIFT_Y, DRIFT_RATE,
 )  # fmt: skip
 
 

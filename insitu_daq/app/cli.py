@@ -60,6 +60,13 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:
         help="Stream V2 image compression",
     )
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument(
+        "--drift", type=float, default=0.0, metavar="NM_S", help="field drift speed (default 0)"
+    )
+    p.add_argument(
+        "--drift-direction", type=float, default=0.0, metavar="DEG",
+        help="drift direction in the frame (0: along x, the columns; 90: along y, the rows)",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_sim)
 
 
@@ -86,6 +93,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 def _serve_sim(args: argparse.Namespace, lock: StationLock, ports: StationPorts) -> int:
     from insitu_daq.sim.launch import SimulatedInstruments
+    from insitu_daq.sim.model import LinearDrift
 
     sims = SimulatedInstruments.create(
         host=args.host,
@@ -97,6 +105,7 @@ def _serve_sim(args: argparse.Namespace, lock: StationLock, ports: StationPorts)
         compression=None if args.compression == "none" else args.compression,
         source_meter_model=args.source_meter,
         holder_model=args.holder,
+        drift=LinearDrift(args.drift, args.drift_direction),
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

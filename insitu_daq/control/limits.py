@@ -122,3 +122,14 @@ class SafetyCheck:
                 "rate_c_per_s",
             )
         return rate_c_per_s
+
+
+def check_dose(planned_e_per_a2: float, budget_e_per_a2: float, field: str) -> None:
+    """A region's planned dose against its budget (the config's `[dose]`, at the temperature
+    that holds); LimitError naming `field` (the budget's config key) if it is beyond it."""
+    if not planned_e_per_a2 <= budget_e_per_a2:
+        raise LimitError(
+            f"dose: {planned_e_per_a2:.0f} e/A^2 planned in one region by the end of this step is"
+            f" beyond the station's dose budget of {budget_e_per_a2:g} e/A^2 ({field})",
+            "dose",
+        )

@@ -183,6 +183,21 @@ class SafetyLimits(_Section):
     max_temperature_rate_c_per_s: Annotated[float, Field(gt=0, le=1000)] = 1.0
 
 
+class DoseConfig(_Section):
+    """Electron dose per region of the specimen and its budget (SCIENCE.md; service/dose.py)."""
+
+    # Highest dose any region may take, e/A^2; above `hot_above_celsius` (the holder's
+    # `temperature` series; none known: room temperature) the lower `hot_budget_e_per_a2`.
+    budget_e_per_a2: Annotated[float, Field(gt=0)] = 5000.0
+    hot_budget_e_per_a2: Annotated[float, Field(gt=0)] = 2500.0
+    hot_above_celsius: float = 275.0
+    # Reaching a budget blanks the beam, then pauses the protocol or ends it (aborted).
+    on_budget: Literal["pause", "abort"] = "pause"
+    # The dose rate when the microscope cannot tell its own (no beam current or illuminated
+    # area to read): for the per-frame dose, the map and the protocol's planned dose.
+    dose_rate_e_per_a2_s: Annotated[float, Field(gt=0, le=10_000)] = 35.0
+
+
 class SamplingConfig(_Section):
     bias_rate_hz: Annotated[float, Field(ge=1, le=1000)] = 50.0
     flush_interval_s: Annotated[float, Field(gt=0, le=1)] = 0.5
@@ -262,6 +277,9 @@ class AnalysisConfig(_Section):
     min_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 2.0
     reference_frames: Annotated[int, Field(ge=1, le=1000)] = 10  # LM frames before the bias
     front_window_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    # Measure the field's drift and sum frames drift-corrected (analysis/drift.py): off by
+    # default, as it costs each frame a registration (and a shift when the field moved).
+    drift: bool = False
     # A live value older than this (wall seconds) is no longer "live": hold-until sees None.
     live_value_max_age_s: Annotated[float, Field(gt=0, le=600)] = 5.0
 
@@ -384,6 +402,7 @@ class StationConfig(_Section):
     detector: DetectorConfig = DetectorConfig()
     microscope: MicroscopeConfig = MicroscopeConfig()
     limits: SafetyLimits = SafetyLimits()
+    dose: DoseConfig = DoseConfig()
     sampling: SamplingConfig = SamplingConfig()
     retry: RetryConfig = RetryConfig()
     recording: RecordingConfig = RecordingConfig()

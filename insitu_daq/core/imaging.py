@@ -41,7 +41,11 @@ class ImagingState:
     end: float  # run s it was done (-inf: at run start)
     mode: str  # "hrtem", "lm", or UNKNOWN_MODE
     pixel_size_m: float  # NaN when unknown
-    dose_rate_e_per_a2_s: float  # NaN when unknown
+    dose_rate_e_per_a2_s: float  # at the specimen: 0 while the beam is blanked; NaN unknown
+    # Where the field is on the specimen (stage + image shift, nm; NaN when unknown): the
+    # region its dose goes to (analysis/dose.py).
+    field_x_nm: float = math.nan
+    field_y_nm: float = math.nan
 
     def to_message(self) -> dict[str, Any]:
         """JSON-safe (-inf as -1e300, NaN as None)."""
@@ -53,6 +57,9 @@ class ImagingState:
             "dose_rate_e_per_a2_s": None
             if math.isnan(self.dose_rate_e_per_a2_s)
             else self.dose_rate_e_per_a2_s,
+            "field_center_nm": None
+            if math.isnan(self.field_x_nm) or math.isnan(self.field_y_nm)
+            else [self.field_x_nm, self.field_y_nm],
         }
 
     @classmethod
@@ -63,12 +70,15 @@ class ImagingState:
             raise ValueError(f"imaging switch ends ({end}) before it starts ({start})")
         pixel = message.get("pixel_size_m")
         dose = message.get("dose_rate_e_per_a2_s")
+        field = message.get("field_center_nm") or (math.nan, math.nan)
         state = cls(
             start=start,
             end=end,
             mode=str(message["mode"]),
             pixel_size_m=math.nan if pixel is None else float(pixel),
             dose_rate_e_per_a2_s=math.nan if dose is None else float(dose),
+            field_x_nm=float(field[0]),
+            field_y_nm=float(field[1]),
         )
         if not (math.isnan(state.pixel_size_m) or state.pixel_size_m > 0):
             raise ValueError(f"pixel size {state.pixel_size_m} m is not positive")
@@ -177,3 +187,44 @@ class ImagingTimeline:
         if exposure_start < state.end + settling_s:
             return Verdict.SETTLING
         return state if state.known else Verdict.NO_STATE
+
+    def at(self, time: float) -> ImagingState | None:
+        """The state begun last at or before run time `time` (switching or not); None before
+        the first."""
+        index = bisect.bisect_right(self._starts, time) - 1
+        return self._states[index] if index >= 0 else None
+
+    def exposure(self, start: float, end: float) -> list[tuple[ImagingState, float, float]]:
+        """(state, seconds, dose e/A^2) for each state from run time `start` to `end`, in order.
+
+        A state covers [its start, the next's start); while its switch is under way (until
+        its `end`) the rate is the higher of the two states' (the beam lit one or the other:
+        the dose is not under-counted). A state whose rate is unknown gives NaN. Before the
+        first state kept: the first state's. Call for times the watermark has passed.
+        """
+        pieces: list[tuple[ImagingState, float, float]] = []
+        if not self._states or not end > start:
+            return pieces
+        first = max(0, bisect.bisect_right(self._starts, start) - 1)
+        for index in range(first, len(self._states)):
+            state = self._states[index]
+            if index > first and state.start >= end:
+                break
+            begin = max(start, state.start) if index > first else start
+            stop = self._starts[index + 1] if index + 1 < len(self._states) else math.inf
+            stop = min(stop, end)
+            if stop <= begin:
+                continue
+            rate = state.dose_rate_e_per_a2_s
+            switching = max(0.0, min(stop, state.end) - begin)
+            before = self._states[index - 1].dose_rate_e_per_a2_s if index else rate
+            if switching and (math.isnan(rate) or math.isnan(before)):
+                dose = math.nan
+            else:
+                dose = (stop - begin - switching) * rate + switching * max(rate, before)
+            pieces.append((state, stop - begin, dose))
+        return pieces
+
+    def dose(self, start: float, end: float) -> float:
+        """The dose from `start` to `end` (e/A^2; NaN if any part's rate is unknown)."""
+        return sum((dose for _, _, dose in self.exposure(start, end)), 0.0)

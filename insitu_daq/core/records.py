@@ -67,6 +67,7 @@ class EventKind:
     LAYOUT = "file_layout"  # the run file got new frame datasets: SWMR readers reopen it
     ERROR = "error"
     RECORDING_FAILED = "recording_failed"  # the run file stopped taking writes (disk full...)
+    DOSE_BUDGET = "dose_budget"  # a region reached its dose budget: beam blanked (service/dose.py)
 
 
 @dataclass(frozen=True)

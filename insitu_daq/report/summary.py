@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from insitu_daq.report.dose import DoseSummary, format_dose, read_dose
 from insitu_daq.report.events import read_events
 from insitu_daq.report.frames import frame_stacks
 from insitu_daq.runfile import layout
@@ -61,6 +62,7 @@ class RunSummary:
     # lasted on its own clock (end_time - start_time is wall time, which the demo's
     # time-scaled run clock outruns).
     last_time_s: float = 0.0
+    dose: DoseSummary | None = None  # per region against its budget (report/dose.py)
 
     @property
     def frame_rate_hz(self) -> float | None:
@@ -160,6 +162,7 @@ def summarize(path: str | Path) -> RunSummary:
             ],
             imaging_frames=dict(modes),
             last_time_s=float(max(last_times, default=0.0)),
+            dose=read_dose(f),
         )
 
 
@@ -202,6 +205,8 @@ def format_summary(summary: RunSummary, events: int = 12) -> str:
             f"rms {hold.rms_deviation_volts * 1e3:.3f} mV, mean current "
             f"{hold.mean_current_amperes * 1e9:.3f} nA, charge {hold.charge_coulomb:.3e} C"
         )
+    if summary.dose is not None:
+        lines += format_dose(summary.dose)
     counts = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.event_counts.items()))
     lines.append(f"events       {counts or 'none'}")
     for time, kind, message in summary.events[:events]:

@@ -26,6 +26,14 @@ nexusformat (2.1) takes any virtual dataset for a stack of one source file per f
 misreads these (shape (runs of frames, y, x)): its users read the axes here and the frames
 from /entry/data at `frame_index`.
 
+The dose map. The exposure log (/entry/dose/exposure: each field's dose, service/dose.py)
+becomes /entry/dose/map, an NXdata image of the dose per cell of the specimen
+(analysis/dose.py: each exposure adds its dose to every cell its field touches):
+
+    /entry/dose/map   NXdata @signal="dose" @axes=["y", "x"] @cell_size (nm)
+      dose            [y, x] e/angstrom^2
+      x, y            cell centres, nm (specimen coordinates: stage + image shift)
+
 No empty datasets. NeXus readers (HyperSpy's RosettaSciIO reads every dataset as metadata)
 fail on zero-size datasets, so a log nobody wrote (no holder position, no analysis of that
 quantity, ...) is removed, with the soft links to it and the groups left empty; a run with
@@ -42,8 +50,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from insitu_daq.analysis.dose import CELL_NM, Field, map_of
 from insitu_daq.runfile.frames import SETTLING, UNDECIDED, UNKNOWN
-from insitu_daq.runfile.layout import ENTRY, frames_nxdata
+from insitu_daq.runfile.layout import DOSE_EXPOSURE, DOSE_MAP, ENTRY, frames_nxdata
 
 _NOT_A_MODE = {SETTLING.encode(), UNKNOWN.encode(), UNDECIDED.encode()}
 
@@ -63,10 +72,46 @@ def finish_run_file(path: Path, detectors: Sequence[tuple[str, int]]) -> FinishR
         for detector, frames in detectors:
             if frames:
                 result.imaging_groups += _imaging_groups(entry, f[detector], frames)
+        _dose_map(f)
         first, frames = detectors[0]
         keep = () if frames else (first, frames_nxdata(0))
         result.removed = _prune_empty(f, keep)
     return result
+
+
+# ----- the dose map ---------------------------------------------------------------------------
+def exposures_of(f: h5py.File) -> list[tuple[Field, float]]:
+    """The (field, dose) rows of a run file's dose exposure log (none: an empty list)."""
+    log = DOSE_EXPOSURE
+    if log.path not in f or log.column("dose") not in f:
+        return []
+    dose, x0, x1, y0, y1 = (
+        f[log.column(name)][()] for name in ("dose", "x_min", "x_max", "y_min", "y_max")
+    )
+    n = min(len(dose), len(x0), len(x1), len(y0), len(y1))
+    return [
+        (Field(float(x0[i]), float(x1[i]), float(y0[i]), float(y1[i])), float(dose[i]))
+        for i in range(n)
+    ]
+
+
+def _dose_map(f: h5py.File) -> None:
+    exposures = exposures_of(f)
+    if not exposures:
+        return
+    xs, ys, grid = map_of(exposures, CELL_NM).grid()
+    if not grid.size:
+        return
+    nxdata = f.create_group(DOSE_MAP)
+    nxdata.attrs.update(NX_class="NXdata", signal="dose", axes=["y", "x"])
+    nxdata.attrs["cell_size"] = CELL_NM
+    nxdata.attrs["description"] = (
+        "highest dose any point in each cell of the specimen may have had: every exposure"
+        " adds its dose to each cell its field touches (/entry/dose/exposure)"
+    )
+    nxdata.create_dataset("dose", data=grid).attrs["units"] = "e/angstrom^2"
+    nxdata.create_dataset("x", data=xs).attrs["units"] = "nm"
+    nxdata.create_dataset("y", data=ys).attrs["units"] = "nm"
 
 
 # ----- per-mode NXdata ------------------------------------------------------------------------

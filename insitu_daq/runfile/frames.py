@@ -13,7 +13,13 @@ datasets (runfile/writer.py makes them and the layout changes):
     bias_voltage, current  [n] estimated from the bias log at frame_time (runfile/framebias.py)
     imaging_mode           [n] "hrtem", "lm", ..., "settling", "unknown"; "" until decided
     pixel_size             [n] m, the specimen-plane sampling of the frame (NaN: not known)
-    dose_rate              [n] e/angstrom^2/s (NaN: not known)
+    dose_rate              [n] e/angstrom^2/s at the specimen, 0 with the beam blanked (NaN:
+                           not known)
+    dose                   [n] e/angstrom^2 the frame's exposure gave its field: the
+                           imaging timeline's dose rate over the exposure (analysis/dose.py;
+                           a settling frame too, at the higher rate while the switch ran)
+    cumulative_dose        [n] e/angstrom^2, the sum of `dose` over this group's frames so
+                           far (frames whose dose is not known add nothing)
 
 Per-frame columns are written in batches (`write_pending_rows`): readers count frames by
 `frame_time`; `data` may hold more rows until the next flush. Two columns are filled in
@@ -38,6 +44,7 @@ from insitu_daq.core.imaging import ImagingState, ImagingTimeline, Verdict
 from insitu_daq.drivers.stream2 import hdf5_filter_options
 from insitu_daq.runfile.framebias import FrameBiasEstimator
 from insitu_daq.runfile.h5util import fixed, growing, put, scalar
+from insitu_daq.runfile.layout import FRAME_CUMULATIVE_DOSE, FRAME_DOSE
 
 DATE_LENGTH = 40
 MODE_LENGTH = 16
@@ -111,6 +118,8 @@ class FrameStack:
         self._mode = detector["imaging_mode"]
         self._pixel = detector["pixel_size"]
         self._dose = detector["dose_rate"]
+        self._frame_dose = detector[FRAME_DOSE.name]
+        self._cumulative_dose = detector[FRAME_CUMULATIVE_DOSE.name]
         self.frames = 0
         self._pending_rows: list[tuple[Any, ...]] = []
         # Per-frame bias: the times of the frames not filled in yet (from _bias_first on).
@@ -161,7 +170,12 @@ class FrameStack:
         growing(detector, "pixel_size", "<f8", "m").attrs["description"] = (
             "pixel size in the specimen plane during the frame (NaN: not known or settling)"
         )
-        growing(detector, "dose_rate", "<f8", "e/angstrom^2/s")
+        growing(detector, "dose_rate", "<f8", "e/angstrom^2/s").attrs["description"] = (
+            "dose rate at the specimen during the frame, 0 with the beam blanked (NaN: not known)"
+        )
+        for column in (FRAME_DOSE, FRAME_CUMULATIVE_DOSE):
+            dataset = growing(detector, column.name, column.dtype, column.units)
+            dataset.attrs["description"] = column.description
         for name, (value, units) in scalars.items():
             scalar(detector, name, value, units)
         scalar(detector, "detector_description", description or "unknown")
@@ -249,8 +263,9 @@ class FrameStack:
         for dataset, values in zip(self._row_datasets, columns, strict=True):
             put(dataset, first, np.array(values))
         nan = np.full(len(rows), np.nan)
-        for dataset in (self._bias, self._current, self._pixel, self._dose):
+        for dataset in (self._bias, self._current, self._pixel, self._dose, self._frame_dose):
             put(dataset, first, nan)
+        put(self._cumulative_dose, first, nan)
         put(self._mode, first, np.full(len(rows), UNDECIDED.encode(), dtype=f"S{MODE_LENGTH}"))
         self._pending_rows = []
 
@@ -355,6 +370,7 @@ class FrameStack:
         modes: list[bytes] = []
         pixels: list[float] = []
         doses: list[float] = []
+        frame_doses: list[float] = []
         for frame_time, half in zip(self._imaging_times, self._imaging_halves, strict=True):
             verdict = timeline.classify(frame_time, half, settling)
             if verdict is Verdict.NOT_YET and not final:
@@ -365,6 +381,10 @@ class FrameStack:
             modes.append(fixed(mode, MODE_LENGTH))
             pixels.append(pixel)
             doses.append(dose)
+            decided_in_time = verdict is not Verdict.NOT_YET
+            frame_doses.append(
+                timeline.dose(frame_time - half, frame_time + half) if decided_in_time else math.nan
+            )
         decided = len(modes)
         if not decided:
             return 0
@@ -372,10 +392,18 @@ class FrameStack:
         self._mode[first : first + decided] = np.array(modes, dtype=f"S{MODE_LENGTH}")
         self._pixel[first : first + decided] = pixels
         self._dose[first : first + decided] = doses
+        self._fill_dose(first, np.array(frame_doses))
         del self._imaging_times[:decided]
         del self._imaging_halves[:decided]
         self._imaging_first = first + decided
         return decided
+
+    def _fill_dose(self, first: int, doses: np.ndarray) -> None:
+        """Frames [first, first+len)'s dose, and their running sum from the frame before (read
+        back: a retimed frame decided again is not counted twice)."""
+        before = float(self._cumulative_dose[first - 1]) if first else 0.0
+        self._frame_dose[first : first + len(doses)] = doses
+        self._cumulative_dose[first : first + len(doses)] = before + np.nancumsum(doses)
 
 
 def _imaging_columns(verdict: ImagingState | Verdict) -> tuple[str, float, float]:

@@ -154,6 +154,41 @@ HEATER = Log(
     record="holder_heater",
     description="the heating chip's heater power and resistance",
 )
+
+# Each frame's electron dose, columns of every NXdetector group (runfile/frames.py fills them
+# once the frame's imaging state is decided).
+FRAME_DOSE = Column(
+    "dose", "<f8", "e/angstrom^2", "dose the frame's exposure gave its field (NaN: not known)"
+)
+FRAME_CUMULATIVE_DOSE = Column(
+    "cumulative_dose",
+    "<f8",
+    "e/angstrom^2",
+    "sum of dose over this group's frames up to this one (unknown doses add nothing)",
+)
+
+# Electron dose per region (analysis/dose.py, service/dose.py): what each stretch of beam-on
+# time gave one field of the specimen. The map at close (finish.py) is made from these rows.
+DOSE = "/entry/dose"  # NXcollection: the exposure log and the map
+DOSE_MAP = "/entry/dose/map"  # NXdata at close: dose [y, x] per cell, x, y (nm), @cell_size
+DOSE_EXPOSURE = Log(
+    "/entry/dose/exposure",
+    (
+        Column("duration", "<f8", "s", "beam-on run time this row covers, from its time"),
+        Column("dose", "<f8", "e/angstrom^2", "dose given to the field in that time"),
+        Column("x_min", "<f8", "nm", "the field on the specimen (stage + image shift)"),
+        Column("x_max", "<f8", "nm"),
+        Column("y_min", "<f8", "nm"),
+        Column("y_max", "<f8", "nm"),
+        Column("budget", "<f8", "e/angstrom^2", "the dose budget per region then in force"),
+    ),
+    chunk=256,
+    description=(
+        "electron dose given to each field of the specimen, one row per field per ~0.5 s of"
+        " beam-on time; a point's dose is the sum over the rows whose field holds it"
+    ),
+    record="dose_exposure",
+)
 EVENTS = Log(
     "/entry/events",
     (Column("kind", f"S{KIND_LENGTH}"), Column("message", f"S{MESSAGE_LENGTH}")),
@@ -169,6 +204,7 @@ LOGS: tuple[Log, ...] = (
     TEMPERATURE,
     HEATER,
     EVENTS,
+    DOSE_EXPOSURE,  # the dose given to each field (service/dose.py)
 )
 # The logs fed by generic wire series, by series name.
 SERIES: dict[str, Log] = {log.record: log for log in LOGS if log.record}

@@ -61,6 +61,7 @@ from insitu_daq.runfile.layout import (
     CURRENT,
     DATA,
     DETECTOR,
+    DOSE,
     END_TIME,
     ENTRY,
     EVENTS,
@@ -228,6 +229,7 @@ class RunWriter:
         sample = _group(f, SAMPLE, "NXsample")
         _scalar(sample, "name", meta.sample_name)
         _scalar(sample, "chemical_formula", meta.chemical_formula)
+        _group(f, DOSE, "NXcollection")  # the dose exposure log's (and the map's at close)
         # The growing logs (layout.LOGS): their datasets by path, for the write_* below.
         self._datasets: dict[str, h5py.Dataset] = {}
         for declared in LOGS:

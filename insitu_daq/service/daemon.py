@@ -44,9 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from insitu_daq import __version__
+from insitu_daq.analysis.drift import DriftSettings
 from insitu_daq.analysis.pipeline import PipelineSettings
 from insitu_daq.control.bias import BiasController
 from insitu_daq.control.detector import detector_control
+from insitu_daq.control.dose import BeamAtLoad, check_planned_dose
 from insitu_daq.control.guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
 from insitu_daq.control.guardian import Guardian, bias_confirmed_safe
 from insitu_daq.control.heater import heater_off, model_heats
@@ -74,6 +76,7 @@ from insitu_daq.runfile.writer import RunMetadata
 from insitu_daq.service.api.events import EventPublisher
 from insitu_daq.service.api.server import ControlServer
 from insitu_daq.service.bus import RecordBus
+from insitu_daq.service.dose import BudgetReached, DoseAccountant
 from insitu_daq.service.imaging_announcer import ImagingAnnouncer, unknown_state
 from insitu_daq.service.live_values import LiveValues
 from insitu_daq.service.metrics import DaemonMetrics
@@ -121,6 +124,7 @@ def pipeline_settings(config: AnalysisConfig) -> PipelineSettings:
         phase_map_interval_s=config.phase_map_interval_s,
         reference_frames=config.reference_frames,
         front_window_s=config.front_window_s,
+        drift=DriftSettings(enabled=config.drift),
     )
 
 
@@ -184,6 +188,17 @@ class Daemon:
             on_recording_failed=self._on_recording_failed,
         )
         self.imaging.add_sink(self.ingest)  # every frame's mode etc. in the run file
+        # The dose map and budget of the open run (service/dose.py): the imaging timeline in,
+        # exposure rows to the run file, the holder's temperature from the bus.
+        self.dose = DoseAccountant(
+            config.dose,
+            self._frame_shape,
+            lambda rows: self.bus.publish("series", ("dose_exposure", rows)),
+            self._on_dose_budget,
+            self.metrics.observe_dose,
+        )
+        self.imaging.add_sink(self.dose)
+        self._illumination_readable = True  # until the microscope says it cannot
         self.run_file = RunFileSink(self.ingest, self._current_run)
         self.live_values = LiveValues(self._current_run, lambda: self.bias.state.connected)
         self.bus.attach(self.run_file)  # first: the durable copy
@@ -192,6 +207,7 @@ class Daemon:
             self.bus.attach(AnalysisReferenceSink(self.analysis, self._current_run))
         self.bus.attach(MetricsSink(self.metrics))
         self.bus.attach(EventStreamSink(self.publisher))
+        self.bus.attach(self.dose)  # the holder's temperature series (its budget)
         series_logs(self.holder.name, self.holder.series)  # each one declared in the run file
         self.holder_monitor = InstrumentMonitor(  # the holder's series, its loss mid-hold
             self.holder,
@@ -410,6 +426,7 @@ class Daemon:
     # ----- runs ------------------------------------------------------------------------------
     def start_protocol(self, protocol: Protocol) -> ActiveRun:
         protocol.validate_against(self.config.limits)
+        self.check_dose(protocol)
         with self._run_lock:
             if self.runner.busy:
                 raise RuntimeError("a protocol is already running")
@@ -430,6 +447,7 @@ class Daemon:
             metadata = self._metadata(run)
             self._start_analysis_run()
             self.ingest.open_run(metadata, path, run_clock)
+            self.dose.open_run()
             self.imaging.open_run(run_clock.now, self._imaging_at_start(metadata.microscope))
             self._run = run
             self._last_run_id = run_id
@@ -442,6 +460,65 @@ class Daemon:
         if run.recording_failure is not None:  # it failed before the runner could be told
             self.runner.fail(run.recording_failure)
         return run
+
+    def check_dose(self, protocol: Protocol) -> float:
+        """Refuse a protocol whose planned dose breaks the dose budget at the temperature now
+        (ProtocolError naming the step, control/dose.py); returns the planned dose."""
+        dose = self.config.dose
+        start = BeamAtLoad()
+        try:
+            state = self.microscope.state()
+            mode = str(getattr(state.mode, "value", state.mode))
+            start = BeamAtLoad(state.beam_on, mode, {mode: state.dose_rate_e_per_a2_s})
+        except StationError as exc:  # not known: the beam counts as on, at the config's rate
+            log.warning("microscope state unknown for the planned dose: %s", exc)
+        budget, key = self.dose.budget()
+        return check_planned_dose(
+            protocol, self.config.limits, start, dose.dose_rate_e_per_a2_s, budget, key
+        )
+
+    def _frame_shape(self) -> tuple[int, int]:
+        """The detector's frame (rows, columns): the stream's, else the config's default."""
+        geometry = (self.ingest.stats().get("detector") or {}).get("geometry")
+        if isinstance(geometry, dict) and len(geometry.get("shape") or ()) == 2:
+            rows, cols = geometry["shape"]
+            return int(rows), int(cols)
+        return self.config.detector.default_shape
+
+    def _specimen_dose_rate(self, beam_on: bool, dose_rate_e_per_a2_s: float) -> float:
+        """The dose rate at the specimen now: from the beam current and illuminated area the
+        microscope reads (0 blanked), else its dose-rate setting while unblanked, else the
+        config's `[dose] dose_rate_e_per_a2_s`."""
+        if self._illumination_readable:
+            try:
+                rate = float(self.microscope.illumination().dose_rate_e_per_a2_s)
+                if math.isfinite(rate):
+                    return rate
+            except (StationError, AttributeError, NotImplementedError) as exc:
+                # Asked once: a microscope that cannot is not asked (and retried) every switch.
+                log.warning("microscope reads no illumination (%s): its dose rate setting", exc)
+                self._illumination_readable = False
+        if not beam_on:
+            return 0.0
+        rate = float(dose_rate_e_per_a2_s)
+        return rate if math.isfinite(rate) and rate > 0 else self.config.dose.dose_rate_e_per_a2_s
+
+    def _on_dose_budget(self, reached: BudgetReached) -> None:
+        """A region reached its dose budget (its own thread): blank the beam first, then the
+        event, then pause (or end) the protocol per `[dose] on_budget`."""
+        self.metrics.count_dose_budget_reached()
+        try:
+            self.runner.station.set_microscope(beam=False)
+        except Exception as exc:  # the run ends: nothing more must be imaged unblanked
+            log.error("dose budget reached but the beam could not be blanked: %s", exc)
+            self.event(EventKind.DOSE_BUDGET, reached.message(), reached.data())
+            self.runner.fail(f"dose budget reached and the beam could not be blanked: {exc}")
+            return
+        self.event(EventKind.DOSE_BUDGET, reached.message(), reached.data())
+        if self.config.dose.on_budget == "abort":
+            self.runner.abort(reached.message())
+        else:
+            self.runner.pause(reached.message())
 
     def recording_plan(self, protocol: Protocol, from_step: int = 0) -> RecordingPlan:
         """What the protocol will write at most (from step `from_step` on, 0-based), at the
@@ -504,7 +581,9 @@ class Daemon:
                 end=-math.inf,
                 mode=str(microscope["mode"]),
                 pixel_size_m=float(microscope["pixel_size_nm"]) * 1e-9,
-                dose_rate_e_per_a2_s=float(microscope.get("dose_rate_e_per_a2_s", math.nan)),
+                dose_rate_e_per_a2_s=float(microscope["specimen_dose_rate_e_per_a2_s"]),
+                field_x_nm=float(microscope["field_center_x_nm"]),
+                field_y_nm=float(microscope["field_center_y_nm"]),
             )
         except (KeyError, TypeError, ValueError):
             log.warning("imaging state unknown at run start: frames wait for a mode change")
@@ -520,7 +599,11 @@ class Daemon:
                 end=ended_s,
                 mode=str(getattr(state.mode, "value", state.mode)),
                 pixel_size_m=state.pixel_size_nm * 1e-9,
-                dose_rate_e_per_a2_s=state.dose_rate_e_per_a2_s,
+                dose_rate_e_per_a2_s=self._specimen_dose_rate(
+                    state.beam_on, state.dose_rate_e_per_a2_s
+                ),
+                field_x_nm=float(state.field_center_nm[0]),
+                field_y_nm=float(state.field_center_nm[1]),
             )
         except (StationError, ValueError) as exc:
             log.warning("imaging state after a switch unknown: %s", exc)
@@ -546,6 +629,12 @@ class Daemon:
             beam_on=state.beam_on,
             dose_rate_e_per_a2_s=state.dose_rate_e_per_a2_s,
             cumulative_dose_e_per_a2=state.cumulative_dose_e_per_a2,
+            # Where the field is and the dose rate at the specimen (0 blanked): the dose map's.
+            field_center_x_nm=float(state.field_center_nm[0]),
+            field_center_y_nm=float(state.field_center_nm[1]),
+            specimen_dose_rate_e_per_a2_s=self._specimen_dose_rate(
+                state.beam_on, state.dose_rate_e_per_a2_s
+            ),
         )
         return metadata
 
@@ -557,6 +646,7 @@ class Daemon:
             # The results of the run's last frames are still on their way: let them land.
             self.analysis.wait_caught_up(time.time_ns())
         self.imaging.close_run()
+        self.dose.close_run()  # its last exposure rows, before the run file closes
         with self._run_lock:
             run, self._run = self._run, None
         if run is None:
@@ -658,6 +748,7 @@ class Daemon:
                 **self.analysis.stats(),
                 "results_after_run_total": self.run_file.analysis_results_after_run_total,
             },
+            "dose": self.dose.status(),
             "record_sink_errors": dict(self.bus.errors),
             "time_scale": self.clock.time_scale,
         }

@@ -373,6 +373,32 @@ class DaemonMetrics:
         self.analysis_up = Gauge(
             f"{PREFIX}analysis_up", "1 while the live analysis process runs", registry=r
         )
+        # Electron dose (service/dose.py), in base units: 1 e/A^2 = 1e20 e/m^2.
+        self.dose_field = Gauge(
+            f"{PREFIX}dose_field_electrons_per_square_meter",
+            "highest dose in the field being imaged (its region), this run",
+            registry=r,
+        )
+        self.dose_highest = Gauge(
+            f"{PREFIX}dose_max_electrons_per_square_meter",
+            "highest dose in any region of the specimen, this run",
+            registry=r,
+        )
+        self.dose_budget = Gauge(
+            f"{PREFIX}dose_budget_electrons_per_square_meter",
+            "dose budget per region now (lower above [dose] hot_above_celsius)",
+            registry=r,
+        )
+        self.dose_rate = Gauge(
+            f"{PREFIX}dose_rate_electrons_per_square_meter_per_second",
+            "dose rate at the specimen now (0 with the beam blanked)",
+            registry=r,
+        )
+        self.dose_budgets_reached = Counter(
+            f"{PREFIX}dose_budget_reached_total",
+            "regions that reached their dose budget (the beam was blanked)",
+            registry=r,
+        )
         self._analysis_pid: object = None
         self._analysis_last: dict[str, float] = {}
 
@@ -457,6 +483,18 @@ class DaemonMetrics:
 
     def count_recording_failure(self, kind: str) -> None:
         self.recording_failures.labels(kind).inc()
+
+    # ----- dose ------------------------------------------------------------------------------
+    def observe_dose(self, status: Mapping[str, float]) -> None:
+        """service/dose.py's status (e/A^2): gauges in e/m^2 (NaN: not known)."""
+        per_m2 = 1e20
+        self.dose_field.set(status["field_e_per_a2"] * per_m2)
+        self.dose_highest.set(status["highest_e_per_a2"] * per_m2)
+        self.dose_budget.set(status["budget_e_per_a2"] * per_m2)
+        self.dose_rate.set(status["dose_rate_e_per_a2_s"] * per_m2)
+
+    def count_dose_budget_reached(self) -> None:
+        self.dose_budgets_reached.inc()
 
     # ----- instruments and protocol ----------------------------------------------------------
     def observe_guardian(self, guardian: dict[str, Any]) -> None:

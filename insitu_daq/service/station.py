@@ -94,10 +94,8 @@ class DaemonStation:
         dose_rate_e_per_a2_s: float | None = None,
         pixel_size_nm: float | None = None,
     ) -> None:
-        if mode is None and pixel_size_nm is None and dose_rate_e_per_a2_s is None:
-            self._daemon.microscope.apply(mode, beam, dose_rate_e_per_a2_s, pixel_size_nm)
-            return
-        # What frames show changes: frames from here on wait until the new state is announced.
+        # What frames show changes (the beam too: its dose rate at the specimen, service/dose.py):
+        # frames from here on wait until the new state is announced.
         imaging = self._daemon.imaging
         started = imaging.begin_switch()
         try:

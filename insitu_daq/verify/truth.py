@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from insitu_daq.analysis.quantities import EXPANSION, FRONT_POSITION, FRONT_VELOCITY
+from insitu_daq.analysis.quantities import (
+    DRIFT_RATE,
+    DRIFT_X,
+    DRIFT_Y,
+    EXPANSION,
+    FRONT_POSITION,
+    FRONT_VELOCITY,
+)
 from insitu_daq.report.analysis import AnalysisRecord, ReflectionSeries, Series
 from insitu_daq.report.events import HoldSpan
 
@@ -147,6 +154,7 @@ def format_comparison(
     lines += _phases(analysis, truth, hold)
     lines += _front(analysis, truth, hold)
     lines += _expansion(analysis, truth)
+    lines += _drift(analysis, truth)
     lines += _hold(hold, truth)
     return "\n".join(lines)
 
@@ -279,6 +287,37 @@ def _expansion(analysis: AnalysisRecord, truth: Sequence[TruthSample]) -> list[s
     return [
         f"  {where:<35} {_fmt(series.last(1.0), '+.1f', ' %', 100)}"
         f"  (truth {_fmt(true, '+.1f', ' %', 100)})"
+    ]
+
+
+def _drift(analysis: AnalysisRecord, truth: Sequence[TruthSample]) -> list[str]:
+    """The drift since the first measured frame, and the rate, next to the truth's offset
+    (`drift_x_nm`, `drift_y_nm`) moved over the same run times. Nothing when the run did
+    not measure drift (a station without `[analysis] drift`)."""
+    x, y = analysis.series.get(DRIFT_X.key), analysis.series.get(DRIFT_Y.key)
+    if x is None or y is None or not x.measured:
+        return []
+    finite = np.isfinite(x.value) & np.isfinite(y.value)
+    first, last = float(x.time[finite][0]), float(x.time[finite][-1])
+    start, end = nearest(truth, first), nearest(truth, last)
+    true_text = "no truth"
+    if start is not None and end is not None:
+        moved = [
+            float(end.truth.get(key, math.nan)) - float(start.truth.get(key, math.nan))
+            for key in ("drift_x_nm", "drift_y_nm")
+        ]
+        true_text = f"truth x {_fmt(moved[0], '+.1f', ' nm')}, y {_fmt(moved[1], '+.1f', ' nm')}"
+        if end.time_s > start.time_s:
+            true_rate = math.hypot(*moved) / (end.time_s - start.time_s)
+            true_text += f", mean {_fmt(true_rate, '.2f', ' nm/s')}"
+    where = f"drift, last at {last:.1f} s"
+    measured_x = float(x.value[finite][-1] - x.value[finite][0])
+    measured_y = float(y.value[finite][-1] - y.value[finite][0])
+    rate = analysis.series.get(DRIFT_RATE.key)
+    rate_text = _fmt(rate.last(1.0) if rate is not None and rate.measured else None, ".2f", " nm/s")
+    return [
+        f"  {where:<35} x {measured_x:+.1f} nm, y {measured_y:+.1f} nm, rate {rate_text}"
+        f"  ({true_text})"
     ]
 
 

@@ -53,7 +53,7 @@ def test_identifies_and_implements_the_interface(scope: RemoteMicroscope) -> Non
     assert "TEM-200" in scope.identify()
     state = scope.state()
     assert not state.beam_on
-    assert state.dose_rate_e_per_a2_s == 35.0  # SCIENCE.md low-dose rate
+    assert state.dose_rate_e_per_a2_s == pytest.approx(2.0)  # low magnification: low dose
     assert state.mode is ImagingMode.LOW_MAG
 
 
@@ -75,7 +75,7 @@ def test_dose_accumulates_only_while_the_beam_is_unblanked(
     off_after = _model_time(station)
 
     dose = scope.cumulative_dose()
-    rate = 35.0
+    rate = scope.dose_rate()
     assert rate * (off_before - on_after) <= dose <= rate * (off_after - on_before)
     assert scope.state().cumulative_dose_e_per_a2 == dose
     time.sleep(0.05)
@@ -101,6 +101,30 @@ def test_dose_rate_is_set_in_the_model_and_validated(
         scope.set_dose_rate(-1.0)
     with station.model() as m:
         assert m.dose_rate_e_per_a2_s == 70.0
+
+
+def test_dose_rate_follows_the_mode_and_the_beam_current_reads_zero_blanked(
+    scope: RemoteMicroscope, station: SimStation
+) -> None:
+    """Each mode recalls its own illumination (SCIENCE.md: ~35 e/A^2/s in HRTEM, LM lower);
+    get_illumination reads the beam current at the specimen, none while blanked."""
+    scope.set_mode("hrtem")
+    assert scope.dose_rate() == pytest.approx(35.0)
+    assert scope.illumination().beam_current_amperes == 0.0  # blanked at power-on
+    assert scope.illumination().dose_rate_e_per_a2_s == 0.0
+    scope.unblank_beam()
+    lit = scope.illumination()
+    assert lit.dose_rate_e_per_a2_s == pytest.approx(35.0)
+    assert 1e-12 < lit.beam_current_amperes < 1e-9  # pA, as low-dose HRTEM
+    scope.set_mode("lm")
+    assert scope.illumination().dose_rate_e_per_a2_s == pytest.approx(2.0)
+    with station.model() as m:  # what the model accrues (and the camera renders)
+        assert m.dose_rate_e_per_a2_s == pytest.approx(2.0)
+    scope.set_dose_rate(10.0)  # LM's own: HRTEM keeps 35
+    scope.set_mode("hrtem")
+    assert scope.illumination().dose_rate_e_per_a2_s == pytest.approx(35.0)
+    scope.set_mode("lm")
+    assert scope.illumination().dose_rate_e_per_a2_s == pytest.approx(10.0)
 
 
 def test_mode_pixel_size_and_field_change_the_station_optics(

@@ -54,6 +54,7 @@ class LiveStation:
         extra_config: str = "",
         detector_api: bool = False,
         analysis: bool = True,
+        dose_budget_e_per_a2: float | None = None,
         holder_model: str = "open_cell",
         holder_settings: str = "",
     ) -> None:
@@ -61,8 +62,9 @@ class LiveStation:
         appended to the station config (sections the demo's config does not have);
         `detector_api`: the camera serves its SIMPLON API and the daemon arms it
         ([detector] control = "simplon"); `analysis`: False runs no live analysis;
-        `holder_model`: the simulated holder and the config's [holder] model, with
-        `holder_settings` (TOML lines) added to that section."""
+        `dose_budget_e_per_a2`: its [dose] budget (None: the demo's); `holder_model`: the
+        simulated holder and the config's [holder] model, with `holder_settings` (TOML lines)
+        added to that section."""
         self.time_scale = time_scale
         self.sims = SimulatedInstruments.create(
             ports=StationPorts(0, 0, 0, 0, camera_api=0 if detector_api else None),
@@ -86,7 +88,8 @@ class LiveStation:
         self.data_dir = data_dir or tmp_path / "runs"
         self.metrics = f"http://127.0.0.1:{metrics}/metrics"
         config = self.config_path = tmp_path / "station.toml"
-        text = station_toml(ports, self.data_dir, time_scale)
+        budget = dose_budget_e_per_a2
+        text = station_toml(ports, self.data_dir, time_scale, dose_budget_e_per_a2=budget)
         if holder_model != "open_cell" or holder_settings:
             holder = f'model = "{holder_model}"\n{holder_settings}'
             text = text.replace("[holder]\n", f"[holder]\n{holder}", 1)

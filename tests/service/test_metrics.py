@@ -39,6 +39,8 @@ CONTRACT_METRICS = {
 }
 BASE_UNITS = ("_volts", "_amperes", "_seconds", "_meters", "_meters_per_second", "_bytes", "_ratio")
 BASE_UNITS += ("_celsius",)  # Prometheus's base unit of temperature (a heating holder's)
+# Electron dose in base units (1 e/A^2 = 1e20 e/m^2), and its rate.
+BASE_UNITS += ("_electrons_per_square_meter", "_electrons_per_square_meter_per_second")
 # Gauges without a unit: 0/1 flags (`_up`, one-hot `_state`) and `_info` labels.
 UNITLESS_SUFFIXES = ("_up", "_state", "_info")
 

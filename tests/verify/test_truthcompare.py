@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from run_files import write_run
 
-from insitu_daq.report.analysis import AnalysisRecord, read_analysis
+from insitu_daq.report.analysis import AnalysisRecord, Series, read_analysis
 from insitu_daq.report.events import HoldSpan, hold_span, read_events
 from insitu_daq.verify.truth import TruthSample, format_comparison
 
@@ -277,3 +277,23 @@ def test_truth_samples_survive_the_truth_file(tmp_path: Path) -> None:
     path.write_text('{"time": 1}')
     with pytest.raises(ValueError, match="not a JSON list"):
         load_truth(path)
+
+
+def test_drift_stands_next_to_the_truths_offset_and_is_left_out_when_not_measured() -> None:
+    """The drift measured since the first frame next to the truth's offset moved over the same
+    run times (the simulated microscope's `drift_x_nm`, `drift_y_nm`)."""
+    times = np.arange(2.0, 12.01, 0.5)
+    drift = {
+        "drift_x_nm": Series(times, 0.5 * (times - 2.0) + 0.1),
+        "drift_y_nm": Series(times, np.zeros_like(times)),
+        "drift_rate_nm_s": Series(times, np.full_like(times, 0.49)),
+    }
+    truth = [
+        TruthSample(float(t), {"drift_x_nm": 100.0 + 0.5 * t, "drift_y_nm": -3.0})
+        for t in np.arange(0.0, 13.0, 0.5)
+    ]
+    out = format_comparison(AnalysisRecord(True, 21, {}, drift), truth, None)
+    line = line_with("drift, last at 12.0 s", out)
+    assert "x +5.0 nm, y +0.0 nm, rate 0.49 nm/s" in line
+    assert "truth x +5.0 nm, y +0.0 nm, mean 0.50 nm/s" in line
+    assert "drift" not in format_comparison(AnalysisRecord(True, 21, {}, {}), truth, None)

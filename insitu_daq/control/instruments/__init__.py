@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 if TYPE_CHECKING:  # annotations only: importing this module loads no driver (or pyvisa)
     from insitu_daq.drivers.heating_holder import HeatingHolderStatus
     from insitu_daq.drivers.holder import HolderStatus
-    from insitu_daq.drivers.microscope import ImagingMode, MicroscopeState
+    from insitu_daq.drivers.microscope import Illumination, ImagingMode, MicroscopeState
     from insitu_daq.drivers.sourcemeter import Identity, Reading
 
 
@@ -147,3 +147,9 @@ class Microscope(Link, Protocol):
     def set_field_center(self, x_nm: float, y_nm: float) -> None: ...
 
     def cumulative_dose(self) -> float: ...
+
+    def illumination(self) -> Illumination:
+        """Beam current at the specimen (0 blanked) and illuminated area: the dose rate a TEM
+        can measure (service/dose.py; a wrapper that cannot raises, and the config's
+        `[dose] dose_rate_e_per_a2_s` stands in)."""
+        ...

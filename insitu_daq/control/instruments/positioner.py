@@ -273,6 +273,10 @@ class MicroscopeControl:
     def state(self) -> Any:
         return self._call(lambda d: d.state())
 
+    def illumination(self) -> Any:
+        """Beam current at the specimen and illuminated area (drivers/microscope.py)."""
+        return self._call(lambda d: d.illumination())
+
     def apply(
         self,
         mode: str | None = None,

@@ -86,6 +86,8 @@ class PlanState:
     recording: bool = False  # frames written to the run file
     mode: str | None = None  # the microscope's imaging mode, if a step has set it
     temperature_c: float | None = None  # a heating holder's target, once a step has set one
+    beam: bool | None = None  # the beam unblanked, if a step has set it (control/dose.py)
+    dose_rates: tuple[tuple[str, float], ...] = ()  # (mode, e/A^2/s) the steps have set
 
 
 class StepContext(Protocol):

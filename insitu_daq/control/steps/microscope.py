@@ -51,7 +51,12 @@ def execute(ctx: StepContext, step: Microscope) -> dict[str, Any]:
 
 
 def after(step: Microscope, state: PlanState) -> PlanState:
-    return state if step.mode is None else dataclasses.replace(state, mode=step.mode)
+    mode = state.mode if step.mode is None else step.mode
+    beam = state.beam if step.beam is None else step.beam
+    rates = state.dose_rates
+    if step.dose_rate_e_per_a2_s is not None and mode is not None:  # the mode's own rate
+        rates = (*((m, r) for m, r in rates if m != mode), (mode, step.dose_rate_e_per_a2_s))
+    return dataclasses.replace(state, mode=mode, beam=beam, dose_rates=rates)
 
 
 SPEC = register(StepSpec(Microscope, execute, after=after))
