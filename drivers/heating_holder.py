@@ -3,7 +3,8 @@
 One method per controller command, over pySerial (`serial_for_url`: a serial device or any
 pySerial URL, `socket://host:port`), on the holder family's line transport
 (`LineController`: an `ERR` reply raises `HolderError` with its code, silence
-`HolderTimeout`). The protocol strings live in `_Command` and nowhere else.
+`HolderTimeout`; identity, routing, error register and status parsing come with it too).
+The heater's protocol strings live in `_Command` and nowhere else.
 
 It is a holder model (core/instrument_models.py `mems_heating`), not an instrument of its own:
 the chip is the specimen carrier, the same holder carries the sample's electrical contacts, and
@@ -20,19 +21,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .holder import ROUTINGS, HolderError, HolderFault, LineController
-
-_ROUTING_FROM_PROTOCOL = {name: routing for routing, name in ROUTINGS.items()}
+from .holder import HolderError, HolderFault, LineCommand, LineController
 
 ERR_OUT_OF_RANGE = 103
 ERR_HEATER_OFF = 210
 ERR_NO_POSITIONER = 400  # the driver's own: refused here, never sent
 
 
-class _Command:
-    """The controller's command strings (HEATER_PROTOCOL.md, command table)."""
+class _Command(LineCommand):
+    """The heater's command strings (HEATER_PROTOCOL.md, command table); the holder family's
+    shared ones (identity, routing, error register, status) come with `LineCommand`."""
 
-    IDENTIFY = "*IDN?"
     SET_TEMPERATURE = "TEMP {celsius:.3f}"
     TEMPERATURE = "TEMP?"
     SETPOINT = "SETP?"
@@ -43,10 +42,6 @@ class _Command:
     HEATER = "HEAT {state}"
     HEATER_ENABLED = "HEAT?"
     HOLD = "HOLD"
-    SET_ROUTING = "ROUT {name}"
-    ROUTING = "ROUT?"
-    LAST_ERROR = "ERR?"
-    STATUS = "STAT?"
 
 
 @dataclass(frozen=True)
@@ -85,9 +80,6 @@ class MemsHeatingHolder(LineController):
     }
 
     # ----- queries -----------------------------------------------------------------------------
-    def identify(self) -> str:
-        return self._query(_Command.IDENTIFY)
-
     def temperature_c(self) -> float:
         return float(self._query(_Command.TEMPERATURE))
 
@@ -106,21 +98,9 @@ class MemsHeatingHolder(LineController):
     def heater_enabled(self) -> bool:
         return self._query(_Command.HEATER_ENABLED) == "1"
 
-    def bias_routing(self) -> str:
-        return _ROUTING_FROM_PROTOCOL[self._query(_Command.ROUTING)]
-
-    def last_error(self) -> HolderFault | None:
-        """Read and clear the controller's last error; None when there was none."""
-        code_text, _, text = self._query(_Command.LAST_ERROR).partition(" ")
-        code = int(code_text)
-        return HolderFault(code, text) if code else None
-
     def status(self) -> HeatingHolderStatus:
         """Everything at once, from one consistent snapshot of the controller."""
-        fields_text, _, error_text = self._query(_Command.STATUS).partition(" ERR=")
-        fields = dict(item.split("=", 1) for item in fields_text.split())
-        code_text, _, text = error_text.partition(" ")
-        code = int(code_text)
+        fields, error = self._status_fields()
         return HeatingHolderStatus(
             temperature_c=float(fields["TEMP"]),
             setpoint_c=float(fields["SETP"]),
@@ -130,8 +110,8 @@ class MemsHeatingHolder(LineController):
             resistance_ohm=float(fields["RES"]),
             heater_on=fields["HEAT"] == "1",
             ramping=fields["RAMP"] == "1",
-            routing=_ROUTING_FROM_PROTOCOL[fields["ROUT"]],
-            error=HolderFault(code, text) if code else None,
+            routing=fields["ROUT"],
+            error=error,
         )
 
     # ----- heating -----------------------------------------------------------------------------
@@ -154,14 +134,6 @@ class MemsHeatingHolder(LineController):
     def hold(self) -> None:
         """Stop the setpoint's ramp where it is now."""
         self._query(_Command.HOLD)
-
-    # ----- bias line ---------------------------------------------------------------------------
-    def set_bias_routing(self, routing: str) -> None:
-        """Connect the chip's electrical contacts to 'source_meter', 'ground' or 'float'."""
-        name = ROUTINGS.get(routing)
-        if name is None:
-            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {routing!r}")
-        self._query(_Command.SET_ROUTING.format(name=name))
 
     # ----- the holder verbs a MEMS chip has not ------------------------------------------------
     def stop(self) -> None:

@@ -4,7 +4,9 @@ One method per controller command, over pySerial: `serial_for_url` takes a seria
 (`/dev/ttyUSB0`, `/dev/pts/3`) or any pySerial URL (`socket://host:port` for a
 serial-to-Ethernet adapter). Moves only start a motion and return; `wait_until_idle()` waits
 for it. An `ERR` reply raises `HolderError` with the controller's code; no reply within the
-timeout raises `HolderTimeout`. The protocol strings live in `_Command` and nowhere else.
+timeout raises `HolderTimeout`. The protocol strings live in `_Command` and nowhere else
+(those every holder controller shares, and the verbs sending them, in `LineCommand` and
+`LineController`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,20 @@ BAUD_RATE = 115200
 _EOL = b"\n"  # replies end in CR LF; the CR is stripped
 
 
-class _Command:
-    """The controller's command strings (HOLDER_PROTOCOL.md, command table)."""
+class LineCommand:
+    """The command strings every holder controller of this family shares (HOLDER_PROTOCOL.md,
+    HEATER_PROTOCOL.md); each driver's `_Command` adds its own."""
 
     IDENTIFY = "*IDN?"
+    SET_ROUTING = "ROUT {name}"
+    ROUTING = "ROUT?"
+    LAST_ERROR = "ERR?"
+    STATUS = "STAT?"
+
+
+class _Command(LineCommand):
+    """The open-cell controller's command strings (HOLDER_PROTOCOL.md, command table)."""
+
     POSITION = "POS?"
     FINE_EXTENSION = "FINE?"
     COARSE_STEP = "STEP {count:d}"
@@ -37,10 +49,6 @@ class _Command:
     STOP = "STOP"
     MOVING = "MOV?"
     CONTACT = "CONT?"
-    SET_ROUTING = "ROUT {name}"
-    ROUTING = "ROUT?"
-    LAST_ERROR = "ERR?"
-    STATUS = "STAT?"
 
 
 # Driver routing names (those of the service and the model) <-> protocol names.
@@ -91,8 +99,9 @@ class HolderStatus:
 class LineController(ClosedOnExit):
     """A holder controller's serial line: one command line out, its one reply line back.
 
-    The transport every holder controller of this family shares (HOLDER_PROTOCOL.md,
-    HEATER_PROTOCOL.md: the same framing, `OK`/`ERR <code> <text>` replies and errors).
+    The transport and the verbs every holder controller of this family shares
+    (HOLDER_PROTOCOL.md, HEATER_PROTOCOL.md: the same framing, `OK`/`ERR <code> <text>`
+    replies and errors, identity, bias routing, error register, a `STAT?` line).
     """
 
     ERRORS: ClassVar[tuple[type[Exception], ...]] = (HolderError,)
@@ -146,6 +155,36 @@ class LineController(ClosedOnExit):
     def close(self) -> None:
         self._serial.close()
 
+    # ----- the verbs every holder controller has -----------------------------------------------
+    def identify(self) -> str:
+        return self._query(LineCommand.IDENTIFY)
+
+    def bias_routing(self) -> str:
+        return _ROUTING_FROM_PROTOCOL[self._query(LineCommand.ROUTING)]
+
+    def set_bias_routing(self, routing: str) -> None:
+        """Connect the sample's bias line to 'source_meter', 'ground' or leave it 'float'ing."""
+        name = ROUTINGS.get(routing)
+        if name is None:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {routing!r}")
+        self._query(LineCommand.SET_ROUTING.format(name=name))
+
+    def last_error(self) -> HolderFault | None:
+        """Read and clear the controller's last error; None when there was none."""
+        code_text, _, text = self._query(LineCommand.LAST_ERROR).partition(" ")
+        code = int(code_text)
+        return HolderFault(code, text) if code else None
+
+    def _status_fields(self) -> tuple[dict[str, str], HolderFault | None]:
+        """One consistent snapshot (STAT?): its `KEY=value` fields, and the error register
+        (the text after `ERR=`, which may hold spaces)."""
+        fields_text, _, error_text = self._query(LineCommand.STATUS).partition(" ERR=")
+        fields = dict(item.split("=", 1) for item in fields_text.split())
+        code_text, _, text = error_text.partition(" ")
+        code = int(code_text)
+        fields["ROUT"] = _ROUTING_FROM_PROTOCOL[fields["ROUT"]]
+        return fields, HolderFault(code, text) if code else None
+
 
 class OpenCellHolder(LineController):
     """The holder's piezo needle controller on a serial line."""
@@ -155,9 +194,6 @@ class OpenCellHolder(LineController):
     SERIES: ClassVar[dict[str, tuple[str, ...]]] = {"holder_position": ("position_nm",)}
 
     # ----- queries -----------------------------------------------------------------------------
-    def identify(self) -> str:
-        return self._query(_Command.IDENTIFY)
-
     def position_nm(self) -> float:
         return float(self._query(_Command.POSITION))
 
@@ -170,29 +206,17 @@ class OpenCellHolder(LineController):
     def in_contact(self) -> bool:
         return self._query(_Command.CONTACT) == "1"
 
-    def bias_routing(self) -> str:
-        return _ROUTING_FROM_PROTOCOL[self._query(_Command.ROUTING)]
-
-    def last_error(self) -> HolderFault | None:
-        """Read and clear the controller's last error; None when there was none."""
-        code_text, _, text = self._query(_Command.LAST_ERROR).partition(" ")
-        code = int(code_text)
-        return HolderFault(code, text) if code else None
-
     def status(self) -> HolderStatus:
         """Everything at once, from one consistent snapshot of the controller."""
-        fields_text, _, error_text = self._query(_Command.STATUS).partition(" ERR=")
-        fields = dict(item.split("=", 1) for item in fields_text.split())
-        code_text, _, text = error_text.partition(" ")
-        code = int(code_text)
+        fields, error = self._status_fields()
         return HolderStatus(
             position_nm=float(fields["POS"]),
             fine_extension_nm=float(fields["FINE"]),
             moving=fields["MOV"] == "1",
             contact=fields["CONT"] == "1",
-            routing=_ROUTING_FROM_PROTOCOL[fields["ROUT"]],
+            routing=fields["ROUT"],
             overtravel=fields["OVT"] == "1",
-            error=HolderFault(code, text) if code else None,
+            error=error,
         )
 
     # ----- motion ------------------------------------------------------------------------------
@@ -221,11 +245,3 @@ class OpenCellHolder(LineController):
             if time.monotonic() >= deadline:
                 raise HolderTimeout(f"axis still moving after {timeout} s")
             time.sleep(poll_s)
-
-    # ----- bias line ---------------------------------------------------------------------------
-    def set_bias_routing(self, routing: str) -> None:
-        """Connect the particle's line to 'source_meter', 'ground' or leave it 'float'ing."""
-        name = ROUTINGS.get(routing)
-        if name is None:
-            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {routing!r}")
-        self._query(_Command.SET_ROUTING.format(name=name))

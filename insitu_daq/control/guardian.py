@@ -68,7 +68,7 @@ from insitu_daq.control.bias import DRIVER_ERRORS, BiasController
 from insitu_daq.control.heater import make_holder_safe, model_heats
 from insitu_daq.control.instruments.factory import open_source_meter, source_meter_class
 from insitu_daq.control.limits import LimitError, SafetyCheck
-from insitu_daq.control.retry import call_with_retries
+from insitu_daq.control.retry import PERSIST_S, keep_trying
 from insitu_daq.control.station import StationError
 from insitu_daq.core.config import StationConfig
 from insitu_daq.core.module_command import module_command
@@ -76,8 +76,6 @@ from insitu_daq.drivers.sourcemeter import SourceMeterError
 
 log = logging.getLogger(__name__)
 
-# The guardian is the last line of defence: it keeps trying this long to reach the instrument.
-PERSIST_S = 600.0
 T = TypeVar("T")
 
 LOG_FILE_NAME = "guardian.log"  # in the station's data_dir
@@ -355,31 +353,21 @@ def make_source_meter_safe(
     configured retries it keeps trying every `retry.max_delay_s` for `persist_s`. Returns
     False if the instrument could not be made safe in that time.
     """
-    deadline = time.monotonic() + persist_s
-    while True:
-        try:
-            call_with_retries(
-                lambda: _make_safe_once(config, time_scale, manager), config.retry, DRIVER_ERRORS
-            )
-            return True
-        except LimitError as exc:
-            # Before DRIVER_ERRORS (LimitError is a ValueError): persisting cannot make a level
-            # the limits refuse acceptable.
-            log.critical("source-meter %s NOT made safe: %s", config.source_meter.resource, exc)
-            return False
-        except DRIVER_ERRORS as exc:
-            if time.monotonic() >= deadline:
-                log.critical(
-                    "source-meter %s NOT made safe after trying for %.0f s: %s",
-                    config.source_meter.resource, persist_s, exc,
-                )  # fmt: skip
-                return False
-            log.error(
-                "source-meter %s not reachable (%s); still trying",
-                config.source_meter.resource,
-                exc,
-            )
-            time.sleep(config.retry.max_delay_s)
+    name = f"source-meter {config.source_meter.resource}"
+    try:
+        return keep_trying(
+            lambda: _make_safe_once(config, time_scale, manager),
+            name,
+            config.retry,
+            DRIVER_ERRORS,
+            persist_s,
+            # Raised at once (LimitError is a ValueError, a driver error too): persisting
+            # cannot make a level the limits refuse acceptable.
+            fatal=(LimitError,),
+        )
+    except LimitError as exc:
+        log.critical("%s NOT made safe: %s", name, exc)
+        return False
 
 
 def _watch(messages: IO[bytes], parent_pid: int) -> str:

@@ -34,13 +34,10 @@ import time
 from typing import Any
 
 from insitu_daq.control.instruments.factory import holder_class, open_holder
-from insitu_daq.control.retry import call_with_retries
+from insitu_daq.control.retry import PERSIST_S, keep_trying
 from insitu_daq.core.config import StationConfig
 
 log = logging.getLogger(__name__)
-
-# The guardian keeps trying this long to reach the controller (as for the source-meter).
-PERSIST_S = 600.0
 
 
 def heats(driver_or_class: Any) -> bool:
@@ -102,17 +99,10 @@ def make_holder_safe(config: StationConfig, persist_s: float = PERSIST_S) -> boo
     cls = holder_class(config.holder.model)
     if not heats(cls):
         return True
-    deadline = time.monotonic() + persist_s
-    while True:
-        try:
-            call_with_retries(lambda: _make_safe_once(config), config.retry, (*cls.ERRORS, OSError))
-            return True
-        except (*cls.ERRORS, OSError) as exc:
-            if time.monotonic() >= deadline:
-                log.critical(
-                    "heating holder %s NOT made safe after trying for %.0f s: %s",
-                    config.holder.port, persist_s, exc,
-                )  # fmt: skip
-                return False
-            log.error("heating holder %s not reachable (%s); still trying", config.holder.port, exc)
-            time.sleep(config.retry.max_delay_s)
+    return keep_trying(
+        lambda: _make_safe_once(config),
+        f"heating holder {config.holder.port}",
+        config.retry,
+        (*cls.ERRORS, OSError),
+        persist_s,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -53,3 +54,37 @@ def call_with_retries(
                     reconnect()
                 except retryable as reconnect_error:
                     log.warning("reconnect failed: %s", reconnect_error)
+
+
+# How long a guardian keeps trying to make an instrument safe: nobody else is left to do it.
+PERSIST_S = 600.0
+
+
+def keep_trying(
+    call: Callable[[], None],
+    what: str,
+    retry: RetryConfig,
+    retryable: tuple[type[BaseException], ...],
+    persist_s: float = PERSIST_S,
+    fatal: tuple[type[BaseException], ...] = (),
+) -> bool:
+    """`call()` with retries, and those again every `retry.max_delay_s` for `persist_s`.
+
+    For making `what` (an instrument, named in the log) safe when nothing else will: True
+    once a call succeeded, False (logged critical) when `persist_s` has passed without one.
+    A `fatal` error (checked before `retryable`, which may include it) is raised at once:
+    persisting cannot change its verdict.
+    """
+    deadline = time.monotonic() + persist_s
+    while True:
+        try:
+            call_with_retries(call, retry, retryable)
+            return True
+        except fatal:
+            raise
+        except retryable as exc:
+            if time.monotonic() >= deadline:
+                log.critical("%s NOT made safe after trying for %.0f s: %s", what, persist_s, exc)
+                return False
+            log.error("%s not reachable (%s); still trying", what, exc)
+            time.sleep(retry.max_delay_s)

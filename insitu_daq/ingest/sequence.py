@@ -203,15 +203,8 @@ class FrameSequencer:
 
     # ----- messages --------------------------------------------------------------------------
     def _start(self, msg: StartMessage, out: Released) -> None:
-        if self._foreign(msg.series_id):
-            out.events.append(
-                SequenceEvent(
-                    EventKind.STALE,
-                    f"start of series {msg.series_id} ignored: the detector was armed for "
-                    f"series {self._expected}",
-                    {"series_id": msg.series_id, "expected": self._expected},
-                )
-            )
+        what = f"start of series {msg.series_id} ignored"
+        if self._drop_foreign(msg.series_id, what, {"expected": self._expected}, out):
             return
         series = self._series
         if series is not None and series.key == (msg.series_id, msg.series_unique_id):
@@ -231,16 +224,9 @@ class FrameSequencer:
 
     def _image(self, msg: ImageMessage, now: float, out: Released) -> None:
         self.images_total += 1
-        if self._foreign(msg.series_id):
+        what = f"image {msg.image_id} of series {msg.series_id} dropped"
+        if self._drop_foreign(msg.series_id, what, {"image_id": msg.image_id}, out):
             self.stale_total += 1
-            out.events.append(
-                SequenceEvent(
-                    EventKind.STALE,
-                    f"image {msg.image_id} of series {msg.series_id} dropped: the detector "
-                    f"was armed for series {self._expected}",
-                    {"series_id": msg.series_id, "image_id": msg.image_id},
-                )
-            )
             return
         verdict = self._classify(msg)
         if verdict == "stale" and self._adopt(msg, out):
@@ -311,8 +297,19 @@ class FrameSequencer:
         """False for a series other than the armed one (when one is expected)."""
         return self._expected is None or series_id == self._expected
 
-    def _foreign(self, series_id: int) -> bool:
-        return not self.takes(series_id)
+    def _drop_foreign(self, series_id: int, what: str, data: dict[str, Any], out: Released) -> bool:
+        """True, with a STALE event saying `what` was dropped, for a series other than the
+        armed one."""
+        if self.takes(series_id):
+            return False
+        out.events.append(
+            SequenceEvent(
+                EventKind.STALE,
+                f"{what}: the detector was armed for series {self._expected}",
+                {"series_id": series_id, **data},
+            )
+        )
+        return True
 
     def _adopt(self, msg: ImageMessage, out: Released) -> bool:
         """True when an unknown 'stale' series keeps coming while the current one is silent:

@@ -3,7 +3,9 @@
 Real file systems (tests/small_fs.py: a tmpfs that fills, an ext4 image the kernel turns
 read-only; both need root, else skipped), the simulated station over its real sockets, the
 daemon as a real process (test_daemon_e2e.LiveStation), `insitu-daq run` as a real process,
-and the run file read back with h5py. What each test measures it prints (`pytest -s`).
+and the run file read back with h5py. What each test measures it prints (`pytest -s`). The
+daemons run without live analysis (`analysis=False`): nothing here reads it, and they start in
+about half the time.
 """
 
 from __future__ import annotations
@@ -236,7 +238,7 @@ def _run_file_events(path: Path) -> list[tuple[str, str]]:
 @pytest.fixture
 def full_disk_station(tmp_path: Path):
     with tmpfs(tmp_path / "disk", 24 * MiB) as disk:
-        live = LiveStation(tmp_path, data_dir=disk / "runs", extra_config=ROOMY)
+        live = LiveStation(tmp_path, data_dir=disk / "runs", extra_config=ROOMY, analysis=False)
         try:
             yield live, disk
         finally:
@@ -304,7 +306,7 @@ def test_disk_full_mid_run_fails_the_run_safely(full_disk_station, tmp_path: Pat
 def test_data_folder_removed_mid_run_fails_the_run_safely(tmp_path: Path) -> None:
     """Writes into a file whose folder is gone still succeed (the inode lives on), so the
     ingest checks the file is still there at every flush."""
-    live = LiveStation(tmp_path, extra_config=ROOMY)
+    live = LiveStation(tmp_path, extra_config=ROOMY, analysis=False)
     try:
         reply = live.run(HOLD, "fill_hold")
         _recording(live)
@@ -347,7 +349,7 @@ def test_a_disk_error_mid_run_fails_the_run_safely(
     image, disk = tmp_path / "disk.img", tmp_path / "disk"
     with ext4(disk, image, 64 * MiB) as device:
         runs = disk / "runs"
-        live = LiveStation(tmp_path, data_dir=runs, extra_config=ROOMY)
+        live = LiveStation(tmp_path, data_dir=runs, extra_config=ROOMY, analysis=False)
         try:
             reply = live.run(HOLD, "fill_hold")
             _recording(live)
@@ -394,7 +396,7 @@ def test_pause_on_failure_makes_the_bias_safe_and_resumes_once_there_is_room(
 ) -> None:
     with tmpfs(tmp_path / "disk", 24 * MiB) as disk:
         config = ROOMY + 'on_failure = "pause"\n'
-        live = LiveStation(tmp_path, data_dir=disk / "runs", extra_config=config)
+        live = LiveStation(tmp_path, data_dir=disk / "runs", extra_config=config, analysis=False)
         try:
             _wait_stream_measured(live)
             reply = live.run(HOLD, "fill_hold")
@@ -443,7 +445,7 @@ def test_a_run_that_cannot_fit_or_has_nowhere_to_go_is_refused_untouched(
     tmp_path: Path,
 ) -> None:
     with tmpfs(tmp_path / "disk", 24 * MiB) as disk:
-        live = LiveStation(tmp_path, data_dir=disk / "runs", extra_config=ROOMY)
+        live = LiveStation(tmp_path, data_dir=disk / "runs", extra_config=ROOMY, analysis=False)
         try:
             _wait_stream_measured(live)
             _, history_before, _ = live.model_state()

@@ -55,18 +55,23 @@ class LiveStation:
         detector_api: bool = False,
         analysis: bool = True,
         dose_budget_e_per_a2: float | None = None,
+        holder_model: str = "open_cell",
+        holder_settings: str = "",
     ) -> None:
         """`data_dir`: where run files go (default tmp_path/runs); `extra_config`: TOML
         appended to the station config (sections the demo's config does not have);
         `detector_api`: the camera serves its SIMPLON API and the daemon arms it
         ([detector] control = "simplon"); `analysis`: False runs no live analysis;
-        `dose_budget_e_per_a2`: its [dose] budget (None: the demo's)."""
+        `dose_budget_e_per_a2`: its [dose] budget (None: the demo's); `holder_model`: the
+        simulated holder and the config's [holder] model, with `holder_settings` (TOML lines)
+        added to that section."""
         self.time_scale = time_scale
         self.sims = SimulatedInstruments.create(
             ports=StationPorts(0, 0, 0, 0, camera_api=0 if detector_api else None),
             time_scale=time_scale,
             frame_shape=frame_shape,
             frame_rate_hz=40.0,
+            holder_model=holder_model,
         )
         self.sims.start()
         self.sims.camera.arm()
@@ -81,9 +86,13 @@ class LiveStation:
             "metrics": metrics,
         }
         self.data_dir = data_dir or tmp_path / "runs"
+        self.metrics = f"http://127.0.0.1:{metrics}/metrics"
         config = self.config_path = tmp_path / "station.toml"
         budget = dose_budget_e_per_a2
         text = station_toml(ports, self.data_dir, time_scale, dose_budget_e_per_a2=budget)
+        if holder_model != "open_cell" or holder_settings:
+            holder = f'model = "{holder_model}"\n{holder_settings}'
+            text = text.replace("[holder]\n", f"[holder]\n{holder}", 1)
         if self.sims.camera_api is not None:
             arming = f'control = "simplon"\napi_url = "{self.sims.camera_api.url}"\n'
             text = text.replace("[detector]\n", f"[detector]\n{arming}", 1)
@@ -104,7 +113,9 @@ class LiveStation:
             daemon = ChildProcess("daemon", self.process, Path(self.log.name))
             wait_for_daemon(self.control, daemon, timeout_s=timeout_s)
         except RuntimeError as exc:
-            raise AssertionError(f"{exc}\n{self.daemon_log()}") from None
+            log = self.daemon_log()
+            self.close()  # a daemon that did not come up leaves no simulator behind either
+            raise AssertionError(f"{exc}\n{log}") from None
 
     def daemon_log(self) -> str:
         self.log.flush()
@@ -157,7 +168,9 @@ class LiveStation:
 
 @pytest.fixture
 def live(tmp_path: Path):
-    station = LiveStation(tmp_path)
+    # No live analysis: nothing here reads it, and without its process the daemon is up in
+    # about half the time (tests/service/test_daemon_analysis_e2e.py and tests/verify run it).
+    station = LiveStation(tmp_path, analysis=False)
     yield station
     station.close()
 

@@ -49,7 +49,7 @@ steps:
 
 @pytest.fixture
 def live(tmp_path: Path):
-    station = LiveStation(tmp_path, frame_shape=FRAME_SHAPE)
+    station = LiveStation(tmp_path, frame_shape=FRAME_SHAPE, analysis=False)  # none read here
     yield station
     station.close()
 

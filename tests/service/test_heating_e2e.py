@@ -12,10 +12,8 @@ the event stream's `series` topic into the web view's state, and the run file's 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,22 +22,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from test_daemon_e2e import FINAL, LiveStation
 
 from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS
-from insitu_daq.app.children import ChildProcess
-from insitu_daq.app.demo import free_ports, station_toml, wait_for_daemon
 from insitu_daq.app.progress import format_status
-from insitu_daq.core.module_command import module_command
+from insitu_daq.core.config import load_config
 from insitu_daq.report.events import hold_span, read_events
 from insitu_daq.report.figure import draw_report_figure
 from insitu_daq.report.summary import format_summary, summarize
-from insitu_daq.service.api import ControlClient, EventSubscriber
-from insitu_daq.sim.launch import SimulatedInstruments, StationPorts
+from insitu_daq.service.api import EventSubscriber
 from insitu_daq.web.replay import replay_state
 from insitu_daq.web.state import LiveState
-
-TIME_SCALE = 20.0
-FINAL = ("finished", "aborted", "failed")
 
 STAIRCASE = """
 name: short_staircase
@@ -59,85 +52,22 @@ steps:
 """
 
 
-class HeatingStation:
-    """The simulators with a heating holder here, the daemon a subprocess, a control client."""
+class HeatingStation(LiveStation):
+    """The daemon's end-to-end station (test_daemon_e2e.py) with a MEMS heating holder."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.sims = SimulatedInstruments.create(
-            ports=StationPorts(0, 0, 0, 0),
-            time_scale=TIME_SCALE,
+        super().__init__(
+            tmp_path,
             frame_shape=(64, 64),
             holder_model="mems_heating",
+            holder_settings="poll_interval_s = 0.05\n",
+            extra_config="[limits]\nmax_temperature_c = 400\nmax_temperature_rate_c_per_s = 10\n",
         )
-        self.sims.start()
-        self.sims.camera.arm()
-        control, events, metrics = free_ports(3)
-        ports = {
-            "source_meter": int(self.sims.source_meter.endpoints["visa"].split("::")[2]),
-            "holder": int(self.sims.holder.endpoints["url"].rsplit(":", 1)[1]),
-            "microscope": int(self.sims.microscope.endpoints["tcp"].rsplit(":", 1)[1]),
-            "camera": int(self.sims.camera.endpoints["stream2"].rsplit(":", 1)[1]),
-            "control": control,
-            "events": events,
-            "metrics": metrics,
-        }
-        self.data_dir = tmp_path / "runs"
-        self.metrics = f"http://127.0.0.1:{metrics}/metrics"
-        toml = station_toml(ports, self.data_dir, TIME_SCALE).replace(
-            "[holder]\n", '[holder]\nmodel = "mems_heating"\npoll_interval_s = 0.05\n', 1
-        )
-        toml += "[limits]\nmax_temperature_c = 400\nmax_temperature_rate_c_per_s = 10\n"
-        config = tmp_path / "station.toml"
-        config.write_text(toml)
-        self.control = f"tcp://127.0.0.1:{control}"
-        self.events = f"tcp://127.0.0.1:{events}"
-        self.log = (tmp_path / "daemon.log").open("w")
-        self.process = subprocess.Popen(
-            module_command("insitu_daq", "daemon", "--config", str(config),
-                           "--time-scale", str(TIME_SCALE)),
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        try:
-            daemon = ChildProcess("daemon", self.process, Path(self.log.name))
-            wait_for_daemon(self.control, daemon, timeout_s=30.0)
-        except RuntimeError as exc:
-            self.close()
-            raise AssertionError(f"{exc}\n{self.daemon_log()}") from None
-
-    def daemon_log(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()
-
-    def request(self, cmd: str, **fields: object) -> dict:
-        with ControlClient(self.control, timeout_s=10.0) as client:
-            return client.request(cmd, **fields)
-
-    def run(self, text: str, name: str) -> dict:
-        return self.request("run", protocol_text=text, format="yaml", name=name)
-
-    def wait_for(self, predicate, timeout_s: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            status = self.request("status")
-            if predicate(status):
-                return status
-            time.sleep(0.05)
-        raise AssertionError(f"timed out; last status {status}\n{self.daemon_log()}")
+        self.events = load_config(self.config_path).api.events
 
     def chip(self) -> tuple[float, bool]:
         with self.sims.station.model():
             return self.sims.station.chip.temperature_c, self.sims.station.chip.heater_on
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.sims.stop()
-        self.log.close()
 
 
 @pytest.fixture

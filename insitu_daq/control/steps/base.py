@@ -140,6 +140,11 @@ class StepContext(Protocol):
         ...
 
 
+def rate_text(rate: float | None, unit: str) -> str:
+    """How a ramping step describes its rate: None is the station's maximum (its limits)."""
+    return "the maximum rate" if rate is None else f"{rate:g} {unit}"
+
+
 def _no_time(step: Any, state: PlanState, limits: SafetyLimits) -> float:
     return 0.0  # instant next to moves and holds
 

@@ -14,6 +14,7 @@ from insitu_daq.control.steps.base import (
     Step,
     StepContext,
     StepSpec,
+    rate_text,
     register,
 )
 from insitu_daq.core.config import SafetyLimits
@@ -28,12 +29,7 @@ class Bias(Step):
     rate_volts_per_s: Positive | None = None
 
     def describe(self) -> str:
-        rate = (
-            "the maximum rate"
-            if self.rate_volts_per_s is None
-            else f"{self.rate_volts_per_s:g} V/s"
-        )
-        return f"ramp bias to {self.volts:+.3f} V at {rate}"
+        return f"ramp bias to {self.volts:+.3f} V at {rate_text(self.rate_volts_per_s, 'V/s')}"
 
 
 def execute(ctx: StepContext, step: Bias) -> dict[str, Any]:

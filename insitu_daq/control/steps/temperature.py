@@ -27,6 +27,7 @@ from insitu_daq.control.steps.base import (
     Step,
     StepContext,
     StepSpec,
+    rate_text,
     register,
 )
 from insitu_daq.core.config import SafetyLimits
@@ -57,7 +58,7 @@ class Temperature(Step):
     tolerance_c: Positive = 1.0
 
     def describe(self) -> str:
-        rate = "the maximum rate" if self.rate_c_per_s is None else f"{self.rate_c_per_s:g} C/s"
+        rate = rate_text(self.rate_c_per_s, "C/s")
         return f"ramp chip to {self.celsius:g} C at {rate}, settle within {self.tolerance_c:g} C"
 
 
@@ -102,12 +103,18 @@ def ramp_and_settle(
             raise Stopped("temperature ramp interrupted")
 
 
-def execute(ctx: StepContext, step: Temperature) -> dict[str, Any]:
-    reached = ctx.move(
-        lambda stop: ramp_and_settle(
-            ctx.station, step.celsius, step.rate_c_per_s, step.tolerance_c, stop
-        )
+def settle_at(
+    ctx: StepContext, celsius: float, rate_c_per_s: float | None, tolerance_c: float
+) -> float:
+    """`ramp_and_settle` as the runner's move (a pause holds the setpoint, a resume ramps on
+    from there): the temperature steps' one way to a temperature."""
+    return ctx.move(
+        lambda stop: ramp_and_settle(ctx.station, celsius, rate_c_per_s, tolerance_c, stop)
     )
+
+
+def execute(ctx: StepContext, step: Temperature) -> dict[str, Any]:
+    reached = settle_at(ctx, step.celsius, step.rate_c_per_s, step.tolerance_c)
     return {"temperature_c": reached, "summary": f"settled at {reached:.1f} C"}
 
 

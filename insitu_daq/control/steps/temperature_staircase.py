@@ -30,9 +30,10 @@ from insitu_daq.control.steps.base import (
     Step,
     StepContext,
     StepSpec,
+    rate_text,
     register,
 )
-from insitu_daq.control.steps.temperature import PLAN_ROOM_C, ramp_and_settle, ramp_seconds
+from insitu_daq.control.steps.temperature import PLAN_ROOM_C, ramp_seconds, settle_at
 from insitu_daq.core.config import SafetyLimits
 from insitu_daq.core.records import EventKind
 
@@ -73,7 +74,7 @@ class TemperatureStaircase(Step):
         return self
 
     def describe(self) -> str:
-        rate = "the maximum rate" if self.rate_c_per_s is None else f"{self.rate_c_per_s:g} C/s"
+        rate = rate_text(self.rate_c_per_s, "C/s")
         start = "" if self.from_celsius is None else f"from {self.from_celsius:g} C "
         text = f"temperature staircase {start}to {self.to_celsius:g} C in {self.step_c:g} C steps"
         text += f" at {rate}, {self.settle_s:g} s settle"
@@ -81,21 +82,20 @@ class TemperatureStaircase(Step):
         return text + (", beam blanked between" if self.blank_between else "")
 
     def plan_levels(self, start_c: float | None) -> list[float]:
+        """Every level it ramps to: `from_celsius` first when given (then the levels from
+        there), else the levels from `start_c` (the chip's; None: taken as PLAN_ROOM_C)."""
         if self.from_celsius is not None:
-            start_c = self.from_celsius
+            return [self.from_celsius, *levels(self.from_celsius, self.to_celsius, self.step_c)]
         return levels(PLAN_ROOM_C if start_c is None else start_c, self.to_celsius, self.step_c)
 
 
 def execute(ctx: StepContext, step: TemperatureStaircase) -> dict[str, Any]:
     stop = ctx.checkpoint()
+    start: float | None = None  # from_celsius given: plan_levels starts there
     if step.from_celsius is None:
         status = ctx.station.holder_call(lambda d: d.status(), stop)
         start = status.setpoint_c if status.heater_on else status.temperature_c
-    else:
-        start = step.from_celsius
-    planned = levels(start, step.to_celsius, step.step_c)
-    if step.from_celsius is not None:
-        planned = [step.from_celsius, *planned]
+    planned = step.plan_levels(start)
     reached = math.nan
     if step.blank_between:
         ctx.set_microscope("temperature_staircase", beam=False)
@@ -105,11 +105,7 @@ def execute(ctx: StepContext, step: TemperatureStaircase) -> dict[str, Any]:
             f"level {number}/{len(planned)}: {level:g} C",
             {"level": number, "levels": len(planned), "celsius": level},
         )
-        reached = ctx.move(
-            lambda stop, level=level: ramp_and_settle(
-                ctx.station, level, step.rate_c_per_s, step.tolerance_c, stop
-            )
-        )
+        reached = settle_at(ctx, level, step.rate_c_per_s, step.tolerance_c)
         if step.settle_s:
             ctx.timed(ctx.step_time() + step.settle_s, None, None)
         if step.acquire_s:
@@ -140,10 +136,7 @@ def preflight(step: TemperatureStaircase, station: Station) -> None:
 
 
 def max_seconds(step: TemperatureStaircase, state: PlanState, limits: SafetyLimits) -> float:
-    start = state.temperature_c if step.from_celsius is None else None
-    planned = step.plan_levels(start)
-    if step.from_celsius is not None:
-        planned = [step.from_celsius, *planned]
+    planned = step.plan_levels(state.temperature_c)
     seconds = 0.0
     previous = state.temperature_c
     for level in planned:
@@ -156,9 +149,7 @@ def max_seconds(step: TemperatureStaircase, state: PlanState, limits: SafetyLimi
 def recorded_seconds(step: TemperatureStaircase, state: PlanState, limits: SafetyLimits) -> float:
     if not step.acquire_s:  # it leaves recording as it is
         return max_seconds(step, state, limits) if state.recording else 0.0
-    start = state.temperature_c if step.from_celsius is None else None
-    count = len(step.plan_levels(start)) + (step.from_celsius is not None)
-    return count * step.acquire_s
+    return len(step.plan_levels(state.temperature_c)) * step.acquire_s
 
 
 def after(step: TemperatureStaircase, state: PlanState) -> PlanState:
