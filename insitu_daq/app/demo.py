@@ -16,6 +16,12 @@ s, ...the truth's fields}) so a run can be checked again later, and the demo end
 issue-4 accuracy verdicts of verify/accuracy.py (measured vs truth, within tolerance or not).
 `--protocol lno_control_0v.yaml` runs the no-bias control, judged on "no phase change seen".
 
+A protocol that heats (a `temperature` or `temperature_staircase` step, or a hold until the
+chip's temperature: `ncm_heating_short.yaml`) runs on a station with the MEMS heating holder
+(`insitu-daq sim --holder mems_heating`, `[holder] model = "mems_heating"` and limits that allow
+it); the demo then prints the temperature levels reached and the frames recorded at each
+(report/temperature.py) instead of the biasing experiment's accuracy verdicts.
+
 Both processes run the installed package (core/module_command.py), whatever the current folder.
 Their station config and logs stay in DATA_DIR/demo/; a process that dies is reported with
 its exit code, its log's path and the log's last lines (app/children.py).
@@ -50,7 +56,7 @@ from insitu_daq.core.config import DoseConfig
 from insitu_daq.core.module_command import module_command
 from insitu_daq.report.analysis import read_analysis
 from insitu_daq.report.events import hold_span, read_events
-from insitu_daq.report.summary import format_summary, summarize
+from insitu_daq.report.summary import RunSummary, format_summary, summarize
 from insitu_daq.runfile import layout
 from insitu_daq.verify.accuracy import accuracy_verdicts, format_verdicts
 from insitu_daq.verify.truth import TruthSample, format_comparison, save_truth, truth_path
@@ -61,6 +67,13 @@ DEFAULT_TIME_SCALE = 5.0  # the ~170 s protocol in ~35 s
 DEFAULT_PROTOCOL = "lno_4v3_until_rocksalt.yaml"  # closed loop: the hold ends on rock salt
 REFERENCE_PROTOCOL = "lno_4v3.yaml"  # the fixed 120 s hold
 DEFAULT_SOURCE_METER = "keithley2400"
+HEATING_HOLDER = "mems_heating"
+# The heating demo's station limits: its shipped protocols' temperatures and rates fit (the
+# short one's 280 C and 5 C/s; the full staircase's 500 C and 1 C/s).
+HEATING_LIMITS = """[limits]
+max_temperature_c = 500
+max_temperature_rate_c_per_s = 5
+"""
 # Truth requests every TRUTH_POLL_RUN_S of run time (so the truth resolves a rock-salt onset
 # well within the 2 s it is checked to, whatever the time scale), but at most every
 # MIN_TRUTH_POLL_S and at least every MAX_TRUTH_POLL_S of wall time.
@@ -175,15 +188,56 @@ def reference_protocol(name: str = REFERENCE_PROTOCOL) -> str:
     return resources.files("insitu_daq.protocols").joinpath(name).read_text()
 
 
+def protocol_heats(text: str, name: str) -> bool:
+    """Whether a protocol needs a heating holder: a temperature step, or a hold until the
+    chip's temperature."""
+    from insitu_daq.control.conditions import HOLDER_QUANTITIES
+    from insitu_daq.control.protocol import Protocol
+    from insitu_daq.control.steps.hold import Hold
+    from insitu_daq.control.steps.temperature import Temperature
+    from insitu_daq.control.steps.temperature_staircase import TemperatureStaircase
+
+    for step in Protocol.parse(text, "yaml", name=name).steps:
+        if isinstance(step, (Temperature, TemperatureStaircase)):
+            return True
+        condition = step.condition if isinstance(step, Hold) else None
+        if condition is not None and not condition.quantities.isdisjoint(HOLDER_QUANTITIES):
+            return True
+    return False
+
+
+def print_heating(summary: RunSummary) -> None:
+    """The temperature levels the run reached and the frames recorded at each."""
+    temperature = summary.temperature
+    if temperature is None:
+        print("heating      no temperature log in the run file")
+        return
+    heated = [level for level in temperature.levels if level.setpoint_c > temperature.min_c + 1]
+    span = f"{temperature.min_c:.1f} to {temperature.max_c:.1f} C"
+    print(f"heating      chip {span}; {len(heated)} levels above room temperature reached:")
+    for level in heated:
+        print(
+            f"  {level.setpoint_c:6.1f} C  chip mean {level.mean_c:6.1f} C "
+            f"({level.min_c:.1f} to {level.max_c:.1f}) for {level.duration_s:5.1f} s: "
+            f"{level.frames} frames"
+        )
+
+
 def station_toml(
     ports: dict[str, int],
     data_dir: Path,
     time_scale: float,
     source_meter_model: str = DEFAULT_SOURCE_METER,
+    holder_model: str | None = None,
     dose_budget_e_per_a2: float | None = None,
 ) -> str:
-    """`dose_budget_e_per_a2`: the [dose] budget; None: SCIENCE.md's 5000 e/A^2 x the time
-    scale (below)."""
+    """The demo station's config. `holder_model` (e.g. mems_heating): that holder, and for a
+    heating holder the limits its protocols need. `dose_budget_e_per_a2`: the [dose] budget;
+    None: SCIENCE.md's 5000 e/A^2 x the time scale (below)."""
+    # A heating holder read every 0.1 s of wall time: its ramps and levels resolved in the log
+    # whatever the time scale (the default 0.5 s is 5 run s at a time scale of 10).
+    holder = f'model = "{holder_model}"\npoll_interval_s = 0.1\n' if holder_model else ""
+    limits = HEATING_LIMITS if holder_model == HEATING_HOLDER else ""
     # Ramp steps scale with the time scale so the staircase keeps its shape on the wall clock.
     budget = dose_budget_e_per_a2 or DoseConfig().budget_e_per_a2 * max(1.0, time_scale)
     return f"""name = "demo (simulated station, time scale {time_scale:g})"
@@ -192,7 +246,7 @@ data_dir = "{data_dir}"
 model = "{source_meter_model}"
 resource = "TCPIP::127.0.0.1::{ports["source_meter"]}::SOCKET"
 [holder]
-port = "socket://127.0.0.1:{ports["holder"]}"
+{holder}port = "socket://127.0.0.1:{ports["holder"]}"
 [detector]
 endpoint = "tcp://127.0.0.1:{ports["camera"]}"
 [microscope]
@@ -211,7 +265,7 @@ max_rate_hz = 40
 # took 74 run s instead of 8.6), and the HRTEM field takes that much more dose than the
 # protocol plans. Real time keeps SCIENCE.md's budget; at time scale s it is s times it.
 budget_e_per_a2 = {budget:g}
-"""
+{limits}"""
 
 
 def web_section(ports: dict[str, int]) -> str:
@@ -278,8 +332,12 @@ def run_demo(
     files.mkdir(exist_ok=True)
     for stale in (SIM_LOG, DAEMON_LOG, WEB_LOG):
         (files / stale).unlink(missing_ok=True)
+    protocol_text = reference_protocol(protocol)
+    holder = HEATING_HOLDER if protocol_heats(protocol_text, Path(protocol).stem) else None
     config = files / "station.toml"
-    config.write_text(station_toml(ports, data_dir, time_scale, source_meter_model))
+    config.write_text(
+        station_toml(ports, data_dir, time_scale, source_meter_model, holder_model=holder)
+    )
     sim_command = module_command(
         "insitu_daq", "sim", "--time-scale", str(time_scale),
         "--source-meter", source_meter_model,
@@ -288,12 +346,14 @@ def run_demo(
         "--microscope-port", str(ports["microscope"]),
         "--camera-port", str(ports["camera"]),
         "--frame-size", str(frame_size), "--frame-rate", str(frame_rate),
+        *(("--holder", holder) if holder else ()),
     )  # fmt: skip
     daemon_command = module_command(
         "insitu_daq", "daemon", "--config", str(config), "--time-scale", str(time_scale)
     )
     web_command = module_command("insitu_daq", "web", "--config", str(config))
-    print(f"insitu-daq demo: simulated station + daemon, time scale {time_scale:g}")
+    with_holder = f", {holder} holder" if holder else ""
+    print(f"insitu-daq demo: simulated station{with_holder} + daemon, time scale {time_scale:g}")
     with contextlib.ExitStack() as running:  # left in reverse: the daemon stops first
         sim = running.enter_context(
             child_process("simulated station", sim_command, files / SIM_LOG)
@@ -316,7 +376,7 @@ def run_demo(
             print(f"no live view: {exc}")
         with ControlClient(control, timeout_s=10.0) as client:
             reply = client.request(
-                "run", protocol_text=reference_protocol(protocol), format="yaml",
+                "run", protocol_text=protocol_text, format="yaml",
                 name=Path(protocol).stem,
             )  # fmt: skip
         run_file = Path(reply["run_file"])
@@ -335,10 +395,14 @@ def run_demo(
         return 1
     summary = summarize(run_file)
     print(format_summary(summary, events=40))
-    samples = truth.samples(run_start_ns(run_file), time_scale)
-    save_truth(truth_path(run_file), samples)
-    print(f"truth        {truth_path(run_file)} ({len(samples)} samples)")
-    print_analysis(run_file, samples)
+    if holder:  # the accuracy verdicts are the biasing experiment's (verify/accuracy.py)
+        print()
+        print_heating(summary)
+    else:
+        samples = truth.samples(run_start_ns(run_file), time_scale)
+        save_truth(truth_path(run_file), samples)
+        print(f"truth        {truth_path(run_file)} ({len(samples)} samples)")
+        print_analysis(run_file, samples)
     if figure:
         from insitu_daq.report.figure import draw_report_figure
 

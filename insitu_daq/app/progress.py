@@ -10,8 +10,23 @@ from typing import Any, TextIO
 FINAL_STATES = ("finished", "aborted", "failed")
 
 
+def format_temperature(temperature: dict[str, Any] | None) -> str:
+    """A heating holder's chip in a status line: `212.4 C (set 215.0)`, `22.0 C (heater off)`;
+    "" for a station without a heater (its status has no `temperature`)."""
+    if temperature is None:
+        return ""
+    celsius = temperature.get("temperature_c")
+    if celsius is None:
+        return "chip -"
+    if not temperature.get("heater_on"):
+        return f"{celsius:6.1f} C (heater off)"
+    setpoint = temperature.get("setpoint_c")
+    return f"{celsius:6.1f} C (set {setpoint:.1f})" if setpoint is not None else f"{celsius:6.1f} C"
+
+
 def format_status(status: dict[str, Any]) -> str:
-    """`[  12.3 s] 4/8 hold  +4.300 V (set +4.300)  1.234 nA  frames 480 (lost 0)  running`"""
+    """`[  12.3 s] 4/8 hold  +4.300 V (set +4.300)  1.234 nA  frames 480 (lost 0)  running`,
+    with a heating holder's chip after the current (`  212.4 C (set 215.0)`)."""
     protocol = status.get("protocol", {})
     bias = status.get("bias", {})
     ingest = status.get("ingest", {})
@@ -24,6 +39,8 @@ def format_status(status: dict[str, Any]) -> str:
     volts, setpoint, amps = bias.get("voltage"), bias.get("setpoint"), bias.get("current")
     bias_text = "bias -" if volts is None else f"{volts:+.4f} V (set {setpoint:+.3f})"
     current_text = "" if amps is None else f"{amps * 1e9:8.3f} nA"
+    chip = format_temperature(status.get("temperature"))
+    current_text += f"  {chip}" if chip else ""
     frames = ingest.get("frames_written_total", 0)
     lost = ingest.get("frames_dropped_total", 0)
     elapsed = protocol.get("run_elapsed_s") or 0.0

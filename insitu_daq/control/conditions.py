@@ -3,12 +3,14 @@
     until: rock_salt_fraction >= 0.9
     until: rock_salt_fraction >= 0.9 for 5 s
     until: expansion >= 25% or (front_velocity_nm_s < 0.5 and rock_salt_fraction > 0.5)
+    until: temperature_celsius >= 250
 
 Persistence: a condition ends a hold only once it has held for `for N s` of event time (the
 run-clock times the values were measured at, not when they arrived), over every update in
 between; without `for`, for the longest default of its quantities (`persistence_s`: 2 s for
 what live analysis measures, so no single result can end a hold; 0 for the source-meter's
-readings). `for 0 s` ends on the first update that meets it. ConditionTracker does this.
+and the heating holder's readings). `for 0 s` ends on the first update that meets it.
+ConditionTracker does this.
 
 The language is deliberately tiny and parsed by hand (no `eval`): a protocol file must never
 run code, and every quantity name is checked at load against `live_quantities()`, so a typo is
@@ -46,6 +48,13 @@ SOURCE_METER_QUANTITIES: dict[str, str] = {
     "current_amperes": "sample current, newest reading (A)",
     "charge_coulombs": "charge passed since the run started (C)",
 }
+# A heating holder's chip (its temperature series, service/live_values.py), each reading stamped
+# at the midpoint of its status query; on a station without a heater it is never measured, so a
+# hold on it runs to its timeout (the temperature steps are refused there).
+CHIP_TEMPERATURE = "temperature_celsius"
+HOLDER_QUANTITIES: dict[str, str] = {
+    CHIP_TEMPERATURE: "heating chip temperature, newest reading (C)",
+}
 
 
 def live_quantities() -> dict[str, str]:
@@ -57,12 +66,12 @@ def live_quantities() -> dict[str, str]:
         if quantity.condition
         for member in members(quantity, ())
     }
-    return {**analysis, **SOURCE_METER_QUANTITIES}
+    return {**analysis, **SOURCE_METER_QUANTITIES, **HOLDER_QUANTITIES}
 
 
 def persistence_s(name: str) -> float:
     """How long (event-time s) a condition on `name` must hold before it ends a step, unless
-    the condition says `for N s` (the quantity's declaration; 0 for the source-meter's)."""
+    the condition says `for N s` (the quantity's declaration; 0 for the instruments' readings)."""
     found = find(name)
     return found[0].persistence_s if found is not None and found[0].condition else 0.0
 

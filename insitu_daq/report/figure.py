@@ -1,6 +1,7 @@
 """The report figure (`insitu-daq report RUN.h5` -> RUN.png): a run at a glance, from its file.
 
-Left, against run time (s since /entry/start_time), sharing one axis: bias and current, then
+Left, against run time (s since /entry/start_time), sharing one axis: bias and current, the
+chip's temperature and its setpoint when the run has a temperature log (a heating holder), then
 a panel for each row the analysis quantities declare (analysis/quantities.py `panel`): the
 tracked reflections' intensities; the phase fractions; the reaction front's position; the
 projected-area growth. The hold is marked (dashed lines) and the low-magnification stretches of the
@@ -38,6 +39,7 @@ from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS, ReflectionTable
 from insitu_daq.report.analysis import AnalysisRecord, Series, read_analysis
 from insitu_daq.report.events import HoldSpan, hold_span, imaging_modes, mode_at, read_events
 from insitu_daq.report.frames import event_modes, sum_rows
+from insitu_daq.report.temperature import read_temperature
 from insitu_daq.runfile import layout
 from insitu_daq.runfile.h5util import open_for_reading, read_column, read_text
 
@@ -238,6 +240,7 @@ def draw_report_figure(run_file: str | Path, out: str | Path) -> DrawnFigure:
         t = read_column(f, layout.BIAS_VOLTAGE.time)  # (absent: no reading in the run)
         volts = read_column(f, layout.BIAS_VOLTAGE.column("value"))[: len(t)]
         amps = read_column(f, layout.CURRENT.column("value"))[: len(t)]
+        temperature = read_temperature(f)
         frame_time = f[layout.DETECTOR]["frame_time"][:]
         frames = key_frames(f, hold, changes)
         title = f"{read_text(f, layout.RUN_ID)}  ({read_text(f, layout.TITLE)})"
@@ -250,14 +253,18 @@ def draw_report_figure(run_file: str | Path, out: str | Path) -> DrawnFigure:
     bursts = lm_spans(changes, first_frame, run_end)
 
     rows = panel_rows()
+    heated = len(temperature[0]) > 0  # a temperature panel under the bias
+    top = 2 if heated else 1
     fig = plt.figure(figsize=FIGURE_SIZE_IN, dpi=DPI)
-    grid = GridSpec(1 + len(rows), 3, figure=fig, width_ratios=(2.3, 1, 1), hspace=0.35,
+    grid = GridSpec(top + len(rows), 3, figure=fig, width_ratios=(2.3, 1, 1), hspace=0.35,
                     wspace=0.25, left=0.06, right=0.97, top=0.93, bottom=0.06)  # fmt: skip
     fig.suptitle(title, fontsize=12)
     axes = [fig.add_subplot(grid[0, 0])]
-    axes += [fig.add_subplot(grid[i, 0], sharex=axes[0]) for i in range(1, 1 + len(rows))]
+    axes += [fig.add_subplot(grid[i, 0], sharex=axes[0]) for i in range(1, top + len(rows))]
     panels = {"bias": _draw_bias(axes[0], t, volts, amps)}
-    for ax, quantities in zip(axes[1:], rows, strict=True):
+    if heated:
+        panels["temperature"] = _draw_temperature(axes[1], *temperature)
+    for ax, quantities in zip(axes[top:], rows, strict=True):
         assert quantities[0].panel is not None
         panels[quantities[0].panel.name] = _draw_panel(ax, analysis, quantities)
     for ax in axes:
@@ -329,6 +336,15 @@ def _draw_bias(ax: Axes, t: np.ndarray, volts: np.ndarray, amps: np.ndarray) -> 
     current = ax.twinx()
     current.plot(t, amps * 1e9, color="tab:green", lw=0.8)
     current.set_ylabel("current (nA)", color="tab:green")
+    return True
+
+
+def _draw_temperature(ax: Axes, t: np.ndarray, celsius: np.ndarray, setpoint: np.ndarray) -> bool:
+    n = min(len(t), len(celsius), len(setpoint))  # SWMR: one column may run ahead
+    ax.plot(t[:n], setpoint[:n], color="0.5", lw=0.8, ls="--", label="setpoint")
+    ax.plot(t[:n], celsius[:n], color="tab:red", lw=1, label="chip")
+    ax.set_ylabel("temperature (C)", color="tab:red")
+    ax.legend(fontsize=7, loc="upper left")
     return True
 
 

@@ -18,6 +18,12 @@ import numpy as np
 from insitu_daq.report.dose import DoseSummary, format_dose, read_dose
 from insitu_daq.report.events import read_events
 from insitu_daq.report.frames import frame_stacks
+from insitu_daq.report.temperature import (
+    TemperatureSummary,
+    read_temperature,
+    summarize_temperature,
+    temperature_lines,
+)
 from insitu_daq.runfile import layout
 from insitu_daq.runfile.h5util import open_for_reading, read_column
 
@@ -62,6 +68,8 @@ class RunSummary:
     # lasted on its own clock (end_time - start_time is wall time, which the demo's
     # time-scaled run clock outruns).
     last_time_s: float = 0.0
+    # A heating holder's temperature log (report/temperature.py); None: the run has none.
+    temperature: TemperatureSummary | None = None
     dose: DoseSummary | None = None  # per region against its budget (report/dose.py)
 
     @property
@@ -133,6 +141,8 @@ def summarize(path: str | Path) -> RunSummary:
         setpoint = read_column(f, layout.BIAS_VOLTAGE.column("setpoint"))
         amps = read_column(f, layout.CURRENT.column("value"))
         events = read_events(f[layout.ENTRY])
+        all_frame_times = np.concatenate([frame_time, *(g["frame_time"][:] for g in others)])
+        temperature = summarize_temperature(*read_temperature(f), all_frame_times)
         last_times = [x[-1] for x in (t, frame_time) if len(x)]
         last_times += [g["frame_time"][-1] for g in others if len(g["frame_time"])]
         last_times += [max(time for time, _, _ in events)] if events else []
@@ -162,6 +172,7 @@ def summarize(path: str | Path) -> RunSummary:
             ],
             imaging_frames=dict(modes),
             last_time_s=float(max(last_times, default=0.0)),
+            temperature=temperature,
             dose=read_dose(f),
         )
 
@@ -205,6 +216,8 @@ def format_summary(summary: RunSummary, events: int = 12) -> str:
             f"rms {hold.rms_deviation_volts * 1e3:.3f} mV, mean current "
             f"{hold.mean_current_amperes * 1e9:.3f} nA, charge {hold.charge_coulomb:.3e} C"
         )
+    if summary.temperature is not None:
+        lines += temperature_lines(summary.temperature)
     if summary.dose is not None:
         lines += format_dose(summary.dose)
     counts = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.event_counts.items()))

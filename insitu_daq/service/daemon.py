@@ -52,7 +52,7 @@ from insitu_daq.control.dose import BeamAtLoad, check_planned_dose
 from insitu_daq.control.guardian import LOG_FILE_NAME as GUARDIAN_LOG_FILE_NAME
 from insitu_daq.control.guardian import Guardian, bias_confirmed_safe
 from insitu_daq.control.heater import heater_off, model_heats
-from insitu_daq.control.instruments.monitor import InstrumentMonitor
+from insitu_daq.control.instruments.monitor import InstrumentMonitor, Stamped
 from insitu_daq.control.instruments.positioner import HolderControl, MicroscopeControl
 from insitu_daq.control.limits import LimitError, SafetyCheck
 from insitu_daq.control.protocol import Protocol, ProtocolError
@@ -162,6 +162,9 @@ class Daemon:
         self.holder = HolderControl(config.holder, config.retry, on_retry=self._on_retry)
         self.heats = model_heats(config)  # a heating holder: its heater made safe as the bias
         self._heater_unsafe = False  # a heater off that failed: tried again when it answers
+        self._chip: Any = None  # a heating holder's newest status (its status' `temperature`)
+        if self.heats:
+            self.holder.add_observer(self._observe_chip)
         self.microscope = MicroscopeControl(
             config.microscope, config.retry, on_retry=self._on_retry
         )
@@ -412,6 +415,21 @@ class Daemon:
                 {"heater_on": False, "temperature_c": found.temperature_c},
             )
         return True
+
+    def _observe_chip(self, reading: Stamped[Any]) -> None:
+        self._chip = reading.value  # every status read, between runs too (the holder's thread)
+
+    def _temperature_status(self) -> dict[str, Any]:
+        """A heating holder's chip for the status: its newest reading (None before one)."""
+        chip = self._chip
+        return {
+            "temperature_c": getattr(chip, "temperature_c", None),
+            "setpoint_c": getattr(chip, "setpoint_c", None),
+            "target_c": getattr(chip, "target_c", None),
+            "heater_on": getattr(chip, "heater_on", None),
+            "ramping": getattr(chip, "ramping", None),
+            "connected": self.holder_monitor.answering,
+        }
 
     def serve_until_signal(self) -> None:
         """Block until SIGINT/SIGTERM (main thread only), then stop safely."""
@@ -736,6 +754,8 @@ class Daemon:
                 "tripped": bias.tripped,
                 "connected": bias.connected,
             },
+            # Only with a heating holder: a station without a heater shows no temperature.
+            **({"temperature": self._temperature_status()} if self.heats else {}),
             "ingest": self.ingest.stats(),
             "guardian": {
                 "alive": self.guardian.alive,

@@ -16,9 +16,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from insitu_daq.control.conditions import LiveUpdate
+from insitu_daq.control.conditions import CHIP_TEMPERATURE, LiveUpdate
 from insitu_daq.control.station import FROM_NOW
 from insitu_daq.core.records import level_change_mask
+from insitu_daq.runfile.layout import TEMPERATURE
 from insitu_daq.service.bus import RecordSink
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,15 @@ class LiveValues(RecordSink):
         frame_time = result.get("time")
         if isinstance(frame_time, (int, float)) and self._current_run() is not None:
             self.add(float(frame_time), result["values"])
+
+    def on_series(self, record: tuple[str, list[tuple[Any, ...]]]) -> None:
+        """A heating holder's readings (time, half-width, value, setpoint; run clock): each
+        one an update, so a condition sees every reading at the time it was taken."""
+        name, rows = record
+        if name != TEMPERATURE.record or self._current_run() is None:
+            return
+        for row in rows:
+            self.add(float(row[0]), {CHIP_TEMPERATURE: row[2]})
 
     def _integrate_charge(self, readings: np.ndarray) -> None:
         """Charge since the run started: trapezoid over the readings' currents."""

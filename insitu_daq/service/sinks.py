@@ -54,6 +54,18 @@ def series_logs(name: str, series: Mapping[str, tuple[str, ...]]) -> dict[str, l
     return logs
 
 
+def series_record(name: str, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """An instrument's series rows as the event stream's `series` topic carries them:
+    `{"name": record, "t": [run s...], <column>: [...]}`, the columns its run-file log
+    declares (runfile/layout.py), times on the run clock as the rows come (as analysis
+    results', unlike the `bias` and `event` topics' daemon-clock times)."""
+    columns = layout.SERIES[name].columns
+    payload: dict[str, Any] = {"name": name, "t": [float(row[0]) for row in rows]}
+    for index, column in enumerate(columns, start=2):  # after the time and its half-width
+        payload[column.name] = [float(row[index]) for row in rows]
+    return payload
+
+
 class RunFileSink(RecordSink):
     """The open run's file, through the ingest process: samples and events shifted to the
     run clock, analysis results as they are (their times are run-clock already)."""
@@ -147,7 +159,7 @@ class MetricsSink(RecordSink):
 
 
 class EventStreamSink(RecordSink):
-    """The event stream (PUB; topics `bias`, `analysis`, `event`, `status`)."""
+    """The event stream (PUB; topics `bias`, `analysis`, `event`, `status`, `series`)."""
 
     name = "event stream"
 
@@ -172,6 +184,9 @@ class EventStreamSink(RecordSink):
 
     def on_analysis(self, result: dict[str, Any]) -> None:
         self._publisher.publish("analysis", analysis_record(result))
+
+    def on_series(self, record: tuple[str, list[tuple[Any, ...]]]) -> None:
+        self._publisher.publish("series", series_record(*record))
 
     def on_event(self, event: Event) -> None:
         self._publisher.publish("event", event.to_dict())

@@ -57,6 +57,7 @@ class EventFeed(threading.Thread):
             "bias": self._state.on_bias,
             "analysis": self._state.on_analysis,
             "event": self._state.on_event,
+            "series": self._state.on_series,
         }
         # On the daemon's PC, over loopback: the stream needs no CURVE keys there (core/config.py
         # requires them only off loopback, where the web process is not meant to run).

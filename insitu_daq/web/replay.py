@@ -222,6 +222,7 @@ def replay_state(path: Path) -> dict[str, Any]:
         analysis = read_analysis(entry)
         index = _frame_index(f, events)
         bias = _bias_series(f)
+        instruments = instrument_series(f)
         run_id = read_text(f, layout.RUN_ID)
         title = read_text(f, layout.TITLE)
         protocol = read_text(f, layout.PROTOCOL_FILE_NAME)
@@ -245,6 +246,7 @@ def replay_state(path: Path) -> dict[str, Any]:
         "series": {
             "bias": {key: _nullable(values) for key, values in bias.items()},
             "analysis": analysis_series(analysis, [q["key"] for q in quantities]),
+            **instruments,
         },
         "events": [
             {"time": time, "kind": kind, "message": message} for time, kind, message in events
@@ -320,6 +322,25 @@ def _bias_series(f: h5py.File) -> dict[str, np.ndarray]:
     kept = thinned(n)
     columns = {"t": t, "voltage": volts, "setpoint": setpoint, "current": current}
     return {key: np.asarray(values[:n], dtype=float)[kept] for key, values in columns.items()}
+
+
+def instrument_series(f: h5py.File) -> dict[str, dict[str, list[float | None]]]:
+    """Each instrument series the file logged (runfile/layout.py SERIES: a heating holder's
+    temperature...), by series name, as the live state keeps it from the event stream: `t`
+    and the log's columns (thinned to MAX_SERIES_POINTS). A log with no rows is left out."""
+    series = {}
+    for name, log in layout.SERIES.items():
+        t = read_column(f, log.time)
+        if not len(t):
+            continue
+        columns = {column.name: read_column(f, log.column(column.name)) for column in log.columns}
+        n = min(len(t), *(len(values) for values in columns.values()))  # SWMR: one may lead
+        kept = thinned(n)
+        series[name] = {
+            key: _nullable(np.asarray(values[:n], dtype=float)[kept])
+            for key, values in {"t": t, **columns}.items()
+        }
+    return series
 
 
 def reflection_table(analysis: AnalysisRecord) -> list[dict[str, Any]]:

@@ -7,9 +7,11 @@ viewer gets fewer, larger messages and never a queue. Its pending series points 
 MAX_POINTS like the state's own.
 
 Times. The page's axis is run time (s since the run's start, as in the run file). Analysis
-results come with run time. The event stream's bias samples and events come on the daemon
-clock, which the status's `run_offset_s` converts. Samples and events that arrive before the
-status that names a new run are held (up to PREAMBLE_MESSAGES) and placed once it does.
+results and instruments' series (a heating holder's temperature: the stream's `series` topic,
+each declared by its run-file log in runfile/layout.py) come with run time. The event stream's
+bias samples and events come on the daemon clock, which the status's `run_offset_s` converts.
+Samples and events that arrive before the status that names a new run are held (up to
+PREAMBLE_MESSAGES) and placed once it does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from insitu_daq.analysis.quantities import D_SPACING, members, registered
 from insitu_daq.analysis.reflections import ReflectionTable
+from insitu_daq.runfile import layout
 
 MAX_POINTS = 20_000  # points kept per series; older ones are thinned by half beyond it
 MAX_EVENTS = 5_000
@@ -132,6 +135,7 @@ class Viewer:
     status: dict[str, Any] | None = None
     bias: SeriesBuffer = field(default_factory=SeriesBuffer)
     analysis: SeriesBuffer = field(default_factory=SeriesBuffer)
+    instruments: dict[str, SeriesBuffer] = field(default_factory=dict)  # by series name
     events: list[dict[str, Any]] = field(default_factory=list)
     previews: dict[str, dict[str, Any]] = field(default_factory=dict)
     merged: int = 0  # changes merged into a pending update (a busy socket)
@@ -139,6 +143,7 @@ class Viewer:
     def clear(self) -> None:
         self.status = None
         self.bias, self.analysis = SeriesBuffer(), SeriesBuffer()
+        self.instruments = {}
         self.events, self.previews = [], {}
 
     def poke(self) -> None:
@@ -195,6 +200,8 @@ class LiveState:
                 append["bias"] = viewer.bias.to_json()
             if len(viewer.analysis):
                 append["analysis"] = viewer.analysis.to_json()
+            for name, buffer in viewer.instruments.items():
+                append[name] = buffer.to_json()
             if append:
                 update["append"] = append
             if viewer.events:
@@ -216,7 +223,11 @@ class LiveState:
             "quantities": self._quantities,
             "reflections": self.table.to_records(),
             "status": self._status,
-            "series": {"bias": self._bias.to_json(), "analysis": self._analysis.to_json()},
+            "series": {
+                "bias": self._bias.to_json(),
+                "analysis": self._analysis.to_json(),
+                **{name: buffer.to_json() for name, buffer in self._instruments.items()},
+            },
             "events": list(self._events),
             "previews": {kind: preview.meta for kind, preview in self.previews.items()},
         }
@@ -264,6 +275,32 @@ class LiveState:
                 viewer.analysis.extend([row])
                 viewer.poke()
 
+    def on_series(self, payload: dict[str, Any]) -> None:
+        """An instrument's readings (`series` topic: `{"name", "t": [...], <column>: [...]}`,
+        run time), kept as a series of that name with its log's columns (runfile/layout.py)."""
+        name = str(payload.get("name"))
+        log = layout.SERIES.get(name)
+        times = payload.get("t")
+        if log is None or not isinstance(times, list):
+            self.counters["series_malformed"] += 1
+            return
+        columns = {column.name: payload.get(column.name) for column in log.columns}
+        rows: list[dict[str, float | None]] = []
+        for i, time_s in enumerate(times):
+            row = {"t": _number(time_s)}
+            for column, values in columns.items():
+                value = values[i] if isinstance(values, list) and i < len(values) else None
+                row[column] = _number(value)
+            if row["t"] is not None:
+                rows.append(row)
+        if not rows:
+            return
+        with self._lock:
+            self._instruments.setdefault(name, SeriesBuffer()).extend(rows)
+            for viewer in self._viewers:
+                viewer.instruments.setdefault(name, SeriesBuffer()).extend(rows)
+                viewer.poke()
+
     def set_preview(
         self,
         kind: str,
@@ -302,6 +339,7 @@ class LiveState:
         self._run_id, self._offset_s = run_id, offset_s
         self._status: dict[str, Any] | None = None
         self._bias, self._analysis = SeriesBuffer(), SeriesBuffer()
+        self._instruments: dict[str, SeriesBuffer] = {}
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_EVENTS)
         self._latest_hrtem: dict[str, float | None] = {}
         self.previews = {}

@@ -17,6 +17,8 @@ from insitu_daq.control.conditions import (
     parse_condition,
     parse_until,
 )
+from insitu_daq.control.steps import STEPS, StepRefused
+from insitu_daq.control.steps.hold import Hold
 
 
 def test_comparison_with_percent_and_scientific_numbers() -> None:
@@ -141,3 +143,34 @@ def test_a_value_older_than_max_age_no_longer_counts() -> None:
         met = tracker.update(LiveUpdate(t * 0.25, {"current_amperes": 1e-9}))
         assert not met or t * 0.25 <= 5.0
     assert tracker.values()["rock_salt_fraction"] is None
+
+
+def test_the_chip_temperature_is_a_reading_judged_on_its_own_event_time() -> None:
+    """`until: temperature_celsius >= 250`: a heating holder's reading, no default persistence
+    (as the source-meter's); `for N s` counts event time, and a reading below resets it."""
+    assert parse_until("temperature_celsius >= 250").persistence_s == 0.0
+    with pytest.raises(ConditionError, match="did you mean temperature_celsius"):
+        parse_until("temperature_celcius >= 250")
+    tracker = ConditionTracker(parse_until("temperature_celsius >= 250 for 5 s"))
+    readings = [(100.0, 248.0), (101.0, 250.5), (103.0, 251.0), (104.0, 249.9)]  # dips at 104
+    readings += [(105.0, 250.2), (108.0, 250.1), (110.0, 250.0), (110.5, 250.3)]
+    met = [t for t, c in readings if tracker.update(LiveUpdate(t, {"temperature_celsius": c}))]
+    assert met[0] == 110.0  # 5 s after 105.0, not after 101.0
+
+
+class _OpenCellStation:
+    """What service/daemon.py's check_temperature answers for a holder without a heater."""
+
+    def live_updates(self) -> None: ...
+
+    def check_temperature(self, celsius: float, rate_c_per_s: float | None) -> float:
+        raise StepRefused("the station's holder (open_cell) has no heater", "celsius")
+
+
+def test_a_hold_on_the_chip_temperature_is_refused_without_a_heater_naming_until() -> None:
+    hold = Hold(duration_s=60, until="temperature_celsius >= 250")
+    with pytest.raises(StepRefused, match=r"has no heater: nothing measures") as refused:
+        STEPS["hold"].preflight(hold, _OpenCellStation())  # type: ignore[arg-type]
+    assert refused.value.field == "until"
+    elsewhere = Hold(duration_s=60, until="current_amperes < 1e-9")  # the source-meter's: fine
+    STEPS["hold"].preflight(elsewhere, _OpenCellStation())  # type: ignore[arg-type]

@@ -4,11 +4,15 @@
 One daemon for both checks (its start is most of the cost): a short temperature staircase
 whose run file holds the temperature log and every frame's temperature, with the heater off
 when the run has ended; then a second run heating when the daemon is SIGKILLed, after which
-its guardian switches the heater off.
+its guardian switches the heater off. The first run also shows the temperature where people
+look: the status and `insitu-daq run`'s progress line, a hold until the chip's temperature,
+the event stream's `series` topic into the web view's state, and the run file's report
+(levels, figure panel) and replay.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 import urllib.request
@@ -20,6 +24,16 @@ import numpy as np
 import pytest
 from test_daemon_e2e import FINAL, LiveStation
 
+from insitu_daq.analysis.reflections import DEFAULT_REFLECTIONS
+from insitu_daq.app.progress import format_status
+from insitu_daq.core.config import load_config
+from insitu_daq.report.events import hold_span, read_events
+from insitu_daq.report.figure import draw_report_figure
+from insitu_daq.report.summary import format_summary, summarize
+from insitu_daq.service.api import EventSubscriber
+from insitu_daq.web.replay import replay_state
+from insitu_daq.web.state import LiveState
+
 STAIRCASE = """
 name: short_staircase
 steps:
@@ -27,6 +41,7 @@ steps:
   - acquire: start
   - wait: 5
   - temperature_staircase: {to_celsius: 52, step_c: 15, rate_c_per_s: 5, settle_s: 10}
+  - hold: {duration_s: 20, until: "temperature_celsius >= 50"}
   - acquire: stop
 """
 HEAT_AND_HOLD = """
@@ -48,6 +63,7 @@ class HeatingStation(LiveStation):
             holder_settings="poll_interval_s = 0.05\n",
             extra_config="[limits]\nmax_temperature_c = 400\nmax_temperature_rate_c_per_s = 10\n",
         )
+        self.events = load_config(self.config_path).api.events
 
     def chip(self) -> tuple[float, bool]:
         with self.sims.station.model():
@@ -62,19 +78,38 @@ def heating(tmp_path: Path) -> Iterator[HeatingStation]:
 
 
 def test_heating_run_logs_temperature_per_frame_and_the_guardian_switches_the_heater_off(
-    heating: HeatingStation,
+    heating: HeatingStation, tmp_path: Path
 ) -> None:
-    reply = heating.run(STAIRCASE, "short_staircase")
-    status = heating.wait_for(
-        lambda s: (
-            s["last_run_id"] == reply["run_id"]
-            and s["run_id"] is None
-            and s["protocol"]["state"] in FINAL
+    statuses: list[dict] = []
+    with EventSubscriber(heating.events, topics=["series"]) as stream:
+        reply = heating.run(STAIRCASE, "short_staircase")
+        status = heating.wait_for(
+            lambda s: (
+                statuses.append(s) is None
+                and s["last_run_id"] == reply["run_id"]
+                and s["run_id"] is None
+                and s["protocol"]["state"] in FINAL
+            )
         )
-    )
+        # The web view's feed: the chip's readings on the stream, into the page's state.
+        page = LiveState(DEFAULT_REFLECTIONS, "heating")
+        while "holder_temperature" not in page.snapshot()["series"]:
+            message = stream.receive(timeout_s=2.0)
+            assert message is not None, "no chip readings on the event stream"
+            page.on_series(message[1])
     assert status["protocol"]["state"] == "finished", status["protocol"]["reason"]
     # Every run ends with the heater off (control/heater.py), as with the bias at 0 V.
     assert heating.chip()[1] is False
+    # The status, as `insitu-daq status` and the progress lines show it: the chip while heating,
+    # then (its next reading) the heater off.
+    heated = [s for s in statuses if s["temperature"]["heater_on"]]
+    assert heated, statuses[-1]
+    assert max(s["temperature"]["setpoint_c"] for s in heated) == pytest.approx(52.0)
+    assert re.search(r"\d+\.\d C \(set \d+\.\d\)", format_status(heated[-1]))
+    cold = heating.wait_for(lambda s: s["temperature"]["heater_on"] is False, timeout_s=5.0)
+    assert "C (heater off)" in format_status(cold)
+    live = page.snapshot()["series"]["holder_temperature"]
+    assert set(live) == {"t", "value", "setpoint"} and live["t"] and not page.counters
     metrics = urllib.request.urlopen(heating.metrics, timeout=5).read().decode()
     assert 'insitu_daq_temperature_celsius{sensor="chip"}' in metrics
 
@@ -100,6 +135,20 @@ def test_heating_run_logs_temperature_per_frame_and_the_guardian_switches_the_he
         messages = [m.decode() for m in f["/entry/events/message"][:]]
     assert kinds.count("temperature") >= 3  # two levels, and the heater off at the end
     assert any(m.startswith("heater off") for m in messages)
+    # The hold read the chip's readings (not its 20 s timeout).
+    with h5py.File(reply["run_file"], "r") as f:
+        assert hold_span(read_events(f["/entry"])).ended_by == "condition"  # type: ignore[union-attr]
+
+    # The report: the range and the levels with their frames, the figure's panel, the replay.
+    summary = summarize(reply["run_file"])
+    assert summary.temperature is not None
+    levels = {round(level.setpoint_c): level for level in summary.temperature.levels}
+    assert {37, 52} <= set(levels) and levels[37].frames > 0 and levels[52].frames > 0
+    assert levels[52].mean_c == pytest.approx(52.0, abs=0.5)
+    assert re.search(r"^level +52\.0 C from", format_summary(summary), re.MULTILINE)
+    assert draw_report_figure(reply["run_file"], tmp_path / "run.png").panels["temperature"]
+    replayed = replay_state(Path(reply["run_file"]))["series"]["holder_temperature"]
+    np.testing.assert_allclose(replayed["value"], values)
 
     # The daemon dies while the chip is hot: its guardian switches the heater off.
     heating.run(HEAT_AND_HOLD, "heat_and_hold")

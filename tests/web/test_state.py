@@ -173,3 +173,32 @@ def _until(predicate: Any, timeout_s: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_a_heating_holders_temperature_is_kept_on_run_time_and_sent_as_it_comes(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The event stream's `series` topic (service/sinks.py series_record): run-time rows with
+    the columns the run file's log declares; the snapshot has them, an update the new ones."""
+    state = LiveState(DEFAULT_REFLECTIONS, "station")
+    state.on_status({**_status(), "temperature": {"temperature_c": 22.0, "heater_on": False}})
+    state.on_series(
+        {"name": "holder_temperature", "t": [3.0, 3.5], "value": [22.0, 24.5],
+         "setpoint": [22.0, 25.0]}
+    )  # fmt: skip
+    viewer = state.add_viewer(loop)
+    snapshot = state.take(viewer)
+    assert snapshot is not None
+    assert snapshot["series"]["holder_temperature"] == {
+        "t": [3.0, 3.5], "value": [22.0, 24.5], "setpoint": [22.0, 25.0]
+    }  # fmt: skip
+    assert snapshot["status"]["temperature"]["heater_on"] is False
+    state.on_series({"name": "holder_temperature", "t": [4.0], "value": [27.1], "setpoint": [27.5]})
+    state.on_series({"name": "undeclared", "t": [4.0], "value": [1.0]})  # not a run-file log
+    update = state.take(viewer)
+    assert update is not None
+    assert update["append"] == {
+        "holder_temperature": {"t": [4.0], "value": [27.1], "setpoint": [27.5]}
+    }
+    assert state.counters["series_malformed"] == 1
+    assert state.snapshot()["series"]["holder_temperature"]["t"] == [3.0, 3.5, 4.0]

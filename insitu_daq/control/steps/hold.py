@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from pydantic import field_validator
 
-from insitu_daq.control.conditions import ConditionError, Until, parse_until
+from insitu_daq.control.conditions import HOLDER_QUANTITIES, ConditionError, Until, parse_until
 from insitu_daq.control.station import Station
 from insitu_daq.control.steps.base import (
     PlanState,
@@ -18,6 +18,7 @@ from insitu_daq.control.steps.base import (
     register,
 )
 from insitu_daq.control.steps.interleave import Interleave
+from insitu_daq.control.steps.temperature import PLAN_ROOM_C
 from insitu_daq.core.config import SafetyLimits
 
 
@@ -65,6 +66,14 @@ def execute(ctx: StepContext, step: Hold) -> dict[str, Any]:
 def preflight(step: Hold, station: Station) -> None:
     if step.until is not None and not callable(getattr(station, "live_updates", None)):
         raise StepRefused("this station reports no live values", "until")
+    condition = step.condition
+    if condition is not None and not condition.quantities.isdisjoint(HOLDER_QUANTITIES):
+        # Only a heating holder measures the chip: elsewhere the hold would silently run to
+        # its timeout. The station's heater check answers (at room temperature, any limit).
+        try:
+            station.check_temperature(PLAN_ROOM_C, None)
+        except StepRefused as exc:
+            raise StepRefused(f"{exc}: nothing measures its temperature", "until") from None
 
 
 def max_seconds(step: Hold, state: PlanState, limits: SafetyLimits) -> float:

@@ -25,7 +25,7 @@ from insitu_daq.service.api.wire import DEFAULT_EVENTS_ENDPOINT, encode_json, sq
 
 log = logging.getLogger(__name__)
 
-TOPICS = ("status", "bias", "analysis", "event")
+TOPICS = ("status", "bias", "analysis", "event", "series")
 PUBLISH_HWM = 10_000  # messages queued per slow subscriber before ZeroMQ drops for it
 
 

@@ -69,7 +69,7 @@ function applyMessage(message) {
   }
   stats.updates += 1;
   const changes = applyUpdate(state, message);
-  if (changes.layout) {
+  if (changes.layout || board.needsRebuild(state)) {
     board.rebuild(state);
     rings.setContext(state.reflections, phaseColours(state));
   } else if (changes.series.size || changes.status) {

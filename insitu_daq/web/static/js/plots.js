@@ -1,4 +1,6 @@
-// The time-series panels (uPlot). The bias panel is fixed; the analysis panels are built from
+// The time-series panels (uPlot). The bias panel is fixed, a temperature panel under it when the
+// station's holder has a heater (its status has `temperature`, or the run logged one); the
+// analysis panels are built from
 // `state.quantities` (grouped by `panel`), so a quantity the analysis declares later appears
 // without a change here. Redraws are throttled: the data may arrive 20 times a second, the
 // eye needs a few.
@@ -8,6 +10,9 @@ import { upperBound } from "./state.js";
 
 const MIN_DRAW_INTERVAL_MS = 250; // at most ~4 redraws a second
 const D_SPACING_PREFIX = "d_spacing_a.";
+// A heating holder's series, as the run file's log declares it (runfile/layout.py TEMPERATURE:
+// record "holder_temperature", columns value and setpoint, degC).
+export const TEMPERATURE_SERIES = "holder_temperature";
 
 // The phase map's colours when no phase preview has come yet (report/figure.py's).
 export const DEFAULT_PHASE_COLOURS = {
@@ -41,6 +46,7 @@ const THEME = {
   voltage: "#f2c14e",
   setpoint: "#8b949e",
   current: "#56c8d8",
+  temperature: "#e5534b",
 };
 
 function colourOf(name) {
@@ -89,6 +95,28 @@ function biasSpec() {
     minSpan: 0.2, // V: a hold's millivolt noise is the hold-accuracy tile's, not a full-height wiggle
     y2Label: undefined, // the ticks carry the unit (nA, µA)
     y2Values: currentTicks,
+  };
+}
+
+// Whether the page shows a temperature panel: the daemon reports a heater, or the run has a log.
+export function hasTemperature(state) {
+  return Boolean(state?.status?.temperature || state?.series?.[TEMPERATURE_SERIES]?.t?.length);
+}
+
+function temperatureSpec() {
+  return {
+    name: "temperature",
+    title: "Temperature",
+    group: TEMPERATURE_SERIES,
+    gaps: "break",
+    series: [
+      { key: "value", label: "chip", unit: "°C", scale: 1, axis: "y", colour: THEME.temperature,
+        format: (v) => `${v.toFixed(1)} °C` },
+      { key: "setpoint", label: "setpoint", unit: "°C", scale: 1, axis: "y", colour: THEME.setpoint,
+        dash: [6, 4], format: (v) => `${v.toFixed(1)} °C` },
+    ],
+    yLabel: "°C",
+    minSpan: 5, // °C: a held level's tenths are the tile's, not a full-height wiggle
   };
 }
 
@@ -230,6 +258,7 @@ export class PlotBoard {
     this.timer = null;
     this.frame = null;
     this.coloursKey = "";
+    this.heated = false; // a temperature panel is shown
     container.addEventListener("mouseenter", () => { this.hovering = true; });
     container.addEventListener("mouseleave", () => {
       this.hovering = false;
@@ -246,8 +275,15 @@ export class PlotBoard {
     this.plots = [];
     this.container.replaceChildren();
     this.coloursKey = JSON.stringify(phaseColours(state));
-    for (const spec of [biasSpec(), ...analysisSpecs(state)]) this.plots.push(this.createPlot(spec));
+    this.heated = hasTemperature(state);
+    const fixed = this.heated ? [biasSpec(), temperatureSpec()] : [biasSpec()];
+    for (const spec of [...fixed, ...analysisSpecs(state)]) this.plots.push(this.createPlot(spec));
     this.draw();
+  }
+
+  // A heater reported after the snapshot (the status or the first readings came later).
+  needsRebuild(state) {
+    return hasTemperature(state) !== this.heated;
   }
 
   // The phase map legend arrived (or changed): the fraction lines take its colours.

@@ -4,6 +4,7 @@
 
 import { bytes, count, current, DASH, duration, el, isNum, runTime, signed } from "./format.js";
 import { severity } from "./events.js";
+import { TEMPERATURE_SERIES } from "./plots.js";
 import { upperBound } from "./state.js";
 
 const HOLD_WARN_MV = 10; // |V - setpoint| above this during a hold is worth a look
@@ -125,6 +126,22 @@ function biasTile(bias) {
   };
 }
 
+// A heating holder's chip (the status's `temperature`; in a replay, its log at the cursor).
+function temperatureTile(temperature) {
+  const tile = { id: "temperature", title: "Temperature", level: "idle", value: DASH, sub: "" };
+  if (!temperature) return tile;
+  const celsius = (v) => (isNum(v) ? `${v.toFixed(1)} °C` : DASH);
+  tile.value = celsius(temperature.temperature_c);
+  const heater = temperature.heater_on === true ? "heater on" : temperature.heater_on === false
+    ? "heater off" : null;
+  tile.sub = [`set ${celsius(temperature.setpoint_c)}`, heater].filter(Boolean).join(" · ");
+  if (temperature.ramping) tile.sub += " (ramping)";
+  if (isNum(temperature.target_c) && temperature.heater_on) tile.tip = `target ${celsius(temperature.target_c)}`;
+  tile.level = temperature.heater_on === false ? "idle" : isNum(temperature.temperature_c) ? "ok" : "idle";
+  if (temperature.connected === false) return { ...tile, level: "bad", sub: "holder not answering" };
+  return tile;
+}
+
 function firstNumber(object, keys) {
   for (const key of keys) if (isNum(object?.[key])) return object[key];
   return undefined;
@@ -242,6 +259,7 @@ export function liveTiles(status) {
   return [
     holdTile(bias, status.protocol?.step_kind),
     biasTile(bias),
+    ...(status.temperature ? [temperatureTile(status.temperature)] : []),
     framesTile(status.ingest ?? null),
     diskTile(status.data_disk ?? null),
     instrumentTile(bias),
@@ -273,8 +291,17 @@ function biasAt(series, t) {
   return { voltage: group.voltage?.[i], setpoint: group.setpoint?.[i], current: group.current?.[i] };
 }
 
+function temperatureAt(series, t) {
+  const group = series?.[TEMPERATURE_SERIES];
+  if (!group?.t?.length) return null;
+  const i = upperBound(group.t, t) - 1;
+  if (i < 0) return null;
+  return { temperature_c: group.value?.[i], setpoint_c: group.setpoint?.[i] };
+}
+
 export function replayTiles(state, t) {
   const bias = biasAt(state.series, t);
+  const heated = Boolean(state.series?.[TEMPERATURE_SERIES]?.t?.length);
   const perMode = Object.entries(state.frame_times ?? {}).map(([mode, times]) =>
     [mode, upperBound(times ?? [], t)]);
   const total = perMode.reduce((sum, [, n]) => sum + n, 0);
@@ -284,6 +311,7 @@ export function replayTiles(state, t) {
     { id: "time", title: "Cursor", level: "ok", value: runTime(t), sub: "run time" },
     holdTile(bias, null),
     biasTile(bias),
+    ...(heated ? [{ ...temperatureTile(temperatureAt(state.series, t)), level: "ok" }] : []),
     { id: "frames", title: "Frames so far", level: perMode.length ? "ok" : "idle",
       value: perMode.length ? count(total) : DASH,
       sub: perMode.map(([mode, n]) => `${mode} ${count(n)}`).join(" · ") },
