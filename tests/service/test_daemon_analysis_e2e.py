@@ -23,7 +23,7 @@ steps:
   - microscope: {mode: lm, beam: on, dose_rate_e_per_a2_s: 35}
   - approach: {speed_nm_s: 500, max_travel_nm: 5000}
   - acquire: start
-  - wait: {duration_s: 8}
+  - wait: {duration_s: 16}  # 0.8 s of wall time: >= 3 LM results before the bias on a busy PC
   - bias: {volts: 4.3, rate_volts_per_s: 1.0}
   - hold: {duration_s: 100, until: "expansion >= 0.1"}
   - microscope: {mode: hrtem}
