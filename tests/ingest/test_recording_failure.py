@@ -351,6 +351,7 @@ def test_a_disk_error_mid_run_fails_the_run_safely(
         runs = disk / "runs"
         live = LiveStation(tmp_path, data_dir=runs, extra_config=ROOMY, analysis=False)
         try:
+            _wait_stream_measured(live)  # the room check then plans with the real frame size
             reply = live.run(HOLD, "fill_hold")
             _recording(live)
             time.sleep(1.0)  # a few flushes

@@ -91,6 +91,9 @@ class WatchedStation:
         self.live = LiveStation(
             tmp_path, time_scale=TIME_SCALE, frame_shape=(512, 512),
             extra_config=_web_config(port, preview_port),
+            # The page is under test here, not the budget: this protocol's long holds plan
+            # ~1.1e5 e/A^2 in the HRTEM field, beyond the demo station's budget.
+            dose_budget_e_per_a2=1e6,
         )  # fmt: skip
         self._web_log = tmp_path / "web.log"
         self._web = child_process(

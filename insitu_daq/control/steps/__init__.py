@@ -36,6 +36,11 @@ def _kind_modules() -> list[str]:
 
 for _name in _kind_modules():
     importlib.import_module(f"{__name__}.{_name}")
+# A kind's module may import another's (hold.py reads temperature.py's room temperature), which
+# registers that kind early: the registry is put back in the order above.
+_ORDER = {name: index for index, name in enumerate(_kind_modules())}
+for _kind in sorted(STEPS, key=lambda kind: _ORDER.get(kind, len(_ORDER))):
+    STEPS[_kind] = STEPS.pop(_kind)
 
 __all__ = [
     "OPERATOR_ORDER",
