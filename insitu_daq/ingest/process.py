@@ -710,15 +710,20 @@ class IngestProcess:
         run = self._require_run()
         if "series_id" in command:  # an armed detector: only its series is taken
             self._take(self.sequencer.expect(command["series_id"]))
+        started_ns = time.time_ns()
         if not run.is_recording:
-            run.recording.append([time.time_ns(), None])
-        return {"recording": True, "time": run.clock.now()}
+            run.recording.append([started_ns, None])
+        # The window's edge on the run clock from its own stamp: frames are taken by their
+        # wall-clock receive stamps, and the run clock's monotonic reading (`now()`) may differ
+        # from the wall clock by milliseconds (a CI run had a frame 2.3 ms "after" the stop).
+        return {"recording": True, "time": run.clock.from_wall_ns(started_ns)}
 
     def _op_stop_recording(self, request_id: int, command: dict[str, Any]) -> dict[str, Any]:
         run = self._require_run()
+        stopped_ns = time.time_ns()
         if run.is_recording:
-            run.recording[-1][1] = time.time_ns()
-        return {"recording": False, "time": run.clock.now()}
+            run.recording[-1][1] = stopped_ns
+        return {"recording": False, "time": run.clock.from_wall_ns(stopped_ns)}  # as above
 
     def _op_retry_recording(self, request_id: int, command: dict[str, Any]) -> dict[str, Any]:
         """After a recording failure, write into the run file again if it takes writes now
