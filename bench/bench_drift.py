@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 import scipy.fft
+from bench_analysis_spectrum import per_frame_ms
 from scipy import ndimage
 
 from insitu_daq.analysis.drift import (
@@ -95,13 +96,6 @@ def analyzer_add(drift: bool, mode: str, pixel_nm: float) -> Callable[[np.ndarra
         analyzer.add(frame, next(clock) * FRAME_PERIOD_S, mode, pixel_nm)
 
     return work
-
-
-def per_frame_ms(work: Callable[[np.ndarray], object], data: list[np.ndarray]) -> float:
-    start = time.perf_counter()
-    for frame in data:
-        work(frame)
-    return (time.perf_counter() - start) / len(data) * 1e3
 
 
 def main() -> None:
